@@ -1,0 +1,14 @@
+"""`kawai chat` (placeholder until its issue lands)."""
+
+from __future__ import annotations
+
+from engine.errors import KawaiError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("chat", help="(not yet available)")
+    p.set_defaults(handler=_run)
+
+
+def _run(args) -> int:
+    raise KawaiError("'chat' is not available yet")

@@ -1,0 +1,14 @@
+"""`kawai tokens` (placeholder until its issue lands)."""
+
+from __future__ import annotations
+
+from engine.errors import KawaiError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("tokens", help="(not yet available)")
+    p.set_defaults(handler=_run)
+
+
+def _run(args) -> int:
+    raise KawaiError("'tokens' is not available yet")

@@ -1,0 +1,26 @@
+"""Shared fixtures. Real catalog models are fetched once (verified by SHA-256) into $KAWAI_HOME."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct-q4_k_m"
+SMOLLM_MODEL = "smollm2-135m-instruct-q4_1"
+
+
+def _catalog_model(model_id: str) -> Path:
+    from engine.catalog import ensure_model
+
+    return ensure_model(model_id)
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    return _catalog_model(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def smollm_model_path() -> Path:
+    return _catalog_model(SMOLLM_MODEL)
