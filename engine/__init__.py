@@ -1,0 +1,42 @@
+"""Kawai's engine: load a GGUF model, tokenize, render chat prompts, generate.
+
+    import engine
+    llm = engine.load("qwen2.5-coder-0.5b-instruct-q4_k_m")      # or a path to a .gguf
+    ids = llm.encode_chat([{"role": "user", "content": "Hi"}])
+    for step in llm.generate(ids, engine.SamplingParams(temperature=0, max_tokens=64)):
+        print(step.text, end="")
+
+The names below are imported on first use, so `import engine.errors` (the CLI, the catalog) stays light
+and does not pull in Numba or the tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "load": "engine.llm",
+    "LLM": "engine.llm",
+    "SamplingParams": "engine.sampling",
+    "Sampler": "engine.sampling",
+    "Step": "engine.generate",
+    "Generation": "engine.generate",
+    "GenerationStats": "engine.generate",
+    "FINISH_REASONS": "engine.generate",
+    "KawaiError": "engine.errors",
+    "ContextLengthError": "engine.errors",
+    "ModelNotFoundError": "engine.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

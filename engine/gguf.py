@@ -9,11 +9,11 @@ File layout (little-endian; see docs/gguf.md for the byte diagram):
     data section: each tensor at data_start + offset
 
 A string is a u64 byte length followed by UTF-8 bytes. An array value is elem_type u32, count u64, then
-`count` values (arrays of arrays are rejected here).
+`count` values (arrays of arrays are rejected here). A bool is one byte, 0 or 1.
 
 Every check follows ../shared/docs/security.md: counts and lengths are compared with the bytes left
-*before* anything is allocated or looped over; sizes are Python ints (never wrapping numpy ints); every
-failure is a `GGUFError` naming the field and the byte offset.
+*before* anything is allocated or looped over; sizes are Python ints (never wrapping numpy ints); the
+parser has no recursion; every failure is a `GGUFError` naming the field and the byte offset.
 """
 
 from __future__ import annotations
@@ -33,9 +33,15 @@ GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_ALIGNMENT = 1 << 16
 MAX_STRING_BYTES = 1 << 24  # 16 MiB: chat templates are the longest strings in real files
-MAX_NAME_BYTES = 1 << 16  # keys and tensor names
+MAX_NAME_BYTES = 1 << 16  # metadata keys
+MAX_TENSOR_NAME_BYTES = 63  # ggml's GGML_MAX_NAME (64) minus its NUL: llama.cpp rejects longer names
 MAX_DIMS = 4
 INT64_MAX = (1 << 63) - 1
+HEADER_BYTES = 24  # magic + version + n_tensors + n_kv
+MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, smallest value
+MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, offset
+
+_U64 = struct.Struct("<Q")
 
 
 class GGUFError(ValueError):
@@ -58,7 +64,7 @@ class GGUFValueType(IntEnum):
     FLOAT64 = 12
 
 
-# struct format and numpy dtype for each fixed-size scalar type.
+# struct format and numpy dtype for each fixed-size scalar type. BOOL is read as a byte and checked.
 _SCALAR: dict[GGUFValueType, tuple[str, str]] = {
     GGUFValueType.UINT8: ("<B", "<u1"),
     GGUFValueType.INT8: ("<b", "<i1"),
@@ -67,11 +73,19 @@ _SCALAR: dict[GGUFValueType, tuple[str, str]] = {
     GGUFValueType.UINT32: ("<I", "<u4"),
     GGUFValueType.INT32: ("<i", "<i4"),
     GGUFValueType.FLOAT32: ("<f", "<f4"),
-    GGUFValueType.BOOL: ("<?", "<u1"),
+    GGUFValueType.BOOL: ("<B", "<u1"),
     GGUFValueType.UINT64: ("<Q", "<u8"),
     GGUFValueType.INT64: ("<q", "<i8"),
     GGUFValueType.FLOAT64: ("<d", "<f8"),
 }
+_INT_TYPES = frozenset(
+    {
+        GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
+        GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64,
+    }
+)
+_FLOAT_TYPES = frozenset({GGUFValueType.FLOAT32, GGUFValueType.FLOAT64})
+_MISSING: Any = object()
 
 
 @dataclass(frozen=True)
@@ -123,6 +137,10 @@ class _Cursor:
         n = struct.calcsize(fmt)
         self.need(n, what)
         (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        if vtype == GGUFValueType.BOOL:
+            if v > 1:
+                raise GGUFError(f"{what}: bool byte {v} at offset {self.pos} is not 0 or 1")
+            v = bool(v)
         self.pos += n
         return v
 
@@ -138,10 +156,10 @@ class _Cursor:
         if n > cap:
             raise GGUFError(f"{what}: length {n} at offset {start} exceeds the cap of {cap} bytes")
         self.need(n, what)
-        raw = bytes(self.buf[self.pos : self.pos + n])
+        raw = self.buf[self.pos : self.pos + n]
         self.pos += n
         try:
-            return raw.decode("utf-8")
+            return str(raw, "utf-8")
         except UnicodeDecodeError:
             raise GGUFError(f"{what}: invalid UTF-8 at offset {start}") from None
 
@@ -153,6 +171,28 @@ class _Cursor:
         except ValueError:
             raise GGUFError(f"{what}: unknown value type {t} at offset {at}") from None
 
+    def string_array(self, key: str, count: int) -> list[str]:
+        """`count` strings. The same checks as `string`, in one tight loop: vocabularies hold 150k+."""
+        buf, pos, size = self.buf, self.pos, self.size
+        unpack = _U64.unpack_from
+        items: list[str] = []
+        append = items.append
+        i = 0
+        try:
+            for i in range(count):
+                if size - pos < 8:
+                    raise GGUFError(f"{key}[{i}] length: needs 8 bytes at offset {pos}, only {size - pos} left")
+                (n,) = unpack(buf, pos)
+                pos += 8
+                if n > MAX_STRING_BYTES or n > size - pos:
+                    raise GGUFError(f"{key}[{i}]: length {n} at offset {pos - 8} exceeds the bytes left")
+                append(str(buf[pos : pos + n], "utf-8"))
+                pos += n
+        except UnicodeDecodeError:
+            raise GGUFError(f"{key}[{i}]: invalid UTF-8 at offset {pos - 8}") from None
+        self.pos = pos
+        return items
+
     def array(self, key: str) -> MetadataField:
         at = self.pos
         etype = self.value_type(f"{key}: array element type")
@@ -162,14 +202,16 @@ class _Cursor:
         if etype == GGUFValueType.STRING:
             # Each string takes at least its 8-byte length: bound the count before looping.
             if count * 8 > self.left():
-                raise GGUFError(f"{key}: array of {count} strings at offset {at} exceeds the bytes left")
-            items = [self.string(f"{key}[{i}]") for i in range(count)]
-            return MetadataField(items, GGUFValueType.ARRAY, etype)
+                raise GGUFError(f"{key}: array count {count} of strings at offset {at} exceeds the bytes left")
+            return MetadataField(self.string_array(key, count), GGUFValueType.ARRAY, etype)
         _, dtype = _SCALAR[etype]
-        n_bytes = count * np.dtype(dtype).itemsize
-        self.need(n_bytes, f"{key}: array of {count} {etype.name}")
+        n_bytes = count * np.dtype(dtype).itemsize  # Python int: cannot wrap
+        if n_bytes > self.left():
+            raise GGUFError(f"{key}: array count {count} of {etype.name} at offset {at} exceeds the bytes left")
         arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
         if etype == GGUFValueType.BOOL:
+            if count and int(arr.max()) > 1:
+                raise GGUFError(f"{key}: bool array at offset {at} holds a byte that is not 0 or 1")
             arr = arr.astype(bool)
         self.pos += n_bytes
         return MetadataField(arr, GGUFValueType.ARRAY, etype)
@@ -184,13 +226,45 @@ class GGUFFile:
         try:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         except ValueError:  # numpy refuses to map an empty file
-            raise GGUFError(f"file is empty: need at least 24 header bytes (offset 0)") from None
+            raise GGUFError(f"header: file is empty, need at least {HEADER_BYTES} bytes (offset 0)") from None
         self.version, self.fields, self.tensors, self.data_offset, self.alignment = _parse(self._map)
         self.metadata: dict[str, Any] = {k: f.value for k, f in self.fields.items()}
 
     @property
     def architecture(self) -> str:
         return str(self.metadata.get("general.architecture", "unknown"))
+
+    @property
+    def file_size(self) -> int:
+        return int(self._map.size)
+
+    # Typed metadata access: a wrong type is a GGUFError naming the key, never a silent coercion.
+    def get_int(self, key: str, default: Any = _MISSING) -> int:
+        return self._typed(key, _INT_TYPES, "an integer", default)
+
+    def get_float(self, key: str, default: Any = _MISSING) -> float:
+        """A float or integer value, as a Python float."""
+        v = self._typed(key, _FLOAT_TYPES | _INT_TYPES, "a number", default)
+        return v if v is default else float(v)
+
+    def get_str(self, key: str, default: Any = _MISSING) -> str:
+        return self._typed(key, frozenset({GGUFValueType.STRING}), "a string", default)
+
+    def get_bool(self, key: str, default: Any = _MISSING) -> bool:
+        return self._typed(key, frozenset({GGUFValueType.BOOL}), "a bool", default)
+
+    def _typed(self, key: str, types: frozenset, what: str, default: Any) -> Any:
+        field = self.fields.get(key)
+        if field is None:
+            if default is _MISSING:
+                raise GGUFError(f"metadata key {key!r} is missing")
+            return default
+        if field.value_type not in types:
+            found = field.value_type.name
+            if field.element_type is not None:
+                found = f"ARRAY of {field.element_type.name}"
+            raise GGUFError(f"metadata key {key!r}: expected {what}, found {found}")
+        return field.value
 
     def tensor_data(self, name: str) -> np.ndarray:
         """Raw bytes of a tensor as a zero-copy uint8 view, shaped (rows, row_bytes)."""
@@ -217,13 +291,15 @@ def _parse(buf: np.ndarray):
     cur.pos = 4
     version = cur.u32("version")
     if version not in (2, 3):
-        raise GGUFError(f"version: {version} at offset 4 is not supported (only 2 and 3)")
+        swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+        hint = " (a big-endian file: only little-endian is supported)" if swapped in (2, 3) else ""
+        raise GGUFError(f"version: {version} at offset 4 is not supported (only 2 and 3){hint}")
     n_tensors = cur.u64("tensor count")
     n_kv = cur.u64("metadata count")
-    # Every KV takes at least 8 (key length) + 4 (type) + 1 bytes; every tensor info at least 8+4+8+4+8.
-    if n_kv * 13 > cur.left():
+    # Bound both counts by the smallest possible entry before looping (ints: no wrapping).
+    if n_kv * MIN_KV_BYTES > cur.left():
         raise GGUFError(f"metadata count: {n_kv} at offset 16 exceeds what the file can hold")
-    if n_tensors * 32 > cur.left():
+    if n_kv * MIN_KV_BYTES + n_tensors * MIN_TENSOR_INFO_BYTES > cur.left():
         raise GGUFError(f"tensor count: {n_tensors} at offset 8 exceeds what the file can hold")
 
     fields: dict[str, MetadataField] = {}
@@ -247,14 +323,20 @@ def _parse(buf: np.ndarray):
         f = fields["general.alignment"]
         a = f.value
         if f.value_type != GGUFValueType.UINT32 or a == 0 or a & (a - 1) or a > MAX_ALIGNMENT:
-            raise GGUFError(f"general.alignment: {a!r} must be a u32 power of two in 1..{MAX_ALIGNMENT}")
+            shown = a if f.value_type != GGUFValueType.ARRAY else "an array"
+            raise GGUFError(
+                f"general.alignment: {shown!r} ({f.value_type.name}) must be a UINT32 power of two "
+                f"in 1..{MAX_ALIGNMENT}"
+            )
         alignment = int(a)
 
     raw_infos = []
     names: set[str] = set()
     for i in range(n_tensors):
         at = cur.pos
-        name = cur.string(f"tensor #{i} name", cap=MAX_NAME_BYTES)
+        name = cur.string(f"tensor #{i} name", cap=MAX_TENSOR_NAME_BYTES)
+        if not name:
+            raise GGUFError(f"tensor #{i} name: empty name at offset {at}")
         if name in names:
             raise GGUFError(f"tensor {name!r}: duplicate name at offset {at}")
         names.add(name)
@@ -292,7 +374,7 @@ def _parse(buf: np.ndarray):
     for name, gtype, shape, offset, n_bytes in raw_infos:
         if offset + n_bytes > data_len:
             raise GGUFError(
-                f"tensor {name}: bytes {offset}..{offset + n_bytes} exceed the data section "
+                f"tensor {name}: offset {offset} + {n_bytes} bytes exceed the data section "
                 f"({max(data_len, 0)} bytes at offset {data_offset})"
             )
         tensors[name] = TensorInfo(name, gtype, shape, data_offset + offset, n_bytes)

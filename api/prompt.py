@@ -1,0 +1,209 @@
+"""Anthropic request -> the model's prompt: HF-format messages rendered by the GGUF's chat template.
+
+Mapping:
+- `system` (string or text blocks) and any mid-conversation `role: "system"` messages -> one leading
+  system message (folded in order; every chat template accepts a first system message).
+- assistant `tool_use` blocks -> `tool_calls` [{type: function, function: {name, arguments}}];
+  user `tool_result` blocks -> `role: "tool"` messages (an error result is prefixed with "Error: ").
+- assistant `thinking` blocks -> `reasoning_content` (templates that know it use it); redacted ones dropped.
+- images -> 400 naming the model (no served model has vision).
+- tools (OpenAI function format) go to the template unless tool_choice is "none".
+- tool_choice "any" / "tool": the assistant turn is seeded with the call opening, so the model must
+  complete a call; the seed is also given to the output parser (it is part of the reply).
+- a final assistant message is a prefill: the reply continues it.
+- thinking on/off -> `enable_thinking` (templates without it ignore the variable).
+
+`build_prompt` renders and tokenizes; it checks the prompt size (characters before tokenizing, tokens
+against the context window after). `count_tokens` returns exactly the prompt length /v1/messages uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from api.errors import InvalidRequestError
+from api.wire import (
+    CountTokensRequest,
+    ImageBlock,
+    Message,
+    RedactedThinkingBlock,
+    TextBlock,
+    ThinkingBlock,
+    ToolChoiceAny,
+    ToolChoiceNone,
+    ToolChoiceTool,
+    ToolResultBlock,
+    ToolUseBlock,
+)
+from engine.errors import KawaiError
+
+TOOL_CALL_OPEN = '<tool_call>\n{"name": "'
+CHARS_PER_TOKEN_CAP = 32  # a prompt longer than n_ctx * this many characters is refused before tokenizing
+TOOL_ERROR_PREFIX = "Error: "
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str  # rendered prompt, seed included
+    ids: list[int]
+    seed: str  # text after the generation prompt (prefill, forced call opening): the reply's start
+    parse_tools: bool  # tools offered: parse <tool_call> in the output
+    in_thinking: bool  # the prompt leaves the model inside <think>
+
+
+def build_prompt(llm, req: CountTokensRequest) -> Prompt:
+    """Render and tokenize; InvalidRequestError for anything the client can fix."""
+    _check_no_images(llm, req)
+    messages, prefill = to_hf_messages(req)
+    tools = None if isinstance(req.tool_choice, ToolChoiceNone) or not req.tools else hf_tools(req)
+    seed = prefill + _forced_call_opening(req)
+    try:
+        text = llm.render_chat(messages, tools=tools, add_generation_prompt=True, enable_thinking=req.thinking_on)
+    except KawaiError as e:  # a template refusing the conversation (raise_exception), or too large
+        raise InvalidRequestError(f"the model's chat template rejected the conversation: {e}") from None
+    in_thinking = text.rstrip().endswith("<think>")
+    text += seed
+    limit = llm.n_ctx * CHARS_PER_TOKEN_CAP
+    if len(text) > limit:
+        raise InvalidRequestError(
+            f"prompt is too long: {len(text)} characters; the model {llm.id!r} has a context window of "
+            f"{llm.n_ctx} tokens"
+        )
+    try:
+        ids = llm.encode_prompt(text)
+    except KawaiError as e:
+        raise InvalidRequestError(str(e)) from None
+    return Prompt(text, ids, seed, parse_tools=tools is not None, in_thinking=in_thinking)
+
+
+def check_context(llm, prompt: Prompt, max_tokens: int) -> None:
+    n = len(prompt.ids)
+    if n + max_tokens > llm.n_ctx:
+        raise InvalidRequestError(
+            f"prompt is too long: {n} prompt tokens + max_tokens {max_tokens} = {n + max_tokens} > "
+            f"{llm.n_ctx}, the context window of model {llm.id!r}"
+        )
+
+
+def supports_images(llm) -> bool:
+    return bool(getattr(llm, "supports_images", False))  # the seam for a vision model
+
+
+def _check_no_images(llm, req: CountTokensRequest) -> None:
+    if supports_images(llm):
+        return
+    for m in req.messages:
+        for block in m.content:
+            parts = block.content if isinstance(block, ToolResultBlock) else [block]
+            if any(isinstance(p, ImageBlock) for p in parts):
+                raise InvalidRequestError(
+                    f"model {llm.id!r} does not support images (it has no vision encoder); "
+                    "send text only or use a vision model"
+                )
+
+
+def _forced_call_opening(req: CountTokensRequest) -> str:
+    choice = req.tool_choice
+    if not isinstance(choice, (ToolChoiceAny, ToolChoiceTool)):
+        return ""
+    if not req.tools:
+        raise InvalidRequestError(f"tool_choice.type {choice.type!r} requires tools")
+    if req.thinking_on:
+        raise InvalidRequestError("thinking may not be enabled when tool_choice forces tool use")
+    if isinstance(choice, ToolChoiceAny):
+        return TOOL_CALL_OPEN
+    if choice.name not in {t.name for t in req.tools}:
+        raise InvalidRequestError(f"tool_choice.name: no tool named {choice.name!r} in tools")
+    return TOOL_CALL_OPEN + choice.name + '", "arguments": '
+
+
+def hf_tools(req: CountTokensRequest) -> list[dict[str, Any]]:
+    """Anthropic tools -> the OpenAI function format chat templates expect."""
+    out = []
+    for t in req.tools:
+        fn: dict[str, Any] = {"name": t.name}
+        if t.description:
+            fn["description"] = t.description
+        fn["parameters"] = t.input_schema
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def to_hf_messages(req: CountTokensRequest) -> tuple[list[dict[str, Any]], str]:
+    """(messages for the template, assistant prefill text)."""
+    system_parts = [b.text for b in req.system if b.text]
+    turns: list[Message] = []
+    for m in req.messages:
+        if m.role == "system":
+            system_parts.extend(_texts(m.content))
+        else:
+            turns.append(m)
+    prefill = ""
+    if turns and turns[-1].role == "assistant" and all(isinstance(b, TextBlock) for b in turns[-1].content):
+        prefill = "".join(b.text for b in turns[-1].content)
+        turns = turns[:-1]
+    if not any(m.role == "user" for m in turns):
+        raise InvalidRequestError("messages: the conversation needs at least one user message")
+
+    tool_names = {b.id: b.name for m in turns for b in m.content if isinstance(b, ToolUseBlock)}
+    out: list[dict[str, Any]] = []
+    if system_parts:
+        out.append({"role": "system", "content": "\n\n".join(system_parts)})
+    for m in turns:
+        out.extend(_assistant(m) if m.role == "assistant" else _user(m, tool_names))
+    return _merge_same_role(out), prefill
+
+
+def _texts(blocks) -> list[str]:
+    return [b.text for b in blocks if isinstance(b, TextBlock) and b.text]
+
+
+def _assistant(m: Message) -> list[dict[str, Any]]:
+    msg: dict[str, Any] = {"role": "assistant", "content": "".join(_texts(m.content))}
+    thinking = "".join(b.thinking for b in m.content if isinstance(b, ThinkingBlock))
+    if thinking:
+        msg["reasoning_content"] = thinking
+    calls = [
+        {"id": b.id, "type": "function", "function": {"name": b.name, "arguments": b.input}}
+        for b in m.content
+        if isinstance(b, ToolUseBlock)
+    ]
+    if calls:
+        msg["tool_calls"] = calls
+    return [msg]
+
+
+def _user(m: Message, tool_names: dict[str, str]) -> list[dict[str, Any]]:
+    """Tool results become `tool` messages (in order); other text stays a user message."""
+    out: list[dict[str, Any]] = []
+    text: list[str] = []
+    for b in m.content:
+        if isinstance(b, ToolResultBlock):
+            result = "\n".join(_texts(b.content))
+            if b.is_error:
+                result = TOOL_ERROR_PREFIX + result
+            tool_msg = {"role": "tool", "content": result, "tool_call_id": b.tool_use_id}
+            if b.tool_use_id in tool_names:
+                tool_msg["name"] = tool_names[b.tool_use_id]
+            out.append(tool_msg)
+        elif isinstance(b, TextBlock) and b.text:
+            text.append(b.text)
+        elif isinstance(b, (ToolUseBlock, ThinkingBlock, RedactedThinkingBlock)):
+            raise InvalidRequestError(f"messages: a user message cannot contain a {b.type} block")
+    if text or not out:
+        out.append({"role": "user", "content": "\n\n".join(text)})
+    return out
+
+
+def _merge_same_role(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Join consecutive plain user (or plain assistant) messages, as the Anthropic API does."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        prev = out[-1] if out else None
+        mergeable = m["role"] in ("user", "assistant") and set(m) == {"role", "content"}
+        if prev is not None and mergeable and prev["role"] == m["role"] and set(prev) == {"role", "content"}:
+            prev["content"] = prev["content"] + "\n\n" + m["content"] if prev["content"] else m["content"]
+        else:
+            out.append(dict(m))
+    return out

@@ -1,0 +1,218 @@
+"""POST /v1/messages (JSON or SSE) and POST /v1/messages/count_tokens.
+
+Flow: read the body (capped while reading) -> validate -> resolve the model -> render + tokenize off
+the event loop -> check the context -> queue a Job on the model's engine thread (529 when full) ->
+stream or collect. `message_start` goes out before prefill starts; the first token arrives later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from api.content import MessageAssembler
+from api.errors import InternalError, InvalidRequestError, RequestTooLargeError
+from api.ids import new_message_id
+from api.prompt import Prompt, build_prompt, check_context
+from api.sse import PING, sse_frames
+from api.state import request_id_of, server_state, tenant_of
+from api.toolcalls import OutputParser, ToolCallEnd
+from api.wire import CountTokensRequest, MessagesRequest, ToolChoiceAny, ToolChoiceAuto, ToolChoiceTool, parse_request
+from api.worker import Failed, Finished, Job, StepChannel
+from engine.sampling import SamplingParams, SamplingParamsError
+
+# engine finish_reason -> Anthropic stop_reason (eos becomes tool_use when the reply called a tool)
+STOP_REASONS = {
+    "eos": "end_turn",
+    "stop_sequence": "stop_sequence",
+    "max_tokens": "max_tokens",
+    "context_full": "model_context_window_exceeded",
+    "cancelled": "end_turn",
+}
+CUT_REASONS = ("stop_sequence", "max_tokens", "context_full", "cancelled")
+DEFAULT_TEMPERATURE = 1.0  # the Anthropic API's default
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+async def create_message(request: Request) -> Response:
+    server = server_state(request)
+    request_id = request_id_of(request)
+    req: MessagesRequest = parse_request(MessagesRequest, await read_json(request, server.settings.max_body_bytes))
+    model = server.model(req.model)
+    prompt = await run_in_threadpool(build_prompt, model.llm, req)
+    check_context(model.llm, prompt, req.max_tokens)
+    job = Job(
+        prompt.ids,
+        sampling_params(req),
+        StepChannel(asyncio.get_running_loop()),
+        request_id,
+        tenant=tenant_of(request),
+    )
+    model.worker.submit(job)  # 529 when the queue is full
+    reply = Reply(model.llm.id, prompt, req, job, server.settings.ping_interval)
+    if req.stream:
+        return StreamingResponse(
+            sse_frames(reply.events(), request_id), media_type="text/event-stream", headers=SSE_HEADERS
+        )
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+    try:
+        async for _ in reply.events():
+            pass
+    finally:
+        watcher.cancel()
+    return JSONResponse(reply.message())
+
+
+async def count_tokens(request: Request) -> Response:
+    server = server_state(request)
+    req: CountTokensRequest = parse_request(
+        CountTokensRequest, await read_json(request, server.settings.max_body_bytes)
+    )
+    model = server.model(req.model)
+    prompt = await run_in_threadpool(build_prompt, model.llm, req)
+    return JSONResponse({"input_tokens": len(prompt.ids)})
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON, counting bytes as they arrive (Content-Length is only a hint)."""
+    too_large = RequestTooLargeError(f"Request body is larger than the {limit // (1024 * 1024)} MB limit.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise too_large
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body.strip():
+        raise InvalidRequestError("The request body is empty; send a JSON object.")
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as e:
+        raise InvalidRequestError(f"The request body is not valid JSON (line {e.lineno}, column {e.colno}).") from None
+    except UnicodeDecodeError:
+        raise InvalidRequestError("The request body is not valid UTF-8.") from None
+    except (ValueError, RecursionError):
+        raise InvalidRequestError("The request body is not valid JSON (too deeply nested or too large a number).") from None
+
+
+def sampling_params(req: MessagesRequest) -> SamplingParams:
+    try:
+        return SamplingParams(
+            temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+            top_k=req.top_k or 0,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            max_tokens=req.max_tokens,
+            stop=tuple(req.stop_sequences),
+        )
+    except SamplingParamsError as e:
+        raise InvalidRequestError(str(e)) from None
+
+
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    """Non-streaming: the body is read, so the next ASGI message is the client going away."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancel.set()
+            return
+
+
+class Reply:
+    """One assistant reply: engine Steps -> parser events -> Anthropic stream events + final message."""
+
+    def __init__(self, model_id: str, prompt: Prompt, req: MessagesRequest, job: Job, ping_interval: float):
+        self.id = new_message_id()
+        self.model_id = model_id
+        self.prompt = prompt
+        self.job = job
+        self.ping_interval = ping_interval
+        choice = req.tool_choice
+        self.one_tool_only = isinstance(choice, (ToolChoiceAuto, ToolChoiceAny, ToolChoiceTool)) and (
+            choice.disable_parallel_tool_use
+        )
+        self.parser = OutputParser(parse_tools=prompt.parse_tools, in_thinking=prompt.in_thinking)
+        self.parser.prime(prompt.seed)
+        self.assembler = MessageAssembler()
+        self.stop_reason: str | None = None
+        self.stop_sequence: str | None = None
+        self.usage: dict[str, int] = {"input_tokens": len(prompt.ids), "output_tokens": 0}
+        self._stopped_after_tool = False
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "content": self.assembler.content,
+            "model": self.model_id,
+            "stop_reason": self.stop_reason,
+            "stop_sequence": self.stop_sequence,
+            "usage": self.usage,
+        }
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """message_start, content block events, message_delta, message_stop; pings in silences."""
+        loop = asyncio.get_running_loop()
+        try:
+            yield {"type": "message_start", "message": {**self.message(), "content": []}}
+            last_sent = loop.time()
+            while True:
+                wait = max(0.0, last_sent + self.ping_interval - loop.time())
+                item = await self.job.channel.get(timeout=wait)
+                if item is None:
+                    yield PING
+                    last_sent = loop.time()
+                    continue
+                if isinstance(item, Failed):
+                    raise InternalError("Generation failed. The request id is in the `request-id` header.")
+                if isinstance(item, Finished):
+                    self._count(item)
+                    break
+                for event in self._on_step(item):
+                    yield event
+                    last_sent = loop.time()
+            for event in self.assembler.close():
+                yield event
+            yield {
+                "type": "message_delta",
+                "delta": {"stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence},
+                "usage": self.usage,
+            }
+            yield {"type": "message_stop"}
+        finally:
+            self.job.cancel.set()  # a client that went away stops the engine within one token
+
+    def _on_step(self, step) -> list[dict[str, Any]]:
+        parsed = [] if self._stopped_after_tool else self.parser.feed(step.text)
+        if self.one_tool_only and any(isinstance(e, ToolCallEnd) for e in parsed):
+            end = next(i for i, e in enumerate(parsed) if isinstance(e, ToolCallEnd))
+            parsed = parsed[: end + 1]
+            self._stopped_after_tool = True
+            self.job.cancel.set()
+        if step.finish_reason is not None:
+            reason = step.finish_reason
+            if not self._stopped_after_tool:
+                parsed += self.parser.finish(cut=reason in CUT_REASONS)
+            if self._stopped_after_tool or (reason == "eos" and self.parser.tool_calls):
+                self.stop_reason = "tool_use"
+            else:
+                self.stop_reason = STOP_REASONS[reason]
+                self.stop_sequence = step.stop_sequence if reason == "stop_sequence" else None
+        return self.assembler.add(parsed)
+
+    def _count(self, done: Finished) -> None:
+        self.usage = {
+            "input_tokens": done.prompt_tokens - done.cached_tokens,
+            "output_tokens": done.generated_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": done.cached_tokens,
+        }

@@ -1,0 +1,84 @@
+"""Per-process server settings and state, reachable from a request (no module-level state).
+
+`ServerSettings` is frozen configuration; `ServerState` (on `app.state.server`) holds the loaded models
+with their engine workers and the token store. Middleware records per-request facts in `scope["state"]`:
+the request id and the authenticated token id (the tenant).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from starlette.requests import Request
+
+from api.errors import NotFoundError
+from api.tokens import TokenStore
+from api.worker import Worker
+
+MAX_BODY_BYTES = 32 * 1024 * 1024  # the Anthropic API's limit
+PING_INTERVAL_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    auth: bool = True  # False: every route is open (local use, `--no-auth`)
+    queue_size: int = 8  # jobs waiting per model; more -> 529
+    n_ctx: int | None = None  # context window per model (None: the engine's default)
+    home: Path | None = None  # where tokens.json lives (None: $KAWAI_HOME)
+    max_body_bytes: int = MAX_BODY_BYTES
+    ping_interval: float = PING_INTERVAL_SECONDS
+    drain_seconds: float = 30.0  # how long shutdown waits for in-flight responses
+
+
+@dataclass
+class LoadedModel:
+    llm: object  # engine.LLM
+    worker: Worker
+    created_at: datetime
+    display_name: str
+
+    @property
+    def id(self) -> str:
+        return self.llm.id
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    tokens: TokenStore | None  # None when auth is off
+    models: dict[str, LoadedModel] = field(default_factory=dict)
+
+    def model(self, model_id: str) -> LoadedModel:
+        found = self.models.get(model_id)
+        if found is None:
+            served = ", ".join(sorted(self.models)) or "none"
+            raise NotFoundError(f"model: {model_id[:100]!r} is not served here. Available models: {served}")
+        return found
+
+    @property
+    def healthy(self) -> bool:
+        return bool(self.models) and all(m.worker.alive for m in self.models.values())
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def request_id_of(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id", "")
+
+
+def tenant_of(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("token_id")
+
+
+def model_created_at(path: Path) -> datetime:
+    """When the model file arrived (its mtime), as an aware UTC datetime."""
+    try:
+        return datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc).replace(microsecond=0)
+    except OSError:
+        return datetime(1970, 1, 1, tzinfo=timezone.utc)

@@ -1,0 +1,232 @@
+"""Wire models for the Messages API (pydantic v2), after the official SDK's types.
+
+Requests ignore unknown fields; every number is bounded; string content is normalised to a list of text
+blocks on the way in. `parse_request` turns a validation failure into one `InvalidRequestError` naming the
+field path (`messages.0.content.1.source.media_type: ...`), never echoing large inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError
+
+from api.errors import InvalidRequestError
+
+MAX_MESSAGES = 100_000
+MAX_TOOLS = 1_000
+MAX_ID_CHARS = 256
+MAX_NAME_CHARS = 256
+MAX_STOP_SEQUENCES = 64  # engine.sampling's limits
+MAX_STOP_CHARS = 1024
+MAX_TOKENS_LIMIT = 1 << 24  # checked again against the model's context
+MAX_TOP_K = 1 << 20
+MAX_ERROR_CHARS = 400
+
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+# ---- content blocks ---------------------------------------------------------------------------------
+
+
+class TextBlock(_In):
+    type: Literal["text"]
+    text: str
+
+
+class Base64ImageSource(_In):
+    type: Literal["base64"]
+    media_type: Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
+    data: str
+
+
+class UrlImageSource(_In):
+    type: Literal["url"]
+    url: Annotated[str, Field(min_length=1, max_length=8192)]
+
+
+class ImageBlock(_In):
+    type: Literal["image"]
+    source: Annotated[Union[Base64ImageSource, UrlImageSource], Field(discriminator="type")]
+
+
+def _text_to_blocks(value: Any) -> Any:
+    """A plain string stands for one text block."""
+    return [{"type": "text", "text": value}] if isinstance(value, str) else value
+
+
+ToolResultPart = Annotated[Union[TextBlock, ImageBlock], Field(discriminator="type")]
+
+
+class ToolResultBlock(_In):
+    type: Literal["tool_result"]
+    tool_use_id: Id
+    content: Annotated[list[ToolResultPart], BeforeValidator(_text_to_blocks)] = []
+    is_error: StrictBool = False
+
+
+class ToolUseBlock(_In):
+    type: Literal["tool_use"]
+    id: Id
+    name: Name
+    input: dict[str, Any]
+
+
+class ThinkingBlock(_In):
+    type: Literal["thinking"]
+    thinking: str
+    signature: str = ""
+
+
+class RedactedThinkingBlock(_In):
+    type: Literal["redacted_thinking"]
+    data: str
+
+
+ContentBlock = Annotated[
+    Union[TextBlock, ImageBlock, ToolUseBlock, ToolResultBlock, ThinkingBlock, RedactedThinkingBlock],
+    Field(discriminator="type"),
+]
+Content = Annotated[list[ContentBlock], BeforeValidator(_text_to_blocks)]
+
+
+class Message(_In):
+    role: Literal["user", "assistant", "system"]  # "system" mid-conversation: newer clients send it
+    content: Content
+
+
+# ---- tools, tool choice, thinking -------------------------------------------------------------------
+
+
+class Tool(_In):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+    description: str | None = None
+    input_schema: dict[str, Any]
+    type: Literal["custom"] | None = None
+
+
+class _ToolChoiceBase(_In):
+    disable_parallel_tool_use: StrictBool = False
+
+
+class ToolChoiceAuto(_ToolChoiceBase):
+    type: Literal["auto"]
+
+
+class ToolChoiceAny(_ToolChoiceBase):
+    type: Literal["any"]
+
+
+class ToolChoiceNone(_ToolChoiceBase):
+    type: Literal["none"]
+
+
+class ToolChoiceTool(_ToolChoiceBase):
+    type: Literal["tool"]
+    name: Name
+
+
+ToolChoice = Annotated[
+    Union[ToolChoiceAuto, ToolChoiceAny, ToolChoiceNone, ToolChoiceTool], Field(discriminator="type")
+]
+
+
+class ThinkingEnabled(_In):
+    type: Literal["enabled"]
+    budget_tokens: Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS_LIMIT)]
+
+
+class ThinkingDisabled(_In):
+    type: Literal["disabled"]
+
+
+class ThinkingAdaptive(_In):
+    type: Literal["adaptive"]
+
+
+Thinking = Annotated[Union[ThinkingEnabled, ThinkingDisabled, ThinkingAdaptive], Field(discriminator="type")]
+
+
+class Metadata(_In):
+    user_id: Annotated[str, Field(max_length=MAX_ID_CHARS)] | None = None
+
+
+# ---- requests ---------------------------------------------------------------------------------------
+
+
+class CountTokensRequest(_In):
+    """The prompt part of a request: what `/v1/messages/count_tokens` takes."""
+
+    model: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
+    system: Annotated[list[TextBlock], BeforeValidator(_text_to_blocks)] = []
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] = []
+    tool_choice: ToolChoice | None = None
+    thinking: Thinking | None = None
+
+    @property
+    def thinking_on(self) -> bool:
+        return isinstance(self.thinking, (ThinkingEnabled, ThinkingAdaptive))
+
+
+class MessagesRequest(CountTokensRequest):
+    max_tokens: Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS_LIMIT)]
+    stream: StrictBool = False
+    temperature: Annotated[float, Field(strict=True, ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(strict=True, gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    top_k: Annotated[int, Field(strict=True, ge=0, le=MAX_TOP_K)] | None = None
+    stop_sequences: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP_SEQUENCES)
+    ] = []
+    metadata: Metadata | None = None
+
+
+def parse_request(model_cls: type[_In], data: Any) -> Any:
+    """Validate a decoded JSON body; one clear 400 naming the field on failure."""
+    if not isinstance(data, dict):
+        raise InvalidRequestError("The request body must be a JSON object.")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        raise InvalidRequestError(describe_validation_error(e, data)) from None
+
+
+def describe_validation_error(err: ValidationError, data: Any) -> str:
+    first = err.errors(include_url=False, include_input=False)[0]
+    path = _field_path(first["loc"], data)
+    message = first["msg"]
+    if first["type"] == "union_tag_invalid":
+        tag = str(first.get("ctx", {}).get("tag", ""))[:40]
+        message = f"unsupported type {tag!r}; expected one of {first.get('ctx', {}).get('expected_tags', '')}"
+    elif first["type"] == "union_tag_not_found":
+        message = "missing 'type'"
+    text = f"{path}: {message}" if path else message
+    return text[:MAX_ERROR_CHARS]
+
+
+def _field_path(loc: tuple, data: Any) -> str:
+    """Join the location into `a.0.b`, dropping pydantic's union tags and type labels.
+
+    Walks the request body alongside the location: a segment that is not a key (or index) of the value
+    reached so far is a label pydantic inserted (`list[...]`, a discriminator tag) — except the last
+    segment, which names a missing field.
+    """
+    parts: list[str] = []
+    current = data
+    for i, seg in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(current, dict) and current.get("type") == seg and not last:
+            continue  # the discriminator tag pydantic adds after a union position
+        if isinstance(current, dict) and isinstance(seg, str) and seg in current:
+            current = current[seg]
+        elif isinstance(current, list) and isinstance(seg, int) and 0 <= seg < len(current):
+            current = current[seg]
+        elif not last:
+            continue
+        parts.append(str(seg))
+    return ".".join(parts)

@@ -1,0 +1,79 @@
+"""Chart of tokens/s, kawai vs llama.cpp (and transformers), from benchmarks/results/*.json.
+
+    .venv-bench/bin/python benchmarks/chart.py [--out docs/benchmarks.png] [RESULT.json ...]
+
+For each (model, threads) the newest result file is used (file names start with the date). Two panels:
+prefill tok/s and decode tok/s, one group of bars per model and thread count, log scale so the fp32
+transformers bars stay readable. matplotlib is installed in .venv-bench only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE.parent / "docs" / "benchmarks.png"
+ENGINE_COLORS = {"kawai": "#d1495b", "llama.cpp": "#00798c", "transformers": "#a5a5a5"}
+
+
+def newest_per_config(paths: list[Path]) -> list[dict]:
+    """One report per (model, threads), the newest by file name; sorted by model then threads."""
+    chosen: dict[tuple[str, int], tuple[str, dict]] = {}
+    for path in sorted(paths):
+        report = json.loads(path.read_text())
+        chosen[(report["model"], report["threads"])] = (path.name, report)
+    return [chosen[key][1] for key in sorted(chosen)]
+
+
+def draw(reports: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['model'].replace('-instruct', '')}\n{r['threads']} thread{'s' * (r['threads'] > 1)}"
+              for r in reports]
+    engines = [e for e in ENGINE_COLORS if any(e in r["engines"] for r in reports)]
+    width = 0.8 / len(engines)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(reports) + 2), 5.5))
+    for ax, key, title in ((axes[0], "prefill_tok_s", "prefill tokens/s"),
+                           (axes[1], "decode_tok_s", "decode tokens/s")):
+        for i, engine in enumerate(engines):
+            xs, ys = [], []
+            for j, report in enumerate(reports):
+                if engine in report["engines"]:
+                    xs.append(j + (i - (len(engines) - 1) / 2) * width)
+                    ys.append(report["engines"][engine][key])
+            bars = ax.bar(xs, ys, width, label=engine, color=ENGINE_COLORS[engine])
+            ax.bar_label(bars, fmt="%.0f" if key == "prefill_tok_s" else "%.1f", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_title(title + " (higher is better)")
+        ax.set_xticks(range(len(reports)), labels, fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend()
+    first = reports[0]
+    fig.suptitle(f"kawai vs llama.cpp on {first['machine']['cpu']}: "
+                 f"{first['prompt_tokens']} prompt tokens, {first['gen_tokens']} generated")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="*", type=Path, help="result files (default: benchmarks/results/*.json)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    paths = args.results or sorted((HERE / "results").glob("*.json"))
+    if not paths:
+        raise SystemExit("chart: no result files; run benchmarks/compare.py first")
+    reports = newest_per_config(paths)
+    draw(reports, args.out)
+    print(f"wrote {args.out} ({len(reports)} configurations)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""Weights: the model's tensors, named after their GGUF tensors and packed for kernels/matmul.py.
+
+Loading is mechanical: every name below is `blk.{i}.<field>.weight` (or `.bias`) in the file, each is
+checked against the shape the config implies, and a missing tensor is a KawaiError naming it.
+
+Matrices are `PackedMatrix` (rows = outputs, cols = inputs; y = x @ W.T). In the default mode the
+quantized bytes are repacked for the integer kernels; with `exact=True` every matrix is dequantized to
+float32 (kernels/dequant.py) and multiplied in float32, for tests against float references.
+Norm weights and biases are float32 vectors. `token_embd` stays as raw bytes in the memory map: a
+forward pass dequantizes only the rows of its tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.config import ModelConfig
+from engine.errors import KawaiError
+from engine.gguf import GGUFFile
+from kernels.dequant import dequantize, dequantize_row_ids
+from kernels.matmul import MATMUL_TYPES, PackedMatrix, pack, pack_dense
+from kernels.qtypes import GGMLType
+
+FLOAT_VECTOR_TYPES = (GGMLType.F32, GGMLType.F16)
+
+
+@dataclass(frozen=True, eq=False)
+class Embedding:
+    """token_embd: raw GGUF rows (n_vocab, row_bytes) uint8, dequantized per lookup."""
+
+    raw: np.ndarray  # (n_vocab, row_bytes) uint8, a view of the memory map
+    qtype: GGMLType
+    n_vocab: int
+    d_model: int
+
+    def lookup(self, tokens: np.ndarray) -> np.ndarray:
+        """(n,) token ids in 0..n_vocab-1 -> (n, d_model) float32."""
+        return dequantize_row_ids(self.raw, self.qtype, tokens)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerWeights:
+    attn_norm: np.ndarray  # (d_model,)
+    attn_q: PackedMatrix  # (q_dim, d_model)
+    attn_k: PackedMatrix  # (kv_dim, d_model)
+    attn_v: PackedMatrix  # (kv_dim, d_model)
+    attn_q_bias: np.ndarray | None  # (q_dim,)   qkv_bias only
+    attn_k_bias: np.ndarray | None  # (kv_dim,)
+    attn_v_bias: np.ndarray | None  # (kv_dim,)
+    attn_q_norm: np.ndarray | None  # (head_dim,) qk_norm only
+    attn_k_norm: np.ndarray | None  # (head_dim,)
+    attn_output: PackedMatrix  # (d_model, q_dim)
+    ffn_norm: np.ndarray  # (d_model,)
+    ffn_gate: PackedMatrix  # (d_ff, d_model)
+    ffn_up: PackedMatrix  # (d_ff, d_model)
+    ffn_down: PackedMatrix  # (d_model, d_ff)
+
+
+@dataclass(frozen=True, eq=False)
+class Weights:
+    token_embd: Embedding  # (n_vocab, d_model)
+    layers: tuple[LayerWeights, ...]
+    output_norm: np.ndarray  # (d_model,)
+    output: PackedMatrix  # (n_vocab, d_model); token_embd itself when the output is tied
+    rope_freqs: np.ndarray | None  # (head_dim/2,) Llama 3 frequency divisors, when the file has them
+    exact: bool
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes of packed matrices and vectors (the memory-mapped embedding not counted)."""
+        total = self.output.nbytes + self.output_norm.nbytes
+        for layer in self.layers:
+            for value in vars(layer).values():
+                if value is not None:
+                    total += value.nbytes
+        return int(total)
+
+
+def load_weights(gguf: GGUFFile, cfg: ModelConfig, *, exact: bool = False) -> Weights:
+    """Read, check and pack every tensor the config needs."""
+    loader = _Loader(gguf, exact)
+    d, hd, q_dim, kv_dim, ff = cfg.d_model, cfg.head_dim, cfg.q_dim, cfg.kv_dim, cfg.d_ff
+    layers = []
+    for i in range(cfg.n_layers):
+        blk = f"blk.{i}"
+        layers.append(
+            LayerWeights(
+                attn_norm=loader.vector(f"{blk}.attn_norm.weight", d),
+                attn_q=loader.matrix(f"{blk}.attn_q.weight", q_dim, d),
+                attn_k=loader.matrix(f"{blk}.attn_k.weight", kv_dim, d),
+                attn_v=loader.matrix(f"{blk}.attn_v.weight", kv_dim, d),
+                attn_q_bias=loader.vector(f"{blk}.attn_q.bias", q_dim) if cfg.qkv_bias else None,
+                attn_k_bias=loader.vector(f"{blk}.attn_k.bias", kv_dim) if cfg.qkv_bias else None,
+                attn_v_bias=loader.vector(f"{blk}.attn_v.bias", kv_dim) if cfg.qkv_bias else None,
+                attn_q_norm=loader.vector(f"{blk}.attn_q_norm.weight", hd) if cfg.qk_norm else None,
+                attn_k_norm=loader.vector(f"{blk}.attn_k_norm.weight", hd) if cfg.qk_norm else None,
+                attn_output=loader.matrix(f"{blk}.attn_output.weight", d, q_dim),
+                ffn_norm=loader.vector(f"{blk}.ffn_norm.weight", d),
+                ffn_gate=loader.matrix(f"{blk}.ffn_gate.weight", ff, d),
+                ffn_up=loader.matrix(f"{blk}.ffn_up.weight", ff, d),
+                ffn_down=loader.matrix(f"{blk}.ffn_down.weight", d, ff),
+            )
+        )
+    # The tied-output rule, in one place: without output.weight the logits reuse token_embd.
+    output_name = "token_embd.weight" if cfg.tied_output else "output.weight"
+    rope_freqs = None
+    if "rope_freqs.weight" in gguf.tensors:
+        rope_freqs = loader.vector("rope_freqs.weight", hd // 2)
+        if not np.all(np.isfinite(rope_freqs) & (rope_freqs > 0)):
+            raise KawaiError("tensor 'rope_freqs.weight' must hold positive finite frequency divisors")
+    return Weights(
+        token_embd=loader.embedding("token_embd.weight", cfg.n_vocab, d),
+        layers=tuple(layers),
+        output_norm=loader.vector("output_norm.weight", d),
+        output=loader.matrix(output_name, cfg.n_vocab, d),
+        rope_freqs=rope_freqs,
+        exact=exact,
+    )
+
+
+class _Loader:
+    """Looks tensors up by name, checks type and shape, and converts them."""
+
+    def __init__(self, gguf: GGUFFile, exact: bool):
+        self.gguf = gguf
+        self.exact = exact
+
+    def _info(self, name: str, shape: tuple[int, ...]):
+        info = self.gguf.tensors.get(name)
+        if info is None:
+            raise KawaiError(f"tensor {name!r} is missing from the model file")
+        if info.shape != shape:
+            raise KawaiError(f"tensor {name!r} has shape {info.shape}, expected {shape}")
+        return info
+
+    def vector(self, name: str, n: int) -> np.ndarray:
+        """A 1-D float tensor as a float32 copy."""
+        info = self._info(name, (n,))
+        if info.ggml_type not in FLOAT_VECTOR_TYPES:
+            raise KawaiError(f"tensor {name!r} has type {info.ggml_type.name}, expected F32 or F16")
+        return np.array(self.gguf.tensor_array(name), dtype=np.float32)
+
+    def matrix(self, name: str, rows: int, cols: int) -> PackedMatrix:
+        info = self._info(name, (rows, cols))
+        if info.ggml_type not in MATMUL_TYPES:
+            raise KawaiError(f"tensor {name!r} has type {info.ggml_type.name}, which is not supported")
+        raw = self.gguf.tensor_data(name)  # (rows, row_bytes) uint8
+        if self.exact:
+            return pack_dense(dequantize(raw, info.ggml_type, info.shape), info.ggml_type)
+        return pack(raw, info.ggml_type, cols)
+
+    def embedding(self, name: str, rows: int, cols: int) -> Embedding:
+        info = self._info(name, (rows, cols))
+        if info.ggml_type not in MATMUL_TYPES:
+            raise KawaiError(f"tensor {name!r} has type {info.ggml_type.name}, which is not supported")
+        return Embedding(self.gguf.tensor_data(name), info.ggml_type, rows, cols)

@@ -1,0 +1,162 @@
+"""The transformer's element-wise and attention kernels (everything but the matmuls), in Numba.
+
+Letters used in shape comments:
+    n   query rows (tokens) in this call          d    model width (or any row width)
+    H   query heads        Hkv  key/value heads    hd   head dimension
+    S   cache capacity (max positions)             L    positions attended to (start + i + 1)
+    f   SwiGLU hidden width
+
+Every kernel writes into an output array the caller passes (no hidden allocation of big buffers), takes
+C-contiguous float32 arrays, and runs unchanged with NUMBA_DISABLE_JIT=1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True)
+def rms_norm(x, weight, eps, out):
+    """out[i] = x[i] / sqrt(mean(x[i]^2) + eps) * weight.  x, out (n, d); weight (d,). out may be x."""
+    n, d = x.shape
+    for i in range(n):
+        row = x[i]
+        ss = 0.0  # float64 accumulator
+        for j in range(d):
+            ss += row[j] * row[j]
+        inv = np.float32(1.0 / math.sqrt(ss / d + eps))
+        o = out[i]
+        for j in range(d):
+            o[j] = row[j] * inv * weight[j]
+
+
+@njit(cache=True)
+def rope(x, positions, inv_freq, neox):
+    """Rotate query or key heads in place by their position.  x (n, H, hd); positions (n,) int;
+    inv_freq (hd/2,) float32, already divided by any linear scaling factor.
+
+    neox=True pairs dims (j, j + hd/2) (HF `rotate_half`, Qwen); neox=False pairs (2j, 2j+1) (GGUF Llama).
+    Angles are float32 products as in transformers and llama.cpp; cos/sin are shared by all heads.
+    """
+    n, n_heads, head_dim = x.shape
+    half = head_dim // 2
+    cos = np.empty(half, np.float32)
+    sin = np.empty(half, np.float32)
+    for i in range(n):
+        pos = np.float32(positions[i])
+        for j in range(half):
+            angle = pos * inv_freq[j]
+            cos[j] = math.cos(angle)
+            sin[j] = math.sin(angle)
+        for h in range(n_heads):
+            v = x[i, h]
+            for j in range(half):
+                if neox:
+                    a, b = j, j + half
+                else:
+                    a, b = 2 * j, 2 * j + 1
+                x0 = v[a]
+                x1 = v[b]
+                v[a] = x0 * cos[j] - x1 * sin[j]
+                v[b] = x0 * sin[j] + x1 * cos[j]
+
+
+@njit(cache=True)
+def silu_mul(gate, up, out):
+    """SwiGLU: out = silu(gate) * up = gate / (1 + exp(-gate)) * up.  gate, up, out (n, f)."""
+    n, f = gate.shape
+    for i in range(n):
+        g = gate[i]
+        u = up[i]
+        o = out[i]
+        for j in range(f):
+            o[j] = g[j] / (np.float32(1.0) + np.float32(math.exp(-g[j]))) * u[j]
+
+
+@njit(cache=True)
+def softmax(x):
+    """Row-wise softmax in place, max-subtracted.  x (n, d)."""
+    n, d = x.shape
+    for i in range(n):
+        _softmax_row(x[i], d)
+
+
+@njit(cache=True)
+def _softmax_row(row, length):
+    """Softmax over row[:length] in place (float64 sum)."""
+    m = row[0]
+    for p in range(1, length):
+        if row[p] > m:
+            m = row[p]
+    total = 0.0
+    for p in range(length):
+        e = math.exp(row[p] - m)
+        row[p] = e
+        total += e
+    inv = np.float32(1.0 / total)
+    for p in range(length):
+        row[p] = row[p] * inv
+
+
+@njit(cache=True)
+def store_kv(k, v, k_cache, v_cache, start):
+    """Append n new keys/values at positions start..start+n-1 of one layer's cache.
+    k, v (n, Hkv, hd); k_cache (Hkv, hd, S) (keys transposed); v_cache (Hkv, S, hd)."""
+    n, n_kv, head_dim = k.shape
+    for i in range(n):
+        p = start + i
+        for h in range(n_kv):
+            for j in range(head_dim):
+                k_cache[h, j, p] = k[i, h, j]
+                v_cache[h, p, j] = v[i, h, j]
+
+
+@njit(cache=True, parallel=True)
+def attention(q, k_cache, v_cache, start, scale, out):
+    """Grouped-query causal attention over one layer's cache.
+
+    q (n, H, hd): queries at positions start..start+n-1 (RoPE applied); k_cache (Hkv, hd, S) and
+    v_cache (Hkv, S, hd) already hold positions 0..start+n-1; out (n, H, hd).
+    Query row i sees positions 0..start+i. All query heads of one key/value head are handled together
+    so each key row is loaded once for the whole group. Rows are paired (i, n-1-i) so the causal work is
+    balanced across threads.
+    """
+    n, n_heads, head_dim = q.shape
+    n_kv = k_cache.shape[0]
+    group = n_heads // n_kv
+    n_pairs = (n + 1) // 2
+    for job in prange(n_pairs * n_kv):
+        pair = job // n_kv
+        kv = job % n_kv
+        _attend_row(q, k_cache, v_cache, start, scale, out, pair, kv, group)
+        if n - 1 - pair != pair:
+            _attend_row(q, k_cache, v_cache, start, scale, out, n - 1 - pair, kv, group)
+
+
+@njit(cache=True)
+def _attend_row(q, k_cache, v_cache, start, scale, out, i, kv, group):
+    """Attention of query row i, query heads kv*group..(kv+1)*group-1, over positions 0..start+i."""
+    head_dim = q.shape[2]
+    length = start + i + 1
+    scores = np.zeros((group, length), np.float32)  # (group, L)
+    # scores[g, p] = scale * q[g] . k[p], streaming each transposed key row over positions.
+    for j in range(head_dim):
+        keys = k_cache[kv, j]  # (S,)
+        for g in range(group):
+            qj = q[i, kv * group + g, j] * scale
+            s = scores[g]
+            for p in range(length):
+                s[p] += qj * keys[p]
+    for g in range(group):
+        _softmax_row(scores[g], length)
+        o = out[i, kv * group + g]
+        o[:] = 0.0
+        s = scores[g]
+        for p in range(length):
+            w = s[p]
+            values = v_cache[kv, p]  # (hd,)
+            for j in range(head_dim):
+                o[j] += w * values[j]

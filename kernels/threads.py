@@ -1,0 +1,75 @@
+"""One place that chooses Numba's threading layer and thread count, before any parallel kernel runs.
+
+Numba picks its threading layer the first time a `parallel=True` kernel launches and cannot change it
+afterwards. OpenMP launches cost a few microseconds; the `workqueue` fallback costs ~100 us per launch,
+which is unusable at hundreds of matmuls per token, so the layer is requested explicitly and a missing
+OpenMP is an error, not a silent slowdown. Call `configure_threads` once at start-up (engine load, CLI).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+THREADING_LAYER = "omp"
+
+
+class ThreadingError(RuntimeError):
+    """The requested threading layer is unavailable, or another layer is already running."""
+
+
+@njit(parallel=True)
+def _touch(out):
+    """A tiny parallel loop: launching it initializes the threading layer."""
+    for i in prange(out.shape[0]):
+        out[i] = i
+
+
+def _layer_in_use() -> str | None:
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        return None
+
+
+def max_threads() -> int:
+    """Threads Numba can use in this process (NUMBA_NUM_THREADS, by default the CPU count)."""
+    return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def configure_threads(n: int | None = None, layer: str = THREADING_LAYER) -> int:
+    """Select `layer` (default OpenMP) and use `n` threads (default: all of them); returns n.
+
+    Raises ThreadingError when the layer cannot be loaded or a different one already runs."""
+    in_use = _layer_in_use()
+    if in_use is None:
+        numba.config.THREADING_LAYER = layer
+        try:
+            _touch(np.empty(max(2, max_threads()), np.int64))
+        except ValueError as e:  # Numba's message names the missing library
+            raise ThreadingError(f"Numba threading layer {layer!r} is unavailable: {e}") from None
+        in_use = _layer_in_use()
+    if in_use != layer:
+        raise ThreadingError(
+            f"Numba already runs the {in_use!r} threading layer; configure_threads({layer!r}) must run "
+            "before the first parallel kernel"
+        )
+    limit = max_threads()
+    n = limit if n is None else int(n)
+    if not 1 <= n <= limit:
+        raise ThreadingError(f"thread count {n} must be within 1..{limit} (NUMBA_NUM_THREADS)")
+    numba.set_num_threads(n)
+    return n
+
+
+def default_threads() -> int:
+    """KAWAI_THREADS if set, else every CPU Numba may use."""
+    value = os.environ.get("KAWAI_THREADS", "").strip()
+    if not value:
+        return max_threads()
+    if not value.isdigit() or not 1 <= int(value) <= max_threads():
+        raise ThreadingError(f"KAWAI_THREADS={value!r} must be a whole number within 1..{max_threads()}")
+    return int(value)
