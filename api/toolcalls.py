@@ -6,7 +6,9 @@ Qwen-style models write tool calls as
     {"name": "get_weather", "arguments": {"location": "Paris"}}
     </tool_call>
 
-and Qwen3 reasoning as `<think>…</think>` at the start of a reply. `OutputParser.feed(text)` takes each
+and Qwen3 reasoning as `<think>…</think>` at the start of a reply. Small models (Qwen2.5-Coder 0.5B)
+often write the same call object without the tags, in a ```json fence or bare as the whole reply; those
+are calls too, but only when the name is one of the offered tools. `OutputParser.feed(text)` takes each
 decoded piece as generated and returns events:
 
     TextDelta(text) | ThinkingDelta(text) | ThinkingEnd() |
@@ -17,10 +19,11 @@ Rules:
 - Once `{"name": "…", "arguments": ` is seen, the arguments object is streamed as the model writes it,
   checked by `JsonStream` (only completable prefixes are sent; braces inside strings are just text).
   If it turns invalid midway, the call is closed with a valid completion and the rest becomes text.
-- Any other shape (keys in another order, arguments as a string, no arguments) is buffered to
-  `</tool_call>` and parsed whole; a call that is not valid JSON becomes a text block. A call with no
-  arguments gets `{}`.
-- `<think>` is recognised only before any text; nothing inside a think block is parsed as a tool call.
+- Inside <tool_call> tags any other shape (keys in another order, arguments as a string, no arguments)
+  is buffered to `</tool_call>` and parsed whole; a call that is not valid JSON becomes a text block.
+  A call with no arguments gets `{}`. A fence or bare object that is not such a call stays text.
+- `<think>` (and a bare `{`) are recognised only before any text; nothing inside a think block is
+  parsed as a tool call.
 - Whitespace around tags (the newlines between calls, after `</think>`) is dropped.
 """
 
@@ -36,6 +39,9 @@ from api.json_stream import JsonStream, JsonStreamError
 
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+FENCE_OPENS = ("```json\n", "```\n")  # a call object in a code fence, closed by FENCE_CLOSE
+FENCE_CLOSE = "```"
+BARE_OPEN = "{"  # a call object as the whole reply
 WHITESPACE = " \t\r\n"
 MAX_HEAD_CHARS = 4096  # `{"name": "…", "arguments": ` longer than this is parsed whole instead
 
@@ -74,6 +80,14 @@ class ToolCallEnd:
 Event = TextDelta | ThinkingDelta | ThinkingEnd | ToolCallStart | ToolInputDelta | ToolCallEnd
 
 
+class _Frame(Enum):
+    """How the call being parsed is delimited."""
+
+    TAG = auto()  # <tool_call> … </tool_call>
+    FENCE = auto()  # ```json … ```
+    BARE = auto()  # { … } at the start of the reply
+
+
 class _State(Enum):
     TEXT = auto()
     THINK = auto()
@@ -90,11 +104,14 @@ class OutputParser:
         self,
         *,
         parse_tools: bool,
+        tool_names: frozenset[str] = frozenset(),
         parse_thinking: bool = True,
         in_thinking: bool = False,
         new_id: Callable[[], str] = new_tool_use_id,
     ):
+        """tool_names: the offered tools; calls without <tool_call> tags must name one of them."""
         self.parse_tools = parse_tools
+        self.tool_names = frozenset(tool_names) if parse_tools else frozenset()
         self.parse_thinking = parse_thinking
         self.new_id = new_id
         self.tool_calls = 0  # completed tool_use blocks
@@ -106,6 +123,8 @@ class OutputParser:
         self._json: JsonStream | None = None
         self._sent = 0  # characters of self._json.text already sent
         self._broken_rest: str | None = None  # arguments that turned invalid, shown as text
+        self._frame = _Frame.TAG
+        self._opener = ""  # the text that opened the current call (shown if it is no call after all)
 
     # ---- public -------------------------------------------------------------------------------------
 
@@ -133,8 +152,11 @@ class OutputParser:
         elif s in (_State.TOOL_HEAD, _State.TOOL_WHOLE) and not cut:
             if self._broken_rest is not None:
                 self._broken_text(buf)
-            else:
+            elif self._frame is _Frame.TAG:
                 self._whole_call(buf, closed=False)
+            else:
+                self._strip_leading = False
+                self._text((self._opener if self._frame is _Frame.FENCE else "") + buf, final=True)
         elif s is _State.TOOL_ARGS:
             self._close_arguments(complete=False)
         self._state = _State.TEXT
@@ -148,8 +170,11 @@ class OutputParser:
 
     def _text_tags(self) -> tuple[str, ...]:
         tags = (TOOL_OPEN,) if self.parse_tools else ()
-        if self.parse_thinking and not self._seen_text:
-            tags += (THINK_OPEN,)
+        if self.tool_names:
+            tags += FENCE_OPENS
+        if not self._seen_text:
+            tags += (THINK_OPEN,) if self.parse_thinking else ()
+            tags += (BARE_OPEN,) if self.tool_names else ()
         return tags
 
     def _advance(self) -> bool:
@@ -170,6 +195,9 @@ class OutputParser:
     def _advance_text(self) -> bool:
         tags = self._text_tags()
         at, tag = _find_first(self._buf, tags)
+        if tag in (THINK_OPEN, BARE_OPEN) and self._buf[:at].strip(WHITESPACE):  # these only open a reply
+            tags = tuple(t for t in tags if t not in (THINK_OPEN, BARE_OPEN))
+            at, tag = _find_first(self._buf, tags)
         if tag is None:
             held = _partial_tag_len(self._buf, tags)
             ready = self._buf[: len(self._buf) - held]
@@ -177,10 +205,21 @@ class OutputParser:
             self._text(body)
             self._buf = self._buf[len(body) :]
             return False
-        self._text(self._buf[:at], final=True)
+        before = self._buf[:at]
+        body = before.rstrip(WHITESPACE)
+        self._text(body)
+        # Kept to show the opener as text if a fence turns out not to be a call.
+        self._opener = (before[len(body) :] if self._seen_text else "") + tag
         self._buf = self._buf[at + len(tag) :]
         self._strip_leading = True
-        self._state = _State.THINK if tag == THINK_OPEN else _State.TOOL_HEAD
+        if tag == THINK_OPEN:
+            self._state = _State.THINK
+            return True
+        self._state = _State.TOOL_HEAD
+        if tag == BARE_OPEN:
+            self._frame, self._buf = _Frame.BARE, tag + self._buf  # the brace belongs to the object
+        else:
+            self._frame = _Frame.TAG if tag == TOOL_OPEN else _Frame.FENCE
         return True
 
     def _advance_think(self) -> bool:
@@ -199,9 +238,17 @@ class OutputParser:
         return True
 
     def _advance_head(self) -> bool:
-        close = self._buf.find(TOOL_CLOSE)
+        close = self._buf.find(TOOL_CLOSE) if self._frame is _Frame.TAG else -1
         head = self._buf if close < 0 else self._buf[:close]
         status, name, args_at = _match_head(head)
+        if self._frame is not _Frame.TAG and (
+            status == "mismatch" or (status == "matched" and name not in self.tool_names) or len(head) > MAX_HEAD_CHARS
+        ):
+            # Not a call after all: a fence is text, and what follows is scanned again as text.
+            self._state, self._seen_text, self._strip_leading = _State.TEXT, True, False
+            if self._frame is _Frame.FENCE:
+                self._text(self._opener)
+            return True
         if status == "matched":
             self._events.append(ToolCallStart(self.new_id(), name))
             self._json, self._sent = JsonStream(), 0
@@ -233,18 +280,32 @@ class OutputParser:
         return False
 
     def _advance_tail(self) -> bool:
-        at, tag = _find_first(self._buf, (TOOL_CLOSE, TOOL_OPEN))
+        """After the arguments: only the call's closing `}`, whitespace and the closing tag belong here."""
+        if self._frame is _Frame.BARE:
+            end = self._buf.find("}")
+            if end < 0:
+                self._buf = ""
+                return False
+            self._buf = self._buf[end + 1 :]
+            self._strip_leading, self._state = True, _State.TEXT
+            return True
+        closers = (TOOL_CLOSE, TOOL_OPEN) if self._frame is _Frame.TAG else (FENCE_CLOSE,)
+        at, tag = _find_first(self._buf, closers)
         if tag is None:
-            # Only the closing `}` and whitespace belong here; anything else is dropped.
-            held = _partial_tag_len(self._buf, (TOOL_CLOSE, TOOL_OPEN))
+            held = _partial_tag_len(self._buf, closers)
             self._buf = self._buf[len(self._buf) - held :]
             return False
         self._buf = self._buf[at + len(tag) :]
         self._strip_leading = True
-        self._state = _State.TEXT if tag == TOOL_CLOSE else _State.TOOL_HEAD
+        self._state = _State.TOOL_HEAD if tag == TOOL_OPEN else _State.TEXT
         return True
 
     def _advance_whole(self) -> bool:
+        if self._frame is not _Frame.TAG:  # broken arguments in a fence or bare object: the rest is text
+            rest, self._buf = self._buf, ""
+            self._broken_text(rest)
+            self._seen_text, self._state = True, _State.TEXT
+            return False
         at = self._buf.find(TOOL_CLOSE)
         if at < 0:
             return False

@@ -124,6 +124,7 @@ class Worker:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        _use_engine_threads(self.llm)
         while True:
             job = self._queue.get()
             if job is _STOP:
@@ -159,3 +160,12 @@ class Worker:
             self._cache.tokens = []
         self._cache_tenant = tenant
         return self._cache
+
+
+def _use_engine_threads(llm) -> None:
+    """Numba's thread count is per calling thread: apply the one chosen at load time to this thread."""
+    n = getattr(llm, "threads", None)
+    if n:
+        from kernels.threads import configure_threads
+
+        configure_threads(n)

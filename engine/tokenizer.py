@@ -20,7 +20,6 @@ Letters: V = vocabulary size.
 from __future__ import annotations
 
 import codecs
-import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
@@ -134,7 +133,7 @@ def _require_string_list(metadata: Mapping[str, Any], key: str) -> list[str]:
     value = metadata.get(key)
     if value is None:
         raise KawaiError(f"{key} is missing: the file has no tokenizer")
-    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+    if not isinstance(value, list) or not set(map(type, value)) <= {str}:
         raise KawaiError(f"{key} must be an array of strings")
     return value
 
@@ -183,15 +182,24 @@ def _flag(metadata: Mapping[str, Any], key: str, default: bool) -> bool:
 
 
 def _merge_pairs(merges: list[str], vocab: Mapping[str, int]) -> list[tuple[str, str]]:
-    pairs = []
-    for i, merge in enumerate(merges):
-        left, sep, right = merge.partition(" ")
-        if not sep or not left or not right or " " in right:
-            raise KawaiError(f"tokenizer.ggml.merges[{i}] = {merge[:40]!r} is not two tokens separated by a space")
-        if left not in vocab or right not in vocab or left + right not in vocab:
-            raise KawaiError(f"tokenizer.ggml.merges[{i}] = {merge[:40]!r} names a token not in the vocabulary")
-        pairs.append((left, right))
-    return pairs
+    """(left, right) pairs, checked here: on a bad merge `tokenizers` panics (PanicException, a BaseException)."""
+    pairs = [m.split(" ") for m in merges]
+    ok = [len(p) == 2 and p[0] in vocab and p[1] in vocab and p[0] + p[1] in vocab for p in pairs]
+    if not all(ok):
+        i = ok.index(False)
+        raise KawaiError(
+            f"tokenizer.ggml.merges[{i}] = {merges[i][:40]!r} is not two vocabulary tokens whose join is one too"
+        )
+    return [(left, right) for left, right in pairs]
+
+
+def _byte_decoder(alphabet: Mapping[int, str]) -> dict[int, str]:
+    """A str.translate table: alphabet character -> the Latin-1 character of its byte, so that
+    `text.translate(table).encode("latin-1")` is the token's bytes. Every other character below U+0100
+    maps to U+FFFF, so a token not spelled in the alphabet fails to encode instead of passing silently."""
+    table = {c: "\uffff" for c in range(256)}
+    table.update({ord(ch): chr(b) for b, ch in alphabet.items()})
+    return table
 
 
 class Tokenizer:
@@ -225,24 +233,27 @@ class Tokenizer:
         if self.add_bos and bos_id is None:
             raise KawaiError("tokenizer.ggml.add_bos_token is true, but the file names no bos_token_id")
         self._types = token_types  # (V,) int8
+        token_types = token_types.tolist()  # plain ints: much faster to index in the loop below
         self._tokens = tokens
 
         alphabet = byte_alphabet()
-        byte_of = {c: b for b, c in alphabet.items()}
+        byte_decoder = _byte_decoder(alphabet)
         vocab: dict[str, int] = {}
         pieces: list[bytes] = []  # (V,) the bytes each id decodes to
         added: list[AddedToken] = []
         for i, text in enumerate(tokens):
-            kind = int(token_types[i])
-            if kind in (TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNKNOWN):
+            kind = token_types[i]
+            if not text:
+                key, piece = f"[EMPTY_{i}]", b""  # llama.cpp's name for an empty entry; it decodes to nothing
+            elif kind == TokenType.CONTROL or kind == TokenType.USER_DEFINED or kind == TokenType.UNKNOWN:
                 key, piece = text, text.encode("utf-8")  # stored as raw text, matched in raw text
-                if text:
-                    added.append(AddedToken(text, special=kind != TokenType.USER_DEFINED, normalized=False))
-            elif text and all(c in byte_of for c in text):
-                key, piece = text, bytes(byte_of[c] for c in text)
-            else:  # not byte-level spelled: respell its UTF-8 so BPE sees the same alphabet (as transformers)
-                piece = text.encode("utf-8")
-                key = "".join(alphabet[b] for b in piece) if text else f"[EMPTY_{i}]"
+                added.append(AddedToken(text, special=kind != TokenType.USER_DEFINED, normalized=False))
+            else:
+                try:
+                    key, piece = text, text.translate(byte_decoder).encode("latin-1")
+                except UnicodeEncodeError:  # not byte-level spelled: respell its UTF-8 (as transformers does)
+                    piece = text.encode("utf-8")
+                    key = "".join(alphabet[b] for b in piece)
             if key in vocab:
                 raise KawaiError(f"tokenizer.ggml.tokens: {text[:40]!r} appears twice (ids {vocab[key]} and {i})")
             vocab[key] = i
@@ -250,22 +261,24 @@ class Tokenizer:
         self._pieces = pieces
 
         model = models.BPE(vocab=vocab, merges=_merge_pairs(merges, vocab), ignore_merges=family.ignore_merges)
-        hf = HFTokenizer(model)
-        hf.pre_tokenizer = pre_tokenizers.Sequence(
+        split = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in family.splits]
             + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
-        hf.decoder = decoders.ByteLevel()
-        hf.add_special_tokens([t for t in added if t.special])
-        hf.add_tokens([t for t in added if not t.special])
+        # Two pipelines over one shared BPE model: `_hf` parses special tokens written in the text,
+        # `_hf_plain` reads them as ordinary text (user-defined tokens stay whole in both, as in llama.cpp).
+        self._hf, self._hf_plain = HFTokenizer(model), HFTokenizer(model)
+        for hf in (self._hf, self._hf_plain):
+            hf.pre_tokenizer = split
+            hf.decoder = decoders.ByteLevel()
+            hf.add_special_tokens([t for t in added if t.special])
+            hf.add_tokens([t for t in added if not t.special])
+        self._hf_plain.encode_special_tokens = True
         for t in added:  # an added token that got a fresh id instead of its own would shift the vocabulary
-            if hf.token_to_id(t.content) != vocab[t.content]:
+            if self._hf.token_to_id(t.content) != vocab[t.content]:
                 raise KawaiError(f"tokenizer.ggml.tokens: added token {t.content[:40]!r} could not keep its id")
-        if hf.get_vocab_size(with_added_tokens=True) != n_vocab:
+        if self._hf.get_vocab_size(with_added_tokens=True) != n_vocab:
             raise KawaiError("tokenizer vocabulary size changed while registering special tokens")
-        self._hf = hf
-        self._hf_plain: HFTokenizer | None = None  # a copy that reads special tokens as text, made on first use
-        self._plain_lock = threading.Lock()
 
         turn_ends = {i for i in (eos_id, eot_id, eom_id) if i is not None}
         turn_ends |= {vocab[t] for t in TURN_END_TEXTS if t in vocab and self.is_control(vocab[t])}
@@ -345,19 +358,11 @@ class Tokenizer:
         their ids (for rendered chat prompts); special=False: they are ordinary text. Never adds BOS."""
         if not isinstance(text, str):
             raise KawaiError(f"text to encode must be a string, got {type(text).__name__}")
-        encoder = self._hf if special else self._plain()
+        encoder = self._hf if special else self._hf_plain
         try:
             return encoder.encode(text, add_special_tokens=False).ids
         except TypeError:  # the Rust side refuses a str it cannot convert, e.g. one with a lone surrogate
             raise KawaiError("cannot tokenize this text: it is not valid Unicode (lone surrogate?)") from None
-
-    def _plain(self) -> HFTokenizer:
-        with self._plain_lock:
-            if self._hf_plain is None:
-                plain = HFTokenizer.from_str(self._hf.to_str())
-                plain.encode_special_tokens = True
-                self._hf_plain = plain
-            return self._hf_plain
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
         """Text for ids: their bytes joined and read as UTF-8 (U+FFFD where the bytes are not valid)."""

@@ -4,12 +4,13 @@ Public:
     dequantize(raw, qtype, shape) -> float32 array of `shape`
     dequantize_rows(raw2d, qtype, row_lo, row_hi) -> (row_hi - row_lo, n_cols) float32
     dequantize_row_ids(raw2d, qtype, ids) -> (len(ids), n_cols) float32   (embedding lookup)
-    f16_to_f32(lo, hi) -> float32   (njit helper: a little-endian IEEE half from two bytes, exact)
+    f16_to_f32(lo, hi), bf16_to_f32(lo, hi) -> float32   (njit helpers: a 16-bit float from two bytes)
 
 Each format has a block kernel `_<type>_block(b, y)`, b (type_size,) uint8 -> y (block_size,) float32,
 written as plain loops in the same float32 operation order as ggml's C reference, and a driver that runs
-it over all blocks with `prange`. Numba has no float16, so halves are widened by bit manipulation
-(`f16_to_f32`), which is exact for every value including subnormals, infinities and NaN payloads.
+it over all blocks (with `prange` for big jobs: run kernels.threads.configure_threads first). Numba has
+no float16, so halves are widened by bit manipulation (`f16_to_f32`), exact for every value including
+subnormals, infinities and NaN payloads.
 Integers are read with `int(...)` so the kernels compute the same with NUMBA_DISABLE_JIT=1 (NumPy
 scalars would wrap in uint8). Layout diagrams: kernels/reference.py and docs/quantization.md.
 """
@@ -54,6 +55,12 @@ def f16_to_f32(lo, hi):
 
 
 @njit(cache=True)
+def bf16_to_f32(lo, hi):
+    """The bfloat16 stored little-endian in bytes (lo, hi): the top half of a float32."""
+    return np.uint32((int(lo) << 16) | (int(hi) << 24)).view(np.float32)
+
+
+@njit(cache=True)
 def _f32_at(b, i):
     """The little-endian float32 in b[i:i+4]."""
     bits = int(b[i]) | (int(b[i + 1]) << 8) | (int(b[i + 2]) << 16) | (int(b[i + 3]) << 24)
@@ -79,16 +86,6 @@ def _scale_min_k4(b, at, j):
 
 
 # --- block kernels: b (type_size,) uint8 -> y (block_size,) float32 ---------------------------------
-
-
-@njit(cache=True)
-def _f16_block(b, y):
-    y[0] = f16_to_f32(b[0], b[1])
-
-
-@njit(cache=True)
-def _bf16_block(b, y):
-    y[0] = np.uint32((int(b[0]) << 16) | (int(b[1]) << 24)).view(np.float32)
 
 
 @njit(cache=True)
@@ -209,21 +206,16 @@ def _q5_k_block(b, y):
 @njit(cache=True)
 def _q6_k_block(b, y):
     d = f16_to_f32(b[208], b[209])
-    for half in range(2):
+    for half in range(2):  # weights 128*half + 32*j + l
         ql, qh, sc, out = 64 * half, 128 + 32 * half, 192 + 8 * half, 128 * half
-        for l in range(32):
-            s = l // 16
-            h = int(b[qh + l])
-            a = int(b[ql + l])
-            c = int(b[ql + 32 + l])
-            q1 = ((a & 0x0F) | ((h & 3) << 4)) - 32
-            q2 = ((c & 0x0F) | (((h >> 2) & 3) << 4)) - 32
-            q3 = ((a >> 4) | (((h >> 4) & 3) << 4)) - 32
-            q4 = ((c >> 4) | (((h >> 6) & 3) << 4)) - 32
-            y[out + l] = d * F32(_i8(b[sc + s])) * F32(q1)
-            y[out + 32 + l] = d * F32(_i8(b[sc + s + 2])) * F32(q2)
-            y[out + 64 + l] = d * F32(_i8(b[sc + s + 4])) * F32(q3)
-            y[out + 96 + l] = d * F32(_i8(b[sc + s + 6])) * F32(q4)
+        for j in range(4):
+            low_at, low_shift = ql + 32 * (j % 2), 4 * (j // 2)
+            for part in range(2):  # sub-blocks of 16, each with its own int8 scale
+                scale = d * F32(_i8(b[sc + 2 * j + part]))
+                for l in range(16 * part, 16 * part + 16):
+                    low = (int(b[low_at + l]) >> low_shift) & 0x0F
+                    high = (int(b[qh + l]) >> (2 * j)) & 3
+                    y[out + 32 * j + l] = scale * F32((low | (high << 4)) - 32)
 
 
 @njit(cache=True)
@@ -234,85 +226,142 @@ def _q8_k_block(b, y):
 
 
 # --- drivers: blocks (n_blocks, type_size) uint8 -> out (n_blocks, block_size) float32 --------------
-# One per format so a model compiles only the formats it uses.
+# One per format so a model compiles only the formats it uses. Small jobs (an embedding row) stay on the
+# calling thread: a parallel launch costs more than dequantizing a few thousand weights.
+
+PARALLEL_MIN_ELEMENTS = 1 << 16
 
 
 @njit(parallel=True, cache=True)
 def _dequant_f16(blocks, out):
-    for i in prange(blocks.shape[0]):
-        _f16_block(blocks[i], out[i])
+    # One weight per "block": index directly, a per-element block call would cost more than the work.
+    if blocks.shape[0] < PARALLEL_MIN_ELEMENTS:
+        for i in range(blocks.shape[0]):
+            out[i, 0] = f16_to_f32(blocks[i, 0], blocks[i, 1])
+    else:
+        for i in prange(blocks.shape[0]):
+            out[i, 0] = f16_to_f32(blocks[i, 0], blocks[i, 1])
 
 
 @njit(parallel=True, cache=True)
 def _dequant_bf16(blocks, out):
-    for i in prange(blocks.shape[0]):
-        _bf16_block(blocks[i], out[i])
+    # One weight per "block": index directly, a per-element block call would cost more than the work.
+    if blocks.shape[0] < PARALLEL_MIN_ELEMENTS:
+        for i in range(blocks.shape[0]):
+            out[i, 0] = bf16_to_f32(blocks[i, 0], blocks[i, 1])
+    else:
+        for i in prange(blocks.shape[0]):
+            out[i, 0] = bf16_to_f32(blocks[i, 0], blocks[i, 1])
 
 
 @njit(parallel=True, cache=True)
 def _dequant_q4_0(blocks, out):
-    for i in prange(blocks.shape[0]):
-        _q4_0_block(blocks[i], out[i])
+    if blocks.shape[0] * out.shape[1] < PARALLEL_MIN_ELEMENTS:
+        for i in range(blocks.shape[0]):
+            _q4_0_block(blocks[i], out[i])
+    else:
+        for i in prange(blocks.shape[0]):
+            _q4_0_block(blocks[i], out[i])
 
 
 @njit(parallel=True, cache=True)
 def _dequant_q4_1(blocks, out):
-    for i in prange(blocks.shape[0]):
-        _q4_1_block(blocks[i], out[i])
+    if blocks.shape[0] * out.shape[1] < PARALLEL_MIN_ELEMENTS:
+        for i in range(blocks.shape[0]):
+            _q4_1_block(blocks[i], out[i])
+    else:
+        for i in prange(blocks.shape[0]):
+            _q4_1_block(blocks[i], out[i])
 
 
 @njit(parallel=True, cache=True)
 def _dequant_q5_0(blocks, out):
-    for i in prange(blocks.shape[0]):
-        _q5_0_block(blocks[i], out[i])
+    if blocks.shape[0] * out.shape[1] < PARALLEL_MIN_ELEMENTS:
+        for i in range(blocks.shape[0]):
+            _q5_0_block(blocks[i], out[i])
+    else:
+        for i in prange(blocks.shape[0]):
+            _q5_0_block(blocks[i], out[i])
 
 
 @njit(parallel=True, cache=True)
 def _dequant_q5_1(blocks, out):
-    for i in prange(blocks.shape[0]):
-        _q5_1_block(blocks[i], out[i])
+    if blocks.shape[0] * out.shape[1] < PARALLEL_MIN_ELEMENTS:
+        for i in range(blocks.shape[0]):
+            _q5_1_block(blocks[i], out[i])
+    else:
+        for i in prange(blocks.shape[0]):
+            _q5_1_block(blocks[i], out[i])
 
 
 @njit(parallel=True, cache=True)
 def _dequant_q8_0(blocks, out):
-    for i in prange(blocks.shape[0]):
-        _q8_0_block(blocks[i], out[i])
+    if blocks.shape[0] * out.shape[1] < PARALLEL_MIN_ELEMENTS:
+        for i in range(blocks.shape[0]):
+            _q8_0_block(blocks[i], out[i])
+    else:
+        for i in prange(blocks.shape[0]):
+            _q8_0_block(blocks[i], out[i])
 
 
 @njit(parallel=True, cache=True)
 def _dequant_q2_k(blocks, out):
-    for i in prange(blocks.shape[0]):
-        _q2_k_block(blocks[i], out[i])
+    if blocks.shape[0] * out.shape[1] < PARALLEL_MIN_ELEMENTS:
+        for i in range(blocks.shape[0]):
+            _q2_k_block(blocks[i], out[i])
+    else:
+        for i in prange(blocks.shape[0]):
+            _q2_k_block(blocks[i], out[i])
 
 
 @njit(parallel=True, cache=True)
 def _dequant_q3_k(blocks, out):
-    for i in prange(blocks.shape[0]):
-        _q3_k_block(blocks[i], out[i])
+    if blocks.shape[0] * out.shape[1] < PARALLEL_MIN_ELEMENTS:
+        for i in range(blocks.shape[0]):
+            _q3_k_block(blocks[i], out[i])
+    else:
+        for i in prange(blocks.shape[0]):
+            _q3_k_block(blocks[i], out[i])
 
 
 @njit(parallel=True, cache=True)
 def _dequant_q4_k(blocks, out):
-    for i in prange(blocks.shape[0]):
-        _q4_k_block(blocks[i], out[i])
+    if blocks.shape[0] * out.shape[1] < PARALLEL_MIN_ELEMENTS:
+        for i in range(blocks.shape[0]):
+            _q4_k_block(blocks[i], out[i])
+    else:
+        for i in prange(blocks.shape[0]):
+            _q4_k_block(blocks[i], out[i])
 
 
 @njit(parallel=True, cache=True)
 def _dequant_q5_k(blocks, out):
-    for i in prange(blocks.shape[0]):
-        _q5_k_block(blocks[i], out[i])
+    if blocks.shape[0] * out.shape[1] < PARALLEL_MIN_ELEMENTS:
+        for i in range(blocks.shape[0]):
+            _q5_k_block(blocks[i], out[i])
+    else:
+        for i in prange(blocks.shape[0]):
+            _q5_k_block(blocks[i], out[i])
 
 
 @njit(parallel=True, cache=True)
 def _dequant_q6_k(blocks, out):
-    for i in prange(blocks.shape[0]):
-        _q6_k_block(blocks[i], out[i])
+    if blocks.shape[0] * out.shape[1] < PARALLEL_MIN_ELEMENTS:
+        for i in range(blocks.shape[0]):
+            _q6_k_block(blocks[i], out[i])
+    else:
+        for i in prange(blocks.shape[0]):
+            _q6_k_block(blocks[i], out[i])
 
 
 @njit(parallel=True, cache=True)
 def _dequant_q8_k(blocks, out):
-    for i in prange(blocks.shape[0]):
-        _q8_k_block(blocks[i], out[i])
+    if blocks.shape[0] * out.shape[1] < PARALLEL_MIN_ELEMENTS:
+        for i in range(blocks.shape[0]):
+            _q8_k_block(blocks[i], out[i])
+    else:
+        for i in prange(blocks.shape[0]):
+            _q8_k_block(blocks[i], out[i])
 
 
 def _copy_f32(blocks: np.ndarray, out: np.ndarray) -> None:
@@ -351,7 +400,7 @@ def dequantize(raw: np.ndarray, qtype: GGMLType, shape: tuple[int, ...]) -> np.n
     qtype = GGMLType(qtype)
     out = np.empty((blocks.shape[0], qtype.block_size), dtype=F32)  # (n_blocks, block_size)
     _DRIVERS[qtype](blocks, out)
-    return out.reshape(tuple(int(n) for n in shape))
+    return out.reshape(tuple(operator.index(n) for n in shape))
 
 
 def _row_layout(raw2d: np.ndarray, qtype: GGMLType) -> tuple[GGMLType, int]:
@@ -360,11 +409,14 @@ def _row_layout(raw2d: np.ndarray, qtype: GGMLType) -> tuple[GGMLType, int]:
         qtype = GGMLType(qtype)
     except ValueError:
         raise ValueError(f"unknown ggml type id {qtype!r}") from None
-    if getattr(raw2d, "ndim", None) != 2:
-        raise ValueError(f"raw rows must be a 2-D (rows, row_bytes) uint8 array, got ndim={getattr(raw2d, 'ndim', None)}")
+    ndim = getattr(raw2d, "ndim", None)
+    if ndim != 2:
+        raise ValueError(f"raw rows must be a 2-D (rows, row_bytes) uint8 array, got ndim={ndim}")
     row_bytes = int(raw2d.shape[1])
     if row_bytes == 0 or row_bytes % qtype.type_size:
-        raise ValueError(f"row of {row_bytes} bytes is not a whole number of {qtype.name} blocks ({qtype.type_size} bytes)")
+        raise ValueError(
+            f"row of {row_bytes} bytes is not a whole number of {qtype.name} blocks ({qtype.type_size} bytes)"
+        )
     return qtype, row_bytes // qtype.type_size * qtype.block_size
 
 
@@ -387,6 +439,7 @@ def dequantize_row_ids(raw2d: np.ndarray, qtype: GGMLType, ids) -> np.ndarray:
         raise ValueError(f"row ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
     if ids.size == 0:
         return np.empty((0, n_cols), dtype=F32)
-    if int(ids.min()) < 0 or int(ids.max()) >= raw2d.shape[0]:
-        raise ValueError(f"row ids must be in 0..{raw2d.shape[0] - 1}, got {int(ids.min())}..{int(ids.max())}")
+    lowest, highest = int(ids.min()), int(ids.max())
+    if lowest < 0 or highest >= raw2d.shape[0]:
+        raise ValueError(f"row ids must be in 0..{raw2d.shape[0] - 1}, got {lowest}..{highest}")
     return dequantize(np.asarray(raw2d)[ids], qtype, (ids.size, n_cols))

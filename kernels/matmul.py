@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kernels import matmul_kernels as mk
-from kernels.matmul_pack import DECODERS, GROUP_SIZE, decode_rows
+from kernels.matmul_pack import BLOCK_BYTES, PACK_SPECS, repack_rows
+from kernels.matmul_simd import FORMAT_CODES
 from kernels.qtypes import GGMLType
 
 DENSE_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})
-MATMUL_TYPES = DENSE_TYPES | frozenset(DECODERS)
+MATMUL_TYPES = DENSE_TYPES | frozenset(PACK_SPECS)
 
 
 class MatmulError(ValueError):
@@ -37,19 +38,21 @@ class MatmulError(ValueError):
 class PackedMatrix:
     """A weight matrix in the kernels' layout. `nbytes` counts the resident bytes of all arrays.
 
-    layout "dense":  weights (R, C) float32
-    layout "q8":     weights (R, B, 32) int8, scales (R, B) float32                 w = s * q
-    layout "q8_min": as "q8" with mins (R, B) float32                               w = s * q + m
-    layout "q8_g16": scales (R, 2B), mins (R, 2B) or (R, 0): one scale per 16 weights
+    fmt "dense": weights (R, C) float32. Otherwise (kernels/matmul_pack.py) weights (R, B*P) uint8
+    packed quants, scales (R, C // group) float32, mins (R, C // group) or (R, 0), and
+
+        W[r, k] = scales[r, k // group] * (q[r, k] - offset) + mins[r, k // group]
     """
 
     qtype: GGMLType
     rows: int
     cols: int
-    layout: str
+    fmt: str
     weights: np.ndarray
     scales: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.float32))
     mins: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.float32))
+    group: int = 0
+    offset: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -84,8 +87,6 @@ def pack(raw: np.ndarray, qtype: GGMLType, cols: int) -> PackedMatrix:
     cols = int(cols)
     if cols < 1 or cols % qtype.block_size:
         raise MatmulError(f"{cols} cols is not a positive multiple of the {qtype.name} block size {qtype.block_size}")
-    if qtype not in DENSE_TYPES and cols % 32:
-        raise MatmulError(f"{cols} cols is not a multiple of 32")
     if raw.shape[1] != qtype.row_bytes(cols):
         raise MatmulError(
             f"{qtype.name} rows of {cols} weights take {qtype.row_bytes(cols)} bytes, got {raw.shape[1]}"
@@ -100,42 +101,51 @@ def pack(raw: np.ndarray, qtype: GGMLType, cols: int) -> PackedMatrix:
     if qtype == GGMLType.BF16:  # bf16 is the top half of a float32
         bits = np.ascontiguousarray(raw).view("<u2").astype(np.uint32) << 16
         return PackedMatrix(qtype, rows, cols, "dense", bits.view(np.float32))
-    q, scales, mins = decode_rows(raw, qtype, cols)
-    if GROUP_SIZE[qtype] == 16:
-        layout = "q8_g16"
-    else:
-        layout = "q8_min" if mins.shape[1] else "q8"
-    return PackedMatrix(qtype, rows, cols, layout, q, scales, mins)
+    spec = PACK_SPECS[qtype]
+    w, scales, mins = repack_rows(raw, qtype, cols)
+    return PackedMatrix(qtype, rows, cols, spec.fmt, w, scales, mins, spec.group, spec.offset)
 
 
 def unpack(w: PackedMatrix) -> np.ndarray:
     """The float32 weights (R, C) a PackedMatrix stands for (for tests and debugging)."""
-    if w.layout == "dense":
+    if w.fmt == "dense":
         return w.weights.copy()
-    group = w.cols // w.scales.shape[1]
-    out = w.weights.reshape(w.rows, w.cols).astype(np.float32) * np.repeat(w.scales, group, axis=1)
+    blocks = w.weights.reshape(-1, BLOCK_BYTES[w.fmt])
+    if w.fmt in ("s8", "u8"):
+        q = blocks.view(np.int8 if w.fmt == "s8" else np.uint8).astype(np.float32)
+    else:
+        q = np.concatenate([blocks[:, :16] & 15, blocks[:, :16] >> 4], axis=1).astype(np.int64)
+        if w.fmt == "u5":
+            bits = np.ascontiguousarray(blocks[:, 16:20]).view("<u4").astype(np.int64)  # (R*B, 1)
+            q |= ((bits >> np.arange(32)) & 1) << 4
+        q = q.astype(np.float32)
+    q = (q - np.float32(w.offset)).reshape(w.rows, w.cols)
+    out = np.repeat(w.scales, w.group, axis=1) * q
     if w.mins.shape[1]:
-        out += np.repeat(w.mins, group, axis=1)
+        out += np.repeat(w.mins, w.group, axis=1)
     return out
 
 
 @dataclass(frozen=True, eq=False)
 class QuantizedActivations:
-    """x (n, C) quantized to int8 per 32: q (n, B, 32) int8, d (n, B) f32, sums16 (n, 2B) f32 sums per 16."""
+    """x (n, C) as int8 per block of 32: q (n*B*32,) int8, d (n*B,) scales, and the sums of the quantized
+    x per group of 16 and of 32, (n*2B,) and (n*B,) float32 (they carry the mins and offsets)."""
 
     q: np.ndarray
     d: np.ndarray
-    sums16: np.ndarray
+    qsum16: np.ndarray
+    qsum32: np.ndarray
 
 
 def quantize_activations(x: np.ndarray) -> QuantizedActivations:
     n, cols = x.shape
     n_blocks = cols // 32
-    xq = np.empty((n, n_blocks, 32), np.int8)
+    xq = np.empty((n, n_blocks * 32), np.int8)
     xd = np.empty((n, n_blocks), np.float32)
-    xs16 = np.empty((n, 2 * n_blocks), np.float32)
-    mk.quantize_activations(x, xq, xd, xs16)
-    return QuantizedActivations(xq, xd, xs16)
+    qsum16 = np.empty((n, 2 * n_blocks), np.float32)
+    mk.quantize_activations(x, xq, xd, qsum16)
+    qsum32 = qsum16[:, 0::2] + qsum16[:, 1::2]
+    return QuantizedActivations(xq.reshape(-1), xd.reshape(-1), qsum16.reshape(-1), qsum32.reshape(-1))
 
 
 def _check_x(x: np.ndarray, cols: int) -> np.ndarray:
@@ -147,16 +157,11 @@ def _check_x(x: np.ndarray, cols: int) -> np.ndarray:
 
 def _apply(w: PackedMatrix, x: np.ndarray, xa: QuantizedActivations | None) -> np.ndarray:
     y = np.empty((x.shape[0], w.rows), np.float32)  # (n, R)
-    if w.layout == "dense":
+    if w.fmt == "dense":
         mk.gemm_f32(w.weights, x, y)
-    elif w.layout == "q8":
-        mk.gemm_q8(w.weights, w.scales, xa.q, xa.d, y)
-    elif w.layout == "q8_min":
-        mk.gemm_q8_min(w.weights, w.scales, w.mins, xa.q, xa.d, xa.sums16, y)
-    elif w.layout == "q8_g16":
-        mk.gemm_q8_g16(w.weights, w.scales, w.mins, xa.q, xa.d, xa.sums16, y)
-    else:
-        raise MatmulError(f"unknown layout {w.layout!r}")
+        return y
+    qsums = xa.qsum16 if w.group == 16 else xa.qsum32
+    mk.gemm_quant(FORMAT_CODES[w.fmt], w.weights, w.scales, w.mins, w.offset, xa.q, xa.d, qsums, y)
     return y
 
 
@@ -174,7 +179,7 @@ def matmul_fused(ws: list[PackedMatrix], x: np.ndarray) -> list[np.ndarray]:
         raise MatmulError(f"fused weights must share their cols, got {[w.cols for w in ws]}")
     x = _check_x(x, cols)
     xa = None
-    if any(w.layout != "dense" for w in ws):
+    if any(w.fmt != "dense" for w in ws):
         xa = quantize_activations(x)
     return [_apply(w, x, xa) for w in ws]
 

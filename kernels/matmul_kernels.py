@@ -1,17 +1,24 @@
-"""Numba kernels behind kernels/matmul.py: activation quantization and y = x @ W.T per weight layout.
+"""Numba kernels behind kernels/matmul.py: activation quantization, and y = x @ W.T per packed format.
 
 Letters used in shape comments:
     n  tokens (rows of x)     R  weight rows (outputs)     C  cols (inputs)
-    B  = C // 32, blocks of 32 weights                     G  scales per 32-block (1 or 2)
+    B  = C // 32 blocks       G  scales per block (1, or 2 for one per 16 weights)   P  bytes per block
 
-Activations are quantized once per call to int8 per block of 32 (Q8_0-like: d = amax / 127), with
-exact float sums per 16 for the formats that carry a min. A block dot product stays in int32 and is
-scaled once per block (or once per 16 for G = 2). Work is split over output rows in chunks (`prange`);
-each weight block is read once and applied to all n tokens, so prefill reads the weights once.
+Weights (kernels/matmul_pack.py): w (R, B*P) uint8 holding unsigned (or, for FMT_S8, signed) quants,
+scales s (R, B*G) and mins m (R, B*G) or (R, 0), and a constant `offset`:
 
-Integer sums are written `np.int32(s + np.int32(a) * np.int32(b))`: without the wraps Numba widens to
-int64 and LLVM cannot use vpmaddwd. Every (token, row) output is computed by the same instruction
-sequence whatever n is, so a row of a prefill equals the same token decoded alone, bit for bit.
+    w[r, k] = s[r, k // g] * (q[r, k] - offset) + m[r, k // g]          g = 32 // G
+
+Activations are quantized once per call to int8 per block of 32 (Q8_0-like: d = amax / 127). Then
+
+    y[t, r] = sum_b sum_g s*d*isum  +  sum_g (m - offset * s) * xqsum[t, g]
+
+where isum is the int32 block dot product and xqsum the sums of the quantized x per group: with them the
+result is exactly W @ (quantized x), so the error scales with the weights, not with the stored quants. The first term comes
+from the row dot products of kernels/matmul_simd.py (AVX2 intrinsics, or their portable plain-loop
+definition elsewhere). Work is split over chunks of output rows
+(`prange`); each chunk is swept once per tile of TOKEN_TILE tokens, so prefill reads each weight block
+once for several tokens. Every (token, row) output goes through the same float operations whatever n is.
 """
 
 from __future__ import annotations
@@ -19,127 +26,105 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from kernels import matmul_simd as simd
+
 ROW_CHUNK = 16  # output rows per parallel work item
-TOKEN_TILE = 8  # tokens per pass over a chunk of weight rows (keeps their activations in L1)
+TOKEN_TILE = 4  # tokens per sweep over a chunk of weight rows (the `_t4` intrinsics)
+
+FMT_S8, FMT_U8, FMT_U4, FMT_U5 = simd.FMT_S8, simd.FMT_U8, simd.FMT_U4, simd.FMT_U5
 
 
 @njit(cache=True)
-def quantize_activations(x, xq, xd, xs16):
-    """x (n, C) f32 -> xq (n, B, 32) int8, xd (n, B) f32 scales, xs16 (n, 2B) f32 exact sums per 16."""
+def quantize_activations(x, xq, xd, xqsum16):
+    """x (n, C) f32 -> xq (n, B*32) int8, xd (n, B) scales, xqsum16 (n, 2B) sums of the quantized x per
+    16 (d * sum q)."""
     n, cols = x.shape
     n_blocks = cols // 32
     for t in range(n):
         for b in range(n_blocks):
             xb = x[t, b * 32 : b * 32 + 32]
             amax = np.float32(0.0)
-            s0 = np.float32(0.0)
-            s1 = np.float32(0.0)
-            for j in range(16):
-                s0 += xb[j]
-                s1 += xb[j + 16]
             for j in range(32):
                 amax = max(amax, abs(xb[j]))
             d = amax / np.float32(127.0)
             inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-            for j in range(32):
-                xq[t, b, j] = np.int8(np.rint(xb[j] * inv))
+            for half in range(2):
+                qs = 0
+                for j in range(16 * half, 16 * half + 16):
+                    q = int(np.rint(xb[j] * inv))
+                    xq[t, b * 32 + j] = q
+                    qs += q
+                xqsum16[t, 2 * b + half] = d * np.float32(qs)
             xd[t, b] = d
-            xs16[t, 2 * b] = s0
-            xs16[t, 2 * b + 1] = s1
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def _dot_f32(a, a_off, b, b_off, n):
+    acc = np.float32(0.0)
+    for i in range(n):
+        acc += a[a_off + i] * b[b_off + i]
+    return acc
 
 
 @njit(cache=True)
-def _dot32(w, x):
-    """int32 dot of two int8 (32,) blocks."""
-    s = np.int32(0)
-    for j in range(32):
-        s = np.int32(s + np.int32(w[j]) * np.int32(x[j]))
-    return s
+def _isum_t1(fmt, w, w_off, s, s_off, x, x_off, xd, xd_off, n_blocks):
+    if fmt == FMT_S8:
+        return simd.dot_s8_t1(w, w_off, s, s_off, x, x_off, xd, xd_off, n_blocks)
+    if fmt == FMT_U8:
+        return simd.dot_u8_g16_t1(w, w_off, s, s_off, x, x_off, xd, xd_off, n_blocks)
+    if fmt == FMT_U4:
+        return simd.dot_u4_t1(w, w_off, s, s_off, x, x_off, xd, xd_off, n_blocks)
+    return simd.dot_u5_t1(w, w_off, s, s_off, x, x_off, xd, xd_off, n_blocks)
 
 
 @njit(cache=True)
-def _dot16(w, x, off):
-    """int32 dot of w[off:off+16] and x[off:off+16]."""
-    s = np.int32(0)
-    for j in range(16):
-        s = np.int32(s + np.int32(w[off + j]) * np.int32(x[off + j]))
-    return s
+def _isum_t4(fmt, w, w_off, s, s_off, x, x_off, xd, xd_off, n_blocks):
+    if fmt == FMT_S8:
+        return simd.dot_s8_t4(w, w_off, s, s_off, x, x_off, xd, xd_off, n_blocks)
+    if fmt == FMT_U8:
+        return simd.dot_u8_g16_t4(w, w_off, s, s_off, x, x_off, xd, xd_off, n_blocks)
+    if fmt == FMT_U4:
+        return simd.dot_u4_t4(w, w_off, s, s_off, x, x_off, xd, xd_off, n_blocks)
+    return simd.dot_u5_t4(w, w_off, s, s_off, x, x_off, xd, xd_off, n_blocks)
 
 
 @njit(parallel=True, cache=True)
-def gemm_q8(qw, sw, xq, xd, y):
-    """y (n, R) = x @ W.T with W = sw * qw: qw (R, B, 32) int8, sw (R, B) f32; xq (n, B, 32), xd (n, B)."""
-    rows, n_blocks, _ = qw.shape
-    n = xq.shape[0]
+def gemm_quant(fmt, w, s, m, offset, xq, xd, xqsum, y):
+    """y (n, R) for packed weights w (R, B*P), s and m (R, B*G); xq (n*B*32,) int8, xd (n*B,), and
+    xqsum (n*B*G,) the per-group sums of the quantized x (all flattened, C-contiguous)."""
+    rows = w.shape[0]
+    n = y.shape[0]
+    n_blocks = xd.shape[0] // n
+    n_groups_row = s.shape[1]  # B*G
+    has_min = m.shape[1] > 0
+    wf = w.reshape(-1)
+    sf = s.reshape(-1)
+    mf = m.reshape(-1)
+    row_bytes = w.shape[1]
     n_chunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
     for c in prange(n_chunks):
-        acc = np.empty(TOKEN_TILE, np.float32)
+        out = np.empty(TOKEN_TILE, np.float32)
         for t0 in range(0, n, TOKEN_TILE):
             nt = min(TOKEN_TILE, n - t0)
             for r in range(c * ROW_CHUNK, min(rows, c * ROW_CHUNK + ROW_CHUNK)):
-                acc[:] = 0.0
-                for b in range(n_blocks):
-                    wb = qw[r, b]
-                    scale = sw[r, b]
-                    for i in range(nt):
-                        s = _dot32(wb, xq[t0 + i, b])
-                        acc[i] += scale * xd[t0 + i, b] * np.float32(s)
-                for i in range(nt):
-                    y[t0 + i, r] = acc[i]
-
-
-@njit(parallel=True, cache=True)
-def gemm_q8_min(qw, sw, mw, xq, xd, xs16, y):
-    """As gemm_q8 with a min per block: W = sw * qw + mw; mw (R, B) f32; xs16 (n, 2B) sums of x per 16."""
-    rows, n_blocks, _ = qw.shape
-    n = xq.shape[0]
-    n_chunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
-    for c in prange(n_chunks):
-        acc = np.empty(TOKEN_TILE, np.float32)
-        for t0 in range(0, n, TOKEN_TILE):
-            nt = min(TOKEN_TILE, n - t0)
-            for r in range(c * ROW_CHUNK, min(rows, c * ROW_CHUNK + ROW_CHUNK)):
-                acc[:] = 0.0
-                for b in range(n_blocks):
-                    wb = qw[r, b]
-                    scale = sw[r, b]
-                    mn = mw[r, b]
+                w_off = r * row_bytes
+                s_off = r * n_groups_row
+                if nt == TOKEN_TILE:
+                    out[0], out[1], out[2], out[3] = _isum_t4(
+                        fmt, wf, w_off, sf, s_off, xq, t0 * n_blocks * 32, xd, t0 * n_blocks, n_blocks)
+                else:
                     for i in range(nt):
                         t = t0 + i
-                        s = _dot32(wb, xq[t, b])
-                        acc[i] += scale * xd[t, b] * np.float32(s) + mn * (xs16[t, 2 * b] + xs16[t, 2 * b + 1])
+                        out[i] = _isum_t1(fmt, wf, w_off, sf, s_off, xq, t * n_blocks * 32, xd, t * n_blocks,
+                                          n_blocks)
                 for i in range(nt):
-                    y[t0 + i, r] = acc[i]
-
-
-@njit(parallel=True, cache=True)
-def gemm_q8_g16(qw, sw, mw, xq, xd, xs16, y):
-    """Scales (and optional mins) per 16 weights: sw, mw (R, 2B) f32; mw may be (R, 0) for no mins."""
-    rows, n_blocks, _ = qw.shape
-    n = xq.shape[0]
-    has_min = mw.shape[1] > 0
-    n_chunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
-    for c in prange(n_chunks):
-        acc = np.empty(TOKEN_TILE, np.float32)
-        for t0 in range(0, n, TOKEN_TILE):
-            nt = min(TOKEN_TILE, n - t0)
-            for r in range(c * ROW_CHUNK, min(rows, c * ROW_CHUNK + ROW_CHUNK)):
-                acc[:] = 0.0
-                for b in range(n_blocks):
-                    wb = qw[r, b]
-                    s_lo = sw[r, 2 * b]
-                    s_hi = sw[r, 2 * b + 1]
-                    for i in range(nt):
-                        t = t0 + i
-                        xb = xq[t, b]
-                        lo = _dot16(wb, xb, 0)
-                        hi = _dot16(wb, xb, 16)
-                        v = xd[t, b] * (s_lo * np.float32(lo) + s_hi * np.float32(hi))
-                        if has_min:
-                            v += mw[r, 2 * b] * xs16[t, 2 * b] + mw[r, 2 * b + 1] * xs16[t, 2 * b + 1]
-                        acc[i] += v
-                for i in range(nt):
-                    y[t0 + i, r] = acc[i]
+                    t = t0 + i
+                    v = out[i]
+                    if has_min:
+                        v += _dot_f32(mf, s_off, xqsum, t * n_groups_row, n_groups_row)
+                    if offset != 0:
+                        v -= np.float32(offset) * _dot_f32(sf, s_off, xqsum, t * n_groups_row, n_groups_row)
+                    y[t, r] = v
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
@@ -153,7 +138,7 @@ def gemm_f32(w, x, y):
             wr = w[r]
             for t in range(n):
                 xt = x[t]
-                s = np.float32(0.0)
+                acc = np.float32(0.0)
                 for j in range(cols):
-                    s += wr[j] * xt[j]
-                y[t, r] = s
+                    acc += wr[j] * xt[j]
+                y[t, r] = acc

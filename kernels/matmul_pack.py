@@ -1,17 +1,22 @@
-"""Repacking GGUF quant blocks into the structure-of-arrays layout the matmul kernels read.
+"""Repacking GGUF quant blocks, once at load time, into the structure-of-arrays layout of the matmul kernels.
 
-Every supported format is rewritten at load time as integer quants plus float32 scales (and mins):
+Each format becomes integer quants q and float32 scales (and mins) per group of g weights (g = 32, or 16
+for the K-quants with 16 sub-blocks), bit-exact with `gguf.quants.dequantize`:
 
-    w[r, k] = scale[r, k // g] * q[r, k] + min[r, k // g]       g = 32 (group) or 16 (K-quant subblocks)
+    w[r, k] = scale[r, k // g] * q[r, k] + min[r, k // g]
+
+with q + offset stored in one of the packed block formats of kernels/matmul_simd.py ("s8", "u8", "u4",
+"u5"; `PACK_SPECS`): unsigned (except Q8_0) and as narrow as the format allows. The 32-weight formats
+already hold their quants that way, so their bytes are only reordered (`_DIRECT`); the K-quants are
+decoded (`DECODERS`) and re-encoded (`encode_blocks`).
 
 Letters used in shape comments:
-    R  rows (output features)     C  cols (input features)     B  = C // 32, blocks of 32
-    G  groups per 32-block: 1 (one scale per 32 weights) or 2 (Q2_K, Q3_K, Q6_K: one per 16)
+    R  rows (output features)     C  cols (input features)     B  = C // 32 blocks of 32
+    G  scales per block (1, or 2 with g = 16)                   P  bytes per packed block
 
-The integer quants of each format are picked out of the block bytes by one table per format: for
-element e of a block, the byte that holds its bits and the shift (`_bits`). The tables follow the
-block layouts in ../shared/docs/kernels.md and ggml's C code; the float results are bit-exact with
-`gguf.quants.dequantize` (tests/test_matmul.py checks every format).
+The integer quants of each format are picked out of the block bytes by index tables: for element e of
+a block, the byte that holds its bits and the shift (`_bits`). The tables follow the block layouts in
+../shared/docs/kernels.md and ggml's C code.
 """
 
 from __future__ import annotations
@@ -48,37 +53,16 @@ def _i8(v: np.ndarray) -> np.ndarray:
     return v.astype(np.int8)
 
 
-# --- 32-weight formats: one scale (and min) per block ---------------------------------------------
+# --- 32-weight formats: their bytes already are a packed format, in another order ----------------
 
-_E32 = np.arange(32)
-_NIBBLE_BYTE = _E32 % 16  # element j in the low nibble of byte j, element j+16 in the high one
-_NIBBLE_SHIFT = 4 * (_E32 // 16)
-_QH_BYTE = _E32 // 8  # 5th bit of element j: bit j of a little-endian u32
-_QH_SHIFT = _E32 % 8
-
-
-def _q4_0(b: np.ndarray) -> Decoded:  # d:f16 | qs[16]
-    q = _bits(b, 2 + _NIBBLE_BYTE, _NIBBLE_SHIFT, 15) - 8
-    return Decoded(_i8(q), _f16(b, 0), None)
-
-
-def _q4_1(b: np.ndarray) -> Decoded:  # d:f16 | m:f16 | qs[16]
-    q = _bits(b, 4 + _NIBBLE_BYTE, _NIBBLE_SHIFT, 15)
-    return Decoded(_i8(q), _f16(b, 0), _f16(b, 2))
-
-
-def _q5_0(b: np.ndarray) -> Decoded:  # d:f16 | qh:u32 | qs[16]
-    q = _bits(b, 6 + _NIBBLE_BYTE, _NIBBLE_SHIFT, 15) | (_bits(b, 2 + _QH_BYTE, _QH_SHIFT, 1) << 4)
-    return Decoded(_i8(q - 16), _f16(b, 0), None)
-
-
-def _q5_1(b: np.ndarray) -> Decoded:  # d:f16 | m:f16 | qh:u32 | qs[16]
-    q = _bits(b, 8 + _NIBBLE_BYTE, _NIBBLE_SHIFT, 15) | (_bits(b, 4 + _QH_BYTE, _QH_SHIFT, 1) << 4)
-    return Decoded(_i8(q), _f16(b, 0), _f16(b, 2))
-
-
-def _q8_0(b: np.ndarray) -> Decoded:  # d:f16 | qs:i8[32]
-    return Decoded(np.ascontiguousarray(b[:, 2:34]).view(np.int8), _f16(b, 0), None)
+# (byte ranges of a block that, concatenated, form the packed block; offset of d; offset of m or None)
+_DIRECT = {
+    GGMLType.Q4_0: ([(2, 18)], 0, None),  # d | qs[16]            -> "u4" qs
+    GGMLType.Q4_1: ([(4, 20)], 0, 2),  # d | m | qs[16]           -> "u4" qs
+    GGMLType.Q5_0: ([(6, 22), (2, 6)], 0, None),  # d | qh | qs[16] -> "u5" qs | qh
+    GGMLType.Q5_1: ([(8, 24), (4, 8)], 0, 2),  # d | m | qh | qs[16] -> "u5" qs | qh
+    GGMLType.Q8_0: ([(2, 34)], 0, None),  # d | qs:i8[32]          -> "s8" qs
+}
 
 
 # --- K-quants: 256-weight super-blocks with 8 or 16 sub-block scales -----------------------------
@@ -146,41 +130,80 @@ def _q6_k(b: np.ndarray) -> Decoded:  # ql[128] | qh[64] | scales:i8[16] | d:f16
 
 
 DECODERS = {
-    GGMLType.Q4_0: _q4_0,
-    GGMLType.Q4_1: _q4_1,
-    GGMLType.Q5_0: _q5_0,
-    GGMLType.Q5_1: _q5_1,
-    GGMLType.Q8_0: _q8_0,
     GGMLType.Q2_K: _q2_k,
     GGMLType.Q3_K: _q3_k,
     GGMLType.Q4_K: _q4_k,
     GGMLType.Q5_K: _q5_k,
     GGMLType.Q6_K: _q6_k,
 }
-# Weights per scale: 16 for the K-quants with 16 sub-blocks, else 32.
-GROUP_SIZE = {t: 16 if t in (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q6_K) else 32 for t in DECODERS}
-HAS_MIN = frozenset({GGMLType.Q4_1, GGMLType.Q5_1, GGMLType.Q2_K, GGMLType.Q4_K, GGMLType.Q5_K})
 
 
-def decode_rows(raw: np.ndarray, qtype: GGMLType, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Raw rows (R, row_bytes) uint8 -> q (R, B, 32) int8, scale (R, B*G) f32, min (R, B*G) f32 (or (R, 0))."""
-    decode = DECODERS[qtype]
+@dataclass(frozen=True)
+class PackSpec:
+    """How a format is stored for the kernels: `fmt` (kernels/matmul_simd.py), weights per scale, and the
+    constant added to the signed quants to make them the unsigned stored ones."""
+
+    fmt: str
+    group: int
+    offset: int
+    has_min: bool
+
+
+PACK_SPECS = {
+    GGMLType.Q4_0: PackSpec("u4", 32, 8, False),
+    GGMLType.Q4_1: PackSpec("u4", 32, 0, True),
+    GGMLType.Q5_0: PackSpec("u5", 32, 16, False),
+    GGMLType.Q5_1: PackSpec("u5", 32, 0, True),
+    GGMLType.Q8_0: PackSpec("s8", 32, 0, False),
+    GGMLType.Q2_K: PackSpec("u8", 16, 0, True),
+    GGMLType.Q3_K: PackSpec("u8", 16, 4, False),
+    GGMLType.Q4_K: PackSpec("u4", 32, 0, True),
+    GGMLType.Q5_K: PackSpec("u5", 32, 0, True),
+    GGMLType.Q6_K: PackSpec("u8", 16, 32, False),
+}
+BLOCK_BYTES = {"s8": 32, "u8": 32, "u4": 16, "u5": 20}
+
+
+def encode_blocks(u: np.ndarray, fmt: str) -> np.ndarray:
+    """Stored quants (N, 32) -> packed bytes (N, BLOCK_BYTES[fmt]) uint8.
+
+    "s8"/"u8": the bytes themselves; "u4": element j in the low nibble of byte j and element j + 16 in
+    its high nibble; "u5": those nibbles, then a little-endian u32 whose bit j is bit 4 of element j."""
+    if fmt in ("s8", "u8"):
+        return u.astype(np.int8).view(np.uint8)
+    u = u.astype(np.uint8)
+    nibbles = (u[:, :16] & 15) | ((u[:, 16:] & 15) << 4)
+    if fmt == "u4":
+        return nibbles
+    high = ((u >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+    bits = np.bitwise_or.reduce(high, axis=1).astype("<u4").view(np.uint8).reshape(-1, 4)
+    return np.concatenate([nibbles, bits], axis=1)
+
+
+def repack_rows(raw: np.ndarray, qtype: GGMLType, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw rows (R, row_bytes) -> w (R, B*P) uint8, scales (R, B*G) f32, mins (R, B*G) f32 or (R, 0)."""
+    spec = PACK_SPECS[qtype]
     rows = raw.shape[0]
-    per_block = qtype.block_size
-    group = GROUP_SIZE[qtype]
-    n_blocks32 = cols // 32
-    n_groups = cols // group
-    q = np.empty((rows, n_blocks32, 32), np.int8)  # (R, B, 32)
-    scale = np.empty((rows, n_groups), np.float32)  # (R, B*G)
-    mins = np.empty((rows, n_groups if qtype in HAS_MIN else 0), np.float32)
+    n_blocks = cols // 32
+    n_groups = cols // spec.group
+    block_bytes = BLOCK_BYTES[spec.fmt]
+    w = np.empty((rows, n_blocks * block_bytes), np.uint8)  # (R, B*P)
+    scales = np.empty((rows, n_groups), np.float32)  # (R, B*G)
+    mins = np.empty((rows, n_groups if spec.has_min else 0), np.float32)
     for lo in range(0, rows, PACK_CHUNK_ROWS):
         hi = min(rows, lo + PACK_CHUNK_ROWS)
-        blocks = np.asarray(raw[lo:hi]).reshape(-1, qtype.type_size)  # ((hi-lo) * cols/per_block, bytes)
-        dec = decode(blocks)
-        q[lo:hi] = dec.q.reshape(hi - lo, n_blocks32, 32)
-        scale[lo:hi] = dec.scale.reshape(hi - lo, n_groups)
-        if dec.min is not None:
+        blocks = np.asarray(raw[lo:hi]).reshape(-1, qtype.type_size)  # ((hi-lo)*B, type_size)
+        if qtype in _DIRECT:
+            ranges, d_at, m_at = _DIRECT[qtype]
+            w[lo:hi] = np.concatenate([blocks[:, a:b] for a, b in ranges], axis=1).reshape(hi - lo, -1)
+            scales[lo:hi] = _f16(blocks, d_at).reshape(hi - lo, n_groups)
+            if m_at is not None:
+                mins[lo:hi] = _f16(blocks, m_at).reshape(hi - lo, n_groups)
+            continue
+        dec = DECODERS[qtype](blocks)
+        stored = dec.q.reshape(-1, 32).astype(np.int16) + spec.offset  # (rows*B, 32)
+        w[lo:hi] = encode_blocks(stored, spec.fmt).reshape(hi - lo, -1)
+        scales[lo:hi] = dec.scale.reshape(hi - lo, n_groups)
+        if spec.has_min:
             mins[lo:hi] = dec.min.reshape(hi - lo, n_groups)
-        del blocks, dec
-    assert per_block % group == 0
-    return q, scale, mins
+    return w, scales, mins

@@ -11,6 +11,7 @@ Shape letters: n = blocks, s = sub-blocks per block, l = weights per sub-block.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 
 import numpy as np
@@ -288,11 +289,16 @@ def as_blocks(raw: np.ndarray, qtype: GGMLType, shape: tuple[int, ...]) -> np.nd
     raw = np.asarray(raw)
     if raw.dtype != np.uint8:
         raise ValueError(f"raw tensor bytes must be uint8, got {raw.dtype}")
-    dims = tuple(int(n) for n in shape)
+    try:
+        dims = tuple(operator.index(n) for n in shape)
+    except TypeError:
+        raise ValueError(f"shape {shape!r} must be a tuple of integers") from None
     if not dims or any(n < 1 for n in dims):
         raise ValueError(f"shape {dims} must have at least one dimension, all >= 1")
     if dims[-1] % qtype.block_size:
-        raise ValueError(f"row length {dims[-1]} is not a multiple of the {qtype.name} block size {qtype.block_size}")
+        raise ValueError(
+            f"row length {dims[-1]} is not a multiple of the {qtype.name} block size {qtype.block_size}"
+        )
     n_blocks = math.prod(dims) // qtype.block_size  # Python ints: no wrapping
     if raw.size != n_blocks * qtype.type_size:
         raise ValueError(
@@ -304,4 +310,4 @@ def as_blocks(raw: np.ndarray, qtype: GGMLType, shape: tuple[int, ...]) -> np.nd
 def dequantize(raw: np.ndarray, qtype: GGMLType, shape: tuple[int, ...]) -> np.ndarray:
     """Raw tensor bytes (uint8, any shape) of type `qtype` -> float32 array of `shape` (NumPy order)."""
     blocks = as_blocks(raw, qtype, shape)
-    return BLOCK_DEQUANTIZERS[GGMLType(qtype)](blocks).reshape(tuple(int(n) for n in shape))
+    return BLOCK_DEQUANTIZERS[GGMLType(qtype)](blocks).reshape(tuple(operator.index(n) for n in shape))

@@ -47,7 +47,8 @@ def assert_bit_exact(got: np.ndarray, want: np.ndarray, what: str) -> None:
     same = bits(got) == bits(want)
     if not same.all():
         at = np.unravel_index(np.argmin(same), same.shape)
-        pytest.fail(f"{what}: {int((~same).sum())} elements differ, first at {at}: {got[at]!r} != {want[at]!r}")
+        n_bad = int((~same).sum())
+        pytest.fail(f"{what}: {n_bad} elements differ, first at {at}: {got[at]!r} != {want[at]!r}")
 
 
 def oracle_dequantize(raw: np.ndarray, qtype: GGMLType, shape: tuple[int, ...]) -> np.ndarray:
@@ -58,7 +59,8 @@ def random_blocks(qtype: GGMLType, n_blocks: int, rng: np.random.Generator) -> n
     """(n_blocks, type_size) random bytes with finite f16 scales, some of them special values."""
     raw = rng.integers(0, 256, (n_blocks, qtype.type_size), dtype=np.uint8)
     for at in F16_FIELDS[qtype]:
-        scales = (rng.standard_normal(n_blocks) * rng.choice([1e-4, 1e-2, 1.0, 100.0], n_blocks)).astype(np.float16)
+        magnitude = rng.choice([1e-4, 1e-2, 1.0, 100.0], n_blocks)
+        scales = (rng.standard_normal(n_blocks) * magnitude).astype(np.float16)
         scales[: len(SPECIAL_SCALES)] = rng.permutation(SPECIAL_SCALES)
         raw[:, at : at + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
     return raw
@@ -68,10 +70,14 @@ def random_blocks(qtype: GGMLType, n_blocks: int, rng: np.random.Generator) -> n
 
 
 @pytest.mark.parametrize("qtype", QUANTIZED, ids=lambda t: t.name)
-def test_random_blocks_match_gguf(qtype):
+@pytest.mark.parametrize("size", ["serial", "parallel"])
+def test_random_blocks_match_gguf(qtype, size):
     rng = np.random.default_rng(int(qtype))
-    shape = (2, 8, 4 * qtype.block_size)  # 64 blocks, 3-D to check the output shape too
-    raw = random_blocks(qtype, 64, rng)
+    if size == "serial":
+        shape = (2, 8, 4 * qtype.block_size)  # 64 blocks, 3-D to check the output shape too
+    else:  # enough weights for the driver's prange branch
+        shape = (16, dequant.PARALLEL_MIN_ELEMENTS // 16)
+    raw = random_blocks(qtype, int(np.prod(shape)) // qtype.block_size, rng)
     want = oracle_dequantize(raw, qtype, shape)
     assert_bit_exact(reference.dequantize(raw, qtype, shape), want, f"reference {qtype.name}")
     assert_bit_exact(dequant.dequantize(raw, qtype, shape), want, f"numba {qtype.name}")
@@ -86,9 +92,9 @@ def test_f16_every_bit_pattern():
 
 def test_bf16_every_bit_pattern():
     raw = np.arange(1 << 16, dtype=np.uint16).view(np.uint8)
-    want = oracle_dequantize(raw, GGMLType.BF16, (1 << 16,))
-    assert_bit_exact(reference.dequantize(raw, GGMLType.BF16, (256, 256)), want.reshape(256, 256), "reference BF16")
-    assert_bit_exact(dequant.dequantize(raw, GGMLType.BF16, (256, 256)), want.reshape(256, 256), "numba BF16")
+    want = oracle_dequantize(raw, GGMLType.BF16, (256, 256))
+    assert_bit_exact(reference.dequantize(raw, GGMLType.BF16, (256, 256)), want, "reference BF16")
+    assert_bit_exact(dequant.dequantize(raw, GGMLType.BF16, (256, 256)), want, "numba BF16")
 
 
 def test_f32_is_copied_bit_for_bit():
@@ -112,19 +118,20 @@ def test_q8_k_known_block_and_random():
     assert_bit_exact(dequant.dequantize(block, GGMLType.Q8_K, (256,)), want, "numba Q8_K")
 
     rng = np.random.default_rng(15)
-    raw = rng.integers(0, 256, (32, GGMLType.Q8_K.type_size), dtype=np.uint8)
-    raw[:, 0:4] = rng.standard_normal((32, 1)).astype("<f4").view(np.uint8)
-    assert_bit_exact(
-        dequant.dequantize(raw, GGMLType.Q8_K, (4, 2048)),
-        reference.dequantize(raw, GGMLType.Q8_K, (4, 2048)),
-        "numba vs reference Q8_K",
-    )
+    for n_blocks in (4, dequant.PARALLEL_MIN_ELEMENTS // 256):  # serial and parallel branches
+        raw = rng.integers(0, 256, (n_blocks, GGMLType.Q8_K.type_size), dtype=np.uint8)
+        raw[:, 0:4] = rng.standard_normal((n_blocks, 1)).astype("<f4").view(np.uint8)
+        assert_bit_exact(
+            dequant.dequantize(raw, GGMLType.Q8_K, (n_blocks, 256)),
+            reference.dequantize(raw, GGMLType.Q8_K, (n_blocks, 256)),
+            "numba vs reference Q8_K",
+        )
 
 
 def test_q4_k_scale_min_unpacking_by_hand():
     # Sub-block j >= 4 takes its scale's low bits from byte j+4 and its high bits from byte j-4; its
     # min's high bits from byte j (the index a known port gets wrong). Give every field a distinct value.
-    want_scales = np.array([1, 2, 3, 4, 45, 54, 63, 17], dtype=np.uint8)
+    want_scales = np.array([1, 2, 3, 4, 13, 22, 47, 60], dtype=np.uint8)  # high bits differ from the mins
     want_mins = np.array([5, 6, 7, 8, 33, 50, 61, 29], dtype=np.uint8)
     packed = np.zeros((1, 12), dtype=np.uint8)
     packed[0, 0:4] = want_scales[:4] | ((want_scales[4:] >> 4) << 6)
@@ -184,7 +191,8 @@ def test_every_tensor_of_the_catalog_models(model_fixture, request):
 def test_full_big_tensor_through_dequantize(default_model_path):
     # One large quantized tensor whole, through the parallel driver, against the oracle.
     gguf_file = open_gguf(default_model_path)
-    info = max((i for i in gguf_file.tensors.values() if i.ggml_type == GGMLType.Q4_K), key=lambda i: i.n_elements)
+    q4_k = [i for i in gguf_file.tensors.values() if i.ggml_type == GGMLType.Q4_K]
+    info = max(q4_k, key=lambda i: i.n_elements)
     raw = gguf_file.tensor_data(info.name)
     want = oracle_dequantize(raw, info.ggml_type, info.shape)
     assert_bit_exact(dequant.dequantize(raw, info.ggml_type, info.shape), want, info.name)
@@ -215,6 +223,7 @@ def test_rows_api_agrees_with_full_dequantize():
         (np.zeros(18, np.int8), GGMLType.Q4_0, (32,), "must be uint8"),
         (np.zeros(0, np.uint8), GGMLType.F32, (0,), "all >= 1"),
         (np.zeros(0, np.uint8), GGMLType.F32, (), "at least one dimension"),
+        (np.zeros(4, np.uint8), GGMLType.F32, (1.0,), "must be a tuple of integers"),
     ],
 )
 def test_bad_input_is_a_clear_error(impl, raw, qtype, shape, message):
@@ -225,7 +234,7 @@ def test_bad_input_is_a_clear_error(impl, raw, qtype, shape, message):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda raw: dequant.dequantize_rows(raw, GGMLType.Q8_0, -1, 2), r"row range -1\.\.2 is outside 0\.\.4"),
+        (lambda raw: dequant.dequantize_rows(raw, GGMLType.Q8_0, -1, 2), r"range -1\.\.2 is outside 0\.\.4"),
         (lambda raw: dequant.dequantize_rows(raw, GGMLType.Q8_0, 3, 2), r"row range 3\.\.2"),
         (lambda raw: dequant.dequantize_rows(raw, GGMLType.Q8_0, 0, 5), r"row range 0\.\.5"),
         (lambda raw: dequant.dequantize_rows(raw, GGMLType.Q8_0, 0.5, 2), "integer"),
@@ -265,6 +274,7 @@ def test_kernels_run_without_jit():
         """
     )
     env = dict(os.environ, NUMBA_DISABLE_JIT="1")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-c", script]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "ok 14"

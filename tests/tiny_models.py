@@ -5,8 +5,7 @@ n_heads) or llama (Q/K permuted like llama.cpp's converter) model with llama.cpp
 a small byte-level BPE vocabulary (256 byte tokens, a few merges, ChatML special tokens) and a
 ChatML/Qwen-style chat template with tools. transformers loads the same file as an independent oracle:
 
-    AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                         **tiny_hf_overrides(path))
+    load_hf_model(path)   # AutoModelForCausalLM.from_pretrained(dir, gguf_file=name, float32, overrides)
 
 Weights are random with unit-variance activations, so attention patterns and logits are not trivial.
 `qtype` picks the storage of every 2-D weight: "f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
@@ -87,68 +86,55 @@ EOS_ID = TOKEN_ID["<|im_end|>"]
 # ChatML with Qwen-style tools (<tools> in the system turn, <tool_call> JSON in assistant turns,
 # <tool_response> in user turns) and Qwen3's `enable_thinking=False` switch.
 CHAT_TEMPLATE = """\
-{%- if messages and messages[0].role == "system" -%}
-  {%- set system = messages[0].content -%}{%- set turns = messages[1:] -%}
-{%- else -%}
-  {%- set system = "You are a helpful assistant." if tools else none -%}{%- set turns = messages -%}
-{%- endif -%}
-{%- if tools -%}
-<|im_start|>system
-{{ system }}
-
-# Tools
-
-You may call one or more functions to assist with the user query.
-
-You are provided with function signatures within <tools></tools> XML tags:
-<tools>
-{%- for tool in tools %}
-{{ tool | tojson }}
+{%- if messages and messages[0].role == 'system' %}
+    {%- set system = messages[0].content %}
+    {%- set turns = messages[1:] %}
+{%- else %}
+    {%- set system = 'You are a helpful assistant.' if tools else none %}
+    {%- set turns = messages %}
+{%- endif %}
+{%- if tools %}
+    {{- '<|im_start|>system\\n' + system + '\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n' }}
+    {{- 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}
+    {%- for tool in tools %}
+        {{- '\\n' + tool | tojson }}
+    {%- endfor %}
+    {{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within ' }}
+    {{- '<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}
+{%- elif system is not none %}
+    {{- '<|im_start|>system\\n' + system + '<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in turns %}
+    {%- if message.role == 'assistant' %}
+        {{- '<|im_start|>assistant' }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {%- for call in message.tool_calls or [] %}
+            {%- set fn = call.function if call.function is defined else call %}
+            {{- '\\n<tool_call>\\n{\\"name\\": \\"' + fn.name + '\\", \\"arguments\\": ' }}
+            {{- fn.arguments if fn.arguments is string else fn.arguments | tojson }}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == 'tool' %}
+        {%- if loop.first or turns[loop.index0 - 1].role != 'tool' %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}
+        {%- if loop.last or turns[loop.index0 + 1].role != 'tool' %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+    {%- endif %}
 {%- endfor %}
-</tools>
-
-For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
-<tool_call>
-{"name": <function-name>, "arguments": <args-json-object>}
-</tool_call><|im_end|>
-{% elif system is not none -%}
-<|im_start|>system
-{{ system }}<|im_end|>
-{% endif -%}
-{%- for message in turns -%}
-{%- if message.role == "assistant" -%}
-<|im_start|>assistant
-{%- if message.content %}
-{{ message.content }}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
 {%- endif %}
-{%- for call in message.tool_calls or [] %}
-{%- set fn = call.function if call.function is defined else call %}
-<tool_call>
-{"name": "{{ fn.name }}", "arguments": {% if fn.arguments is string %}{{ fn.arguments }}{% else %}{{ fn.arguments | tojson }}{% endif %}}
-</tool_call>
-{%- endfor %}<|im_end|>
-{% elif message.role == "tool" -%}
-{%- if loop.first or turns[loop.index0 - 1].role != "tool" -%}
-<|im_start|>user
-{%- endif %}
-<tool_response>
-{{ message.content }}
-</tool_response>
-{%- if loop.last or turns[loop.index0 + 1].role != "tool" %}<|im_end|>
-{% endif -%}
-{%- else -%}
-<|im_start|>{{ message.role }}
-{{ message.content }}<|im_end|>
-{% endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-<|im_start|>assistant
-{% if enable_thinking is defined and enable_thinking is false %}<think>
-
-</think>
-
-{% endif -%}
-{%- endif -%}
 """
 
 # ---------------------------------------------------------------------------------------------------
@@ -341,10 +327,10 @@ def write_tiny_model(
 
 
 def tiny_hf_overrides(path: str | Path) -> dict:
-    """Config overrides transformers needs to read a tiny GGUF faithfully.
+    """Config overrides transformers needs to read a GGUF faithfully.
 
     transformers' GGUF loader ignores `qwen3.attention.key_length` (Qwen3Config then defaults head_dim
-    to 128) and every `rope.scaling.*` key; pass them explicitly.
+    to 128) and every `rope.scaling.*` key; they are passed explicitly.
     """
     from engine.gguf import open_gguf
 
@@ -354,5 +340,22 @@ def tiny_hf_overrides(path: str | Path) -> dict:
     if f"{arch}.attention.key_length" in meta:
         overrides["head_dim"] = int(meta[f"{arch}.attention.key_length"])
     if meta.get(f"{arch}.rope.scaling.type") == "linear":
-        overrides["rope_scaling_factor"] = float(meta[f"{arch}.rope.scaling.factor"])
+        overrides["rope_parameters"] = {
+            "rope_type": "linear",
+            "factor": float(meta[f"{arch}.rope.scaling.factor"]),
+            "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        }
     return overrides
+
+
+def load_hf_model(path: str | Path):
+    """The same GGUF loaded by transformers (weights dequantized by gguf-py, float32, eval mode):
+    an independent oracle for the engine."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, **tiny_hf_overrides(path)
+    )
+    return model.eval()

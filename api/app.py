@@ -1,0 +1,135 @@
+"""The Starlette app factory and its lifespan.
+
+    app = create_app(ServerSettings(port=8080), ["qwen2.5-coder-0.5b-instruct-q4_k_m"])
+
+The lifespan loads each model (engine.load compiles/warms the kernels), starts one engine thread per
+model, logs load and compile times on their own lines and then the address, and on shutdown stops the
+engine threads. Middleware, outermost first: request ids + last-resort 500 + access log, then auth.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.routing import Route
+from starlette.concurrency import run_in_threadpool
+
+from api.auth import PUBLIC, AuthMiddleware
+from api.errors import ApiError, InvalidRequestError, MethodNotAllowedError, NotFoundError, error_response
+from api.middleware import RequestContextMiddleware
+from api.routes_messages import count_tokens, create_message
+from api.routes_models import get_model, health, list_models
+from api.state import LoadedModel, ServerSettings, ServerState, model_created_at, request_id_of
+from api.tokens import TokenStore
+from api.worker import Worker
+from engine.errors import KawaiError
+
+log = logging.getLogger("kawai.server")
+
+# route name -> the endpoint grant a token needs (see api/auth.py)
+GRANTS = {
+    "messages": "messages",
+    "count_tokens": "count_tokens",
+    "list_models": "models",
+    "get_model": "models",
+    "health": PUBLIC,
+}
+
+
+def build_routes() -> list[Route]:
+    return [
+        Route("/v1/messages", create_message, methods=["POST"], name="messages"),
+        Route("/v1/messages/count_tokens", count_tokens, methods=["POST"], name="count_tokens"),
+        Route("/v1/models", list_models, methods=["GET"], name="list_models"),
+        Route("/v1/models/{model_id}", get_model, methods=["GET"], name="get_model"),
+        Route("/health", health, methods=["GET"], name="health"),
+    ]
+
+
+def create_app(settings: ServerSettings, models: Sequence[str | Path | object]) -> Starlette:
+    """models: catalog ids or .gguf paths to load at start-up (or already loaded engine.LLM objects)."""
+    if not models:
+        raise KawaiError("no model to serve")
+    store = None
+    if settings.auth:
+        from engine.catalog import kawai_home
+
+        store = TokenStore(settings.home or kawai_home())
+    state = ServerState(settings, store)
+    routes = build_routes()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        try:
+            await _load_models(state, models)
+            log.info("serving %s on http://%s:%d", ", ".join(state.models), _host(settings.host), settings.port)
+            if not settings.auth:
+                log.warning("authentication is OFF (--no-auth): anyone who can reach the port can use it")
+            yield
+        finally:
+            for m in state.models.values():
+                m.worker.stop(timeout=settings.drain_seconds)
+
+    app = Starlette(
+        routes=routes,
+        middleware=[
+            Middleware(RequestContextMiddleware),
+            Middleware(AuthMiddleware, store=store, routes=routes, grants=GRANTS),
+        ],
+        exception_handlers={ApiError: _on_api_error, HTTPException: _on_http_error},
+        lifespan=lifespan,
+    )
+    app.router.redirect_slashes = False  # a redirect would be built from the Host header
+    app.state.server = state
+    return app
+
+
+async def _load_models(state: ServerState, models: Sequence[str | Path | object]) -> None:
+    import engine
+
+    for spec in models:
+        if isinstance(spec, (str, Path)):
+            llm = await run_in_threadpool(engine.load, spec, n_ctx=state.settings.n_ctx)
+            log.info("loaded %s in %.1f s (n_ctx %d)", llm.id, llm.load_seconds - llm.compile_seconds, llm.n_ctx)
+            log.info("kernels compiled and warmed in %.1f s", llm.compile_seconds)
+        else:
+            llm = spec
+        if llm.id in state.models:
+            raise KawaiError(f"model {llm.id!r} is listed twice")
+        worker = Worker(llm, state.settings.queue_size)
+        worker.start()
+        name = llm.gguf.metadata.get("general.name") if hasattr(llm, "gguf") else None
+        state.models[llm.id] = LoadedModel(
+            llm=llm,
+            worker=worker,
+            created_at=model_created_at(Path(llm.path)),
+            display_name=name if isinstance(name, str) and name else llm.id,
+        )
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def _on_api_error(request: Request, exc: ApiError):
+    return error_response(exc, request_id_of(request))
+
+
+async def _on_http_error(request: Request, exc: HTTPException):
+    if exc.status_code == 404:
+        err: ApiError = NotFoundError("Not found: no such endpoint.")
+    elif exc.status_code == 405:
+        allow = (exc.headers or {}).get("Allow", "")
+        err = MethodNotAllowedError(f"Method {request.method} is not allowed on this endpoint.", {"allow": allow})
+    elif exc.status_code < 500:
+        err = InvalidRequestError("Invalid request.")
+    else:
+        err = ApiError("Internal server error.")
+    return error_response(err, request_id_of(request))

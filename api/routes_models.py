@@ -1,0 +1,81 @@
+"""GET /v1/models, GET /v1/models/{model_id} (Anthropic list/retrieve shapes) and GET /health."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from api.errors import InvalidRequestError, NotFoundError
+from api.state import LoadedModel, server_state
+
+MAX_PAGE = 1000
+DEFAULT_PAGE = 20
+
+
+def model_info(m: LoadedModel) -> dict[str, Any]:
+    return {
+        "type": "model",
+        "id": m.id,
+        "display_name": m.display_name,
+        "created_at": m.created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),  # RFC 3339, UTC
+        "lifecycle": "active",
+        "max_input_tokens": m.llm.n_ctx,
+        "max_tokens": m.llm.n_ctx,
+    }
+
+
+async def list_models(request: Request) -> Response:
+    models = sorted(server_state(request).models.values(), key=lambda m: m.id)
+    q = request.query_params
+    limit = _page_size(q.get("limit"))
+    ids = [m.id for m in models]
+    if q.get("after_id"):
+        start = _cursor(ids, q["after_id"]) + 1
+        page = models[start : start + limit]
+        has_more = start + limit < len(models)
+    elif q.get("before_id"):
+        end = _cursor(ids, q["before_id"])
+        page = models[max(0, end - limit) : end]
+        has_more = end - limit > 0
+    else:
+        page, has_more = models[:limit], len(models) > limit
+    data = [model_info(m) for m in page]
+    return JSONResponse(
+        {
+            "data": data,
+            "has_more": has_more,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+        }
+    )
+
+
+async def get_model(request: Request) -> Response:
+    model_id = request.path_params["model_id"]
+    found = server_state(request).models.get(model_id)
+    if found is None:
+        raise NotFoundError(f"model: {model_id[:100]!r} is not served here.")
+    return JSONResponse(model_info(found))
+
+
+async def health(request: Request) -> Response:
+    """Liveness only, no details: 200 while every engine thread runs, else 503."""
+    ok = server_state(request).healthy
+    return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+
+
+def _page_size(raw: str | None) -> int:
+    if raw is None:
+        return DEFAULT_PAGE
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+        raise InvalidRequestError(f"limit: must be an integer in 1..{MAX_PAGE}")
+    return int(raw)
+
+
+def _cursor(ids: list[str], model_id: str) -> int:
+    try:
+        return ids.index(model_id)
+    except ValueError:
+        raise InvalidRequestError("after_id/before_id: no such model") from None

@@ -1,0 +1,193 @@
+"""The LLM facade on the real SmolLM2-135M model: load, logits, generation, stop strings, cache reuse."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import engine
+from engine.errors import ContextLengthError, KawaiError
+from engine.generate import cached_tokens
+from engine.sampling import SamplingParams
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def llm(smollm_model_path):
+    return engine.load(smollm_model_path, n_ctx=1024)
+
+
+def greedy(max_tokens=24, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, **kw)
+
+
+def run(llm, ids, params, cache=None):
+    gen = llm.generate(ids, params, cache=cache)
+    steps = list(gen)
+    return steps, gen.stats
+
+
+# ---- loading ---------------------------------------------------------------------------------------
+
+
+def test_load_reports_what_it_loaded(llm, smollm_model_path):
+    assert llm.id == "smollm2-135m-instruct-q4_1" and llm.path == smollm_model_path
+    assert llm.config.arch == "llama" and llm.config.n_vocab == 49152
+    assert llm.n_ctx == 1024 and llm.new_cache().max_seq == 1024
+    assert llm.load_seconds > 0 and llm.compile_seconds > 0 and llm.threads >= 1
+    assert llm.has_chat_template
+
+
+def test_default_context_is_capped(smollm_model_path):
+    from engine.llm import DEFAULT_N_CTX, _context_size
+    from engine.config import ModelConfig
+    from engine.gguf import open_gguf
+
+    cfg = ModelConfig.from_gguf(open_gguf(smollm_model_path))
+    assert _context_size(None, cfg) == min(cfg.n_ctx_train, DEFAULT_N_CTX) == 4096
+    assert _context_size(cfg.n_ctx_train, cfg) == 8192
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_ctx": 0}, "n_ctx"),
+        ({"n_ctx": 10**6}, "n_ctx"),
+        ({"n_ctx": "512"}, "n_ctx"),
+        ({"threads": 0}, "threads"),
+        ({"threads": 1000}, "thread"),
+    ],
+)
+def test_bad_load_options_are_clear_errors(smollm_model_path, kwargs, message):
+    with pytest.raises(KawaiError, match=message):
+        engine.load(smollm_model_path, **kwargs)
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(engine.ModelNotFoundError, match="no-such-model"):
+        engine.load("no-such-model")
+
+
+# ---- logits ----------------------------------------------------------------------------------------
+
+
+def test_logits_are_teacher_forced_and_match_cached_decode(llm):
+    ids = llm.encode_chat(QUESTION)
+    full = llm.logits(ids)
+    assert full.shape == (len(ids), llm.config.n_vocab) and full.dtype == np.float32
+    # Decoding the same tokens one by one through a cache gives the same rows.
+    cache = llm.new_cache()
+    split = len(ids) - 4
+    rows = [llm.forward(ids[:split], cache)]
+    for t in ids[split:]:
+        rows.append(llm.forward([t], cache))
+    scale = np.abs(full[split - 1 :]).max()
+    np.testing.assert_allclose(np.stack(rows), full[split - 1 :], atol=2e-2 * scale)
+    assert np.array_equal(np.argmax(np.stack(rows), axis=1), np.argmax(full[split - 1 :], axis=1))
+
+
+@pytest.mark.parametrize("bad", [[-1], [49152], [True], [1.5], []])
+def test_logits_reject_bad_ids(llm, bad):
+    with pytest.raises(KawaiError):
+        llm.logits(bad)
+
+
+# ---- generation -------------------------------------------------------------------------------------
+
+
+def test_greedy_answer_ends_at_end_of_turn(llm):
+    ids = llm.encode_chat(QUESTION)
+    steps, stats = run(llm, ids, greedy(40))
+    text = "".join(s.text for s in steps)
+    assert "Paris" in text
+    assert steps[-1].finish_reason == "eos" and steps[-1].token_id in llm.tokenizer.stop_ids
+    assert steps[0].token_id == int(np.argmax(llm.logits(ids)[-1]))
+    assert stats.prompt_tokens == len(ids) and stats.generated_tokens == len(steps)
+    # Every shown piece joins to the decoded answer (end-of-turn token excluded).
+    assert text == llm.tokenizer.decode([s.token_id for s in steps[:-1]], skip_special=True)
+
+
+def test_real_stop_string_across_a_token_boundary(llm):
+    ids = llm.encode_prompt("The three primary colors are")
+    free, _ = run(llm, ids, greedy(20))
+    pieces = [s.text for s in free]
+    # A stop string made of the end of one token and the start of the next.
+    i = next(i for i in range(3, len(pieces) - 1) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 2)
+    stop = pieces[i][-2:] + pieces[i + 1][:2]
+    full_text = "".join(pieces)
+    expected = full_text[: full_text.index(stop)]
+    steps, stats = run(llm, ids, greedy(20, stop=(stop,)))
+    assert "".join(s.text for s in steps) == expected
+    assert steps[-1].finish_reason == "stop_sequence" and steps[-1].stop_sequence == stop
+    assert stats.finish_reason == "stop_sequence"
+
+
+def test_seeded_sampling_reproducible(llm):
+    ids = llm.encode_chat(QUESTION)
+    params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=16)
+    a = [s.token_id for s in llm.generate(ids, params)]
+    b = [s.token_id for s in llm.generate(ids, params)]
+    assert a == b
+
+
+def test_multibyte_output_is_never_split(llm):
+    ids = llm.encode_prompt("Le café est très bon. Ça coûte 3 €. Voilà: « déjà vu », naïve, 日本語, ")
+    steps, _ = run(llm, ids, greedy(30))
+    generated = [s.token_id for s in steps if s.finish_reason != "eos"]
+    text = "".join(s.text for s in steps)
+    assert text == llm.tokenizer.decode(generated, skip_special=True)
+    for s in steps:
+        s.text.encode("utf-8")  # never a lone surrogate
+
+
+def test_context_and_max_tokens_limits(llm):
+    ids = llm.encode_chat(QUESTION)
+    steps, _ = run(llm, ids, greedy(3))
+    assert len(steps) == 3 and steps[-1].finish_reason == "max_tokens"
+    small = llm.new_cache(len(ids) + 2)
+    steps, _ = run(llm, ids, greedy(40), cache=small)
+    assert [s.finish_reason for s in steps] == [None, None, "context_full"]
+    with pytest.raises(ContextLengthError):
+        llm.generate(ids, greedy(), cache=llm.new_cache(len(ids) - 1))
+    with pytest.raises(KawaiError):
+        llm.new_cache(llm.n_ctx + 1)
+
+
+def test_cancel_stops_at_the_next_token(llm):
+    ids = llm.encode_chat(QUESTION)
+    seen = []
+    gen = llm.generate(ids, greedy(40), should_stop=lambda: len(seen) >= 2)
+    for step in gen:
+        seen.append(step)
+    assert len(seen) == 3 and seen[-1].finish_reason == "cancelled" and seen[-1].token_id is None
+
+
+def test_chat_turns_reuse_the_cache(llm):
+    cache = llm.new_cache()
+    turn1 = QUESTION
+    ids1 = llm.encode_chat(turn1)
+    steps1, stats1 = run(llm, ids1, greedy(40), cache=cache)
+    answer = "".join(s.text for s in steps1)
+    assert stats1.cached_tokens == 0 and stats1.prefill_tokens == len(ids1)
+
+    turn2 = turn1 + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And of Italy?"}]
+    ids2 = llm.encode_chat(turn2)
+    steps2, stats2 = run(llm, ids2, greedy(40), cache=cache)
+    # The first turn's prompt and answer are reused: only the new tail is prefilled.
+    answer_ids = [s.token_id for s in steps1]
+    assert ids2[: len(ids1) + len(answer_ids)] == ids1 + answer_ids  # the template re-renders the answer as generated
+    assert stats2.cached_tokens == len(ids1) + len(answer_ids) - 1
+    assert stats2.prefill_tokens == len(ids2) - stats2.cached_tokens < 20
+    assert cached_tokens(cache) == ids2 + [s.token_id for s in steps2[:-1]]
+
+    fresh_steps, _ = run(llm, ids2, greedy(40))
+    assert [s.token_id for s in fresh_steps] == [s.token_id for s in steps2]
+
+
+def test_count_and_format_helpers(llm):
+    text = llm.render_chat(QUESTION)
+    assert text.endswith("<|im_start|>assistant\n") and "What is the capital of France?" in text
+    assert llm.encode_chat(QUESTION) == llm.encode_prompt(text)
+    assert llm.count_tokens(text) == len(llm.encode_prompt(text))
+    assert llm.count_tokens("Paris") == len(llm.tokenizer.encode("Paris"))  # SmolLM2 adds no BOS

@@ -1,0 +1,99 @@
+"""`kawai run` and `kawai chat` as a user runs them: a subprocess on the real SmolLM2-135M model."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+SMOLLM_ID = "smollm2-135m-instruct-q4_1"
+
+
+def kawai(*args: str, stdin: str | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "api.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_run_streams_an_answer_and_reports_speeds(smollm_model_path):
+    result = kawai("run", "-m", SMOLLM_ID, "--temperature", "0", "--max-tokens", "16", "--threads", "1",
+                   "What is the capital of France?")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    err = result.stderr
+    assert f"model: {SMOLLM_ID} (llama" in err
+    assert re.search(r"^load time: \d+\.\d\d s$", err, re.M)
+    assert re.search(r"^kernel compile time: \d+\.\d\d s$", err, re.M)
+    prompt = re.search(r"^prompt: (\d+) tokens, \d+\.\d\d s, (\d+\.\d) tokens/s$", err, re.M)
+    gen = re.search(r"^generation: (\d+) tokens, \d+\.\d\d s, (\d+\.\d) tokens/s \(finish: (\w+)\)$", err, re.M)
+    assert prompt and gen, err
+    assert int(prompt.group(1)) > 10 and float(prompt.group(2)) > 0
+    assert 1 <= int(gen.group(1)) <= 16 and gen.group(3) in ("eos", "max_tokens")
+
+
+def test_run_raw_prompt_from_stdin_with_a_stop_string(smollm_model_path):
+    result = kawai("run", "-m", str(smollm_model_path), "--raw", "--temperature", "0", "--max-tokens", "40",
+                   "--threads", "1", "--stop", ",", "-", stdin="Monday, Tuesday, Wednesday")
+    assert result.returncode == 0, result.stderr
+    # Greedy continues the list; the stop string ends it before the first comma and is not printed.
+    assert result.stdout.strip() == "Thursday"
+    assert "(finish: stop_sequence)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("run", "-m", "no-such-model", "hi"), "model 'no-such-model' not found"),
+        (("run", "-m", "/nonexistent/dir/model.gguf", "hi"), "not found"),
+        (("run", "--temperature", "5", "hi"), "temperature"),
+        (("run", "--max-tokens", "0", "hi"), "max_tokens"),
+        (("run", "--raw", "--system", "x", "hi"), "--system"),
+        (("run", "   "), "empty"),
+        (("chat", "-m", "no-such-model"), "not found"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_1(args, message):
+    result = kawai(*args, timeout=60)
+    assert result.returncode == 1
+    line = one_error_line(result)
+    assert line.startswith("kawai: ") and message in line
+    assert result.stdout == ""
+
+
+def test_not_a_gguf_file(tmp_path):
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"NOPE" + bytes(60))
+    result = kawai("run", "-m", str(bogus), "hi", timeout=60)
+    assert result.returncode == 2 and "invalid GGUF file" in one_error_line(result)
+
+
+def test_chat_keeps_the_cache_between_turns(smollm_model_path):
+    turns = "What is the capital of France?\nAnd of Italy?\n/reset\nHello!\n/exit\nnever read\n"
+    result = kawai("chat", "-m", str(smollm_model_path), "--temperature", "0", "--max-tokens", "24",
+                   "--threads", "1", stdin=turns)
+    assert result.returncode == 0, result.stderr
+    stats = re.findall(r"^\[prompt: (\d+) new \+ (\d+) cached tokens.*finish: (\w+)\]", result.stderr, re.M)
+    assert len(stats) == 3, result.stderr
+    (new1, cached1, _), (new2, cached2, _), (new3, cached3, _) = [(int(a), int(b), c) for a, b, c in stats]
+    assert cached1 == 0 and new1 > 10
+    # Turn 2 reuses turn 1's prompt and answer: only the new user turn is prefilled.
+    assert cached2 >= new1 and new2 < 15
+    assert cached3 == 0  # after /reset
+    assert "(new conversation)" in result.stderr
+    assert "Paris" in result.stdout

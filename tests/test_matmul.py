@@ -1,0 +1,288 @@
+"""kernels/matmul.py against float64 x @ dequant(W).T, with `gguf.quants` as the independent oracle.
+
+Quantized weights: the activations are quantized to int8 per 32 inside the matmul, so the result
+differs from the float64 product by about 5e-3 of the output norm; the bound is 1e-2. Dense weights
+are multiplied in float32 (bound 1e-5). Repacking itself is exact: unpack(pack(raw)) equals
+gguf.quants.dequantize bit for bit.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf import quants as gguf_quants
+
+from engine.gguf import open_gguf
+from kernels import matmul_simd as simd
+from kernels.matmul import (
+    MATMUL_TYPES,
+    MatmulError,
+    PackedMatrix,
+    matmul,
+    matmul_fused,
+    pack,
+    pack_dense,
+    unpack,
+    warmup,
+)
+from kernels.qtypes import GGMLType
+from kernels.threads import ThreadingError, configure_threads, max_threads
+
+QUANT_BOUND = 1e-2
+DENSE_BOUND = 1e-5
+QUANT_TYPES = sorted(t for t in MATMUL_TYPES if t.block_size > 1)
+DENSE_TYPES = [GGMLType.F32, GGMLType.F16, GGMLType.BF16]
+# Byte offsets of the f16 scale fields in each block: random bytes elsewhere, sane halves here.
+HALF_FIELDS = {
+    GGMLType.Q4_0: (0,), GGMLType.Q4_1: (0, 2), GGMLType.Q5_0: (0,), GGMLType.Q5_1: (0, 2),
+    GGMLType.Q8_0: (0,), GGMLType.Q2_K: (80, 82), GGMLType.Q3_K: (108,), GGMLType.Q4_K: (0, 2),
+    GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,),
+}
+
+
+def oracle_dequant(raw: np.ndarray, qtype: GGMLType, cols: int) -> np.ndarray:
+    rows = raw.shape[0]
+    return gguf_quants.dequantize(np.asarray(raw), GGMLQuantizationType(int(qtype))).reshape(rows, cols)
+
+
+def random_raw(qtype: GGMLType, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random blocks of `qtype`: every quant bit random, the f16 scales random but finite and small."""
+    if qtype in DENSE_TYPES:
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        if qtype == GGMLType.F32:
+            return w.view(np.uint8)
+        return gguf_quants.quantize(w, GGMLQuantizationType(int(qtype))).view(np.uint8).reshape(rows, -1)
+    blocks = rng.integers(0, 256, (rows * cols // qtype.block_size, qtype.type_size), dtype=np.uint8)
+    for at in HALF_FIELDS[qtype]:
+        halves = (rng.random(blocks.shape[0]) * 0.02 + 0.001).astype("<f2")
+        blocks[:, at : at + 2] = halves.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(rows, -1)
+
+
+def rel_err(y: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(y.astype(np.float64) - ref) / np.linalg.norm(ref))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    configure_threads()
+    warmup()
+
+
+# --- repacking -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES + DENSE_TYPES, ids=lambda t: t.name)
+def test_repack_is_bit_exact(qtype):
+    rng = np.random.default_rng(int(qtype))
+    raw = random_raw(qtype, 6, 512, rng)
+    packed = pack(raw, qtype, 512)
+    assert (packed.rows, packed.cols, packed.qtype) == (6, 512, qtype)
+    np.testing.assert_array_equal(unpack(packed), oracle_dequant(raw, qtype, 512))
+
+
+def test_repack_of_every_stored_bit_pattern():
+    """Q5_0 with all 32 values of each weight in turn: the 5th bit is placed right for every element."""
+    q = (np.arange(32)[:, None] + np.arange(32)[None, :]) % 32  # (32 blocks, 32 weights)
+    qs = (q[:, :16] & 15) | ((q[:, 16:] & 15) << 4)
+    qh = np.bitwise_or.reduce((q >> 4).astype(np.uint32) << np.arange(32, dtype=np.uint32), axis=1)
+    d = np.full(32, 0.5, "<f2")
+    raw = np.concatenate([d.view(np.uint8).reshape(32, 2), qh.astype("<u4").view(np.uint8).reshape(32, 4),
+                          qs.astype(np.uint8)], axis=1).reshape(1, -1)
+    packed = pack(raw, GGMLType.Q5_0, 32 * 32)
+    expected = ((q - 16) * 0.5).reshape(1, -1)
+    np.testing.assert_array_equal(unpack(packed), expected)
+    np.testing.assert_array_equal(unpack(packed), oracle_dequant(raw, GGMLType.Q5_0, 1024))
+
+
+# --- matmul on random weights ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 7])
+@pytest.mark.parametrize("qtype", QUANT_TYPES + DENSE_TYPES, ids=lambda t: t.name)
+def test_matmul_matches_float64_oracle(qtype, n):
+    rng = np.random.default_rng(100 + int(qtype))
+    rows, cols = 40, 768
+    raw = random_raw(qtype, rows, cols, rng)
+    w = oracle_dequant(raw, qtype, cols).astype(np.float64)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    y = matmul(pack(raw, qtype, cols), x)
+    assert y.shape == (n, rows) and y.dtype == np.float32
+    bound = DENSE_BOUND if qtype in DENSE_TYPES else QUANT_BOUND
+    assert rel_err(y, x.astype(np.float64) @ w.T) < bound
+
+
+def test_pack_dense_is_float32_exact_product():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((33, 100)).astype(np.float32)  # any width: dense needs no blocks
+    x = rng.standard_normal((5, 100)).astype(np.float32)
+    packed = pack_dense(w)
+    assert packed.nbytes == w.nbytes and packed.weights is not w
+    assert rel_err(matmul(packed, x), x.astype(np.float64) @ w.T.astype(np.float64)) < DENSE_BOUND
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES + [GGMLType.F32], ids=lambda t: t.name)
+def test_prefill_rows_equal_single_token_rows(qtype):
+    """A token's output does not depend on the other tokens of the call (tiles of 4 and the tail)."""
+    rng = np.random.default_rng(7)
+    packed = pack(random_raw(qtype, 24, 256, rng), qtype, 256)
+    x = rng.standard_normal((9, 256)).astype(np.float32)
+    y = matmul(packed, x)
+    for i in range(9):
+        np.testing.assert_array_equal(y[i], matmul(packed, x[i : i + 1])[0])
+
+
+def test_fused_equals_separate():
+    rng = np.random.default_rng(3)
+    ws = [pack(random_raw(t, r, 256, rng), t, 256)
+          for t, r in ((GGMLType.Q5_0, 64), (GGMLType.Q8_0, 16), (GGMLType.Q4_K, 16), (GGMLType.F16, 8))]
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    for y_fused, w in zip(matmul_fused(ws, x), ws):
+        np.testing.assert_array_equal(y_fused, matmul(w, x))
+
+
+def test_zero_and_tiny_activations():
+    rng = np.random.default_rng(4)
+    raw = random_raw(GGMLType.Q4_1, 8, 64, rng)
+    packed = pack(raw, GGMLType.Q4_1, 64)
+    assert not matmul(packed, np.zeros((2, 64), np.float32)).any()
+    x = np.zeros((1, 64), np.float32)
+    x[0, 5] = 1e-30  # one nonzero element in a block of zeros
+    ref = x.astype(np.float64) @ oracle_dequant(raw, GGMLType.Q4_1, 64).T.astype(np.float64)
+    assert rel_err(matmul(packed, x), ref) < QUANT_BOUND
+
+
+# --- real tensors from the catalog models ---------------------------------------------------------
+
+
+def _real_cases(path, names):
+    g = open_gguf(path)
+    for name, max_rows in names:
+        info = g.tensors[name]
+        raw = g.tensor_data(name)[:max_rows]
+        yield name, info.ggml_type, raw, info.shape[1]
+
+
+def _first_tensor(path, suffix, qtype):
+    g = open_gguf(path)
+    return next(n for n, t in g.tensors.items() if n.endswith(suffix) and t.ggml_type == qtype)
+
+
+def _check_real(name, qtype, raw, cols):
+    rng = np.random.default_rng(5)
+    packed = pack(raw, qtype, cols)
+    w = oracle_dequant(raw, qtype, cols)
+    np.testing.assert_array_equal(unpack(packed), w, err_msg=name)
+    for n in (1, 7):
+        x = rng.standard_normal((n, cols)).astype(np.float32)
+        err = rel_err(matmul(packed, x), x.astype(np.float64) @ w.T.astype(np.float64))
+        assert err < QUANT_BOUND, (name, n, err)
+
+
+def test_real_qwen_tensors(default_model_path):
+    q4k = _first_tensor(default_model_path, "ffn_down.weight", GGMLType.Q4_K)
+    names = [("blk.0.attn_q.weight", None), ("blk.0.attn_v.weight", None), ("blk.0.ffn_down.weight", None),
+             ("blk.0.ffn_up.weight", 1024), (q4k, None), ("output.weight", 4096)]
+    seen = set()
+    for name, qtype, raw, cols in _real_cases(default_model_path, names):
+        seen.add(qtype)
+        _check_real(name, qtype, raw, cols)
+    assert seen == {GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.Q6_K, GGMLType.Q4_K}
+
+
+def test_real_smollm_tensors(smollm_model_path):
+    names = [("blk.0.attn_k.weight", None), ("blk.0.ffn_down.weight", None), ("token_embd.weight", 2048)]
+    seen = set()
+    for name, qtype, raw, cols in _real_cases(smollm_model_path, names):
+        seen.add(qtype)
+        _check_real(name, qtype, raw, cols)
+    assert seen == {GGMLType.Q4_1, GGMLType.Q8_0}
+
+
+# --- the SIMD row dot products against their portable definition -----------------------------------
+
+
+@numba.njit
+def _call_t1(fmt, w, s, x, xd, n_blocks):
+    if fmt == simd.FMT_S8:
+        return simd.dot_s8_t1(w, 0, s, 0, x, 0, xd, 0, n_blocks)
+    if fmt == simd.FMT_U8:
+        return simd.dot_u8_g16_t1(w, 0, s, 0, x, 0, xd, 0, n_blocks)
+    if fmt == simd.FMT_U4:
+        return simd.dot_u4_t1(w, 0, s, 0, x, 0, xd, 0, n_blocks)
+    return simd.dot_u5_t1(w, 0, s, 0, x, 0, xd, 0, n_blocks)
+
+
+@pytest.mark.parametrize("fmt", ["s8", "u8", "u4", "u5"])
+def test_row_dot_matches_portable_definition(fmt):
+    """Extreme quants and activations (|x| = 127, w = -128 or 63 or 31): no saturation, same sums."""
+    rng = np.random.default_rng(6)
+    code = simd.FORMAT_CODES[fmt]
+    n_blocks = 9
+    w = rng.integers(0, 256, n_blocks * simd.BLOCK_BYTES[fmt], dtype=np.uint8)
+    if fmt == "u8":
+        w %= 64  # the "u8" quants are 0..63
+    w[: simd.BLOCK_BYTES[fmt]] = {"s8": 128, "u8": 63, "u4": 255, "u5": 255}[fmt]  # block 0: the largest magnitude
+    n_groups = 2 if fmt == "u8" else 1
+    s = rng.random(n_blocks * n_groups).astype(np.float32)
+    x = rng.integers(-127, 128, n_blocks * 32).astype(np.int8)
+    x[:32] = np.where(np.arange(32) % 2, 127, -127)
+    if fmt == "s8":
+        x[:32] = -127  # with w = -128 everywhere: pair sums of 2 * 128 * 127
+    xd = rng.random(n_blocks).astype(np.float32)
+    got = _call_t1(code, w, s, x, xd, n_blocks)
+    expected = simd.isum_portable(code, w, 0, s, 0, x, 0, xd, 0, n_blocks)
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_matmul_error():
+    rng = np.random.default_rng(8)
+    raw = random_raw(GGMLType.Q8_0, 4, 64, rng)
+    with pytest.raises(MatmulError, match="IQ2_XXS"):
+        pack(np.zeros((4, 66), np.uint8), GGMLType.IQ2_XXS, 256)
+    with pytest.raises(MatmulError, match="bytes"):
+        pack(raw[:, :-1], GGMLType.Q8_0, 64)
+    with pytest.raises(MatmulError, match="multiple"):
+        pack(raw, GGMLType.Q8_0, 60)
+    with pytest.raises(MatmulError, match="uint8"):
+        pack(raw.astype(np.int16), GGMLType.Q8_0, 64)
+    with pytest.raises(MatmulError, match="no rows"):
+        pack(raw[:0], GGMLType.Q8_0, 64)
+    packed = pack(raw, GGMLType.Q8_0, 64)
+    with pytest.raises(MatmulError, match=r"\(n, 64\)"):
+        matmul(packed, np.zeros((2, 63), np.float32))
+    with pytest.raises(MatmulError, match=r"\(n, 64\)"):
+        matmul(packed, np.zeros(64, np.float32))
+    with pytest.raises(MatmulError, match="share"):
+        matmul_fused([packed, pack_dense(np.zeros((2, 32), np.float32))], np.zeros((1, 64), np.float32))
+    with pytest.raises(MatmulError, match="2-D"):
+        pack_dense(np.zeros(5, np.float32))
+
+
+def test_packed_matrix_is_frozen_and_reports_bytes():
+    rng = np.random.default_rng(9)
+    packed = pack(random_raw(GGMLType.Q4_K, 8, 256, rng), GGMLType.Q4_K, 256)
+    assert isinstance(packed, PackedMatrix)
+    # u4 quants 16 bytes + f32 scale + f32 min per 32 weights
+    assert packed.nbytes == 8 * 256 // 32 * (16 + 4 + 4)
+    with pytest.raises(AttributeError):
+        packed.rows = 3
+
+
+# --- threads --------------------------------------------------------------------------------------
+
+
+def test_configure_threads_uses_openmp():
+    assert configure_threads(1) == 1
+    assert numba.get_num_threads() == 1
+    assert numba.threading_layer() == "omp"
+    assert configure_threads() == max_threads()
+    with pytest.raises(ThreadingError, match="within"):
+        configure_threads(max_threads() + 1)
+    with pytest.raises(ThreadingError, match="already runs"):
+        configure_threads(layer="workqueue")

@@ -1,0 +1,158 @@
+"""kernels/ops.py against independent references: torch's functional ops and textbook formulas."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import ops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def randn(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def test_rms_norm_matches_formula_and_allows_in_place():
+    rng = np.random.default_rng(0)
+    x, w = randn(rng, 5, 96, scale=3.0), randn(rng, 96)
+    expected = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * w
+    out = np.empty_like(x)
+    ops.rms_norm(x, w, 1e-6, out)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    ops.rms_norm(x, w, 1e-6, x)  # the model normalizes q/k heads in place
+    np.testing.assert_array_equal(x, out)
+
+
+def _rope_reference(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, neox: bool) -> np.ndarray:
+    """neox: HF's rotate_half formula; normal: adjacent pairs as complex numbers times e^(i*angle)."""
+    angles = positions[:, None].astype(np.float64) * inv_freq[None, :].astype(np.float64)  # (n, hd/2)
+    if neox:
+        xt = torch.from_numpy(x.astype(np.float64))
+        cos = torch.from_numpy(np.cos(np.concatenate([angles, angles], -1)))[:, None, :]
+        sin = torch.from_numpy(np.sin(np.concatenate([angles, angles], -1)))[:, None, :]
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-xt[..., half:], xt[..., :half]], -1)
+        return (xt * cos + rotated * sin).numpy()
+    pairs = x.astype(np.float64).reshape(*x.shape[:-1], -1, 2)
+    z = (pairs[..., 0] + 1j * pairs[..., 1]) * np.exp(1j * angles)[:, None, :]
+    return np.stack([z.real, z.imag], -1).reshape(x.shape)
+
+
+@pytest.mark.parametrize("neox", [True, False])
+def test_rope_matches_reference(neox):
+    rng = np.random.default_rng(1)
+    n, heads, hd = 7, 3, 64
+    x = randn(rng, n, heads, hd)
+    positions = np.array([0, 1, 2, 5, 100, 1000, 4095], dtype=np.int64)
+    inv_freq = (1.0 / 10000.0 ** (np.arange(0, hd, 2) / hd)).astype(np.float32)
+    expected = _rope_reference(x, positions, inv_freq, neox)
+    out = x.copy()
+    ops.rope(out, positions, inv_freq, neox)
+    # float32 angles at position 4095 carry ~2e-4 rad of rounding, as in transformers and llama.cpp
+    np.testing.assert_allclose(out, expected, atol=2e-3)
+    np.testing.assert_array_equal(out[0], x[0])  # position 0 is the identity
+
+
+def test_silu_mul_matches_torch():
+    rng = np.random.default_rng(2)
+    gate, up = randn(rng, 4, 200, scale=4.0), randn(rng, 4, 200)
+    out = np.empty_like(gate)
+    ops.silu_mul(gate, up, out)
+    expected = (F.silu(torch.from_numpy(gate)) * torch.from_numpy(up)).numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_matches_torch_and_survives_large_logits():
+    rng = np.random.default_rng(3)
+    x = randn(rng, 3, 50, scale=30.0)
+    x[0, 0] = 1e4  # would overflow exp without the max subtraction
+    expected = torch.softmax(torch.from_numpy(x), -1).numpy()
+    ops.softmax(x)
+    np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-7)
+
+
+def _attention_reference(q, k_all, v_all, start):
+    """torch SDPA over positions 0..start+n-1 with the causal mask offset by `start`; K/V heads repeated."""
+    n, heads, hd = q.shape
+    group = heads // k_all.shape[1]
+    qt = torch.from_numpy(q).permute(1, 0, 2)  # (H, n, hd)
+    kt = torch.from_numpy(k_all).permute(1, 0, 2).repeat_interleave(group, 0)  # (H, L, hd)
+    vt = torch.from_numpy(v_all).permute(1, 0, 2).repeat_interleave(group, 0)
+    length = k_all.shape[0]
+    mask = torch.arange(length)[None, :] <= (start + torch.arange(n))[:, None]  # (n, L)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+    return out.permute(1, 0, 2).numpy()
+
+
+@pytest.mark.parametrize(
+    "n, start, heads, kv_heads",
+    [(1, 0, 4, 2), (1, 37, 14, 2), (9, 0, 4, 4), (10, 23, 6, 2), (33, 5, 9, 3)],
+)
+def test_attention_matches_sdpa(n, start, heads, kv_heads):
+    """Prefill (many rows, causal) and decode (one row) over a cache holding a prefix of `start`."""
+    rng = np.random.default_rng(n * 100 + start)
+    hd, max_seq = 32, 80
+    total = start + n
+    k_all, v_all = randn(rng, total, kv_heads, hd), randn(rng, total, kv_heads, hd)
+    q = randn(rng, n, heads, hd)
+    k_cache = np.zeros((kv_heads, hd, max_seq), np.float32)
+    v_cache = np.zeros((kv_heads, max_seq, hd), np.float32)
+    ops.store_kv(k_all[:start], v_all[:start], k_cache, v_cache, 0)  # the cached prefix
+    ops.store_kv(k_all[start:], v_all[start:], k_cache, v_cache, start)  # the new rows
+    np.testing.assert_array_equal(k_cache[:, :, :total], k_all.transpose(1, 2, 0))
+    np.testing.assert_array_equal(v_cache[:, :total], v_all.transpose(1, 0, 2))
+
+    out = np.empty_like(q)
+    ops.attention(q, k_cache, v_cache, start, np.float32(hd**-0.5), out)
+    np.testing.assert_allclose(out, _attention_reference(q, k_all, v_all, start), atol=2e-5)
+
+
+def test_attention_ignores_positions_past_the_query():
+    """Garbage after the causal limit (e.g. a truncated cache's old tail) must not leak in."""
+    rng = np.random.default_rng(4)
+    q = randn(rng, 3, 2, 16)
+    k_cache, v_cache = randn(rng, 1, 16, 10), randn(rng, 1, 10, 16)
+    out_a, out_b = np.empty_like(q), np.empty_like(q)
+    ops.attention(q, k_cache, v_cache, 2, np.float32(0.25), out_a)
+    k_cache[:, :, 5:] = 1e6
+    v_cache[:, 5:] = np.nan
+    ops.attention(q, k_cache, v_cache, 2, np.float32(0.25), out_b)
+    np.testing.assert_array_equal(out_a, out_b)
+
+
+def test_kernels_run_without_jit(tmp_path):
+    """Every kernel also runs as plain Python (NUMBA_DISABLE_JIT=1) and agrees with the compiled one."""
+    script = """
+import numpy as np
+from kernels import ops
+rng = np.random.default_rng(0)
+q = rng.standard_normal((3, 4, 8)).astype(np.float32)
+kv = rng.standard_normal((3, 2, 8)).astype(np.float32)
+kc = np.zeros((2, 8, 5), np.float32); vc = np.zeros((2, 5, 8), np.float32)
+ops.store_kv(kv, kv, kc, vc, 0)
+ops.rope(q, np.arange(3), np.ones(4, np.float32) / 3, True)
+ops.rope(q, np.arange(3), np.ones(4, np.float32) / 3, False)
+out = np.empty_like(q)
+ops.attention(q, kc, vc, 0, np.float32(0.3), out)
+x = out.reshape(3, 32).copy()
+ops.rms_norm(x, np.ones(32, np.float32), 1e-6, x)
+ops.silu_mul(x, x, x)
+ops.softmax(x)
+np.save(__import__("sys").argv[1], x)
+"""
+    results = []
+    for disable in ("1", "0"):
+        target = tmp_path / f"jit_disabled_{disable}.npy"
+        env = {**os.environ, "NUMBA_DISABLE_JIT": disable}
+        subprocess.run([sys.executable, "-c", script, str(target)], cwd=ROOT, env=env, check=True)
+        results.append(np.load(target))
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-5, atol=1e-7)
