@@ -49,6 +49,7 @@ class Prompt:
     ids: list[int]
     seed: str  # text after the generation prompt (prefill, forced call opening): the reply's start
     parse_tools: bool  # tools offered: parse <tool_call> in the output
+    tool_names: frozenset[str]  # the offered tools (calls written without tags must name one)
     in_thinking: bool  # the prompt leaves the model inside <think>
 
 
@@ -74,7 +75,8 @@ def build_prompt(llm, req: CountTokensRequest) -> Prompt:
         ids = llm.encode_prompt(text)
     except KawaiError as e:
         raise InvalidRequestError(str(e)) from None
-    return Prompt(text, ids, seed, parse_tools=tools is not None, in_thinking=in_thinking)
+    names = frozenset(t.name for t in req.tools) if tools is not None else frozenset()
+    return Prompt(text, ids, seed, parse_tools=tools is not None, tool_names=names, in_thinking=in_thinking)
 
 
 def check_context(llm, prompt: Prompt, max_tokens: int) -> None:

@@ -139,7 +139,9 @@ class Reply:
         self.one_tool_only = isinstance(choice, (ToolChoiceAuto, ToolChoiceAny, ToolChoiceTool)) and (
             choice.disable_parallel_tool_use
         )
-        self.parser = OutputParser(parse_tools=prompt.parse_tools, in_thinking=prompt.in_thinking)
+        self.parser = OutputParser(
+            parse_tools=prompt.parse_tools, tool_names=prompt.tool_names, in_thinking=prompt.in_thinking
+        )
         self.parser.prime(prompt.seed)
         self.assembler = MessageAssembler()
         self.stop_reason: str | None = None

@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from api.errors import InvalidRequestError, NotFoundError
-from api.state import LoadedModel, server_state
+from api.state import LoadedModel, server_state, shown_model_id
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 20
@@ -56,7 +56,7 @@ async def get_model(request: Request) -> Response:
     model_id = request.path_params["model_id"]
     found = server_state(request).models.get(model_id)
     if found is None:
-        raise NotFoundError(f"model: {model_id[:100]!r} is not served here.")
+        raise NotFoundError(f"model: {shown_model_id(model_id)} is not served here.")
     return JSONResponse(model_info(found))
 
 

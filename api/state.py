@@ -7,6 +7,7 @@ the request id and the authenticated token id (the tenant).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -56,12 +57,17 @@ class ServerState:
         found = self.models.get(model_id)
         if found is None:
             served = ", ".join(sorted(self.models)) or "none"
-            raise NotFoundError(f"model: {model_id[:100]!r} is not served here. Available models: {served}")
+            raise NotFoundError(f"model: {shown_model_id(model_id)} is not served here. Available models: {served}")
         return found
 
     @property
     def healthy(self) -> bool:
         return bool(self.models) and all(m.worker.alive for m in self.models.values())
+
+
+def shown_model_id(model_id: str) -> str:
+    """The requested id for an error message, unless it looks like anything but an id (a path)."""
+    return repr(model_id) if re.fullmatch(r"[A-Za-z0-9._:-]{1,100}", model_id) else "the requested model"
 
 
 def server_state(request: Request) -> ServerState:

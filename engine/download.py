@@ -139,21 +139,13 @@ def download_file(
         except BlockingIOError:
             raise KawaiError(f"another download of {name} is in progress") from None
         part = _PartFile(out)
-        attempt = 0
-        while True:
-            try:
-                if _fetch(url, part, name=name, timeout=timeout, progress=progress):
-                    break
-                reason = "the connection closed early"
-            except _INTERRUPTED as e:
-                reason = type(e).__name__
-            attempt += 1
-            if attempt > retries:
-                raise KawaiError(
-                    f"download of {name} interrupted ({reason}) after {part.size} bytes; "
-                    "run the same pull again to resume"
-                )
-            time.sleep(retry_wait * attempt)
+        try:
+            _fetch_with_retries(url, part, name=name, retries=retries, retry_wait=retry_wait,
+                                timeout=timeout, progress=progress)
+        except BaseException:
+            if part.size == 0:  # nothing to resume: leave no empty .part behind
+                part_path.unlink(missing_ok=True)
+            raise
         digest = part.hasher.hexdigest()
         try:
             if sha256 is not None and digest != sha256.lower():
@@ -168,6 +160,25 @@ def download_file(
             raise
         os.replace(part_path, dest)
     return digest
+
+
+def _fetch_with_retries(url: str, part: _PartFile, *, name: str, retries: int, retry_wait: float,
+                        timeout: float, progress: bool) -> None:
+    attempt = 0
+    while True:
+        try:
+            if _fetch(url, part, name=name, timeout=timeout, progress=progress):
+                return
+            reason = "the connection closed early"
+        except _INTERRUPTED as e:
+            reason = type(e).__name__
+        attempt += 1
+        if attempt > retries:
+            raise KawaiError(
+                f"download of {name} interrupted ({reason}) after {part.size} bytes; "
+                "run the same pull again to resume"
+            )
+        time.sleep(retry_wait * attempt)
 
 
 def _fetch(url: str, part: _PartFile, *, name: str, timeout: float, progress: bool) -> bool:

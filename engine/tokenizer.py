@@ -229,8 +229,10 @@ class Tokenizer:
         self.pre = pre
         self.bos_id, self.eos_id, self.eot_id, self.eom_id = bos_id, eos_id, eot_id, eom_id
         self.unk_id, self.pad_id = unk_id, pad_id
-        self.add_bos = family.add_bos if add_bos is None else add_bos
-        if self.add_bos and bos_id is None:
+        if add_bos is None:  # the file does not say: llama.cpp's default for the family, if there is a BOS
+            add_bos = family.add_bos and bos_id is not None
+        self.add_bos = add_bos
+        if add_bos and bos_id is None:
             raise KawaiError("tokenizer.ggml.add_bos_token is true, but the file names no bos_token_id")
         self._types = token_types  # (V,) int8
         token_types = token_types.tolist()  # plain ints: much faster to index in the loop below

@@ -165,9 +165,8 @@ def _q3_k_block(b, y):
         for l in range(16):
             k = 16 * part + l  # 0..31
             q = (int(b[32 + 32 * half + k]) >> (2 * j)) & 3
-            if (int(b[k]) >> bit) & 1 == 0:
-                q -= 4
-            y[16 * s + l] = scale * F32(q)
+            offset = (((int(b[k]) >> bit) & 1) ^ 1) << 2  # 4 when the hmask bit is clear
+            y[16 * s + l] = scale * F32(q - offset)
 
 
 @njit(cache=True)
@@ -206,16 +205,19 @@ def _q5_k_block(b, y):
 @njit(cache=True)
 def _q6_k_block(b, y):
     d = f16_to_f32(b[208], b[209])
-    for half in range(2):  # weights 128*half + 32*j + l
+    for half in range(2):  # weights 128*half + 32*j + l, j = 0..3: four weights per (ql, qh) byte pair
         ql, qh, sc, out = 64 * half, 128 + 32 * half, 192 + 8 * half, 128 * half
-        for j in range(4):
-            low_at, low_shift = ql + 32 * (j % 2), 4 * (j // 2)
-            for part in range(2):  # sub-blocks of 16, each with its own int8 scale
-                scale = d * F32(_i8(b[sc + 2 * j + part]))
-                for l in range(16 * part, 16 * part + 16):
-                    low = (int(b[low_at + l]) >> low_shift) & 0x0F
-                    high = (int(b[qh + l]) >> (2 * j)) & 3
-                    y[out + 32 * j + l] = scale * F32((low | (high << 4)) - 32)
+        for part in range(2):  # l in 16*part .. 16*part+15: sub-blocks 2j + part, each with an int8 scale
+            scale0 = d * F32(_i8(b[sc + part]))
+            scale1 = d * F32(_i8(b[sc + part + 2]))
+            scale2 = d * F32(_i8(b[sc + part + 4]))
+            scale3 = d * F32(_i8(b[sc + part + 6]))
+            for l in range(16 * part, 16 * part + 16):
+                a, c, h = int(b[ql + l]), int(b[ql + 32 + l]), int(b[qh + l])
+                y[out + l] = scale0 * F32(((a & 0x0F) | ((h & 3) << 4)) - 32)
+                y[out + 32 + l] = scale1 * F32(((c & 0x0F) | (((h >> 2) & 3) << 4)) - 32)
+                y[out + 64 + l] = scale2 * F32(((a >> 4) | (((h >> 4) & 3) << 4)) - 32)
+                y[out + 96 + l] = scale3 * F32(((c >> 4) | (((h >> 6) & 3) << 4)) - 32)
 
 
 @njit(cache=True)

