@@ -16,7 +16,6 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.routing import Route
 from starlette.concurrency import run_in_threadpool
@@ -63,7 +62,6 @@ def create_app(settings: ServerSettings, models: Sequence[str | Path | object]) 
 
         store = TokenStore(settings.home or kawai_home())
     state = ServerState(settings, store)
-    routes = build_routes()
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -78,15 +76,15 @@ def create_app(settings: ServerSettings, models: Sequence[str | Path | object]) 
                 m.worker.stop(timeout=settings.drain_seconds)
 
     app = Starlette(
-        routes=routes,
-        middleware=[
-            Middleware(RequestContextMiddleware),
-            Middleware(AuthMiddleware, store=store, routes=routes, grants=GRANTS),
-        ],
+        routes=build_routes(),
         exception_handlers={ApiError: _on_api_error, HTTPException: _on_http_error},
         lifespan=lifespan,
     )
     app.router.redirect_slashes = False  # a redirect would be built from the Host header
+    # add_middleware puts each one outermost; auth reads the router's live route list, so a route added
+    # later without a grant is denied rather than open.
+    app.add_middleware(AuthMiddleware, store=store, routes=app.router.routes, grants=GRANTS)
+    app.add_middleware(RequestContextMiddleware)
     app.state.server = state
     return app
 

@@ -260,6 +260,7 @@ def main(argv=None) -> int:
     for engine, data in raw.items():
         results[engine] = {
             "version": data["hello"]["version"],
+            "build_info": data["hello"].get("info", ""),
             "load_s": data["hello"]["load_s"],
             "worker_peak_rss_mb": data["peak_rss_mb"],
             **summarize(data["runs"], args.prompt_tokens, bytes_per_token, read_gb_s),

@@ -28,6 +28,7 @@ class LlamaCppRunner:
         import llama_cpp
 
         self.version = llama_cpp.__version__
+        self.info = llama_cpp.llama_print_system_info().decode()  # the CPU features it was built with
         self._llm = llama_cpp.Llama(
             model_path=str(path),
             n_ctx=n_ctx,

@@ -3,7 +3,7 @@
     python benchmarks/worker.py ENGINE MODEL_PATH --threads N --n-ctx C
     ENGINE: kawai | llama.cpp | transformers
 
-On start it loads the model and answers {"ready": true, "load_s": ..., "version": ...}. Then, one JSON
+On start it loads the model and answers {"ready": true, "load_s": ..., "version": ..., "info": ...}. Then, one JSON
 command per stdin line, one JSON answer per stdout line:
     {"op": "run", "ids": [...], "gen": G} -> {"prefill_s": ..., "step_s": [G-1 floats], "tokens": [G ids]}
     {"op": "rss"}                         -> {"peak_rss_mb": ...}
@@ -51,7 +51,8 @@ def serve(engine: str, path: Path, threads: int, n_ctx: int, answers) -> None:
         start = time.perf_counter()
         runner = make_runner(engine, path, threads, n_ctx)
         load_s = time.perf_counter() - start
-        answer({"ready": True, "load_s": load_s, "version": getattr(runner, "version", "")})
+        info = {"version": getattr(runner, "version", ""), "info": getattr(runner, "info", "")}
+        answer({"ready": True, "load_s": load_s, **info})
         for line in sys.stdin:
             command = json.loads(line)
             if command["op"] == "run":

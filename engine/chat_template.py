@@ -286,8 +286,10 @@ class ChatTemplate:
             self._template = env.from_string(tree)
         except jinja2.TemplateSyntaxError as e:
             raise KawaiError(f"chat template: syntax error on line {e.lineno}: {e.message}") from None
-        except jinja2.TemplateError as e:  # e.g. a filter the sandbox does not have
+        except jinja2.TemplateError as e:
             raise KawaiError(f"chat template cannot be compiled: {e.message}") from None
+        except RecursionError:
+            raise KawaiError("chat template is nested too deeply to compile") from None
         variables = jinja2.meta.find_undeclared_variables(tree)
         self.supports_thinking: bool = "enable_thinking" in variables
         self.supports_tools: bool = "tools" in variables

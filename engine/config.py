@@ -13,12 +13,12 @@ from typing import Any
 from engine.errors import KawaiError
 from engine.gguf import GGUFFile
 
-SUPPORTED_ARCHS = ("qwen2", "qwen3", "llama")
+SUPPORTED_ARCHS = ("qwen2", "qwen3", "llama", "qwen2vl")
 
 # RoPE pairing. "neox": dims (i, i + head_dim/2) rotate together (HF's rotate_half; Qwen).
 # "normal": adjacent dims (2i, 2i+1) rotate together. llama.cpp's converter permutes Llama's Q/K rows
 # (convert_hf_to_gguf.py `LlamaModel.permute`) so that GGUF Llama weights use the "normal" pairing.
-ROPE_STYLE = {"qwen2": "neox", "qwen3": "neox", "llama": "normal"}
+ROPE_STYLE = {"qwen2": "neox", "qwen3": "neox", "llama": "normal", "qwen2vl": "neox"}
 
 MAX_DIM = 1 << 20  # sanity bound for every size read from metadata
 
@@ -42,6 +42,9 @@ class ModelConfig:
     qkv_bias: bool  # attn_q/k/v have biases (Qwen2)
     qk_norm: bool  # per-head RMSNorm on q and k before RoPE (Qwen3)
     tied_output: bool  # no output.weight: the output projection reuses token_embd
+    # M-RoPE (qwen2vl: Qwen2-VL / Qwen2.5-VL): dimension pairs turned by the t, h, w positions of image
+    # tokens (engine/vision/mrope.py); empty for text-only architectures.
+    rope_sections: tuple[int, ...] = ()
 
     @property
     def q_dim(self) -> int:
@@ -118,6 +121,7 @@ class ModelConfig:
             qkv_bias="blk.0.attn_q.bias" in gguf.tensors,
             qk_norm=arch == "qwen3",
             tied_output="output.weight" not in gguf.tensors,
+            rope_sections=_rope_sections(meta, arch, head_dim) if arch == "qwen2vl" else (),
         )
 
 
@@ -146,6 +150,22 @@ def _rope_scaling(meta: dict[str, Any], arch: str) -> tuple[str, float]:
     if kind == "linear":
         return "linear", _float(meta, f"{arch}.rope.scaling.factor", positive=True)
     raise KawaiError(f"{arch}.rope.scaling.type {kind!r} is not supported (supported: none, linear)")
+
+
+def _rope_sections(meta: dict[str, Any], arch: str, head_dim: int) -> tuple[int, int, int]:
+    """`{arch}.rope.dimension_sections` [t, h, w, 0]: pairs per position component, covering head_dim/2."""
+    name = f"{arch}.rope.dimension_sections"
+    value = _get(meta, name, _MISSING)
+    is_int_array = getattr(getattr(value, "dtype", None), "kind", None) in ("i", "u")  # GGUF arrays are numpy
+    sections = [int(v) for v in value] if is_int_array and len(value) in (3, 4) else None
+    if (
+        sections is None
+        or any(s < 0 for s in sections)
+        or any(sections[3:])
+        or sum(sections[:3]) != head_dim // 2
+    ):
+        raise KawaiError(f"GGUF metadata key {name!r} must be [t, h, w, 0] pairs summing to {head_dim // 2}, got {value!r}")
+    return tuple(sections[:3])
 
 
 _MISSING = object()

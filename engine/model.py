@@ -4,9 +4,9 @@
                           RMSNorm -> SwiGLU MLP -> residual ]
           -> final RMSNorm -> output projection -> logits
 
-The architectures differ only by flags on ModelConfig (qkv_bias, qk_norm, rope_style, tied_output).
-The model holds no state: the KVCache is passed in, and the positions of the new tokens start at
-`cache.length`.
+The architectures differ only by flags on ModelConfig (qkv_bias, qk_norm, rope_style, tied_output,
+rope_sections). The model holds no state: the KVCache is passed in, and the positions of the new tokens
+start at `cache.length` unless the caller gives them (multimodal prompts: engine/vision/).
 
 Letters used in shape comments:
     n  tokens in this chunk      d  d_model       H  n_heads      Hkv  n_kv_heads    hd  head_dim
@@ -20,6 +20,7 @@ import numpy as np
 from engine.config import ModelConfig
 from engine.errors import ContextLengthError, KawaiError
 from engine.kv_cache import KVCache
+from engine.vision.mrope import rope_multi
 from engine.weights import LayerWeights, Weights
 from kernels import ops
 from kernels.matmul import matmul, matmul_fused
@@ -28,22 +29,42 @@ CHUNK = 256  # prompt tokens processed at once: bounds activation memory and the
 
 
 def forward(
-    cfg: ModelConfig, weights: Weights, tokens: np.ndarray, cache: KVCache, *, all_logits: bool = False
+    cfg: ModelConfig,
+    weights: Weights,
+    tokens: np.ndarray | None,
+    cache: KVCache,
+    *,
+    all_logits: bool = False,
+    embeddings: np.ndarray | None = None,
+    positions: np.ndarray | None = None,
 ) -> np.ndarray:
     """Run `tokens` (n,) after the cache's contents; append their keys/values to `cache`.
 
     Returns float32 logits (n, V) with `all_logits`, else (1, V) for the last token only.
+    Multimodal prompts (engine/vision/multimodal.py) pass `embeddings` (n, d) instead of `tokens` and
+    RoPE `positions`: (n,), or (3, n) t/h/w for M-RoPE (cfg.rope_sections). By default token i of the
+    chunk sits at position cache.length + i.
     """
-    tokens = _check_tokens(cfg, tokens)
-    n = tokens.shape[0]
+    if embeddings is None:
+        tokens = _check_tokens(cfg, tokens)
+        n = tokens.shape[0]
+    else:
+        embeddings = _check_embeddings(cfg, embeddings)
+        n = embeddings.shape[0]
+    if positions is not None:
+        positions = _check_positions(cfg, positions, n)
     if n > cache.free:
         raise ContextLengthError(
             f"{n} new tokens do not fit in the context: {cache.length} of {cache.max_seq} positions used"
         )
     logits = []
     for lo in range(0, n, CHUNK):
-        chunk = tokens[lo : lo + CHUNK]
-        x = _forward_chunk(cfg, weights, chunk, cache)  # (n_chunk, d) normalized final hidden states
+        if embeddings is None:
+            x = weights.token_embd.lookup(tokens[lo : lo + CHUNK])  # (n_chunk, d)
+        else:
+            x = embeddings[lo : lo + CHUNK].copy()
+        chunk_positions = None if positions is None else positions[..., lo : lo + CHUNK]
+        x = _forward_chunk(cfg, weights, x, cache, chunk_positions)  # (n_chunk, d) normalized final states
         if all_logits:
             logits.append(matmul(weights.output, x))
         elif lo + CHUNK >= n:
@@ -51,12 +72,16 @@ def forward(
     return logits[0] if len(logits) == 1 else np.concatenate(logits)
 
 
-def _forward_chunk(cfg: ModelConfig, weights: Weights, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
+def _forward_chunk(
+    cfg: ModelConfig, weights: Weights, x: np.ndarray, cache: KVCache, positions: np.ndarray | None
+) -> np.ndarray:
+    """x (n, d) input embeddings, the residual stream (modified in place)."""
     start = cache.length
-    positions = np.arange(start, start + tokens.shape[0], dtype=np.int64)  # (n,)
+    n = x.shape[0]
+    if positions is None:
+        positions = np.arange(start, start + n, dtype=np.int64)  # (n,)
     inv_freq = rope_inv_freq(cfg, weights)  # (hd/2,)
 
-    x = weights.token_embd.lookup(tokens)  # (n, d) the residual stream
     h = np.empty_like(x)  # (n, d) normalized input of each sub-layer
     for i, layer in enumerate(weights.layers):
         ops.rms_norm(x, layer.attn_norm, cfg.rms_eps, h)
@@ -64,7 +89,7 @@ def _forward_chunk(cfg: ModelConfig, weights: Weights, tokens: np.ndarray, cache
         ops.rms_norm(x, layer.ffn_norm, cfg.rms_eps, h)
         x += mlp(layer, h)
     ops.rms_norm(x, weights.output_norm, cfg.rms_eps, h)
-    cache.length = start + tokens.shape[0]  # only once every layer has stored its keys and values
+    cache.length = start + n  # only once every layer has stored its keys and values
     return h
 
 
@@ -77,7 +102,8 @@ def attention(
     cache: KVCache,
     i: int,
 ) -> np.ndarray:
-    """Self-attention of the new tokens over the cached ones. h (n, d) -> (n, d)."""
+    """Self-attention of the new tokens over the cached ones. h (n, d) -> (n, d).
+    positions (n,), or (3, n) t/h/w for M-RoPE; the new keys go to cache slots cache.length.. ."""
     n = h.shape[0]
     q, k, v = matmul_fused([layer.attn_q, layer.attn_k, layer.attn_v], h)  # (n, H*hd), (n, Hkv*hd) x2
     if cfg.qkv_bias:
@@ -90,11 +116,15 @@ def attention(
     if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
         ops.rms_norm(q.reshape(-1, cfg.head_dim), layer.attn_q_norm, cfg.rms_eps, q.reshape(-1, cfg.head_dim))
         ops.rms_norm(k.reshape(-1, cfg.head_dim), layer.attn_k_norm, cfg.rms_eps, k.reshape(-1, cfg.head_dim))
-    neox = cfg.rope_style == "neox"
-    ops.rope(q, positions, inv_freq, neox)
-    ops.rope(k, positions, inv_freq, neox)
+    if positions.ndim == 2:  # M-RoPE: image tokens turn some pairs by their row / column
+        rope_multi(q, positions, inv_freq, cfg.rope_sections)
+        rope_multi(k, positions, inv_freq, cfg.rope_sections)
+    else:
+        neox = cfg.rope_style == "neox"
+        ops.rope(q, positions, inv_freq, neox)
+        ops.rope(k, positions, inv_freq, neox)
 
-    start = int(positions[0])
+    start = cache.length
     ops.store_kv(k, v, cache.k[i], cache.v[i], start)
     out = np.empty_like(q)  # (n, H, hd)
     ops.attention(q, cache.k[i], cache.v[i], start, np.float32(cfg.head_dim**-0.5), out)
@@ -116,6 +146,26 @@ def rope_inv_freq(cfg: ModelConfig, weights: Weights) -> np.ndarray:
     if weights.rope_freqs is not None:
         inv_freq = inv_freq / weights.rope_freqs
     return inv_freq.astype(np.float32)
+
+
+def _check_embeddings(cfg: ModelConfig, embeddings) -> np.ndarray:
+    embeddings = np.asarray(embeddings)
+    if embeddings.ndim != 2 or embeddings.shape[0] == 0 or embeddings.shape[1] != cfg.d_model:
+        raise KawaiError(f"embeddings must have shape (n, {cfg.d_model}), got {embeddings.shape}")
+    if not np.all(np.isfinite(embeddings)):
+        raise KawaiError("embeddings hold NaN or infinite values")
+    return np.ascontiguousarray(embeddings, dtype=np.float32)
+
+
+def _check_positions(cfg: ModelConfig, positions, n: int) -> np.ndarray:
+    """(n,) positions, or (3, n) t/h/w positions for an M-RoPE model; non-negative integers."""
+    positions = np.asarray(positions)
+    shapes = [(n,)] + ([(3, n)] if cfg.rope_sections else [])
+    if positions.shape not in shapes or positions.dtype.kind not in "iu":
+        raise KawaiError(f"positions must be integers of shape {' or '.join(map(str, shapes))}, got {positions.shape}")
+    if positions.size and int(positions.min()) < 0:
+        raise KawaiError("positions must be non-negative")
+    return np.ascontiguousarray(positions, dtype=np.int64)
 
 
 def _check_tokens(cfg: ModelConfig, tokens) -> np.ndarray:

@@ -282,6 +282,8 @@ class Tokenizer:
         if self._hf.get_vocab_size(with_added_tokens=True) != n_vocab:
             raise KawaiError("tokenizer vocabulary size changed while registering special tokens")
 
+        special = (TokenType.CONTROL, TokenType.UNKNOWN)
+        self._special_ids = frozenset(i for i, kind in enumerate(token_types) if kind in special)
         turn_ends = {i for i in (eos_id, eot_id, eom_id) if i is not None}
         turn_ends |= {vocab[t] for t in TURN_END_TEXTS if t in vocab and self.is_control(vocab[t])}
         self.stop_ids: frozenset[int] = frozenset(turn_ends)
@@ -351,7 +353,7 @@ class Tokenizer:
 
     def is_special(self, token_id: int) -> bool:
         """Control or unknown tokens: parsed from text only with special=True, dropped by skip_special."""
-        return self.token_type(token_id) in (TokenType.CONTROL, TokenType.UNKNOWN)
+        return self._check_id(token_id) in self._special_ids
 
     # ---- encode / decode ----
 
@@ -374,7 +376,7 @@ class Tokenizer:
         out = []
         for token_id in ids:
             i = self._check_id(token_id)
-            if not (skip_special and self.is_special(i)):
+            if not (skip_special and i in self._special_ids):
                 out.append(self._pieces[i])
         return out
 

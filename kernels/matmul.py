@@ -161,7 +161,11 @@ def _apply(w: PackedMatrix, x: np.ndarray, xa: QuantizedActivations | None) -> n
         mk.gemm_f32(w.weights, x, y)
         return y
     qsums = xa.qsum16 if w.group == 16 else xa.qsum32
-    mk.gemm_quant(FORMAT_CODES[w.fmt], w.weights, w.scales, w.mins, w.offset, xa.q, xa.d, qsums, y)
+    if w.mins.shape[1]:  # bias = sum mins * xqsum
+        coefs, factor = w.mins, 1.0
+    else:  # bias = -offset * sum scales * xqsum
+        coefs, factor = w.scales, -float(w.offset)
+    mk.gemm_quant(FORMAT_CODES[w.fmt], w.weights, w.scales, coefs, factor, xa.q, xa.d, qsums, y)
     return y
 
 

@@ -1,31 +1,30 @@
-"""AVX2 row dot products of packed weight blocks with int8 activations, as Numba intrinsics in LLVM IR.
+"""AVX2 dot products of packed weight blocks with int8 activations, as Numba intrinsics in LLVM IR.
 
 Numba's default pipeline leaves the 32-element block loops of a quantized dot product scalar (its SLP
-vectorizer is off), so the innermost work is emitted here directly: per block of 32 weights,
+vectorizer is off), so the innermost work is emitted here directly. Per block of 32 weights:
 
-    vpmaddubsw(u8 weights, i8 activations) -> 16 x i16 pair sums   (|sum| <= 2 * 255 * 127 never saturates
-    vpmaddwd(.., 1)                        -> 8 x i32                for the value ranges used here)
-    vcvtdq2ps, vmulps by the block scale, vaddps into an 8-lane float accumulator; one horizontal sum per row.
+    vpmaddubsw(u8 weights, i8 activations) -> 16 x i16 pair sums   (|pair| <= 2 * 128 * 127: no saturation)
+    vpmaddwd(.., 1)                        -> 8 x i32
+    vcvtdq2ps, vfmadd by (block scale * activation scale) into an 8-lane float accumulator
 
-Signed weights ("s8", Q8_0) use the usual sign trick: |w| as the unsigned operand, x with w's sign
-applied as the signed one. One intrinsic computes, for one weight row and NT tokens (NT = 1 or 4),
+and one horizontal sum per output. Signed weights ("s8", Q8_0) use the sign trick: |w| as the unsigned
+operand, x with w's sign as the signed one. A call `dot_<fmt>_r<NR>t<NT>(w, w_off, w_stride, s, s_off,
+s_stride, x, x_off, xd, xd_off, B)` computes, for NR weight rows and NT tokens (row-major tuple),
 
-    out[i] = sum_b sum_g scale[s_off + b*G + g] * xd[xd_off + i*B + b] * isum(b, g, token i)
-    isum(b, g, i) = sum over the 32/G weights k of group g: q[b, k] * x[x_off + i*B*32 + b*32 + k]
+    out[r, i] = sum_b sum_g s[s_off + r*s_stride + b*G + g] * xd[xd_off + i*B + b] * isum(r, i, b, g)
+    isum      = sum over the weights k of group g: q[r, b, k] * x[x_off + i*B*32 + b*32 + k]
 
-with q the block's quants decoded from `w` (flat uint8, `w_off` bytes in) by the format:
+with q the quants decoded from w (flat uint8, row r's blocks from byte w_off + r*w_stride) by format:
 
-    "s8"  32 bytes per block: int8 quants
-    "u8"  32 bytes: unsigned quants 0..63
-    "u4"  16 bytes: element j in the low nibble of byte j, element j + 16 in its high nibble
+    "s8"  32 bytes per block: int8 quants                        G = 1
+    "u8"  32 bytes: unsigned quants 0..63, a scale per 16        G = 2
+    "u4"  16 bytes: element j in the low nibble of byte j, element j + 16 in its high nibble   G = 1
     "u5"  20 bytes: the "u4" nibbles, then a little-endian u32 with the 5th bit of element j at bit j
 
-G = 32 // group scales per block ("u8" has G = 2, the others G = 1). Each token's float operations run
-in the same order whatever NT is, so a prefill row equals the same token computed alone, bit for bit.
-
-The intrinsics exist where `AVAILABLE` (x86-64 with AVX2, JIT on). Elsewhere, and with
-NUMBA_DISABLE_JIT=1, the same names are plain-loop Numba functions over `isum_portable`, which is also
-the readable definition the intrinsics are tested against.
+Each (row, token) output goes through the same operations whatever NR and NT are, so a prefill row
+equals the same token computed alone, bit for bit. The intrinsics exist where `AVAILABLE` (x86-64 with
+AVX2 and FMA, JIT on). Elsewhere, and with NUMBA_DISABLE_JIT=1, the same names are plain-loop Numba
+functions over `isum_portable`, which is also the definition the intrinsics are tested against.
 """
 
 from __future__ import annotations
@@ -39,16 +38,17 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 BLOCK_BYTES = {"s8": 32, "u8": 32, "u4": 16, "u5": 20}
+GROUPS = {"s8": 1, "u8": 2, "u4": 1, "u5": 1}  # scales per block of 32
 FMT_S8, FMT_U8, FMT_U4, FMT_U5 = 0, 1, 2, 3  # format codes passed to the Numba kernels
 FORMAT_CODES = {"s8": FMT_S8, "u8": FMT_U8, "u4": FMT_U4, "u5": FMT_U5}
 
 
-def _host_has_avx2() -> bool:
+def _host_has_avx2_fma() -> bool:
     features = llvm_binding.get_host_cpu_features()
-    return bool(features.get("avx2", False))
+    return bool(features.get("avx2", False) and features.get("fma", False))
 
 
-AVAILABLE = not numba.config.DISABLE_JIT and _host_has_avx2()
+AVAILABLE = not numba.config.DISABLE_JIT and _host_has_avx2_fma()
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _F32 = ir.FloatType()
@@ -106,63 +106,98 @@ def _hsum8(builder: ir.IRBuilder, v):
                         builder.extract_element(v, ir.Constant(_I32, 1)))
 
 
-def _emit_row_dot(context, builder, sig, args, fmt: str, group: int, nt: int):
-    wp, sp, xp, xdp = (cgutils.create_struct_proxy(sig.args[i])(context, builder, value=args[i]).data
-                       for i in (0, 2, 4, 6))
-    w_off, s_off, x_off, xd_off, n_blocks = (context.cast(builder, args[i], sig.args[i], types.int64)
-                                             for i in (1, 3, 5, 7, 8))
-    v8i8, v16i16, v8i32, v8f32 = _vec(_I8, 32), _vec(_I16, 16), _vec(_I32, 8), _vec(_F32, 8)
+def _emit_dot(context, builder, sig, args, fmt: str, nr: int, nt: int):
+    """IR for NR weight rows x NT tokens (see the module docstring); returns the NR*NT outputs, row-major.
+
+    Each (row, token) pair has its own accumulators and sees the same operations whatever NR and NT
+    are; with NR * NT = 4 independent vector accumulators the FMA latency is hidden."""
+    arrays = {i: cgutils.create_struct_proxy(sig.args[i])(context, builder, value=args[i]) for i in (0, 3, 4, 7, 8, 9)}
+    wp, sp, mp, xp, xdp, xqp = (arrays[i].data for i in (0, 3, 4, 7, 8, 9))
+    w_off, w_stride, g_off, g_stride, t0, n_blocks = (
+        context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 5, 6, 10, 11))
+    bias_factor = context.cast(builder, args[12], sig.args[12], types.float32)
+    i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
+    v32i8, v16i16, v8i32, v8f32 = _vec(_I8, 32), _vec(_I16, 16), _vec(_I32, 8), _vec(_F32, 8)
     ones16 = _consts(_I16, [1] * 16)
-    n_groups = 32 // group
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f32, None)) for _ in range(nt)]
-    with cgutils.for_range(builder, n_blocks) as loop:
-        b = loop.index
-        q = _decode_block(builder, wp, builder.add(w_off, builder.mul(b, ir.Constant(_I64, BLOCK_BYTES[fmt]))), fmt)
-        if fmt == "s8":
-            q_abs = _call(builder, "llvm.abs.v32i8", v8i8, [q, ir.Constant(ir.IntType(1), 0)])
-        s_at = builder.add(s_off, builder.mul(b, ir.Constant(_I64, n_groups)))
-        if n_groups == 1:
-            scale_lanes = _splat(builder, _load(builder, sp, s_at, _F32), 8)
-        else:  # lanes 0-3 hold elements 0-15, lanes 4-7 elements 16-31
-            pair = _load(builder, sp, s_at, _vec(_F32, 2))
-            scale_lanes = _shuffle(builder, pair, pair, [0, 0, 0, 0, 1, 1, 1, 1])
+    n_groups = GROUPS[fmt]
+    needs_bias = fmt != "s8"  # every other format carries mins or an offset
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f32, None)) for _ in range(nr * nt)]
+    biases = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(nr * nt)]
+
+    def block(b):
+        xs, dxs, xq_sums = [], [], []
         for i in range(nt):
-            blk = builder.add(builder.mul(n_blocks, ir.Constant(_I64, i)), b)
-            x = _load(builder, xp, builder.add(x_off, builder.mul(blk, ir.Constant(_I64, 32))), v8i8)
-            dx = _load(builder, xdp, builder.add(xd_off, blk), _F32)
+            blk = builder.add(builder.mul(n_blocks, builder.add(t0, i64(i))), b)  # token t0+i, block b
+            xs.append(_load(builder, xp, builder.mul(blk, i64(32)), v32i8))
+            dxs.append(_splat(builder, _load(builder, xdp, blk, _F32), 8))
+            if needs_bias:
+                xq_sums.append([_load(builder, xqp, builder.add(builder.mul(blk, i64(n_groups)), i64(g)), _F32)
+                                for g in range(n_groups)])
+        for r in range(nr):
+            w_at = builder.add(builder.add(w_off, builder.mul(w_stride, i64(r))), builder.mul(b, i64(BLOCK_BYTES[fmt])))
+            q = _decode_block(builder, wp, w_at, fmt)
             if fmt == "s8":
-                pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", v16i16,
-                              [q_abs, _call(builder, "llvm.x86.avx2.psign.b", v8i8, [x, q])])
-            else:
-                pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", v16i16, [q, x])
-            quads = _call(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [pairs, ones16])
-            term = builder.fmul(builder.sitofp(quads, v8f32), builder.fmul(scale_lanes, _splat(builder, dx, 8)))
-            builder.store(builder.fadd(builder.load(accs[i]), term), accs[i])
-    sums = [_hsum8(builder, builder.load(acc)) for acc in accs]
-    return sums[0] if nt == 1 else context.make_tuple(builder, sig.return_type, sums)
+                q_abs = _call(builder, "llvm.abs.v32i8", v32i8, [q, ir.Constant(ir.IntType(1), 0)])
+            g_at = builder.add(builder.add(g_off, builder.mul(g_stride, i64(r))), builder.mul(b, i64(n_groups)))
+            group_scales = [_load(builder, sp, builder.add(g_at, i64(g)), _F32) for g in range(n_groups)]
+            if n_groups == 1:
+                scale = _splat(builder, group_scales[0], 8)
+            else:  # lanes 0-3 sum elements 0-15, lanes 4-7 elements 16-31
+                pair = builder.insert_element(_splat(builder, group_scales[0], 2), group_scales[1], ir.Constant(_I32, 1))
+                scale = _shuffle(builder, pair, pair, [0, 0, 0, 0, 1, 1, 1, 1])
+            if needs_bias:
+                coefs = [_load(builder, mp, builder.add(g_at, i64(g)), _F32) for g in range(n_groups)]
+            for i in range(nt):
+                if fmt == "s8":
+                    signed_x = _call(builder, "llvm.x86.avx2.psign.b", v32i8, [xs[i], q])
+                    pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", v16i16, [q_abs, signed_x])
+                else:
+                    pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", v16i16, [q, xs[i]])
+                quads = _call(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [pairs, ones16])
+                acc = accs[r * nt + i]
+                total = _call(builder, "llvm.fma.v8f32", v8f32,
+                              [builder.sitofp(quads, v8f32), builder.fmul(scale, dxs[i]), builder.load(acc)])
+                builder.store(total, acc)
+                if needs_bias:
+                    bias = builder.load(biases[r * nt + i])
+                    for g in range(n_groups):
+                        bias = _call(builder, "llvm.fma.f32", _F32, [coefs[g], xq_sums[i][g], bias])
+                    builder.store(bias, biases[r * nt + i])
+
+    with cgutils.for_range(builder, n_blocks) as loop:
+        block(loop.index)
+    outs = []
+    for k, acc in enumerate(accs):
+        out = _hsum8(builder, builder.load(acc))
+        if needs_bias:
+            out = builder.fadd(out, builder.fmul(bias_factor, builder.load(biases[k])))
+        outs.append(out)
+    return outs[0] if nr * nt == 1 else context.make_tuple(builder, sig.return_type, outs)
 
 
-def _make_row_dot(fmt: str, group: int, nt: int):
+def _make_intrinsic(fmt: str, nr: int, nt: int):
     @intrinsic
-    def row_dot(typingctx, w, w_off, s, s_off, x, x_off, xd, xd_off, n_blocks):
-        ret = types.float32 if nt == 1 else types.UniTuple(types.float32, nt)
-        sig = ret(w, w_off, s, s_off, x, x_off, xd, xd_off, n_blocks)
+    def dot(typingctx, w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor):
+        ret = types.float32 if nr * nt == 1 else types.UniTuple(types.float32, nr * nt)
+        sig = ret(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor)
 
         def codegen(context, builder, signature, args):
-            return _emit_row_dot(context, builder, signature, args, fmt, group, nt)
+            return _emit_dot(context, builder, signature, args, fmt, nr, nt)
 
         return sig, codegen
 
-    return row_dot
+    return dot
 
 
 @numba.njit(cache=True)
-def isum_portable(fmt, w, w_off, s, s_off, x, x_off, xd, xd_off, n_blocks):
-    """sum_b sum_g s * xd * (int dot of group g's quants with x): what every row_dot computes, in plain loops."""
+def dot_portable(fmt, w, w_off, s, m, g_off, x, xd, xqsum, t, n_blocks, bias_factor):
+    """One row (bytes from w_off, groups from g_off) and token t, in plain loops: what the intrinsics
+    compute (up to float rounding order)."""
     n_groups = 2 if fmt == FMT_U8 else 1
     group = 32 // n_groups
     q = np.empty(32, np.int32)
     total = np.float32(0.0)
+    bias = np.float32(0.0)
     for b in range(n_blocks):
         if fmt == FMT_S8 or fmt == FMT_U8:
             at = w_off + b * 32
@@ -177,43 +212,58 @@ def isum_portable(fmt, w, w_off, s, s_off, x, x_off, xd, xd_off, n_blocks):
             if fmt == FMT_U5:
                 for j in range(32):
                     q[j] |= ((int(w[at + 16 + j // 8]) >> (j % 8)) & 1) << 4
-        dx = xd[xd_off + b]
+        blk = t * n_blocks + b
         for g in range(n_groups):
             isum = 0
             for j in range(g * group, g * group + group):
-                isum += int(q[j]) * int(x[x_off + b * 32 + j])
-            total += s[s_off + b * n_groups + g] * dx * np.float32(isum)
-    return total
+                isum += int(q[j]) * int(x[blk * 32 + j])
+            at_g = g_off + b * n_groups + g
+            total += s[at_g] * xd[blk] * np.float32(isum)
+            bias += m[at_g] * xqsum[blk * n_groups + g]
+    if fmt == FMT_S8:
+        return total
+    return total + np.float32(bias_factor) * bias
 
 
-def _make_portable(fmt: str, nt: int):
+def _make_portable(fmt: str, nr: int, nt: int):
     code = FORMAT_CODES[fmt]
 
-    if nt == 1:
+    @numba.njit(cache=True)
+    def one(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor, k):
+        r, i = k // nt, k % nt
+        return dot_portable(code, w, w_off + r * w_stride, s, m, g_off + r * g_stride, x, xd, xqsum, t0 + i,
+                            n_blocks, bias_factor)
+
+    if nr * nt == 1:
         @numba.njit(cache=True)
-        def row_dot(w, w_off, s, s_off, x, x_off, xd, xd_off, n_blocks):
-            return isum_portable(code, w, w_off, s, s_off, x, x_off, xd, xd_off, n_blocks)
-    else:
+        def dot(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor):
+            return one(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor, 0)
+    else:  # NR * NT == 4
         @numba.njit(cache=True)
-        def row_dot(w, w_off, s, s_off, x, x_off, xd, xd_off, n_blocks):
-            step = n_blocks * 32
-            return (isum_portable(code, w, w_off, s, s_off, x, x_off, xd, xd_off, n_blocks),
-                    isum_portable(code, w, w_off, s, s_off, x, x_off + step, xd, xd_off + n_blocks, n_blocks),
-                    isum_portable(code, w, w_off, s, s_off, x, x_off + 2 * step, xd, xd_off + 2 * n_blocks, n_blocks),
-                    isum_portable(code, w, w_off, s, s_off, x, x_off + 3 * step, xd, xd_off + 3 * n_blocks, n_blocks))
-    return row_dot
+        def dot(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor):
+            return (one(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor, 0),
+                    one(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor, 1),
+                    one(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor, 2),
+                    one(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor, 3))
+    return dot
 
 
-def _make(fmt: str, group: int, nt: int):
-    return _make_row_dot(fmt, group, nt) if AVAILABLE else _make_portable(fmt, nt)
+def _make(fmt: str, nr: int, nt: int):
+    assert nr * nt in (1, 4)
+    return _make_intrinsic(fmt, nr, nt) if AVAILABLE else _make_portable(fmt, nr, nt)
 
 
-# One row dot per (format, weights per scale, tokens): dot_<fmt>[_g16]_t<NT>.
-dot_s8_t1 = _make("s8", 32, 1)
-dot_s8_t4 = _make("s8", 32, 4)
-dot_u8_g16_t1 = _make("u8", 16, 1)
-dot_u8_g16_t4 = _make("u8", 16, 4)
-dot_u4_t1 = _make("u4", 32, 1)
-dot_u4_t4 = _make("u4", 32, 4)
-dot_u5_t1 = _make("u5", 32, 1)
-dot_u5_t4 = _make("u5", 32, 4)
+# Dot products dot_<fmt>_r<NR>t<NT>: one row and one token; 4 rows and one token (decode); one row and
+# 4 tokens (prefill). "u8" always has a scale per 16 weights, the others one per 32.
+dot_s8_r1t1 = _make("s8", 1, 1)
+dot_s8_r4t1 = _make("s8", 4, 1)
+dot_s8_r1t4 = _make("s8", 1, 4)
+dot_u8_r1t1 = _make("u8", 1, 1)
+dot_u8_r4t1 = _make("u8", 4, 1)
+dot_u8_r1t4 = _make("u8", 1, 4)
+dot_u4_r1t1 = _make("u4", 1, 1)
+dot_u4_r4t1 = _make("u4", 4, 1)
+dot_u4_r1t4 = _make("u4", 1, 4)
+dot_u5_r1t1 = _make("u5", 1, 1)
+dot_u5_r4t1 = _make("u5", 4, 1)
+dot_u5_r1t4 = _make("u5", 1, 4)

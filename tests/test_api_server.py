@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import select
 import socket
 import time
 from datetime import datetime
@@ -18,14 +17,21 @@ from datetime import datetime
 import httpx
 import pytest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import Route
 
 import engine
 from api.app import create_app
 from api.errors import ApiError
 from api.middleware import RequestContextMiddleware
+from api.prompt import Prompt
+from api.routes_messages import Reply
 from api.sse import sse_frames
 from api.state import ServerSettings
+from api.wire import MessagesRequest, parse_request
+from api.worker import Finished, Job, StepChannel
+from engine.generate import Step
+from engine.sampling import SamplingParams
 from api_harness import LiveServer, make_tokens, parse_sse
 from tiny_models import write_tiny_model
 
@@ -244,57 +250,90 @@ def test_bad_bodies_are_400(client):
 LIMIT = 32 * 1024 * 1024
 
 
+def read_response(s: socket.socket) -> bytes:
+    """One HTTP response with a Content-Length body, read from a raw socket."""
+    s.settimeout(10)
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            part = s.recv(65536)
+            if not part:
+                return data
+            data += part
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        while len(rest) < length:
+            part = s.recv(65536)
+            if not part:
+                break
+            rest += part
+        return head + b"\r\n\r\n" + rest
+    except OSError:
+        return data
+
+
 def test_declared_oversize_body_is_413_before_reading_it(server, tokens):
     with socket.create_connection(("127.0.0.1", server.port)) as s:
         s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-api-key: "
                   + tokens.all.encode() + b"\r\nContent-Length: %d\r\n\r\n{" % (LIMIT + 1))
-        s.settimeout(10)
-        response = s.recv(65536)
+        response = read_response(s)
     assert response.startswith(b"HTTP/1.1 413") and b'"request_too_large"' in response
 
 
 def test_oversize_body_without_length_is_counted_while_streaming(server, tokens):
-    """Chunked upload with no Content-Length: the server answers 413 once the count passes 32 MB."""
+    """Chunked upload, no Content-Length, and the body never ends: the answer can only come from
+    counting bytes as they arrive."""
     chunk = b"a" * (1024 * 1024)
     with socket.create_connection(("127.0.0.1", server.port)) as s:
         s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"x-api-key: " + tokens.all.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
-        sent = 0
-        response = b""
-        while sent < 40 * 1024 * 1024:
-            readable, _, _ = select.select([s], [], [], 0)
-            if readable:
-                break
-            try:
-                s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            except OSError:
-                break
-            sent += len(chunk)
-        s.settimeout(10)
         try:
-            while b"\r\n\r\n" not in response or not response.rstrip().endswith(b"}"):
-                part = s.recv(65536)
-                if not part:
-                    break
-                response += part
-        except OSError:
+            for _ in range(LIMIT // len(chunk) + 2):  # just past the limit; no terminating 0-chunk
+                s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        except OSError:  # the server may answer and close before the last chunk
             pass
+        response = read_response(s)
     assert response.startswith(b"HTTP/1.1 413"), response[:200]
     assert b'"request_too_large"' in response
-    assert sent <= LIMIT + 4 * len(chunk)  # answered as the limit passed, not after the whole upload
 
 
 # ---- the engine thread: queue, cancellation, ping ------------------------------------------------------------
 
 
-def test_client_disconnect_stops_generation_within_a_token(server, tokens, client):
+def first_delta(response: httpx.Response):
+    """Read up to the first content delta; returns the line iterator, which keeps the stream open."""
+    lines = response.iter_lines()
+    for line in lines:
+        if line.startswith("event: content_block_delta"):
+            return lines
+    raise AssertionError("no content delta")
+
+
+def test_client_disconnect_stops_generation_within_a_token(server, tokens):
     """A 480-token greedy run takes seconds on the tiny model; closing the stream ends it at once."""
+    worker = server.state.models["tiny-qwen2-f32"].worker
     with httpx.Client(base_url=server.url, headers={"x-api-key": tokens.all}, timeout=60) as c:
         with c.stream("POST", "/v1/messages", json=body(stream=True, max_tokens=480)) as r:
-            for line in r.iter_lines():
-                if line.startswith("event: content_block_delta"):
-                    break
-    assert wait_idle(server) < 2.0
+            lines = first_delta(r)
+            time.sleep(0.3)
+            assert worker.busy and next(lines) is not None  # still generating
+            r.close()
+            assert wait_idle(server) < 1.0
+
+
+def test_non_streaming_client_disconnect_also_cancels(server, tokens):
+    worker = server.state.models["tiny-qwen2-f32"].worker
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        payload = json.dumps(body(max_tokens=480)).encode()
+        s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-api-key: "
+                  + tokens.all.encode() + b"\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        t0 = time.monotonic()
+        while not worker.busy:
+            assert time.monotonic() - t0 < 5
+            time.sleep(0.01)
+        time.sleep(0.3)
+        assert worker.busy
+    assert wait_idle(server) < 1.0
 
 
 def test_full_queue_is_529_at_once(server, tokens):
@@ -303,25 +342,45 @@ def test_full_queue_is_529_at_once(server, tokens):
     with httpx.Client(base_url=server.url, headers=headers, timeout=60) as running, \
             httpx.Client(base_url=server.url, headers=headers, timeout=60) as waiting:
         with running.stream("POST", "/v1/messages", json=body(stream=True, max_tokens=480)) as r1:
-            for line in r1.iter_lines():
-                if line.startswith("event: content_block_delta"):
-                    break
-            with waiting.stream("POST", "/v1/messages", json=body(stream=True, max_tokens=2)) as r2:
+            lines = first_delta(r1)  # running
+            with waiting.stream("POST", "/v1/messages", json=body(stream=True, max_tokens=2)) as r2:  # queued
                 t0 = time.monotonic()
                 r3 = httpx.post(server.url + "/v1/messages", json=body(), headers=headers, timeout=60)
                 assert time.monotonic() - t0 < 2.0
                 check_error(r3, 529, "overloaded_error")
-                assert r2.status_code == 200
+                assert r2.status_code == 200 and next(lines) is not None
+            r1.close()
     wait_idle(server)
 
 
-def test_pings_fill_silences(server, tokens):
-    """ping_interval=0.2 s here: a 300-token prompt's prefill plus decoding leaves gaps that get pings."""
-    b = body(stream=True, max_tokens=200, messages=[{"role": "user", "content": "hello world " * 150}])
-    r = httpx.post(server.url + "/v1/messages", json=b, headers={"x-api-key": tokens.all}, timeout=60)
-    frames = parse_sse(r.text)
-    assert frames[0][0] == "message_start" and frames[-1][0] == "message_stop"
-    assert ("ping", {"type": "ping"}) in frames
+def test_pings_fill_silences_before_and_between_events():
+    """Reply.events with a slow producer standing in for the engine thread (prefill, then two tokens)."""
+
+    async def scenario():
+        channel = StepChannel(asyncio.get_running_loop())
+        job = Job([1, 2], SamplingParams(max_tokens=2), channel, "req_test")
+        prompt = Prompt("x", [1, 2], "", parse_tools=False, tool_names=frozenset(), in_thinking=False)
+        reply = Reply("m", prompt, parse_request(MessagesRequest, body()), job, ping_interval=0.05)
+
+        async def engine_thread():
+            await asyncio.sleep(0.3)  # "prefill"
+            channel.put(Step(5, "Hi", None))
+            await asyncio.sleep(0.3)
+            channel.put(Step(6, "!", "eos"))
+            channel.put(Finished(prompt_tokens=2, cached_tokens=0, generated_tokens=2))
+
+        producer = asyncio.create_task(engine_thread())
+        events = [e["type"] async for e in reply.events()]
+        await producer
+        return events, reply.message()
+
+    kinds, message = asyncio.run(scenario())
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    first_block = kinds.index("content_block_start")
+    assert kinds[1:first_block].count("ping") >= 3  # during "prefill"
+    between = kinds[first_block:kinds.index("content_block_stop")]
+    assert between.count("ping") >= 3 and between.count("content_block_delta") == 2
+    assert message["content"] == [{"type": "text", "text": "Hi!"}] and message["stop_reason"] == "end_turn"
 
 
 def test_health_reports_a_dead_engine_thread(tiny_llm, tmp_path):
@@ -341,7 +400,7 @@ def test_unhandled_exception_is_a_generic_500_logged_with_the_request_id(caplog)
     async def broken(request):
         raise RuntimeError("secret detail in /home/user/.cache/kawai/models/x.gguf")
 
-    app = RequestContextMiddleware(Starlette(routes=[Route("/boom", broken)]))
+    app = Starlette(routes=[Route("/boom", broken)], middleware=[Middleware(RequestContextMiddleware)])
     with caplog.at_level(logging.ERROR, logger="kawai.api"), LiveServer(app) as s:
         r = httpx.get(s.url + "/boom")
     data = check_error(r, 500, "api_error")

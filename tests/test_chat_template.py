@@ -232,7 +232,7 @@ def test_qwen25_prompt_tokens_match_transformers(qwen_template, qwen_tok, hf_qwe
     ids = qwen_tok.encode(qwen_template.render(messages, tools=TOOLS))
     expected = hf_qwen.apply_chat_template(messages, tools=TOOLS, tokenize=True, add_generation_prompt=True)
     assert ids == expected["input_ids"]
-    assert ids[0] == 151644 and ids.count(151645) == 5  # <|im_start|> ... five <|im_end|>
+    assert ids[0] == 151644 and ids.count(151645) == 6  # <|im_start|>, then six turns end in <|im_end|>
 
 
 @pytest.mark.parametrize("enable_thinking", [None, True, False], ids=["default", "on", "off"])
@@ -241,11 +241,16 @@ def test_qwen3_template_matches_transformers(qwen3_template, hf_qwen, name, enab
     messages = {**CONVERSATIONS, **THINKING}[name]
     kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     for tools in (None, TOOLS):
-        ours = qwen3_template.render(messages, tools=tools, enable_thinking=enable_thinking)
-        expected = hf_render(
-            hf_qwen, messages, tools=tools, add_generation_prompt=True, chat_template=QWEN3_TEMPLATE, **kwargs
-        )
-        assert ours == expected
+        try:
+            expected = hf_render(
+                hf_qwen, messages, tools=tools, add_generation_prompt=True, chat_template=QWEN3_TEMPLATE, **kwargs
+            )
+        except Exception as e:  # Qwen3's template needs `content`; one set to None is dropped, so both fail
+            with pytest.raises(KawaiError, match="has no attribute 'content'"):
+                qwen3_template.render(messages, tools=tools, enable_thinking=enable_thinking)
+            assert "has no attribute 'content'" in str(e)
+            continue
+        assert qwen3_template.render(messages, tools=tools, enable_thinking=enable_thinking) == expected
 
 
 def test_qwen3_thinking_switch(qwen3_template):
@@ -287,17 +292,20 @@ def test_environment_matches_transformers(hf_qwen):
     ours = ChatTemplate(FEATURES, bos_token="<|endoftext|>", eos_token="<|im_end|>").render(
         messages, tools=TOOLS, custom="x"
     )
-    assert ours == hf_render(hf_qwen, messages, tools=TOOLS, custom="x", add_generation_prompt=True, chat_template=FEATURES)
+    expected = hf_render(hf_qwen, messages, tools=TOOLS, custom="x", add_generation_prompt=True, chat_template=FEATURES)
+    assert ours == expected
     assert '"<é>"' in ours  # no HTML escaping, no ASCII escaping
 
 
 def test_strftime_now():
-    assert ChatTemplate("{{ strftime_now('%Y') }}").render([]) in {str(datetime.now().year), str(datetime.now().year + 1)}
+    year = datetime.now().year
+    assert ChatTemplate("{{ strftime_now('%Y') }}").render([]) in {str(year), str(year + 1)}
 
 
 def test_generation_tag_renders_its_body():
     source = "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}"
-    assert ChatTemplate(source).render([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]) == "ab"
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert ChatTemplate(source).render(messages) == "ab"
 
 
 def test_chatml_fallback(qwen_meta, qwen_tok):
@@ -305,7 +313,8 @@ def test_chatml_fallback(qwen_meta, qwen_tok):
     template = ChatTemplate.from_gguf(meta, qwen_tok)
     assert template.is_fallback and template.source == CHATML_TEMPLATE
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
-    assert template.render(messages) == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
+    expected = "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
+    assert template.render(messages) == expected
     assert template.render(messages, add_generation_prompt=False).endswith("U<|im_end|>\n")
 
 
@@ -320,7 +329,9 @@ def test_inputs_are_not_modified(qwen3_template):
 
 
 def test_raise_exception_becomes_a_kawai_error():
-    source = "{% if messages[0].role != 'user' %}{{ raise_exception('Conversation roles must alternate') }}{% endif %}ok"
+    source = (
+        "{% if messages[0].role != 'user' %}{{ raise_exception('Conversation roles must alternate') }}{% endif %}ok"
+    )
     template = ChatTemplate(source)
     assert template.render([{"role": "user", "content": "x"}]) == "ok"
     with pytest.raises(KawaiError, match="Conversation roles must alternate"):
@@ -329,7 +340,11 @@ def test_raise_exception_becomes_a_kawai_error():
 
 @pytest.mark.parametrize(
     ("source", "message"),
-    [("{% for %}", "syntax error on line 1"), ("{{ x | no_such_filter }}", "no_such_filter"), ("{% endif %}", "syntax")],
+    [
+        ("{% for %}", "syntax error on line 1"),
+        ("{{ x | no_such_filter }}", "no_such_filter"),
+        ("{% endif %}", "syntax"),
+    ],
 )
 def test_broken_template_is_a_clear_error(source, message):
     with pytest.raises(KawaiError, match=message):
@@ -390,8 +405,12 @@ def test_non_string_template_in_metadata(qwen_tok):
     ],
 )
 def test_sandbox_blocks_escapes(source):
-    with pytest.raises(KawaiError):
-        ChatTemplate(source).render([{"role": "user", "content": "x"}])
+    """An unsafe attribute is an error, or (printed directly, as in transformers) an empty undefined."""
+    try:
+        out = ChatTemplate(source).render([{"role": "user", "content": "x"}])
+    except KawaiError:
+        return
+    assert out == ""
 
 
 @pytest.mark.parametrize(
@@ -447,3 +466,13 @@ def test_output_cap_is_configurable():
     assert template.render([{"role": "user", "content": "0123456789"}]) == "0123456789"
     with pytest.raises(TemplateLimitError, match="longer than 10"):
         template.render([{"role": "user", "content": "0123456789a"}])
+
+
+def test_classic_escape_is_an_error():
+    with pytest.raises(KawaiError, match="unsafe"):
+        ChatTemplate("{{ ''.__class__.__mro__ }}").render([])
+
+
+def test_deeply_nested_template_is_a_clear_error():
+    with pytest.raises(KawaiError, match="nested too deeply"):
+        ChatTemplate("{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}")

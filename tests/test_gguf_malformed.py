@@ -1,5 +1,7 @@
 """Malformed GGUF files: one case per validation rule in security.md, every truncation, a mutation fuzz.
 
+Time limits are on CPU time (`time.process_time`), so a loaded machine cannot fail them but a hang can.
+
 Files are built byte by byte here (not with gguf.GGUFWriter, which refuses to write most of them). The
 builder records where each count, length, type and offset field sits, so the fuzz can aim at them.
 """
@@ -208,10 +210,10 @@ CORPUS = [
 @pytest.mark.parametrize("data, expected", [c[1:] for c in CORPUS], ids=[c[0] for c in CORPUS])
 def test_malformed_file_is_rejected_naming_the_field(tmp_path, data, expected):
     path = _write(tmp_path, data)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     with pytest.raises(GGUFError) as info:
         open_gguf(path)
-    assert time.perf_counter() - t0 < 1.0
+    assert time.process_time() - t0 < 1.0
     message = str(info.value)
     assert expected in message
     assert "\n" not in message
@@ -229,19 +231,19 @@ def test_tiny_file_claiming_array_length_2_63_fails_fast(tmp_path, etype):
     """gguf-py 0.19 loops forever (growing memory) on a file this small claiming 2^63 elements."""
     data = _header().kv("a", ARR, _arr(etype, 2**63)).buf
     assert len(data) == 49  # the smallest file that can claim it: a 43-byte one would be truncated earlier
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     with pytest.raises(GGUFError, match="array count"):
         open_gguf(_write(tmp_path, data))
-    assert time.perf_counter() - t0 < 0.1
+    assert time.process_time() - t0 < 0.1
 
 
 def test_43_byte_file_claiming_a_2_63_count_fails_fast(tmp_path):
     data = _header(n_tensors=0, n_kv=2**63).buf + b"\0" * 19
     assert len(data) == 43
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     with pytest.raises(GGUFError, match="metadata count"):
         open_gguf(_write(tmp_path, data))
-    assert time.perf_counter() - t0 < 0.1
+    assert time.process_time() - t0 < 0.1
 
 
 # --- mutation fuzz ----------------------------------------------------------------------------------
@@ -269,7 +271,7 @@ def test_mutated_counts_lengths_offsets_and_types_raise_only_gguf_error(tmp_path
     if cut is not None:
         data = data[:cut]
     path = _write(tmp_path_factory.getbasetemp(), data, "fuzz.gguf")
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     try:
         g = open_gguf(path)
     except GGUFError as e:
@@ -278,4 +280,4 @@ def test_mutated_counts_lengths_offsets_and_types_raise_only_gguf_error(tmp_path
         for name, info in g.tensors.items():
             assert g.tensor_data(name).size == info.n_bytes
             assert info.offset + info.n_bytes <= len(data)
-    assert time.perf_counter() - t0 < 1.0
+    assert time.process_time() - t0 < 1.0

@@ -210,14 +210,15 @@ def test_real_smollm_tensors(smollm_model_path):
 
 
 @numba.njit
-def _call_t1(fmt, w, s, x, xd, n_blocks):
+def _dot_r1t1(fmt, w, s, m, x, xd, xqsum, n_blocks, bias_factor):
+    args = (w, 0, 0, s, m, 0, 0, x, xd, xqsum, 0, n_blocks, bias_factor)
     if fmt == simd.FMT_S8:
-        return simd.dot_s8_t1(w, 0, s, 0, x, 0, xd, 0, n_blocks)
+        return simd.dot_s8_r1t1(*args)
     if fmt == simd.FMT_U8:
-        return simd.dot_u8_g16_t1(w, 0, s, 0, x, 0, xd, 0, n_blocks)
+        return simd.dot_u8_r1t1(*args)
     if fmt == simd.FMT_U4:
-        return simd.dot_u4_t1(w, 0, s, 0, x, 0, xd, 0, n_blocks)
-    return simd.dot_u5_t1(w, 0, s, 0, x, 0, xd, 0, n_blocks)
+        return simd.dot_u4_r1t1(*args)
+    return simd.dot_u5_r1t1(*args)
 
 
 @pytest.mark.parametrize("fmt", ["s8", "u8", "u4", "u5"])
@@ -230,15 +231,17 @@ def test_row_dot_matches_portable_definition(fmt):
     if fmt == "u8":
         w %= 64  # the "u8" quants are 0..63
     w[: simd.BLOCK_BYTES[fmt]] = {"s8": 128, "u8": 63, "u4": 255, "u5": 255}[fmt]  # block 0: the largest magnitude
-    n_groups = 2 if fmt == "u8" else 1
+    n_groups = simd.GROUPS[fmt]
     s = rng.random(n_blocks * n_groups).astype(np.float32)
+    m = rng.standard_normal(n_blocks * n_groups).astype(np.float32)
     x = rng.integers(-127, 128, n_blocks * 32).astype(np.int8)
     x[:32] = np.where(np.arange(32) % 2, 127, -127)
     if fmt == "s8":
         x[:32] = -127  # with w = -128 everywhere: pair sums of 2 * 128 * 127
     xd = rng.random(n_blocks).astype(np.float32)
-    got = _call_t1(code, w, s, x, xd, n_blocks)
-    expected = simd.isum_portable(code, w, 0, s, 0, x, 0, xd, 0, n_blocks)
+    xqsum = rng.standard_normal(n_blocks * n_groups).astype(np.float32)
+    got = _dot_r1t1(code, w, s, m, x, xd, xqsum, n_blocks, -0.75)
+    expected = simd.dot_portable(code, w, 0, s, m, 0, x, xd, xqsum, 0, n_blocks, -0.75)
     assert got == pytest.approx(expected, rel=1e-5)
 
 

@@ -94,7 +94,8 @@ def smollm2_pipeline(backend: HFTokenizer, *, split_special: bool = False) -> HF
 
 @pytest.fixture(scope="module")
 def smollm2_reference(hf_smollm):
-    return smollm2_pipeline(hf_smollm.backend_tokenizer), smollm2_pipeline(hf_smollm.backend_tokenizer, split_special=True)
+    backend = hf_smollm.backend_tokenizer
+    return smollm2_pipeline(backend), smollm2_pipeline(backend, split_special=True)
 
 
 def has_non_ascii_numeric(text: str) -> bool:

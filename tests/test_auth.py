@@ -1,0 +1,173 @@
+"""Authentication and authorization over real HTTP (tiny model server), one test per rule in
+shared/docs/security.md: both headers, 401/403/429 semantics, deny by default, authorization on the
+routed path (Host header and path tricks), tokens never logged, CR/LF escaped in logs."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import httpx
+import pytest
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import engine
+from api.app import create_app
+from api.state import ServerSettings
+from api.tokens import TokenStore
+from api_harness import LiveServer, make_tokens
+from tiny_models import write_tiny_model
+
+MESSAGE = {"model": "tiny-qwen2-f32", "max_tokens": 2, "temperature": 0, "messages": [{"role": "user", "content": "Hi"}]}
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def tokens(home):
+    return make_tokens(home)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, home, tokens):
+    llm = engine.load(write_tiny_model(tmp_path_factory.mktemp("tiny"), "qwen2", n_ctx=256))
+    app = create_app(ServerSettings(home=home), [llm])
+
+    async def undeclared(request):
+        return JSONResponse({"secret": True})
+
+    app.router.routes.append(Route("/v1/undeclared", undeclared, name="undeclared"))  # no grant declared
+    with LiveServer(app) as s:
+        yield s
+
+
+def call(server, method, path, headers=None, **kw) -> httpx.Response:
+    return httpx.request(method, server.url + path, headers=headers or {}, timeout=60, **kw)
+
+
+def error_type(r: httpx.Response) -> str:
+    data = r.json()
+    assert data["type"] == "error" and data["request_id"] == r.headers["request-id"]
+    return data["error"]["type"]
+
+
+def raw(server, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(request)
+        s.settimeout(10)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            part = s.recv(65536)
+            if not part:
+                break
+            data += part
+    return data
+
+
+ENDPOINTS = [("POST", "/v1/messages", MESSAGE), ("POST", "/v1/messages/count_tokens", MESSAGE),
+             ("GET", "/v1/models", None), ("GET", "/v1/models/tiny-qwen2-f32", None)]
+
+
+@pytest.mark.parametrize("method, path, body", ENDPOINTS)
+def test_missing_or_invalid_token_is_401(server, tokens, method, path, body):
+    for headers in ({}, {"x-api-key": "kawai-wrong"}, {"authorization": "Bearer kawai-wrong"},
+                    {"authorization": tokens.all},  # no scheme
+                    {"authorization": "Basic " + tokens.all}, {"x-api-key": tokens.all[:-1]}):
+        r = call(server, method, path, headers, json=body)
+        assert r.status_code == 401 and error_type(r) == "authentication_error", headers
+        assert r.headers["x-should-retry"] == "false"
+
+
+@pytest.mark.parametrize("method, path, body", ENDPOINTS)
+def test_both_header_styles_are_accepted(server, tokens, method, path, body):
+    for headers in ({"x-api-key": tokens.all}, {"authorization": f"Bearer {tokens.all}"},
+                    {"Authorization": f"bearer {tokens.all}"}):
+        assert call(server, method, path, headers, json=body).status_code == 200, headers
+
+
+def test_valid_token_without_the_grant_is_403(server, tokens):
+    messages_only = {"x-api-key": tokens.messages_only}
+    assert call(server, "POST", "/v1/messages", messages_only, json=MESSAGE).status_code == 200
+    for method, path, body in ENDPOINTS[1:]:
+        r = call(server, method, path, messages_only, json=body)
+        assert r.status_code == 403 and error_type(r) == "permission_error"
+    r = call(server, "POST", "/v1/messages", {"authorization": f"Bearer {tokens.models_only}"}, json=MESSAGE)
+    assert r.status_code == 403 and error_type(r) == "permission_error"
+
+
+def test_used_up_limit_is_429_with_retry_after(server, tokens):
+    limited = {"x-api-key": tokens.limited}
+    assert call(server, "GET", "/v1/models", limited).status_code == 200
+    assert call(server, "POST", "/v1/messages/count_tokens", limited, json=MESSAGE).status_code == 200
+    r = call(server, "POST", "/v1/messages", limited, json=MESSAGE)
+    assert r.status_code == 429 and error_type(r) == "rate_limit_error"
+    assert 1 <= int(r.headers["retry-after"]) <= 86_401
+
+
+def test_health_is_the_only_open_route(server):
+    assert call(server, "GET", "/health").status_code == 200
+    assert call(server, "POST", "/health").status_code == 405  # wrong method, still no token needed
+    r = call(server, "GET", "/v1/nothing-here")
+    assert r.status_code == 401 and error_type(r) == "authentication_error"  # no route enumeration
+
+
+def test_unknown_route_with_a_token_is_404(server, tokens):
+    r = call(server, "GET", "/v1/nothing-here", {"x-api-key": tokens.all})
+    assert r.status_code == 404 and error_type(r) == "not_found_error"
+
+
+def test_route_without_a_declared_grant_is_denied(server, tokens):
+    assert call(server, "GET", "/v1/undeclared").status_code == 401
+    r = call(server, "GET", "/v1/undeclared", {"x-api-key": tokens.all})
+    assert r.status_code == 403 and "secret" not in r.text
+
+
+def test_host_header_cannot_move_the_checked_path(server):
+    """Starlette CVE-2026-48710: a malformed Host poisoned request.url.path; we check scope['path']."""
+    for host in ("evil/health?", "evil/health#", "x/health/..", "localhost:1/health"):
+        r = call(server, "GET", "/v1/models", {"host": host})
+        assert r.status_code in (400, 401), host  # never 200
+    response = raw(server, b"GET /v1/models HTTP/1.1\r\nHost: a/health?x=\r\n\r\n")
+    assert response.split(b" ")[1] in (b"400", b"401")
+
+
+@pytest.mark.parametrize(
+    "target",
+    [b"/health/../v1/models", b"//v1/models", b"/v1/models/", b"/v1/models%2f..%2fhealth",
+     b"/health%00/v1/models", b"/HEALTH", b"/v1/models/..%2f..%2fhealth", b"http://localhost/v1/models"],
+)
+def test_path_tricks_do_not_reach_a_protected_route_without_a_token(server, target):
+    response = raw(server, b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    status = response.split(b" ")[1]
+    assert status in (b"400", b"401"), (target, response[:100])
+
+
+def test_revoked_token_stops_working_without_restart(server, home):
+    store = TokenStore(home)
+    rec, secret = store.create("temporary", ("models",))
+    assert call(server, "GET", "/v1/models", {"x-api-key": secret}).status_code == 200
+    store.revoke(rec.id)
+    assert call(server, "GET", "/v1/models", {"x-api-key": secret}).status_code == 401
+
+
+def test_tokens_never_appear_in_logs_and_crlf_is_escaped(server, tokens, caplog):
+    with caplog.at_level(logging.DEBUG):
+        call(server, "GET", "/v1/models", {"x-api-key": tokens.all})
+        call(server, "POST", "/v1/messages", {"authorization": f"Bearer {tokens.all}"}, json=MESSAGE)
+        call(server, "GET", "/v1/models", {"x-api-key": tokens.all + "-wrong"})
+        raw(server, b"GET /v1/x%0d%0aINJECTED%20log%20line HTTP/1.1\r\nHost: x\r\nx-api-key: "
+            + tokens.all.encode() + b"\r\n\r\n")
+        deadline = time.monotonic() + 5  # the server thread logs after sending the response
+        while not any("INJECTED" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    access = [r.getMessage() for r in caplog.records if r.name == "kawai.access"]
+    assert len(access) >= 4 and any(tokens.all_id in line for line in access)  # the id, not the token
+    assert tokens.all not in caplog.text and tokens.all[:20] not in caplog.text
+    injected = [line for line in access if "INJECTED" in line]
+    assert injected and all("\n" not in line and "\r" not in line for line in injected)
+    assert "\\r\\nINJECTED" in injected[0]

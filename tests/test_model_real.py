@@ -1,0 +1,140 @@
+"""The real models (Qwen2.5-Coder-0.5B Q4_K_M, SmolLM2-135M Q4_1) against transformers loading the same GGUF.
+
+transformers dequantizes the GGUF with gguf-py and runs in float32: an independent oracle.
+(b) teacher-forced logits on 4 prompts (>= 300 tokens): with the fast kernels top-1 agreement >= 98% and
+    mean KL(ref || ours) < 0.02; in exact mode (float32 weights) max |logit diff| < 1e-2;
+(c) the cache: prefill + token-by-token decode equals the teacher-forced logits;
+(d) greedy decoding of 64 tokens in exact mode equals transformers' greedy output.
+Each model is loaded once per module (transformers needs ~2 GB and most of a minute for the 0.5B).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import ModelConfig
+from engine.gguf import open_gguf
+from engine.kv_cache import KVCache
+from engine.model import forward
+from engine.weights import load_weights
+from tiny_models import load_hf_model
+
+PROMPTS = [
+    # code
+    'def merge_sorted(a: list[int], b: list[int]) -> list[int]:\n    """Merge two sorted lists into one '
+    'sorted list."""\n    result = []\n    i = j = 0\n    while i < len(a) and j < len(b):\n        if a[i] <= '
+    "b[j]:\n            result.append(a[i])\n            i += 1\n        else:\n            result.append(b[j])\n"
+    "            j += 1\n    result.extend(a[i:])\n    result.extend(b[j:])\n    return result\n",
+    # a ChatML conversation, as the server renders it
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWhat is the difference "
+    "between a list and a tuple in Python?<|im_end|>\n<|im_start|>assistant\nA list is mutable: you can add, "
+    "remove and change its items after it is created. A tuple is immutable, so it cannot be changed once it "
+    "exists. Tuples are often used for fixed collections of values.<|im_end|>\n",
+    # prose
+    "The river rises in the mountains to the north and flows south for almost three hundred kilometres "
+    "before it reaches the sea. In spring, melting snow swells the water, and the towns along its banks "
+    "have built high stone walls to protect their streets. Fishermen still work the lower valley, where "
+    "the current slows and the water turns brown with silt.",
+    # structured data
+    '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n'
+    "| id | product | price |\n|----|---------|-------|\n| 1 | keyboard | 49.99 |\n| 2 | mouse | 19.99 |\n"
+    "SELECT product, price FROM items WHERE price < 30 ORDER BY price DESC;",
+]
+GREEDY_PROMPT = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWrite a Python function "
+    "that returns True when a number is prime.<|im_end|>\n<|im_start|>assistant\n"
+)
+MODELS = {"smollm2": "smollm_model_path", "qwen2.5-coder": "default_model_path"}
+
+
+class RealModel:
+    def __init__(self, path):
+        from transformers import AutoTokenizer
+
+        self.path = path
+        gguf = open_gguf(path)
+        self.cfg = ModelConfig.from_gguf(gguf)
+        self.fast = load_weights(gguf, self.cfg)
+        self.exact = load_weights(gguf, self.cfg, exact=True)
+        self.hf = load_hf_model(path)
+        self.hf_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        self.prompts = [np.array(self.hf_tokenizer.encode(p), dtype=np.int64) for p in PROMPTS]
+        with torch.no_grad():
+            self.ref = [self.hf(torch.tensor(ids[None])).logits[0].numpy() for ids in self.prompts]
+
+    def logits(self, tokens, exact: bool) -> np.ndarray:
+        weights = self.exact if exact else self.fast
+        return forward(self.cfg, weights, tokens, KVCache(self.cfg, len(tokens)), all_logits=True)
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model(request) -> RealModel:
+    return RealModel(request.getfixturevalue(MODELS[request.param]))
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_prompts_are_long_enough(model):
+    assert len(model.prompts) >= 4 and sum(map(len, model.prompts)) >= 300
+
+
+def test_fast_kernels_agree_with_transformers(model):
+    ref = np.concatenate(model.ref)
+    ours = np.concatenate([model.logits(ids, exact=False) for ids in model.prompts])
+    top1 = float((ours.argmax(-1) == ref.argmax(-1)).mean())
+    lr, lo = log_softmax(ref), log_softmax(ours)
+    kl = float((np.exp(lr) * (lr - lo)).sum(-1).mean())
+    print(f"{model.path.name}: top-1 agreement {top1:.4f}, mean KL {kl:.5f} over {len(ref)} positions")
+    assert top1 >= 0.98
+    assert kl < 0.02
+
+
+def test_exact_mode_matches_transformers(model):
+    worst = max(
+        float(np.abs(model.logits(ids, exact=True) - ref).max()) for ids, ref in zip(model.prompts, model.ref)
+    )
+    print(f"{model.path.name}: exact mode max |logit diff| {worst:.2e}")
+    assert worst < 1e-2
+
+
+def test_decode_with_cache_equals_teacher_forcing(model):
+    ids = model.prompts[1]
+    full = model.logits(ids, exact=False)
+    cache = KVCache(model.cfg, len(ids))
+    steps = [forward(model.cfg, model.fast, ids[:-20], cache)]
+    steps += [forward(model.cfg, model.fast, ids[i : i + 1], cache) for i in range(len(ids) - 20, len(ids))]
+    np.testing.assert_allclose(np.concatenate(steps), full[-21:], atol=1e-3, rtol=0)
+
+
+def test_greedy_decoding_matches_transformers(model):
+    prompt = np.array(model.hf_tokenizer.encode(GREEDY_PROMPT), dtype=np.int64)
+    n_new = 64
+    with torch.no_grad():
+        out = model.hf.generate(
+            torch.tensor(prompt[None]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,  # both sides ignore end-of-turn tokens
+            do_sample=False,
+        )
+    expected = out[0, len(prompt) :].tolist()
+
+    cfg, weights = model.cfg, model.exact
+    cache = KVCache(cfg, len(prompt) + n_new)
+    eos = model.hf.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    logits = forward(cfg, weights, prompt, cache)
+    ours = []
+    for _ in range(n_new):
+        row = logits[0].copy()
+        row[list(eos)] = -np.inf  # as min_new_tokens does
+        ours.append(int(row.argmax()))
+        logits = forward(cfg, weights, np.array(ours[-1:]), cache)
+    print(model.hf_tokenizer.decode(ours))
+    assert ours == expected
