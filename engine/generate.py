@@ -137,15 +137,15 @@ class SequenceState:
         return Step(token, text)
 
     def finish(self, reason: str, token: int | None = None, text: str = "") -> Step:
-        """End the sequence: release text held by the decoder and the stop matcher."""
-        tail, matched = self.stops.push(self.decoder.flush())
-        if matched is not None:  # the decoder's last characters completed a stop string
-            reason = "stop_sequence"
-        else:
-            tail += self.stops.flush()
+        """End the sequence: release the text the stop matcher holds back.
+
+        Bytes the decoder still holds are an incomplete UTF-8 character cut off by the end (max_tokens,
+        cancel, end of turn); they are dropped rather than shown as U+FFFD."""
+        self.decoder.flush()
+        tail = self.stops.flush()
         self.finish_reason = reason
         self.next_token = None
-        return Step(token, text + tail, reason, matched)
+        return Step(token, text + tail, reason)
 
 
 class Generation:

@@ -198,6 +198,15 @@ def test_multibyte_characters_split_over_byte_tokens(tiny):
     assert steps[4].text == "日"
 
 
+def test_a_character_cut_by_the_end_is_dropped_not_garbled(tiny):
+    byte_id = {tiny.tokenizer.token_bytes(i): i for i in range(256)}
+    script = [byte_id[bytes([b])] for b in "ok🙂".encode("utf-8")]
+    steps, _, _ = scripted_run(tiny, script, SamplingParams(temperature=0, max_tokens=len(script) - 1))
+    assert steps[-1].finish_reason == "max_tokens" and joined(steps) == "ok"
+    steps, _, _ = scripted_run(tiny, script[:-1] + [EOS_ID])
+    assert steps[-1].finish_reason == "eos" and joined(steps) == "ok"
+
+
 def test_control_tokens_are_not_shown_but_user_defined_ones_are(tiny):
     script = ids_of(tiny, "a") + [TOKEN_ID["<|im_start|>"], TOKEN_ID["<tool_call>"]] + ids_of(tiny, "b") + [EOS_ID]
     steps, _, _ = scripted_run(tiny, script)
