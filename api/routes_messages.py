@@ -36,7 +36,11 @@ STOP_REASONS = {
     "cancelled": "end_turn",
 }
 CUT_REASONS = ("stop_sequence", "max_tokens", "context_full", "cancelled")
-DEFAULT_TEMPERATURE = 1.0  # the Anthropic API's default
+# Defaults when the request leaves them out (newer SDKs have no sampling arguments at all): the
+# Qwen2.5 instruct recommendation, gentler on small models than the Anthropic API's temperature 1.0.
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_P = 0.8
+DEFAULT_TOP_K = 20
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
@@ -108,8 +112,8 @@ def sampling_params(req: MessagesRequest) -> SamplingParams:
     try:
         return SamplingParams(
             temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
-            top_k=req.top_k or 0,
-            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=DEFAULT_TOP_K if req.top_k is None else req.top_k,
+            top_p=DEFAULT_TOP_P if req.top_p is None else req.top_p,
             max_tokens=req.max_tokens,
             stop=tuple(req.stop_sequences),
         )

@@ -30,6 +30,7 @@ from numba import njit, prange
 from kernels import matmul_simd as simd
 
 ROW_CHUNK = 16  # output rows per parallel work item
+DENSE_TOKEN_TILE = 8  # tokens per sweep over a chunk of dense weight rows
 
 FMT_S8, FMT_U8, FMT_U4, FMT_U5 = simd.FMT_S8, simd.FMT_U8, simd.FMT_U4, simd.FMT_U5
 
@@ -132,18 +133,24 @@ def gemm_quant(fmt, w, s, m, bias_factor, xq, xd, xqsum, y):
                                 t, n_blocks, bias_factor)
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def _dot_dense(w, r, x, t):
+    """w[r] . x[t] in float32 (the loop vectorizes: reassociation allowed)."""
+    acc = np.float32(0.0)
+    for j in range(w.shape[1]):
+        acc += w[r, j] * x[t, j]
+    return acc
+
+
+@njit(parallel=True, cache=True)
 def gemm_f32(w, x, y):
-    """y (n, R) = x (n, C) @ w (R, C).T in float32 (dense weights)."""
-    rows, cols = w.shape
+    """y (n, R) = x (n, C) @ w (R, C).T in float32 (dense weights). A chunk of weight rows stays in cache
+    while tiles of DENSE_TOKEN_TILE tokens pass over it; every output is one `_dot_dense` call."""
+    rows = w.shape[0]
     n = x.shape[0]
     n_chunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
     for c in prange(n_chunks):
-        for r in range(c * ROW_CHUNK, min(rows, c * ROW_CHUNK + ROW_CHUNK)):
-            wr = w[r]
-            for t in range(n):
-                xt = x[t]
-                acc = np.float32(0.0)
-                for j in range(cols):
-                    acc += wr[j] * xt[j]
-                y[t, r] = acc
+        for t0 in range(0, n, DENSE_TOKEN_TILE):
+            for r in range(c * ROW_CHUNK, min(rows, c * ROW_CHUNK + ROW_CHUNK)):
+                for t in range(t0, min(n, t0 + DENSE_TOKEN_TILE)):
+                    y[t, r] = _dot_dense(w, r, x, t)

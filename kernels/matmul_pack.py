@@ -32,7 +32,8 @@ PACK_CHUNK_ROWS = 2048  # rows decoded at a time: bounds the temporaries of the 
 
 @dataclass(frozen=True)
 class Decoded:
-    """One format's blocks as integers: q (N, E) int8, scale and min (N, E // g) float32 (min may be None)."""
+    """One format's blocks as integers: the stored quants q (N, E) uint8 (the signed quant + the format's
+    offset), scale and min (N, E // g) float32 (min may be None)."""
 
     q: np.ndarray
     scale: np.ndarray
@@ -40,17 +41,16 @@ class Decoded:
 
 
 def _bits(blocks: np.ndarray, byte_index: np.ndarray, shift: np.ndarray, mask: int) -> np.ndarray:
-    """(blocks[:, byte_index] >> shift) & mask, as int16 (N, len(byte_index))."""
-    return (blocks[:, byte_index].astype(np.int16) >> shift.astype(np.int16)) & mask
+    """(blocks[:, byte_index] >> shift) & mask, as uint8 (N, len(byte_index))."""
+    picked = np.take(blocks, byte_index, axis=1)
+    picked >>= shift.astype(np.uint8)
+    picked &= np.uint8(mask)
+    return picked
 
 
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
     """The little-endian half at byte `at` of each block, as float32 (N, 1)."""
     return np.ascontiguousarray(blocks[:, at : at + 2]).view("<f2").astype(np.float32)
-
-
-def _i8(v: np.ndarray) -> np.ndarray:
-    return v.astype(np.int8)
 
 
 # --- 32-weight formats: their bytes already are a packed format, in another order ----------------
@@ -92,17 +92,17 @@ def _q2_k(b: np.ndarray) -> Decoded:  # scales[16] (lo: scale, hi: min) | qs[64]
     q = _bits(b, 16 + _PLANE2_BYTE, _PLANE2_SHIFT, 3)
     d, dmin = _f16(b, 80), _f16(b, 82)
     sc = b[:, 0:16]
-    return Decoded(_i8(q), d * (sc & 15).astype(np.float32), -(dmin * (sc >> 4).astype(np.float32)))
+    return Decoded(q, d * (sc & 15).astype(np.float32), -(dmin * (sc >> 4).astype(np.float32)))
 
 
 def _q3_k(b: np.ndarray) -> Decoded:  # hmask[32] | qs[64] | scales[12] (16 six-bit, biased 32) | d:f16
     low2 = _bits(b, 32 + _PLANE2_BYTE, _PLANE2_SHIFT, 3)
     high = _bits(b, _PLANE1_BYTE, _PLANE1_SHIFT, 1)
-    q = low2 - 4 * (1 - high)  # the offset of 4 applies when the mask bit is 0
+    q = low2 | (high << 2)  # value low2 - 4 when the mask bit is 0, else low2: stored as value + 4
     sc_lo = _bits(b, 96 + _G16 % 8, 4 * (_G16 // 8), 15)
     sc_hi = _bits(b, 104 + _G16 % 4, 2 * (_G16 // 4), 3)
-    sc = ((sc_lo | (sc_hi << 4)) - 32).astype(np.float32)
-    return Decoded(_i8(q), _f16(b, 108) * sc, None)
+    sc = ((sc_lo | (sc_hi << 4)).astype(np.int16) - 32).astype(np.float32)
+    return Decoded(q, _f16(b, 108) * sc, None)
 
 
 def _q4_k(b: np.ndarray) -> Decoded:  # d:f16 | dmin:f16 | scales[12] | qs[128]
@@ -110,7 +110,7 @@ def _q4_k(b: np.ndarray) -> Decoded:  # d:f16 | dmin:f16 | scales[12] | qs[128]
     q = _bits(b, 16 + (_E256 // 64) * 32 + _E256 % 32, 4 * ((_E256 // 32) % 2), 15)
     sc, m = _scale_min_k4(b, 4)
     d, dmin = _f16(b, 0), _f16(b, 2)
-    return Decoded(_i8(q), d * sc.astype(np.float32), -(dmin * m.astype(np.float32)))
+    return Decoded(q, d * sc.astype(np.float32), -(dmin * m.astype(np.float32)))
 
 
 def _q5_k(b: np.ndarray) -> Decoded:  # d:f16 | dmin:f16 | scales[12] | qh[32] | qs[128]
@@ -118,15 +118,15 @@ def _q5_k(b: np.ndarray) -> Decoded:  # d:f16 | dmin:f16 | scales[12] | qh[32] |
     q = low4 | (_bits(b, 16 + _PLANE1_BYTE, _PLANE1_SHIFT, 1) << 4)
     sc, m = _scale_min_k4(b, 4)
     d, dmin = _f16(b, 0), _f16(b, 2)
-    return Decoded(_i8(q), d * sc.astype(np.float32), -(dmin * m.astype(np.float32)))
+    return Decoded(q, d * sc.astype(np.float32), -(dmin * m.astype(np.float32)))
 
 
 def _q6_k(b: np.ndarray) -> Decoded:  # ql[128] | qh[64] | scales:i8[16] | d:f16
     # Low 4 bits: byte (e // 128) * 64 + e % 64, nibble (e % 128) // 64; high 2 bits: the 2-bit plane.
     low4 = _bits(b, (_E256 // 128) * 64 + _E256 % 64, 4 * ((_E256 % 128) // 64), 15)
-    q = (low4 | (_bits(b, 128 + _PLANE2_BYTE, _PLANE2_SHIFT, 3) << 4)) - 32
+    q = low4 | (_bits(b, 128 + _PLANE2_BYTE, _PLANE2_SHIFT, 3) << 4)  # value + 32
     sc = b[:, 192:208].view(np.int8).astype(np.float32)
-    return Decoded(_i8(q), _f16(b, 208) * sc, None)
+    return Decoded(q, _f16(b, 208) * sc, None)
 
 
 DECODERS = {
@@ -170,8 +170,7 @@ def encode_blocks(u: np.ndarray, fmt: str) -> np.ndarray:
     "s8"/"u8": the bytes themselves; "u4": element j in the low nibble of byte j and element j + 16 in
     its high nibble; "u5": those nibbles, then a little-endian u32 whose bit j is bit 4 of element j."""
     if fmt in ("s8", "u8"):
-        return u.astype(np.int8).view(np.uint8)
-    u = u.astype(np.uint8)
+        return u
     nibbles = (u[:, :16] & 15) | ((u[:, 16:] & 15) << 4)
     if fmt == "u4":
         return nibbles
@@ -201,8 +200,7 @@ def repack_rows(raw: np.ndarray, qtype: GGMLType, cols: int) -> tuple[np.ndarray
                 mins[lo:hi] = _f16(blocks, m_at).reshape(hi - lo, n_groups)
             continue
         dec = DECODERS[qtype](blocks)
-        stored = dec.q.reshape(-1, 32).astype(np.int16) + spec.offset  # (rows*B, 32)
-        w[lo:hi] = encode_blocks(stored, spec.fmt).reshape(hi - lo, -1)
+        w[lo:hi] = encode_blocks(dec.q.reshape(-1, 32), spec.fmt).reshape(hi - lo, -1)
         scales[lo:hi] = dec.scale.reshape(hi - lo, n_groups)
         if spec.has_min:
             mins[lo:hi] = dec.min.reshape(hi - lo, n_groups)

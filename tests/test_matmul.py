@@ -8,6 +8,11 @@ gguf.quants.dequantize bit for bit.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numba
 import numpy as np
 import pytest
@@ -146,6 +151,11 @@ def test_fused_equals_separate():
     x = rng.standard_normal((3, 256)).astype(np.float32)
     for y_fused, w in zip(matmul_fused(ws, x), ws):
         np.testing.assert_array_equal(y_fused, matmul(w, x))
+
+
+def test_no_tokens():
+    packed = pack(random_raw(GGMLType.Q8_0, 8, 64, np.random.default_rng(0)), GGMLType.Q8_0, 64)
+    assert matmul(packed, np.zeros((0, 64), np.float32)).shape == (0, 8)
 
 
 def test_zero_and_tiny_activations():
@@ -294,3 +304,57 @@ def test_configure_threads_uses_openmp():
         configure_threads(max_threads() + 1)
     with pytest.raises(ThreadingError, match="already runs"):
         configure_threads(layer="workqueue")
+
+
+# --- compiled code and the plain-Python mode -----------------------------------------------------
+
+
+@pytest.mark.skipif(not simd.AVAILABLE, reason="needs x86-64 with AVX2")
+def test_block_dots_compile_to_avx2_integer_instructions():
+    @numba.njit  # a fresh, uncached function: Numba can show its assembly
+    def dots(w, s, x, xd, xqsum, n_blocks):
+        return (simd.dot_s8_r4t1(w, 0, 0, s, s, 0, 0, x, xd, xqsum, 0, n_blocks, 0.0),
+                simd.dot_u5_r1t4(w, 0, 0, s, s, 0, 0, x, xd, xqsum, 0, n_blocks, -16.0))
+
+    zeros8, zeros32 = np.zeros(512, np.uint8), np.zeros(512, np.float32)
+    dots(zeros8, zeros32, zeros8.view(np.int8), zeros32, zeros32, 4)
+    asm = dots.inspect_asm(dots.signatures[0])
+    for instruction in ("vpmaddubsw", "vpmaddwd", "vpsignb", "vpshufb", "vfmadd"):
+        assert instruction in asm, instruction
+    assert "ymm" in asm
+
+
+SCRIPT_NO_JIT = """
+import numpy as np
+from gguf import GGMLQuantizationType, quants
+from kernels import matmul_simd
+from kernels.matmul import matmul, pack
+from kernels.qtypes import GGMLType
+assert not matmul_simd.AVAILABLE
+rng = np.random.default_rng(0)
+for qtype in (GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q4_1, GGMLType.Q6_K, GGMLType.F16):
+    cols = 256
+    if qtype == GGMLType.Q6_K:  # random bits, sane scale
+        raw = rng.integers(0, 64, (3, 210), dtype=np.uint8)
+        raw[:, 208:210] = np.full(3, 0.01, "<f2").view(np.uint8).reshape(3, 2)
+    else:
+        w = rng.standard_normal((3, cols)).astype(np.float32)
+        raw = quants.quantize(w, GGMLQuantizationType(int(qtype))).view(np.uint8).reshape(3, -1)
+    ref_w = quants.dequantize(raw, GGMLQuantizationType(int(qtype))).reshape(3, cols).astype(np.float64)
+    x = rng.standard_normal((5, cols)).astype(np.float32)
+    y = matmul(pack(raw, qtype, cols), x)
+    ref = x.astype(np.float64) @ ref_w.T
+    err = np.linalg.norm(y - ref) / np.linalg.norm(ref)
+    assert err < 1e-2, (qtype, err)
+print("ok")
+"""
+
+
+def test_runs_without_jit():
+    """NUMBA_DISABLE_JIT=1: the kernels run as Python (the portable path) and give the same results."""
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", SCRIPT_NO_JIT], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "ok"

@@ -198,6 +198,7 @@ def test_incomplete_character_is_flushed_as_replacement(qwen):
 # Texts without SmolLM's missing bytes: its vocabulary lacks a few control bytes and the UTF-8 lead bytes
 # F1, F2 (U+40000..U+BFFFF, unassigned planes); BPE drops a byte it has no token for, as llama.cpp does.
 SMOLLM_MISSING = "".join(chr(b) for b in (4, 6, 19, 20, 22, 29))
+SMOLLM_CHARACTERS = st.characters(codec="utf-8", max_codepoint=0x3FFFF, exclude_characters=SMOLLM_MISSING)
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -211,12 +212,20 @@ def test_qwen_round_trip_and_stream_random_text(qwen, text):
 
 
 @PROPERTY
-@given(text=st.text(st.characters(max_codepoint=0x3FFFF, blacklist_characters=SMOLLM_MISSING), max_size=80))
+@given(text=st.text(SMOLLM_CHARACTERS, max_size=80))
 def test_smollm_round_trip_and_stream_random_text(smollm, text):
     ids = smollm.encode(text)
     assert smollm.decode(ids) == text
     decoder = smollm.incremental_decoder()
     assert "".join(decoder.push(i) for i in ids) + decoder.flush() == text
+
+
+@PROPERTY
+@given(text=st.text(max_size=60), special=st.booleans())
+def test_random_text_encodes_like_the_oracle(qwen, hf_qwen, smollm, smollm2_reference, text, special):
+    assert qwen.encode(text, special=special) == hf_ids(hf_qwen, text, special=special)
+    reference = smollm2_reference[0] if special else smollm2_reference[1]
+    assert smollm.encode(text, special=special) == reference.encode(text, add_special_tokens=False).ids
 
 
 @pytest.fixture(scope="module")

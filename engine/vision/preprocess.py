@@ -108,7 +108,9 @@ def decode_image(data: bytes, max_side: int = MAX_SIDE) -> Image.Image:
             return to_rgb(image)
     except ImageError:
         raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own, larger limit
+        raise ImageError(f"image is too large: each side must be at most {max_side} pixels") from None
+    except (OSError, SyntaxError, ValueError, EOFError):
         raise ImageError(f"corrupt or unreadable {fmt} image") from None
 
 
