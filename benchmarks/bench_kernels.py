@@ -51,16 +51,18 @@ def random_raw(qtype: GGMLType, rows: int, cols: int, rng: np.random.Generator) 
     return blocks.reshape(rows, -1)
 
 
-def timed(fn, reps: int) -> tuple[float, float]:
-    """(median, best) wall seconds of fn() after one warm-up call. On a shared machine the best run is
-    the closer estimate of what the kernel does alone."""
+def timed(fn, reps: int) -> tuple[float, float, float]:
+    """(median wall, best wall, best CPU) seconds of fn() after one warm-up call. On a shared machine the
+    best run, and with one thread the CPU time of this thread, are the closer estimates of what the
+    kernel does alone."""
     fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(reps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.thread_time() - start_cpu)
+    return statistics.median(wall), min(wall), min(cpu)
 
 
 def bench_matvec(threads: list[int], reps: int, rng) -> list[dict]:
@@ -72,16 +74,18 @@ def bench_matvec(threads: list[int], reps: int, rng) -> list[dict]:
         x = rng.standard_normal((1, cols)).astype(np.float32)
         for n_threads in threads:
             configure_threads(n_threads)
-            sec, best = timed(lambda: matmul(w, x), reps if rows < 100_000 else max(5, reps // 2))
+            sec, best, cpu = timed(lambda: matmul(w, x), reps if rows < 100_000 else max(5, reps // 2))
             row = {"type": qtype.name, "rows": rows, "cols": cols, "threads": n_threads, "ms": sec * 1e3,
                    "best_ms": best * 1e3, "packed_gbs": w.nbytes / sec / 1e9, "gguf_gbs": raw.nbytes / sec / 1e9,
                    "gweights_s": rows * cols / sec / 1e9, "best_packed_gbs": w.nbytes / best / 1e9,
-                   "packed_bytes_per_weight": w.nbytes / (rows * cols)}
+                   "best_gweights_s": rows * cols / best / 1e9, "packed_bytes_per_weight": w.nbytes / (rows * cols)}
+            if n_threads == 1:
+                row["cpu_gweights_s"] = rows * cols / cpu / 1e9
             rows_out.append(row)
             print(f"matvec {qtype.name:5s} {rows:6d}x{cols:<5d} T={n_threads}: {row['ms']:7.3f} ms  "
                   f"{row['packed_gbs']:5.1f} GB/s packed  {row['gguf_gbs']:5.1f} GB/s gguf  "
-                  f"{row['gweights_s']:5.1f} Gw/s  (best {row['best_packed_gbs']:5.1f} GB/s; "
-                  f"{row['packed_bytes_per_weight']:.3f} B/w)", flush=True)
+                  f"{row['gweights_s']:5.1f} Gw/s  | best {row['best_packed_gbs']:5.1f} GB/s "
+                  f"{row['best_gweights_s']:5.1f} Gw/s  ({row['packed_bytes_per_weight']:.3f} B/w)", flush=True)
     return rows_out
 
 
@@ -92,7 +96,7 @@ def bench_prefill(threads: list[int], n_tokens: int, reps: int, rng) -> list[dic
         x = rng.standard_normal((n_tokens, cols)).astype(np.float32)
         for n_threads in threads:
             configure_threads(n_threads)
-            sec, best = timed(lambda: matmul(w, x), reps)
+            sec, best, _ = timed(lambda: matmul(w, x), reps)
             row = {"type": qtype.name, "rows": rows, "cols": cols, "tokens": n_tokens, "threads": n_threads,
                    "ms": sec * 1e3, "gmacs": n_tokens * rows * cols / sec / 1e9,
                    "best_gmacs": n_tokens * rows * cols / best / 1e9}
@@ -126,12 +130,16 @@ def bench_model(path: Path, threads: list[int], reps: int, rng) -> dict:
 
     for n_threads in threads:
         configure_threads(n_threads)
-        sec, best = timed(one_token, max(5, reps // 2))
+        sec, best, cpu = timed(one_token, max(5, reps // 2))
         row = {"threads": n_threads, "ms": sec * 1e3, "tok_s": 1 / sec, "best_tok_s": 1 / best,
-               "packed_gbs": packed_bytes / sec / 1e9}
+               "packed_gbs": packed_bytes / sec / 1e9, "best_packed_gbs": packed_bytes / best / 1e9}
+        if n_threads == 1:
+            row["cpu_tok_s"] = 1 / cpu
         result["decode"].append(row)
+        cpu_note = f", CPU-time {1 / cpu:.1f}" if n_threads == 1 else ""
         print(f"decode matvecs T={n_threads}: {row['ms']:.2f} ms/token  {row['tok_s']:.1f} tok/s (matmuls only; "
-              f"best {row['best_tok_s']:.1f})  {row['packed_gbs']:.1f} GB/s", flush=True)
+              f"best {row['best_tok_s']:.1f}{cpu_note})  {row['packed_gbs']:.1f} GB/s "
+              f"(best {row['best_packed_gbs']:.1f})", flush=True)
     return result
 
 

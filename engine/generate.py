@@ -100,11 +100,14 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 class SequenceState:
     """Per-sequence state between steps: the batching seam.
 
-    `accept(logits)` samples the next token and applies the stop rules; when the returned Step is not
-    final, `next_token` is the token the model must see next (the caller runs the forward pass).
+    `start()` keeps what the cache already holds of the prompt and returns the ids still to prefill;
+    `fed(ids)` records ids the caller ran through the model into the cache. `accept(logits)` samples the
+    next token and applies the stop rules; when the returned Step is not final, `next_token` is the token
+    the model must see next. The caller owns the forward calls, so a scheduler can batch them.
     """
 
-    def __init__(self, params: SamplingParams, cache: Cache, tokenizer):
+    def __init__(self, prompt: list[int], params: SamplingParams, cache: Cache, tokenizer):
+        self.prompt = prompt
         self.params = params
         self.cache = cache
         self.sampler = Sampler(params)
@@ -114,6 +117,19 @@ class SequenceState:
         self.n_generated = 0
         self.next_token: int | None = None
         self.finish_reason: str | None = None
+
+    def start(self) -> list[int]:
+        """Truncate the cache to its longest common prefix with the prompt; return the rest of the prompt.
+
+        At least the last prompt token is always returned: its logits give the first new token."""
+        reuse = min(common_prefix_length(cached_tokens(self.cache), self.prompt), len(self.prompt) - 1)
+        self.cache.truncate(reuse)
+        self.cache.tokens = self.prompt[:reuse]
+        return self.prompt[reuse:]
+
+    def fed(self, ids: Sequence[int]) -> None:
+        """Record ids just run through the model (their keys and values are in the cache)."""
+        self.cache.tokens.extend(ids)
 
     @property
     def finished(self) -> bool:
@@ -175,10 +191,9 @@ class Generation:
                 f"the prompt has {len(prompt)} tokens, more than the context window of {cache.max_seq}"
             )
         self.forward = forward
-        self.prompt = prompt
         self.should_stop = should_stop or (lambda: False)
         self.prefill_chunk = max(1, int(prefill_chunk))
-        self.state = SequenceState(params, cache, tokenizer)
+        self.state = SequenceState(prompt, params, cache, tokenizer)
         self.stats = GenerationStats(prompt_tokens=len(prompt))
         self._steps = self._run()
 
@@ -191,21 +206,18 @@ class Generation:
     def _run(self) -> Iterator[Step]:
         state, stats = self.state, self.stats
         cache = state.cache
-        reuse = common_prefix_length(cached_tokens(cache), self.prompt)
-        reuse = min(reuse, len(self.prompt) - 1)
-        cache.truncate(reuse)
-        cache.tokens = self.prompt[:reuse]
-        stats.cached_tokens = reuse
+        todo = state.start()
+        stats.cached_tokens = len(state.prompt) - len(todo)
 
         logits = None
-        for start in range(reuse, len(self.prompt), self.prefill_chunk):
+        for start in range(0, len(todo), self.prefill_chunk):
             if self.should_stop():
                 yield self._done(state.finish("cancelled"))
                 return
-            chunk = self.prompt[start : start + self.prefill_chunk]
+            chunk = todo[start : start + self.prefill_chunk]
             t0 = time.perf_counter()
             logits = self.forward(chunk, cache)
-            cache.tokens.extend(chunk)
+            state.fed(chunk)
             stats.prefill_seconds += time.perf_counter() - t0
             stats.prefill_tokens += len(chunk)
 
@@ -223,7 +235,7 @@ class Generation:
             yield step
             t0 = time.perf_counter()
             logits = self.forward([state.next_token], cache)
-            cache.tokens.append(state.next_token)
+            state.fed([state.next_token])
             stats.decode_seconds += time.perf_counter() - t0
             stats.decode_steps += 1
 

@@ -41,7 +41,7 @@ class LLM:
         config: ModelConfig,
         weights,
         tokenizer: Tokenizer,
-        chat_template: ChatTemplate | None,
+        chat_template: ChatTemplate,
         n_ctx: int,
     ):
         self.id = model_id
@@ -50,7 +50,7 @@ class LLM:
         self.config = config
         self.weights = weights
         self.tokenizer = tokenizer
-        self._chat_template = chat_template
+        self.chat_template = chat_template
         self.n_ctx = n_ctx
         self.load_seconds = 0.0
         self.compile_seconds = 0.0
@@ -62,14 +62,9 @@ class LLM:
     # ---- chat formatting and counting ---------------------------------------------------------
 
     @property
-    def chat_template(self) -> ChatTemplate:
-        if self._chat_template is None:
-            raise KawaiError(f"model {self.id!r} has no chat template (tokenizer.chat_template); use raw prompts")
-        return self._chat_template
-
-    @property
     def has_chat_template(self) -> bool:
-        return self._chat_template is not None
+        """False when the file has no template and `chat_template` is the ChatML fallback."""
+        return not self.chat_template.is_fallback
 
     def render_chat(
         self,
@@ -164,13 +159,14 @@ def load(
     threads: kernel threads (default: all cores).
     """
     t0 = time.perf_counter()
-    n_threads = _configure_threads(threads)
+    # Everything that can be wrong with the request or the file fails before the kernels are set up.
     path = catalog.resolve_model(id_or_path)
     gguf = open_gguf(path)
     config = ModelConfig.from_gguf(gguf)
     n_ctx = _context_size(n_ctx, config)
     tokenizer = Tokenizer.from_gguf(gguf.metadata)
-    template = ChatTemplate.from_gguf(gguf.metadata, tokenizer) if "tokenizer.chat_template" in gguf.metadata else None
+    template = ChatTemplate.from_gguf(gguf.metadata, tokenizer)  # ChatML when the file has none
+    n_threads = _configure_threads(threads)
     weights = load_weights(gguf, config, exact=exact)
     llm = LLM(_model_id(id_or_path, path), path, gguf, config, weights, tokenizer, template, n_ctx)
     llm.threads = n_threads
@@ -209,8 +205,11 @@ def _context_size(n_ctx: int | None, config: ModelConfig) -> int:
 
 
 def _model_id(id_or_path: str | Path, path: Path) -> str:
-    """The catalog id as given, or the file name without .gguf for a path."""
+    """The model id as given, or one derived from the file name for a path."""
     text = str(id_or_path)
-    if isinstance(id_or_path, Path) or text.endswith(".gguf") or "/" in text or "\\" in text:
-        return path.name.removesuffix(".gguf")
-    return text
+    if not isinstance(id_or_path, Path) and catalog.is_model_id(text.lower()) and not text.endswith(".gguf"):
+        return text.lower()
+    try:
+        return catalog.model_id_from_filename(path.name)
+    except KawaiError:
+        return path.stem

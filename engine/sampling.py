@@ -109,49 +109,62 @@ class Sampler:
             raise KawaiError("the model produced non-finite logits")
         if self.params.greedy:
             return int(np.argmax(logits))
-        ids, probs = self.candidates(logits)
-        # One uniform draw against the cumulative mass of the candidates.
-        cdf = np.cumsum(probs)
-        i = int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"))
-        return int(ids[min(i, len(ids) - 1)])
+        ids, weights = self._support(logits)
+        # One uniform draw against the cumulative (unnormalised) mass of the support.
+        cdf = np.cumsum(weights, dtype=np.float64)
+        i = min(int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right")), cdf.size - 1)
+        return i if ids is None else int(ids[i])
 
     def candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The support set after temperature, top-k and top-p.
+        """The support set after temperature, top-k and top-p: (ids (C,) int64 ascending, probs (C,)
+        float64 summing to 1)."""
+        logits = np.asarray(logits).reshape(-1)
+        ids, weights = self._support(logits)
+        if ids is None:
+            ids = np.arange(weights.size, dtype=np.int64)
+        return ids.astype(np.int64, copy=False), weights / weights.sum(dtype=np.float64)
 
-        Returns (ids (C,) int64 ascending, probs (C,) float64 summing to 1). Never sorts the whole
-        vocabulary: argpartition picks the top-k set and the top-p window.
-        """
+    def _support(self, logits: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """(ids (C,) ascending, or None for the whole vocabulary; unnormalised weights (C,) float32).
+
+        Never sorts the vocabulary: argpartition picks the top-k set; for top-p, tokens too unlikely to
+        matter are dropped first (see below) and only values in a small window are sorted."""
         p = self.params
-        scaled = np.asarray(logits, dtype=np.float32).reshape(-1) / np.float32(p.temperature)  # (V,)
-        n_vocab = scaled.size
-        if 0 < p.top_k < n_vocab:
+        scaled = np.multiply(logits, np.float32(1.0 / p.temperature), dtype=np.float32)  # (V,)
+        ids = None
+        if 0 < p.top_k < scaled.size:
             ids = np.sort(np.argpartition(-scaled, p.top_k - 1)[: p.top_k])  # (k,)
             scaled = scaled[ids]
-        else:
-            ids = np.arange(n_vocab)
-        # exp in float32 (arguments <= 0, so no overflow; 8x faster than float64), sums in float64.
+        # exp in float32 (arguments <= 0: no overflow; 8x faster than float64); sums in float64.
         weights = np.exp(scaled - scaled.max())
-        probs = weights / weights.sum(dtype=np.float64)  # (C,) float64
-        if p.top_p < 1.0:
-            keep = _top_p_positions(probs, p.top_p)
-            ids, probs = ids[keep], probs[keep] / probs[keep].sum()
-        return ids.astype(np.int64, copy=False), probs
+        if p.top_p >= 1.0:
+            return ids, weights
+        total = weights.sum(dtype=np.float64)
+        # Tokens below (1 - top_p) / C of the mass hold less than 1 - top_p together, so the top-p set
+        # lies within the rest: usually a few hundred tokens instead of the whole vocabulary.
+        likely = np.flatnonzero(weights >= 0.5 * (1.0 - p.top_p) * total / weights.size)  # ascending
+        keep = likely[_top_p_positions(weights[likely] / total, p.top_p)]
+        return (keep if ids is None else ids[keep]), weights[keep]
 
 
 def _top_p_positions(probs: np.ndarray, top_p: float) -> np.ndarray:
     """Positions (ascending) of the smallest most-likely set whose mass reaches top_p.
 
-    Looks at a window of the most likely entries (argpartition), widening it x8 until the window holds
-    the mass; only the window is sorted. Ties: probability descending, then position ascending.
+    Only values are partitioned and sorted (no index sorts): the window of the largest probabilities
+    grows x8 until it holds top_p of the mass, which gives the probability threshold; positions are then
+    picked by comparing with it. Ties at the threshold go to the lowest positions.
     """
     n = probs.size
     window = min(FIRST_TOP_P_WINDOW, n)
     while True:
-        top = np.argpartition(-probs, window - 1)[:window] if window < n else np.arange(n)
-        top = np.sort(top)
-        top = top[np.argsort(-probs[top], kind="stable")]  # most likely first, ties by position
-        cdf = np.cumsum(probs[top])
+        top = -np.partition(-probs, window - 1)[:window] if window < n else probs.copy()
+        top[::-1].sort()  # descending, in place
+        cdf = np.cumsum(top)
         cut = int(np.searchsorted(cdf, top_p, side="left"))  # first index with cdf >= top_p
         if cut < window or window == n:
-            return np.sort(top[: min(cut + 1, window)])
+            n_keep = min(cut + 1, window)
+            threshold = top[n_keep - 1]
+            above = np.flatnonzero(probs > threshold)
+            ties = np.flatnonzero(probs == threshold)[: n_keep - above.size]
+            return np.sort(np.concatenate((above, ties)))
         window = min(window * 8, n)

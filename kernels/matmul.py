@@ -26,11 +26,12 @@ import numpy as np
 
 from kernels import matmul_kernels as mk
 from kernels.matmul_pack import BLOCK_BYTES, PACK_SPECS, repack_rows
-from kernels.matmul_simd import FORMAT_CODES
+from kernels.matmul_simd import FORMAT_CODES, GROUPS
 from kernels.qtypes import GGMLType
 
 DENSE_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})
 MATMUL_TYPES = DENSE_TYPES | frozenset(PACK_SPECS)
+PARALLEL_QUANTIZE_TOKENS = 16  # fewer tokens are quantized on one thread (a parallel launch costs more)
 
 
 class MatmulError(ValueError):
@@ -56,6 +57,23 @@ class PackedMatrix:
     mins: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.float32))
     group: int = 0
     offset: int = 0
+
+    def __post_init__(self):
+        """The kernels read these arrays without bounds checks: their shapes and dtypes must agree."""
+        if self.fmt == "dense":
+            expected = [(self.weights, np.float32, (self.rows, self.cols))]
+        elif self.fmt in BLOCK_BYTES and self.group in (16, 32) and self.cols % 32 == 0:
+            groups = self.cols // self.group
+            expected = [(self.weights, np.uint8, (self.rows, self.cols // 32 * BLOCK_BYTES[self.fmt])),
+                        (self.scales, np.float32, (self.rows, groups)),
+                        (self.mins, np.float32, (self.rows, groups if self.mins.size else 0))]
+            if 32 // self.group != GROUPS[self.fmt]:
+                raise MatmulError(f"format {self.fmt!r} needs a scale per {32 // GROUPS[self.fmt]} weights")
+        else:
+            raise MatmulError(f"no packed format {self.fmt!r} with groups of {self.group} for {self.cols} cols")
+        for arr, dtype, shape in expected:
+            if arr.dtype != dtype or arr.shape != shape or not arr.flags.c_contiguous:
+                raise MatmulError(f"packed array {arr.dtype}{arr.shape} is not C-contiguous {np.dtype(dtype)}{shape}")
 
     @property
     def nbytes(self) -> int:
@@ -146,7 +164,8 @@ def quantize_activations(x: np.ndarray) -> QuantizedActivations:
     xq = np.empty((n, n_blocks * 32), np.int8)
     xd = np.empty((n, n_blocks), np.float32)
     qsum16 = np.empty((n, 2 * n_blocks), np.float32)
-    mk.quantize_activations(x, xq, xd, qsum16)
+    quantize = mk.quantize_activations_parallel if n >= PARALLEL_QUANTIZE_TOKENS else mk.quantize_activations
+    quantize(x, xq, xd, qsum16)
     qsum32 = qsum16[:, 0::2] + qsum16[:, 1::2]
     return QuantizedActivations(xq.reshape(-1), xd.reshape(-1), qsum16.reshape(-1), qsum32.reshape(-1))
 
@@ -197,7 +216,8 @@ def warmup() -> float:
     """Compile (or load from Numba's cache) every matmul kernel on tiny shapes; returns the seconds taken.
     One quantized and one dense type suffice: all formats share one compiled kernel signature."""
     start = time.perf_counter()
-    x = np.ones((5, 256), np.float32)  # a tile of 4 tokens and a single one
-    for qtype in (GGMLType.F32, GGMLType.Q8_0, GGMLType.Q4_K):
-        matmul(pack(np.zeros((4, qtype.row_bytes(256)), np.uint8), qtype, 256), x)
+    for n in (5, PARALLEL_QUANTIZE_TOKENS):  # tiles of 4 tokens, a single token, parallel quantization
+        x = np.ones((n, 256), np.float32)
+        for qtype in (GGMLType.F32, GGMLType.Q8_0, GGMLType.Q4_K):
+            matmul(pack(np.zeros((4, qtype.row_bytes(256)), np.uint8), qtype, 256), x)
     return time.perf_counter() - start

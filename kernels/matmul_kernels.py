@@ -35,28 +35,39 @@ DENSE_TOKEN_TILE = 8  # tokens per sweep over a chunk of dense weight rows
 FMT_S8, FMT_U8, FMT_U4, FMT_U5 = simd.FMT_S8, simd.FMT_U8, simd.FMT_U4, simd.FMT_U5
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
+def _quantize_token(x, t, xq, xd, xqsum16):
+    """Row t of x (n, C) f32 -> xq[t] (B*32,) int8, xd[t] (B,) scales d = amax / 127, xqsum16[t] (2B,)
+    the sums of the quantized values per 16 times d."""
+    n_blocks = x.shape[1] // 32
+    for b in range(n_blocks):
+        amax = np.float32(0.0)
+        for j in range(b * 32, b * 32 + 32):
+            amax = max(amax, abs(x[t, j]))
+        d = amax / np.float32(127.0)
+        inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+        for half in range(2):
+            qs = 0
+            for j in range(b * 32 + 16 * half, b * 32 + 16 * half + 16):
+                q = int(np.rint(x[t, j] * inv))
+                xq[t, j] = q
+                qs += q
+            xqsum16[t, 2 * b + half] = d * np.float32(qs)
+        xd[t, b] = d
+
+
+@njit(cache=True)
 def quantize_activations(x, xq, xd, xqsum16):
-    """x (n, C) f32 -> xq (n, B*32) int8, xd (n, B) scales, xqsum16 (n, 2B) sums of the quantized x per
-    16 (d * sum q)."""
-    n, cols = x.shape
-    n_blocks = cols // 32
-    for t in prange(n):
-        for b in range(n_blocks):
-            xb = x[t, b * 32 : b * 32 + 32]
-            amax = np.float32(0.0)
-            for j in range(32):
-                amax = max(amax, abs(xb[j]))
-            d = amax / np.float32(127.0)
-            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-            for half in range(2):
-                qs = 0
-                for j in range(16 * half, 16 * half + 16):
-                    q = int(np.rint(xb[j] * inv))
-                    xq[t, b * 32 + j] = q
-                    qs += q
-                xqsum16[t, 2 * b + half] = d * np.float32(qs)
-            xd[t, b] = d
+    """x (n, C) f32 -> xq (n, B*32) int8, xd (n, B), xqsum16 (n, 2B): see `_quantize_token`."""
+    for t in range(x.shape[0]):
+        _quantize_token(x, t, xq, xd, xqsum16)
+
+
+@njit(parallel=True, cache=True)
+def quantize_activations_parallel(x, xq, xd, xqsum16):
+    """As quantize_activations, tokens split over threads (for prefill; a decode step is too small)."""
+    for t in prange(x.shape[0]):
+        _quantize_token(x, t, xq, xd, xqsum16)
 
 
 @njit(cache=True)

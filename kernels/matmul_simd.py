@@ -8,23 +8,32 @@ vectorizer is off), so the innermost work is emitted here directly. Per block of
     vcvtdq2ps, vfmadd by (block scale * activation scale) into an 8-lane float accumulator
 
 and one horizontal sum per output. Signed weights ("s8", Q8_0) use the sign trick: |w| as the unsigned
-operand, x with w's sign as the signed one. A call `dot_<fmt>_r<NR>t<NT>(w, w_off, w_stride, s, s_off,
-s_stride, x, x_off, xd, xd_off, B)` computes, for NR weight rows and NT tokens (row-major tuple),
+operand, x with w's sign as the signed one. The call
 
-    out[r, i] = sum_b sum_g s[s_off + r*s_stride + b*G + g] * xd[xd_off + i*B + b] * isum(r, i, b, g)
-    isum      = sum over the weights k of group g: q[r, b, k] * x[x_off + i*B*32 + b*32 + k]
+    dot_<fmt>_r<NR>t<NT>(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, B, bias_factor)
 
-with q the quants decoded from w (flat uint8, row r's blocks from byte w_off + r*w_stride) by format:
+computes, for NR weight rows (row r: bytes from w_off + r*w_stride of the flat uint8 w, groups from
+g_off + r*g_stride of the flat float32 s and m) and NT tokens t = t0 + i (a row-major tuple),
 
-    "s8"  32 bytes per block: int8 quants                        G = 1
-    "u8"  32 bytes: unsigned quants 0..63, a scale per 16        G = 2
+    out[r, i] = sum_b sum_g s[b*G + g] * xd[t*B + b] * isum(r, t, b, g)  +  bias_factor * sum_bg m * xqsum
+    isum      = sum over the weights k of group g of block b: q[r, b, k] * x[t*B*32 + b*32 + k]
+
+where xqsum[t*B*G + b*G + g] is the sum of the quantized x over the group times xd, and m holds the
+mins (bias_factor 1) or, for formats with an offset, the scales (bias_factor = -offset). The quants q are
+decoded from each block by format:
+
+    "s8"  32 bytes per block: int8 quants (no bias term)                          G = 1
+    "u8"  32 bytes: unsigned quants 0..63, a scale per 16 weights                  G = 2
     "u4"  16 bytes: element j in the low nibble of byte j, element j + 16 in its high nibble   G = 1
     "u5"  20 bytes: the "u4" nibbles, then a little-endian u32 with the 5th bit of element j at bit j
 
 Each (row, token) output goes through the same operations whatever NR and NT are, so a prefill row
 equals the same token computed alone, bit for bit. The intrinsics exist where `AVAILABLE` (x86-64 with
 AVX2 and FMA, JIT on). Elsewhere, and with NUMBA_DISABLE_JIT=1, the same names are plain-loop Numba
-functions over `isum_portable`, which is also the definition the intrinsics are tested against.
+functions over `dot_portable`, which is also the definition the intrinsics are tested against.
+
+Numba caches the kernels that call these intrinsics by their own source file only: after editing this
+file, clear kernels/__pycache__/*.nbi and *.nbc.
 """
 
 from __future__ import annotations
@@ -178,6 +187,12 @@ def _emit_dot(context, builder, sig, args, fmt: str, nr: int, nt: int):
 def _make_intrinsic(fmt: str, nr: int, nt: int):
     @intrinsic
     def dot(typingctx, w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor):
+        # The IR reads raw data pointers: only flat C-contiguous arrays of the expected dtypes type-check.
+        expected = {w: types.uint8, s: types.float32, m: types.float32, x: types.int8, xd: types.float32,
+                    xqsum: types.float32}
+        for arr, dtype in expected.items():
+            if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and arr.dtype == dtype):
+                return None
         ret = types.float32 if nr * nt == 1 else types.UniTuple(types.float32, nr * nt)
         sig = ret(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor)
 

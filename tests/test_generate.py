@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tiny_models import EOS_ID, TOKEN_ID, write_tiny_model
 
 from engine.config import ModelConfig
 from engine.errors import ContextLengthError, KawaiError
@@ -19,7 +20,6 @@ from engine.model import forward
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
 from engine.weights import load_weights
-from tiny_models import EOS_ID, TOKEN_ID, write_tiny_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=50)
 

@@ -34,7 +34,7 @@ def run(pieces: list[str], stops: tuple[str, ...]) -> tuple[str, str | None, lis
 
 def split(text: str, cuts: list[int]) -> list[str]:
     points = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
-    return [text[a:b] for a, b in zip(points, points[1:])] or [""]
+    return [text[a:b] for a, b in zip(points, points[1:], strict=False)] or [""]
 
 
 ALPHABET = "ab<>/é日\n"

@@ -42,9 +42,9 @@ def test_load_reports_what_it_loaded(llm, smollm_model_path):
 
 
 def test_default_context_is_capped(smollm_model_path):
-    from engine.llm import DEFAULT_N_CTX, _context_size
     from engine.config import ModelConfig
     from engine.gguf import open_gguf
+    from engine.llm import DEFAULT_N_CTX, _context_size
 
     cfg = ModelConfig.from_gguf(open_gguf(smollm_model_path))
     assert _context_size(None, cfg) == min(cfg.n_ctx_train, DEFAULT_N_CTX) == 4096

@@ -62,7 +62,7 @@ def test_run_raw_prompt_from_stdin_with_a_stop_string(smollm_model_path):
     "args, message",
     [
         (("run", "-m", "no-such-model", "hi"), "model 'no-such-model' not found"),
-        (("run", "-m", "/nonexistent/dir/model.gguf", "hi"), "not found"),
+        (("run", "-m", "/nonexistent/dir/model.gguf", "hi"), "'/nonexistent/dir/model.gguf'"),
         (("run", "--temperature", "5", "hi"), "temperature"),
         (("run", "--max-tokens", "0", "hi"), "max_tokens"),
         (("run", "--raw", "--system", "x", "hi"), "--system"),
@@ -90,12 +90,20 @@ def test_chat_keeps_the_cache_between_turns(smollm_model_path):
     result = kawai("chat", "-m", str(smollm_model_path), "--temperature", "0", "--max-tokens", "24",
                    "--threads", "1", stdin=turns)
     assert result.returncode == 0, result.stderr
-    stats = re.findall(r"^\[prompt: (\d+) new \+ (\d+) cached tokens.*finish: (\w+)\]", result.stderr, re.M)
+    stats = re.findall(
+        r"^\[prompt: (\d+) new \+ (\d+) cached tokens, .* s; answer: (\d+) tokens, .*finish: (\w+)\]",
+        result.stderr,
+        re.M,
+    )
     assert len(stats) == 3, result.stderr
-    (new1, cached1, _), (new2, cached2, _), (new3, cached3, _) = [(int(a), int(b), c) for a, b, c in stats]
+    (new1, cached1, answer1, finish1), (new2, cached2, _, _), (new3, cached3, _, _) = [
+        (int(a), int(b), int(c), d) for a, b, c, d in stats
+    ]
     assert cached1 == 0 and new1 > 10
-    # Turn 2 reuses turn 1's prompt and answer: only the new user turn is prefilled.
-    assert cached2 >= new1 and new2 < 15
+    # Turn 2 reuses turn 1's prompt and answer (all but its last token, which was never fed): only the
+    # new user turn is prefilled.
+    assert finish1 == "eos" and cached2 == new1 + answer1 - 1
+    assert new2 < 20
     assert cached3 == 0 and new3 < new1  # after /reset: a fresh, shorter conversation
     assert "(new conversation)" in result.stderr
     assert "4" in result.stdout

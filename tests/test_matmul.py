@@ -23,6 +23,7 @@ from engine.gguf import open_gguf
 from kernels import matmul_simd as simd
 from kernels.matmul import (
     MATMUL_TYPES,
+    PARALLEL_QUANTIZE_TOKENS,
     MatmulError,
     PackedMatrix,
     matmul,
@@ -135,12 +136,14 @@ def test_pack_dense_is_float32_exact_product():
 
 @pytest.mark.parametrize("qtype", QUANT_TYPES + [GGMLType.F32], ids=lambda t: t.name)
 def test_prefill_rows_equal_single_token_rows(qtype):
-    """A token's output does not depend on the other tokens of the call (tiles of 4 and the tail)."""
+    """A token's output does not depend on the other tokens of the call (tiles of 4, the tail, and the
+    threaded activation quantization of long inputs)."""
     rng = np.random.default_rng(7)
     packed = pack(random_raw(qtype, 24, 256, rng), qtype, 256)
-    x = rng.standard_normal((9, 256)).astype(np.float32)
+    n = PARALLEL_QUANTIZE_TOKENS + 1
+    x = rng.standard_normal((n, 256)).astype(np.float32)
     y = matmul(packed, x)
-    for i in range(9):
+    for i in range(n):
         np.testing.assert_array_equal(y[i], matmul(packed, x[i : i + 1])[0])
 
 
@@ -219,40 +222,41 @@ def test_real_smollm_tensors(smollm_model_path):
 # --- the SIMD row dot products against their portable definition -----------------------------------
 
 
-@numba.njit
-def _dot_r1t1(fmt, w, s, m, x, xd, xqsum, n_blocks, bias_factor):
-    args = (w, 0, 0, s, m, 0, 0, x, xd, xqsum, 0, n_blocks, bias_factor)
-    if fmt == simd.FMT_S8:
-        return simd.dot_s8_r1t1(*args)
-    if fmt == simd.FMT_U8:
-        return simd.dot_u8_r1t1(*args)
-    if fmt == simd.FMT_U4:
-        return simd.dot_u4_r1t1(*args)
-    return simd.dot_u5_r1t1(*args)
-
-
+@pytest.mark.skipif(not simd.AVAILABLE, reason="needs x86-64 with AVX2")
+@pytest.mark.parametrize("shape", [(1, 1), (4, 1), (1, 4)], ids=lambda s: f"r{s[0]}t{s[1]}")
 @pytest.mark.parametrize("fmt", ["s8", "u8", "u4", "u5"])
-def test_row_dot_matches_portable_definition(fmt):
-    """Extreme quants and activations (|x| = 127, w = -128 or 63 or 31): no saturation, same sums."""
+def test_intrinsics_match_portable_definition(fmt, shape):
+    """Every intrinsic against its plain-loop twin (the non-AVX2 path), with row and group strides,
+    a token offset, and extreme values: w = -128 (s8) or the largest quant, |x| = 127 (no saturation)."""
+    nr, nt = shape
     rng = np.random.default_rng(6)
-    code = simd.FORMAT_CODES[fmt]
-    n_blocks = 9
-    w = rng.integers(0, 256, n_blocks * simd.BLOCK_BYTES[fmt], dtype=np.uint8)
+    n_blocks, rows, tokens = 9, 6, 6
+    block_bytes, n_groups = simd.BLOCK_BYTES[fmt], simd.GROUPS[fmt]
+    w = rng.integers(0, 256, (rows, n_blocks * block_bytes), dtype=np.uint8)
     if fmt == "u8":
-        w %= 64  # the "u8" quants are 0..63
-    w[: simd.BLOCK_BYTES[fmt]] = {"s8": 128, "u8": 63, "u4": 255, "u5": 255}[fmt]  # block 0: the largest magnitude
-    n_groups = simd.GROUPS[fmt]
-    s = rng.random(n_blocks * n_groups).astype(np.float32)
-    m = rng.standard_normal(n_blocks * n_groups).astype(np.float32)
-    x = rng.integers(-127, 128, n_blocks * 32).astype(np.int8)
-    x[:32] = np.where(np.arange(32) % 2, 127, -127)
-    if fmt == "s8":
-        x[:32] = -127  # with w = -128 everywhere: pair sums of 2 * 128 * 127
-    xd = rng.random(n_blocks).astype(np.float32)
-    xqsum = rng.standard_normal(n_blocks * n_groups).astype(np.float32)
-    got = _dot_r1t1(code, w, s, m, x, xd, xqsum, n_blocks, -0.75)
-    expected = simd.dot_portable(code, w, 0, s, m, 0, x, xd, xqsum, 0, n_blocks, -0.75)
-    assert got == pytest.approx(expected, rel=1e-5)
+        w %= 64  # "u8" quants are 0..63
+    w[:, :block_bytes] = {"s8": 128, "u8": 63, "u4": 255, "u5": 255}[fmt]  # block 0: the largest magnitude
+    s = rng.random((rows, n_blocks * n_groups)).astype(np.float32)
+    m = rng.standard_normal((rows, n_blocks * n_groups)).astype(np.float32)
+    x = rng.integers(-127, 128, (tokens, n_blocks * 32)).astype(np.int8)
+    x[:, :32] = -127 if fmt == "s8" else np.where(np.arange(32) % 2, 127, -127)
+    xd = rng.random((tokens, n_blocks)).astype(np.float32)
+    xqsum = rng.standard_normal((tokens, n_blocks * n_groups)).astype(np.float32)
+    row0, t0 = 1, 2
+    args = (w.reshape(-1), row0 * w.shape[1], w.shape[1], s.reshape(-1), m.reshape(-1), row0 * s.shape[1],
+            s.shape[1], x.reshape(-1), xd.reshape(-1), xqsum.reshape(-1), t0, n_blocks, -0.75)
+    name = f"dot_{fmt}_r{nr}t{nt}"
+    fast = _call_dot(getattr(simd, name), args)
+    plain = _call_dot(simd._make_portable(fmt, nr, nt), args)
+    np.testing.assert_allclose(np.atleast_1d(fast), np.atleast_1d(plain), rtol=1e-5)
+
+
+def _call_dot(dot, args):
+    @numba.njit
+    def call(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor):
+        return dot(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor)
+
+    return call(*args)
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -358,3 +362,16 @@ def test_runs_without_jit():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "ok"
+
+
+def test_packed_matrix_rejects_inconsistent_arrays():
+    """The kernels read without bounds checks, so a PackedMatrix checks its arrays when it is built."""
+    good = pack(random_raw(GGMLType.Q5_0, 4, 64, np.random.default_rng(0)), GGMLType.Q5_0, 64)
+    with pytest.raises(MatmulError, match="C-contiguous"):
+        PackedMatrix(good.qtype, 4, 64, "u5", good.weights[:, :20], good.scales, good.mins, 32, 16)
+    with pytest.raises(MatmulError, match="C-contiguous"):
+        PackedMatrix(good.qtype, 5, 64, "u5", good.weights, good.scales, good.mins, 32, 16)
+    with pytest.raises(MatmulError, match="format"):
+        PackedMatrix(good.qtype, 4, 64, "u7", good.weights, good.scales, good.mins, 32, 16)
+    with pytest.raises(MatmulError, match="per 32"):
+        PackedMatrix(good.qtype, 4, 64, "u5", good.weights, good.scales, good.mins, 16, 16)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Iterator, TextIO
 
 from api.commands.run import add_model_arguments, add_sampling_arguments, format_speed, load_model, sampling_params
-from engine.errors import ContextLengthError, KawaiError
+from engine.errors import ContextLengthError
 
 HELP = "commands: /exit (or Ctrl-D) quits, /reset starts a new conversation, Ctrl-C stops an answer"
 
@@ -83,7 +83,7 @@ def _run(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     llm = load_model(args)
     if not llm.has_chat_template:
-        raise KawaiError(f"model {llm.id} has no chat template; `kawai run --raw` does plain completion")
+        print("note: the model has no chat template; using ChatML", file=sys.stderr)
     session = ChatSession(llm, params, args.system)
     interactive = sys.stdin.isatty()
     err, out = sys.stderr, sys.stdout

@@ -35,16 +35,22 @@ def register(sub) -> None:
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", metavar="ID|PATH", help="catalog/local model id or .gguf path (default: the catalog default)")
+    p.add_argument(
+        "-m", "--model", metavar="ID|PATH", help="model id or .gguf path (default: the catalog's default model)"
+    )
     p.add_argument("--threads", type=int, metavar="N", help="kernel threads (default: KAWAI_THREADS or all cores)")
     p.add_argument("--n-ctx", type=int, metavar="N", help="context window in tokens (default: min(trained, 4096))")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N", help=f"answer length cap (default {DEFAULT_MAX_TOKENS})")
-    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T", help=f"0 = greedy (default {DEFAULT_TEMPERATURE})")
-    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, metavar="P", help=f"nucleus sampling mass, 1 = off (default {DEFAULT_TOP_P})")
-    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, metavar="K", help=f"keep the K likeliest tokens, 0 = off (default {DEFAULT_TOP_K})")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
+                   help=f"most tokens to generate (default {DEFAULT_MAX_TOKENS})")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
+                   help=f"0 = greedy (default {DEFAULT_TEMPERATURE})")
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, metavar="P",
+                   help=f"nucleus sampling mass, 1 = off (default {DEFAULT_TOP_P})")
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, metavar="K",
+                   help=f"keep the K likeliest tokens, 0 = off (default {DEFAULT_TOP_K})")
     p.add_argument("--seed", type=int, metavar="S", help="random seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop sequence (repeatable)")
 
@@ -70,6 +76,8 @@ def load_model(args: argparse.Namespace, err: TextIO = sys.stderr):
     model = args.model or catalog.DEFAULT_MODEL_ID
     if model.lower() in catalog.CATALOG and not Path(model).is_file():
         catalog.ensure_model(model)  # downloads (with a progress bar on stderr) only when missing
+    else:
+        catalog.resolve_model(model)  # an unknown model fails here, before the kernels are set up
     llm = engine.load(model, n_ctx=args.n_ctx, threads=args.threads)
     cfg = llm.config
     print(f"model: {llm.id} ({cfg.arch}, {cfg.n_layers} layers, n_ctx {llm.n_ctx}, {llm.threads} threads)", file=err)
@@ -98,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
         ids = llm.encode_prompt(prompt)
     else:
         if not llm.has_chat_template:
-            raise KawaiError(f"model {llm.id} has no chat template; use --raw for a plain completion")
+            print("note: the model has no chat template; using ChatML (--raw for plain completion)", file=sys.stderr)
         messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + [
             {"role": "user", "content": prompt}
         ]

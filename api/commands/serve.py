@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import sys
 
 from engine.errors import KawaiError
@@ -90,7 +91,15 @@ def _serve(settings, llms: list) -> int:
         server_header=False,
     )
     server = uvicorn.Server(config)
-    server.run()
+    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler that was installed
+    # before it: make that one a no-op, so a drained shutdown exits 0 instead of dying by the signal.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    logging.getLogger("kawai.server").info("stopped")
     return 0 if server.started else 1
 
 

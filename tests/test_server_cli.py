@@ -1,0 +1,104 @@
+"""`kawai serve` as a real subprocess on a tiny model: first-run token, clean errors, SIGTERM drains."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from api.commands.serve import _first_token
+from api.state import ServerSettings
+from api.tokens import TokenStore
+from api_harness import free_port, parse_sse
+from tiny_models import write_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kawai(*args: str, home: Path) -> subprocess.Popen:
+    env = {**os.environ, "KAWAI_HOME": str(home), "KAWAI_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "api.cli", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_first_start_creates_one_token_and_prints_it_once(tmp_path, capsys):
+    settings = ServerSettings(home=tmp_path)
+    _first_token(settings)
+    printed = capsys.readouterr().out
+    secret = next(word for word in printed.split() if word.startswith("kawai-"))
+    (rec,) = TokenStore(tmp_path).list()
+    assert set(rec.endpoints) == {"messages", "count_tokens", "models"}
+    assert TokenStore(tmp_path).authenticate(secret).id == rec.id
+    _first_token(settings)
+    assert capsys.readouterr().out == "" and len(TokenStore(tmp_path).list()) == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["serve", "-m", "/nonexistent/model.gguf"], "does not exist"),
+        (["serve", "-m", "no-such-model-id"], "not found"),
+        (["serve", "--port", "0"], "--port"),
+        (["serve", "--queue-size", "0"], "--queue-size"),
+    ],
+)
+def test_bad_arguments_are_one_clear_line(tmp_path, args, message):
+    p = kawai(*args, home=tmp_path)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and message in err and "Traceback" not in err
+
+
+def test_serve_prints_token_serves_and_drains_on_sigterm(tmp_path):
+    model = write_tiny_model(tmp_path, "qwen2", n_ctx=512)
+    port = free_port()
+    p = kawai("serve", "-m", str(model), "--port", str(port), "--queue-size", "2", home=tmp_path / "home")
+    try:
+        token = None
+        deadline = time.monotonic() + 180
+        while token is None:
+            line = p.stdout.readline()
+            assert line or p.poll() is None, p.stderr.read()
+            token = next((w for w in line.split() if w.startswith("kawai-")), None)
+            assert time.monotonic() < deadline
+        url = f"http://127.0.0.1:{port}"
+        while True:  # the token is printed before the model loads
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
+            time.sleep(0.2)
+
+        result: dict = {}
+
+        def long_stream():
+            body = {"model": model.stem, "max_tokens": 300, "temperature": 0, "stream": True,
+                    "messages": [{"role": "user", "content": "Hi"}]}
+            r = httpx.post(url + "/v1/messages", json=body, headers={"x-api-key": token}, timeout=120)
+            result["frames"] = parse_sse(r.text)
+
+        client = threading.Thread(target=long_stream)
+        client.start()
+        time.sleep(0.5)  # the stream is running
+        p.send_signal(signal.SIGTERM)
+        client.join(timeout=120)
+        assert p.wait(timeout=60) == 0
+        kinds = [e for e, _ in result["frames"]]
+        assert kinds[-1] == "message_stop"  # drained: the in-flight stream finished
+        delta = [d for e, d in result["frames"] if e == "message_delta"][0]
+        assert delta["usage"]["output_tokens"] == 300
+        logs = p.stderr.read()
+        assert "kernels compiled" in logs and "serving " + model.stem in logs
+        assert token not in logs
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
