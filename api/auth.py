@@ -68,7 +68,9 @@ class AuthMiddleware:
     def authorize(self, scope: Scope, grant: str | None) -> str:
         token = _presented_token(scope)
         if token is None:
-            raise AuthenticationError("Missing API token: send `x-api-key: <token>` or `Authorization: Bearer <token>`.")
+            raise AuthenticationError(
+                "Missing API token: send `x-api-key: <token>` or `Authorization: Bearer <token>`."
+            )
         try:
             rec = self.store.authenticate(token)
         except TokenStoreError:

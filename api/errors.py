@@ -96,7 +96,7 @@ def error_response(err: ApiError, request_id: str | None) -> Response:
     headers = dict(err.headers)
     if err.should_retry is not None:
         headers["x-should-retry"] = "true" if err.should_retry else "false"
-    body = json.dumps(error_body(err.error_type, err.message, request_id), ensure_ascii=False)
+    body = json.dumps(error_body(err.error_type, err.message, request_id), ensure_ascii=False, separators=(",", ":"))
     return Response(body, status_code=err.status, headers=headers, media_type="application/json")
 
 

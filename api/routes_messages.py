@@ -23,7 +23,17 @@ from api.prompt import Prompt, build_prompt, check_context
 from api.sse import PING, sse_frames
 from api.state import request_id_of, server_state, tenant_of
 from api.toolcalls import OutputParser, ToolCallEnd
-from api.wire import CountTokensRequest, MessagesRequest, ToolChoiceAny, ToolChoiceAuto, ToolChoiceTool, parse_request
+from api.wire import (
+    CountTokensRequest,
+    MessageResponse,
+    MessagesRequest,
+    TokenCount,
+    ToolChoiceAny,
+    ToolChoiceAuto,
+    ToolChoiceTool,
+    Usage,
+    parse_request,
+)
 from api.worker import Failed, Finished, Job, StepChannel
 from engine.sampling import SamplingParams, SamplingParamsError
 
@@ -80,7 +90,7 @@ async def count_tokens(request: Request) -> Response:
     )
     model = server.model(req.model)
     prompt = await run_in_threadpool(build_prompt, model.llm, req)
-    return JSONResponse({"input_tokens": len(prompt.ids)})
+    return JSONResponse(TokenCount(input_tokens=len(prompt.ids)).model_dump())
 
 
 async def read_json(request: Request, limit: int) -> Any:
@@ -105,7 +115,7 @@ async def read_json(request: Request, limit: int) -> Any:
     except UnicodeDecodeError:
         raise InvalidRequestError("The request body is not valid UTF-8.") from None
     except (ValueError, RecursionError):
-        raise InvalidRequestError("The request body is not valid JSON (too deeply nested or too large a number).") from None
+        raise InvalidRequestError("The request body is not valid JSON (nested too deeply, or a huge number).") from None
 
 
 def sampling_params(req: MessagesRequest) -> SamplingParams:
@@ -150,20 +160,20 @@ class Reply:
         self.assembler = MessageAssembler()
         self.stop_reason: str | None = None
         self.stop_sequence: str | None = None
-        self.usage: dict[str, int] = {"input_tokens": len(prompt.ids), "output_tokens": 0}
+        self.usage = Usage(input_tokens=len(prompt.ids), output_tokens=0)
         self._stopped_after_tool = False
 
     def message(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "type": "message",
-            "role": "assistant",
-            "content": self.assembler.content,
-            "model": self.model_id,
-            "stop_reason": self.stop_reason,
-            "stop_sequence": self.stop_sequence,
-            "usage": self.usage,
-        }
+        message = MessageResponse(
+            id=self.id,
+            content=self.assembler.content,
+            model=self.model_id,
+            stop_reason=self.stop_reason,
+            stop_sequence=self.stop_sequence,
+            usage=self.usage,
+        ).model_dump()
+        message["usage"] = self.usage.model_dump(exclude_none=True)  # cache counts only once known
+        return message
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """message_start, content block events, message_delta, message_stop; pings in silences."""
@@ -191,7 +201,7 @@ class Reply:
             yield {
                 "type": "message_delta",
                 "delta": {"stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence},
-                "usage": self.usage,
+                "usage": self.usage.model_dump(exclude_none=True),
             }
             yield {"type": "message_stop"}
         finally:
@@ -216,9 +226,9 @@ class Reply:
         return self.assembler.add(parsed)
 
     def _count(self, done: Finished) -> None:
-        self.usage = {
-            "input_tokens": done.prompt_tokens - done.cached_tokens,
-            "output_tokens": done.generated_tokens,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": done.cached_tokens,
-        }
+        self.usage = Usage(
+            input_tokens=done.prompt_tokens - done.cached_tokens,
+            output_tokens=done.generated_tokens,
+            cache_creation_input_tokens=0,
+            cache_read_input_tokens=done.cached_tokens,
+        )

@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from api.errors import InvalidRequestError, NotFoundError
 from api.state import LoadedModel, server_state, shown_model_id
+from api.wire import ModelInfo, ModelList
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 20
 
 
-def model_info(m: LoadedModel) -> dict[str, Any]:
-    return {
-        "type": "model",
-        "id": m.id,
-        "display_name": m.display_name,
-        "created_at": m.created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),  # RFC 3339, UTC
-        "lifecycle": "active",
-        "max_input_tokens": m.llm.n_ctx,
-        "max_tokens": m.llm.n_ctx,
-    }
+def model_info(m: LoadedModel) -> ModelInfo:
+    return ModelInfo(
+        id=m.id,
+        display_name=m.display_name,
+        created_at=m.created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),  # RFC 3339, UTC
+        max_input_tokens=m.llm.n_ctx,
+        max_tokens=m.llm.n_ctx,
+    )
 
 
 async def list_models(request: Request) -> Response:
@@ -42,14 +39,10 @@ async def list_models(request: Request) -> Response:
     else:
         page, has_more = models[:limit], len(models) > limit
     data = [model_info(m) for m in page]
-    return JSONResponse(
-        {
-            "data": data,
-            "has_more": has_more,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-        }
+    listing = ModelList(
+        data=data, has_more=has_more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
     )
+    return JSONResponse(listing.model_dump())
 
 
 async def get_model(request: Request) -> Response:
@@ -57,7 +50,7 @@ async def get_model(request: Request) -> Response:
     found = server_state(request).models.get(model_id)
     if found is None:
         raise NotFoundError(f"model: {shown_model_id(model_id)} is not served here.")
-    return JSONResponse(model_info(found))
+    return JSONResponse(model_info(found).model_dump())
 
 
 async def health(request: Request) -> Response:

@@ -93,8 +93,8 @@ class _State(Enum):
     THINK = auto()
     TOOL_HEAD = auto()  # after <tool_call>, before the arguments object opens
     TOOL_ARGS = auto()  # streaming the arguments object
-    TOOL_TAIL = auto()  # arguments done, waiting for </tool_call>
-    TOOL_WHOLE = auto()  # unusual shape: buffering to </tool_call>
+    TOOL_TAIL = auto()  # arguments done, waiting for the end of the call
+    TOOL_WHOLE = auto()  # buffering to </tool_call>: an unusual shape, or the rest of broken arguments
 
 
 class OutputParser:

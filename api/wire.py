@@ -230,3 +230,53 @@ def _field_path(loc: tuple, data: Any) -> str:
             continue
         parts.append(str(seg))
     return ".".join(parts)
+
+
+# ---- responses --------------------------------------------------------------------------------------
+# What the server sends, after the SDK's types (`anthropic.types.Message`, `ModelInfo`, ...). Content
+# blocks stay plain dicts (built incrementally by api/content.py); everything around them is typed.
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Usage(_Out):
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+
+
+class MessageResponse(_Out):
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    content: list[dict[str, Any]]
+    model: str
+    stop_reason: Literal[
+        "end_turn", "max_tokens", "stop_sequence", "tool_use", "model_context_window_exceeded"
+    ] | None
+    stop_sequence: str | None
+    usage: Usage
+
+
+class TokenCount(_Out):
+    input_tokens: int
+
+
+class ModelInfo(_Out):
+    type: Literal["model"] = "model"
+    id: str
+    display_name: str
+    created_at: str  # RFC 3339, UTC
+    lifecycle: Literal["active"] = "active"
+    max_input_tokens: int
+    max_tokens: int
+
+
+class ModelList(_Out):
+    data: list[ModelInfo]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None

@@ -13,6 +13,10 @@ Stop rules, checked in this order for every token:
 `SequenceState` holds everything one sequence carries between steps (cache, sampler, decoder, stop
 matcher, counters). `Generation` drives one of them with one forward call per step; a batching scheduler
 can drive many by batching the forward calls instead.
+
+The model writes keys and values into the cache but not token ids, so the loop records the ids next to
+them in `cache.tokens` (len == cache.length); the next call on the same cache compares them with its
+prompt and prefills only the new part.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import numpy as np
 from engine import catalog
 from engine.chat_template import ChatTemplate
 from engine.config import ModelConfig
-from engine.errors import KawaiError
+from engine.errors import ContextLengthError, KawaiError
 from engine.generate import Generation
 from engine.gguf import GGUFFile, open_gguf
 from engine.kv_cache import KVCache
@@ -113,6 +113,8 @@ class LLM:
         ids = self.check_ids(ids)
         if not ids:
             raise KawaiError("logits() needs at least one token")
+        if len(ids) > self.n_ctx:
+            raise ContextLengthError(f"{len(ids)} tokens do not fit the context window of {self.n_ctx}")
         cache = KVCache(self.config, len(ids))
         return np.asarray(self.forward(ids, cache, all_logits=True), dtype=np.float32)
 

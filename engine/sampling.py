@@ -21,6 +21,7 @@ MAX_STOP_SEQUENCES = 64
 MAX_STOP_CHARS = 1024
 MAX_SEED = (1 << 64) - 1
 FIRST_TOP_P_WINDOW = 64  # candidates examined first for top-p; grows x8 until the mass is reached
+DRAW_BLOCK = 1024  # tokens per block in the two-level draw
 
 
 class SamplingParamsError(KawaiError, ValueError):
@@ -110,9 +111,7 @@ class Sampler:
         if self.params.greedy:
             return int(np.argmax(logits))
         ids, weights = self._support(logits)
-        # One uniform draw against the cumulative (unnormalised) mass of the support.
-        cdf = np.cumsum(weights, dtype=np.float64)
-        i = min(int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right")), cdf.size - 1)
+        i = _draw(weights, self._rng.random())
         return i if ids is None else int(ids[i])
 
     def candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -133,7 +132,7 @@ class Sampler:
         scaled = np.multiply(logits, np.float32(1.0 / p.temperature), dtype=np.float32)  # (V,)
         ids = None
         if 0 < p.top_k < scaled.size:
-            ids = np.sort(np.argpartition(-scaled, p.top_k - 1)[: p.top_k])  # (k,)
+            ids = np.sort(np.argpartition(scaled, scaled.size - p.top_k)[scaled.size - p.top_k :])  # (k,)
             scaled = scaled[ids]
         # exp in float32 (arguments <= 0: no overflow; 8x faster than float64); sums in float64.
         weights = np.exp(scaled - scaled.max())
@@ -145,6 +144,22 @@ class Sampler:
         likely = np.flatnonzero(weights >= 0.5 * (1.0 - p.top_p) * total / weights.size)  # ascending
         keep = likely[_top_p_positions(weights[likely] / total, p.top_p)]
         return (keep if ids is None else ids[keep]), weights[keep]
+
+
+def _draw(weights: np.ndarray, u: float, block: int = DRAW_BLOCK) -> int:
+    """Index i drawn with probability weights[i] / sum(weights), for u uniform in [0, 1).
+
+    Two levels (float64 sums per block of `block`, then a cumulative sum inside one block), which is
+    several times faster than one float64 cumulative sum over a 150k vocabulary."""
+    starts = np.arange(0, weights.size, block)
+    cdf = np.cumsum(np.add.reduceat(weights, starts, dtype=np.float64))  # (blocks,)
+    target = u * cdf[-1]
+    b = min(int(np.searchsorted(cdf, target, side="right")), cdf.size - 1)
+    inner = np.cumsum(weights[starts[b] : starts[b] + block], dtype=np.float64)
+    i = int(np.searchsorted(inner, target - (cdf[b - 1] if b else 0.0), side="right"))
+    if i >= inner.size:  # rounding pushed the target past the block: its last token with weight
+        i = int(np.flatnonzero(weights[starts[b] : starts[b] + block])[-1])
+    return int(starts[b]) + i
 
 
 def _top_p_positions(probs: np.ndarray, top_p: float) -> np.ndarray:

@@ -18,8 +18,9 @@ quantized x per group: the result is exactly W @ (quantized x), so the error sca
 not with the stored quants. Both terms come from the dot products of kernels/matmul_simd.py (AVX2
 intrinsics, or their portable plain-loop definition elsewhere). Work is split over chunks of ROW_CHUNK
 output rows (`prange`); prefill sweeps a chunk once per tile of 4 tokens, reading each weight row once
-per tile, and decode takes 4 rows at a time. Every (token, row) output goes through the same float
-operations whatever n is.
+per tile; single tokens read the rows in order (one sequential stream: interleaving several rows halved
+the DRAM bandwidth in measurements). Every (token, row) output goes through the same float operations
+whatever n is.
 """
 
 from __future__ import annotations
@@ -71,36 +72,25 @@ def quantize_activations_parallel(x, xq, xd, xqsum16):
 
 
 @njit(cache=True)
-def _r1t1(fmt, w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor):
+def _t1(fmt, w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
     if fmt == FMT_S8:
-        return simd.dot_s8_r1t1(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor)
+        return simd.dot_s8_t1(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
     if fmt == FMT_U8:
-        return simd.dot_u8_r1t1(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor)
+        return simd.dot_u8_t1(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
     if fmt == FMT_U4:
-        return simd.dot_u4_r1t1(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor)
-    return simd.dot_u5_r1t1(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor)
+        return simd.dot_u4_t1(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
+    return simd.dot_u5_t1(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
 
 
 @njit(cache=True)
-def _r4t1(fmt, w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor):
+def _t4(fmt, w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
     if fmt == FMT_S8:
-        return simd.dot_s8_r4t1(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor)
+        return simd.dot_s8_t4(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
     if fmt == FMT_U8:
-        return simd.dot_u8_r4t1(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor)
+        return simd.dot_u8_t4(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
     if fmt == FMT_U4:
-        return simd.dot_u4_r4t1(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor)
-    return simd.dot_u5_r4t1(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor)
-
-
-@njit(cache=True)
-def _r1t4(fmt, w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor):
-    if fmt == FMT_S8:
-        return simd.dot_s8_r1t4(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor)
-    if fmt == FMT_U8:
-        return simd.dot_u8_r1t4(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor)
-    if fmt == FMT_U4:
-        return simd.dot_u4_r1t4(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor)
-    return simd.dot_u5_r1t4(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor)
+        return simd.dot_u4_t4(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
+    return simd.dot_u5_t4(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
 
 
 @njit(parallel=True, cache=True)
@@ -122,26 +112,15 @@ def gemm_quant(fmt, w, s, m, bias_factor, xq, xd, xqsum, y):
         t0 = 0
         while t0 + 4 <= n:  # prefill: tiles of 4 tokens, each weight row read once per tile
             for r in range(r_lo, r_hi):
-                o = _r1t4(fmt, wf, r * row_bytes, row_bytes, sf, mf, r * n_groups, n_groups, xq, xd, xqsum,
-                          t0, n_blocks, bias_factor)
+                o = _t4(fmt, wf, r * row_bytes, sf, mf, r * n_groups, xq, xd, xqsum, t0, n_blocks, bias_factor)
                 y[t0, r] = o[0]
                 y[t0 + 1, r] = o[1]
                 y[t0 + 2, r] = o[2]
                 y[t0 + 3, r] = o[3]
             t0 += 4
-        for t in range(t0, n):  # single tokens: 4 rows at a time share the activation loads
-            r = r_lo
-            while r + 4 <= r_hi:
-                o = _r4t1(fmt, wf, r * row_bytes, row_bytes, sf, mf, r * n_groups, n_groups, xq, xd, xqsum,
-                          t, n_blocks, bias_factor)
-                y[t, r] = o[0]
-                y[t, r + 1] = o[1]
-                y[t, r + 2] = o[2]
-                y[t, r + 3] = o[3]
-                r += 4
-            for r in range(r, r_hi):
-                y[t, r] = _r1t1(fmt, wf, r * row_bytes, row_bytes, sf, mf, r * n_groups, n_groups, xq, xd, xqsum,
-                                t, n_blocks, bias_factor)
+        for t in range(t0, n):  # single tokens: row after row, one sequential stream through the weights
+            for r in range(r_lo, r_hi):
+                y[t, r] = _t1(fmt, wf, r * row_bytes, sf, mf, r * n_groups, xq, xd, xqsum, t, n_blocks, bias_factor)
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"})

@@ -10,13 +10,13 @@ vectorizer is off), so the innermost work is emitted here directly. Per block of
 and one horizontal sum per output. Signed weights ("s8", Q8_0) use the sign trick: |w| as the unsigned
 operand, x with w's sign as the signed one. The call
 
-    dot_<fmt>_r<NR>t<NT>(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, B, bias_factor)
+    dot_<fmt>_t<NT>(w, w_off, s, m, g_off, x, xd, xqsum, t0, B, bias_factor)
 
-computes, for NR weight rows (row r: bytes from w_off + r*w_stride of the flat uint8 w, groups from
-g_off + r*g_stride of the flat float32 s and m) and NT tokens t = t0 + i (a row-major tuple),
+computes, for one weight row (its B blocks from byte w_off of the flat uint8 w, its groups from g_off of
+the flat float32 s and m) and NT tokens t = t0 + i (NT = 1: a float, NT = 4: a tuple),
 
-    out[r, i] = sum_b sum_g s[b*G + g] * xd[t*B + b] * isum(r, t, b, g)  +  bias_factor * sum_bg m * xqsum
-    isum      = sum over the weights k of group g of block b: q[r, b, k] * x[t*B*32 + b*32 + k]
+    out[i] = sum_b sum_g s[b*G + g] * xd[t*B + b] * isum(t, b, g)  +  bias_factor * sum_bg m * xqsum
+    isum   = sum over the weights k of group g of block b: q[b, k] * x[t*B*32 + b*32 + k]
 
 where xqsum[t*B*G + b*G + g] is the sum of the quantized x over the group times xd, and m holds the
 mins (bias_factor 1) or, for formats with an offset, the scales (bias_factor = -offset). The quants q are
@@ -27,8 +27,8 @@ decoded from each block by format:
     "u4"  16 bytes: element j in the low nibble of byte j, element j + 16 in its high nibble   G = 1
     "u5"  20 bytes: the "u4" nibbles, then a little-endian u32 with the 5th bit of element j at bit j
 
-Each (row, token) output goes through the same operations whatever NR and NT are, so a prefill row
-equals the same token computed alone, bit for bit. The intrinsics exist where `AVAILABLE` (x86-64 with
+Each token's output goes through the same operations whatever NT is, so a prefill row equals the same
+token computed alone, bit for bit. The intrinsics exist where `AVAILABLE` (x86-64 with
 AVX2 and FMA, JIT on). Elsewhere, and with NUMBA_DISABLE_JIT=1, the same names are plain-loop Numba
 functions over `dot_portable`, which is also the definition the intrinsics are tested against.
 
@@ -115,23 +115,21 @@ def _hsum8(builder: ir.IRBuilder, v):
                         builder.extract_element(v, ir.Constant(_I32, 1)))
 
 
-def _emit_dot(context, builder, sig, args, fmt: str, nr: int, nt: int):
-    """IR for NR weight rows x NT tokens (see the module docstring); returns the NR*NT outputs, row-major.
+def _emit_dot(context, builder, sig, args, fmt: str, nt: int):
+    """IR for one weight row x NT tokens (see the module docstring); returns the NT outputs.
 
-    Each (row, token) pair has its own accumulators and sees the same operations whatever NR and NT
-    are; with NR * NT = 4 independent vector accumulators the FMA latency is hidden."""
-    arrays = {i: cgutils.create_struct_proxy(sig.args[i])(context, builder, value=args[i]) for i in (0, 3, 4, 7, 8, 9)}
-    wp, sp, mp, xp, xdp, xqp = (arrays[i].data for i in (0, 3, 4, 7, 8, 9))
-    w_off, w_stride, g_off, g_stride, t0, n_blocks = (
-        context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 5, 6, 10, 11))
-    bias_factor = context.cast(builder, args[12], sig.args[12], types.float32)
+    Each token has its own accumulators and sees the same operations whatever NT is."""
+    wp, sp, mp, xp, xdp, xqp = (cgutils.create_struct_proxy(sig.args[i])(context, builder, value=args[i]).data
+                                for i in (0, 2, 3, 5, 6, 7))
+    w_off, g_off, t0, n_blocks = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 4, 8, 9))
+    bias_factor = context.cast(builder, args[10], sig.args[10], types.float32)
     i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
     v32i8, v16i16, v8i32, v8f32 = _vec(_I8, 32), _vec(_I16, 16), _vec(_I32, 8), _vec(_F32, 8)
     ones16 = _consts(_I16, [1] * 16)
     n_groups = GROUPS[fmt]
     needs_bias = fmt != "s8"  # every other format carries mins or an offset
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f32, None)) for _ in range(nr * nt)]
-    biases = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(nr * nt)]
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f32, None)) for _ in range(nt)]
+    biases = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(nt)]
 
     def block(b):
         xs, dxs, xq_sums = [], [], []
@@ -142,36 +140,33 @@ def _emit_dot(context, builder, sig, args, fmt: str, nr: int, nt: int):
             if needs_bias:
                 xq_sums.append([_load(builder, xqp, builder.add(builder.mul(blk, i64(n_groups)), i64(g)), _F32)
                                 for g in range(n_groups)])
-        for r in range(nr):
-            w_at = builder.add(builder.add(w_off, builder.mul(w_stride, i64(r))), builder.mul(b, i64(BLOCK_BYTES[fmt])))
-            q = _decode_block(builder, wp, w_at, fmt)
+        q = _decode_block(builder, wp, builder.add(w_off, builder.mul(b, i64(BLOCK_BYTES[fmt]))), fmt)
+        if fmt == "s8":
+            q_abs = _call(builder, "llvm.abs.v32i8", v32i8, [q, ir.Constant(ir.IntType(1), 0)])
+        g_at = builder.add(g_off, builder.mul(b, i64(n_groups)))
+        group_scales = [_load(builder, sp, builder.add(g_at, i64(g)), _F32) for g in range(n_groups)]
+        if n_groups == 1:
+            scale = _splat(builder, group_scales[0], 8)
+        else:  # lanes 0-3 sum elements 0-15, lanes 4-7 elements 16-31
+            pair = builder.insert_element(_splat(builder, group_scales[0], 2), group_scales[1], ir.Constant(_I32, 1))
+            scale = _shuffle(builder, pair, pair, [0, 0, 0, 0, 1, 1, 1, 1])
+        if needs_bias:
+            coefs = [_load(builder, mp, builder.add(g_at, i64(g)), _F32) for g in range(n_groups)]
+        for i in range(nt):
             if fmt == "s8":
-                q_abs = _call(builder, "llvm.abs.v32i8", v32i8, [q, ir.Constant(ir.IntType(1), 0)])
-            g_at = builder.add(builder.add(g_off, builder.mul(g_stride, i64(r))), builder.mul(b, i64(n_groups)))
-            group_scales = [_load(builder, sp, builder.add(g_at, i64(g)), _F32) for g in range(n_groups)]
-            if n_groups == 1:
-                scale = _splat(builder, group_scales[0], 8)
-            else:  # lanes 0-3 sum elements 0-15, lanes 4-7 elements 16-31
-                pair = builder.insert_element(_splat(builder, group_scales[0], 2), group_scales[1], ir.Constant(_I32, 1))
-                scale = _shuffle(builder, pair, pair, [0, 0, 0, 0, 1, 1, 1, 1])
+                signed_x = _call(builder, "llvm.x86.avx2.psign.b", v32i8, [xs[i], q])
+                pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", v16i16, [q_abs, signed_x])
+            else:
+                pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", v16i16, [q, xs[i]])
+            quads = _call(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [pairs, ones16])
+            total = _call(builder, "llvm.fma.v8f32", v8f32,
+                          [builder.sitofp(quads, v8f32), builder.fmul(scale, dxs[i]), builder.load(accs[i])])
+            builder.store(total, accs[i])
             if needs_bias:
-                coefs = [_load(builder, mp, builder.add(g_at, i64(g)), _F32) for g in range(n_groups)]
-            for i in range(nt):
-                if fmt == "s8":
-                    signed_x = _call(builder, "llvm.x86.avx2.psign.b", v32i8, [xs[i], q])
-                    pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", v16i16, [q_abs, signed_x])
-                else:
-                    pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", v16i16, [q, xs[i]])
-                quads = _call(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [pairs, ones16])
-                acc = accs[r * nt + i]
-                total = _call(builder, "llvm.fma.v8f32", v8f32,
-                              [builder.sitofp(quads, v8f32), builder.fmul(scale, dxs[i]), builder.load(acc)])
-                builder.store(total, acc)
-                if needs_bias:
-                    bias = builder.load(biases[r * nt + i])
-                    for g in range(n_groups):
-                        bias = _call(builder, "llvm.fma.f32", _F32, [coefs[g], xq_sums[i][g], bias])
-                    builder.store(bias, biases[r * nt + i])
+                bias = builder.load(biases[i])
+                for g in range(n_groups):
+                    bias = _call(builder, "llvm.fma.f32", _F32, [coefs[g], xq_sums[i][g], bias])
+                builder.store(bias, biases[i])
 
     with cgutils.for_range(builder, n_blocks) as loop:
         block(loop.index)
@@ -181,23 +176,23 @@ def _emit_dot(context, builder, sig, args, fmt: str, nr: int, nt: int):
         if needs_bias:
             out = builder.fadd(out, builder.fmul(bias_factor, builder.load(biases[k])))
         outs.append(out)
-    return outs[0] if nr * nt == 1 else context.make_tuple(builder, sig.return_type, outs)
+    return outs[0] if nt == 1 else context.make_tuple(builder, sig.return_type, outs)
 
 
-def _make_intrinsic(fmt: str, nr: int, nt: int):
+def _make_intrinsic(fmt: str, nt: int):
     @intrinsic
-    def dot(typingctx, w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor):
+    def dot(typingctx, w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
         # The IR reads raw data pointers: only flat C-contiguous arrays of the expected dtypes type-check.
         expected = {w: types.uint8, s: types.float32, m: types.float32, x: types.int8, xd: types.float32,
                     xqsum: types.float32}
         for arr, dtype in expected.items():
             if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and arr.dtype == dtype):
                 return None
-        ret = types.float32 if nr * nt == 1 else types.UniTuple(types.float32, nr * nt)
-        sig = ret(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor)
+        ret = types.float32 if nt == 1 else types.UniTuple(types.float32, nt)
+        sig = ret(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
 
         def codegen(context, builder, signature, args):
-            return _emit_dot(context, builder, signature, args, fmt, nr, nt)
+            return _emit_dot(context, builder, signature, args, fmt, nt)
 
         return sig, codegen
 
@@ -240,45 +235,33 @@ def dot_portable(fmt, w, w_off, s, m, g_off, x, xd, xqsum, t, n_blocks, bias_fac
     return total + np.float32(bias_factor) * bias
 
 
-def _make_portable(fmt: str, nr: int, nt: int):
+def _make_portable(fmt: str, nt: int):
     code = FORMAT_CODES[fmt]
 
-    @numba.njit(cache=True)
-    def one(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor, k):
-        r, i = k // nt, k % nt
-        return dot_portable(code, w, w_off + r * w_stride, s, m, g_off + r * g_stride, x, xd, xqsum, t0 + i,
-                            n_blocks, bias_factor)
-
-    if nr * nt == 1:
+    if nt == 1:
         @numba.njit(cache=True)
-        def dot(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor):
-            return one(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor, 0)
-    else:  # NR * NT == 4
+        def dot(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
+            return dot_portable(code, w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
+    else:  # NT == 4
         @numba.njit(cache=True)
-        def dot(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor):
-            return (one(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor, 0),
-                    one(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor, 1),
-                    one(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor, 2),
-                    one(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor, 3))
+        def dot(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
+            return (dot_portable(code, w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor),
+                    dot_portable(code, w, w_off, s, m, g_off, x, xd, xqsum, t0 + 1, n_blocks, bias_factor),
+                    dot_portable(code, w, w_off, s, m, g_off, x, xd, xqsum, t0 + 2, n_blocks, bias_factor),
+                    dot_portable(code, w, w_off, s, m, g_off, x, xd, xqsum, t0 + 3, n_blocks, bias_factor))
     return dot
 
 
-def _make(fmt: str, nr: int, nt: int):
-    assert nr * nt in (1, 4)
-    return _make_intrinsic(fmt, nr, nt) if AVAILABLE else _make_portable(fmt, nr, nt)
+def _make(fmt: str, nt: int):
+    return _make_intrinsic(fmt, nt) if AVAILABLE else _make_portable(fmt, nt)
 
 
-# Dot products dot_<fmt>_r<NR>t<NT>: one row and one token; 4 rows and one token (decode); one row and
-# 4 tokens (prefill). "u8" always has a scale per 16 weights, the others one per 32.
-dot_s8_r1t1 = _make("s8", 1, 1)
-dot_s8_r4t1 = _make("s8", 4, 1)
-dot_s8_r1t4 = _make("s8", 1, 4)
-dot_u8_r1t1 = _make("u8", 1, 1)
-dot_u8_r4t1 = _make("u8", 4, 1)
-dot_u8_r1t4 = _make("u8", 1, 4)
-dot_u4_r1t1 = _make("u4", 1, 1)
-dot_u4_r4t1 = _make("u4", 4, 1)
-dot_u4_r1t4 = _make("u4", 1, 4)
-dot_u5_r1t1 = _make("u5", 1, 1)
-dot_u5_r4t1 = _make("u5", 4, 1)
-dot_u5_r1t4 = _make("u5", 1, 4)
+# Dot products dot_<fmt>_t<NT>: one weight row with one token (decode) or with 4 tokens (prefill).
+dot_s8_t1 = _make("s8", 1)
+dot_s8_t4 = _make("s8", 4)
+dot_u8_t1 = _make("u8", 1)
+dot_u8_t4 = _make("u8", 4)
+dot_u4_t1 = _make("u4", 1)
+dot_u4_t4 = _make("u4", 4)
+dot_u5_t1 = _make("u5", 1)
+dot_u5_t4 = _make("u5", 4)

@@ -64,38 +64,67 @@ def rope(x, positions, inv_freq, neox):
                 v[b] = x0 * sin[j] + x1 * cos[j]
 
 
+@njit(cache=True, fastmath={"contract"})
+def exp_inplace(x, n, bits):
+    """x[:n] = exp(x[:n]) in float32, for x within about [-87, 88] (clamped beyond); bits (>= n,) int32
+    scratch. exp(x) = 2^k * 2^f with k = rint(x * log2 e), |f| <= 1/2: 2^f by its degree-6 Taylor
+    polynomial (relative error ~2e-7), 2^k built as float32 exponent bits. Unlike `math.exp`, a scalar
+    libm call, both loops vectorize (~4x faster)."""
+    for p in range(n):
+        t = min(max(x[p] * np.float32(1.4426950408889634), np.float32(-125.0)), np.float32(127.0))
+        k = np.float32(np.rint(t))
+        f = t - k
+        y = np.float32(1.5403530393381606e-4)  # ln(2)^6 / 6!
+        y = y * f + np.float32(1.3333558146428443e-3)
+        y = y * f + np.float32(9.618129107628477e-3)
+        y = y * f + np.float32(5.550410866482158e-2)
+        y = y * f + np.float32(0.2402265069591007)
+        y = y * f + np.float32(0.6931471805599453)
+        x[p] = y * f + np.float32(1.0)
+        bits[p] = (np.int32(k) + np.int32(127)) << np.int32(23)
+    scale = bits[:n].view(np.float32)  # 2^k
+    for p in range(n):
+        x[p] *= scale[p]
+
+
 @njit(cache=True)
 def silu_mul(gate, up, out):
-    """SwiGLU: out = silu(gate) * up = gate / (1 + exp(-gate)) * up.  gate, up, out (n, f)."""
+    """SwiGLU: out = silu(gate) * up = gate / (1 + exp(-gate)) * up.  gate, up, out (n, f); out may be gate."""
     n, f = gate.shape
+    e = np.empty(f, np.float32)  # exp(-gate) of one row
+    bits = np.empty(f, np.int32)
     for i in range(n):
         g = gate[i]
         u = up[i]
         o = out[i]
         for j in range(f):
-            o[j] = g[j] / (np.float32(1.0) + np.float32(math.exp(-g[j]))) * u[j]
+            e[j] = -g[j]
+        exp_inplace(e, f, bits)
+        for j in range(f):
+            o[j] = g[j] / (np.float32(1.0) + e[j]) * u[j]
 
 
 @njit(cache=True)
 def softmax(x):
     """Row-wise softmax in place, max-subtracted.  x (n, d)."""
     n, d = x.shape
+    bits = np.empty(d, np.int32)
     for i in range(n):
-        _softmax_row(x[i], d)
+        _softmax_row(x[i], d, bits)
 
 
 @njit(cache=True)
-def _softmax_row(row, length):
-    """Softmax over row[:length] in place (float64 sum)."""
+def _softmax_row(row, length, bits):
+    """Softmax over row[:length] in place (float64 sum); bits (>= length,) int32 scratch."""
     m = row[0]
     for p in range(1, length):
-        if row[p] > m:
-            m = row[p]
+        m = max(m, row[p])
+    for p in range(length):
+        row[p] -= m
+    exp_inplace(row, length, bits)
     total = 0.0
     for p in range(length):
-        e = math.exp(row[p] - m)
-        row[p] = e
-        total += e
+        total += row[p]
     inv = np.float32(1.0 / total)
     for p in range(length):
         row[p] = row[p] * inv
@@ -142,6 +171,7 @@ def _attend_row(q, k_cache, v_cache, start, scale, out, i, kv, group):
     head_dim = q.shape[2]
     length = start + i + 1
     scores = np.zeros((group, length), np.float32)  # (group, L)
+    bits = np.empty(length, np.int32)
     # scores[g, p] = scale * q[g] . k[p], streaming each transposed key row over positions.
     for j in range(head_dim):
         keys = k_cache[kv, j]  # (S,)
@@ -151,7 +181,7 @@ def _attend_row(q, k_cache, v_cache, start, scale, out, i, kv, group):
             for p in range(length):
                 s[p] += qj * keys[p]
     for g in range(group):
-        _softmax_row(scores[g], length)
+        _softmax_row(scores[g], length, bits)
         o = out[i, kv * group + g]
         o[:] = 0.0
         s = scores[g]

@@ -262,9 +262,9 @@ def test_thinking_parameter_is_accepted_by_a_model_without_thinking(client, mode
 
 
 def test_ping_arrives_during_a_long_prefill(server, tokens, model):
-    """ping_interval is 0.5 s on this server; a ~500-token prompt takes longer than that to prefill."""
+    """ping_interval is 0.5 s on this server; a ~250-token prompt takes longer than that to prefill."""
     body = {"model": model, "max_tokens": 1, "stream": True,
-            "messages": [{"role": "user", "content": "Summarize: " + "The quick brown fox jumps. " * 80}]}
+            "messages": [{"role": "user", "content": "Summarize: " + "The quick brown fox jumps. " * 40}]}
     r = httpx.post(server.url + "/v1/messages", json=body, headers={"x-api-key": tokens.all}, timeout=300)
     kinds = [e for e, _ in parse_sse(r.text)]
     assert kinds[0] == "message_start" and "ping" in kinds[: kinds.index("message_delta")]
@@ -301,10 +301,12 @@ SEED_EXAMPLES = {
     },
 }
 VISION_EXAMPLES = {
-    "vision_url": {"model": "qwen2.5-vl-3b-instruct-q8_0", "max_tokens": 1024, "messages": [{"role": "user", "content": [
+    "vision_url": {"model": "qwen2.5-vl-3b-instruct-q8_0", "max_tokens": 1024,
+                   "messages": [{"role": "user", "content": [
         {"type": "text", "text": "What is in this image?"},
         {"type": "image", "source": {"type": "url", "url": "https://example.com/image.jpg"}}]}]},
-    "vision_base64": {"model": "qwen2.5-vl-3b-instruct-q8_0", "max_tokens": 1024, "messages": [{"role": "user", "content": [
+    "vision_base64": {"model": "qwen2.5-vl-3b-instruct-q8_0", "max_tokens": 1024,
+                      "messages": [{"role": "user", "content": [
         {"type": "text", "text": "Describe this image"},
         {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "/9j/4AAQ..."}}]}]},
 }
@@ -340,7 +342,8 @@ def collect_stream(raw: str) -> dict:
     """Rebuild the message from the documented event sequence, checking the sequence on the way."""
     frames = [(e, d) for e, d in parse_sse(raw) if e != "ping"]
     assert all(e == d["type"] for e, d in frames)
-    assert [e for e, _ in frames[:1]] == ["message_start"] and [e for e, _ in frames[-2:]] == ["message_delta", "message_stop"]
+    kinds = [e for e, _ in frames]
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
     message = frames[0][1]["message"]
     assert message["content"] == [] and message["stop_reason"] is None
     partial: dict[int, str] = {}

@@ -14,6 +14,7 @@ import socket
 import time
 from datetime import datetime
 
+import anthropic
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -185,6 +186,46 @@ def test_context_window_is_checked_with_max_tokens(client):
                                        "invalid_request_error")["error"]["message"]
 
 
+def test_thinking_switch_reaches_the_template(client):
+    """The tiny template appends an empty think block when enable_thinking is false (Qwen3's switch)."""
+    def count(**kw):
+        b = {k: v for k, v in body(**kw).items() if k != "max_tokens"}
+        return client.post("/v1/messages/count_tokens", json=b).json()["input_tokens"]
+
+    off, absent = count(thinking={"type": "disabled"}), count()
+    on = count(thinking={"type": "enabled", "budget_tokens": 1024})
+    assert off == absent > on and count(thinking={"type": "adaptive"}) == on
+
+
+def test_tool_choice_rules(client):
+    tools = [{"name": "get_weather", "input_schema": {"type": "object"}}]
+    for patch, needle in [
+        ({"tool_choice": {"type": "any"}}, "requires tools"),
+        ({"tools": tools, "tool_choice": {"type": "tool", "name": "other"}}, "no tool named"),
+        ({"tools": tools, "tool_choice": {"type": "any"}, "thinking": {"type": "enabled", "budget_tokens": 1024}},
+         "thinking"),
+    ]:
+        r = client.post("/v1/messages", json=body(**patch))
+        assert needle in check_error(r, 400, "invalid_request_error")["error"]["message"]
+    hidden = client.post("/v1/messages/count_tokens", json={**body(tools=tools, tool_choice={"type": "none"}),
+                                                             "max_tokens": None}).json()["input_tokens"]
+    assert hidden == client.post("/v1/messages/count_tokens", json=body()).json()["input_tokens"]  # tools hidden
+
+
+def test_mid_conversation_system_and_tool_history_are_accepted(client):
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "call it", "signature": "x"},
+                                          {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "is_error": True,
+                                      "content": [{"type": "text", "text": "timeout"}]}]},
+    ]
+    r = client.post("/v1/messages", json=body(messages=messages, system=[{"type": "text", "text": "Be nice."}],
+                                              tools=[{"name": "get_weather", "input_schema": {"type": "object"}}]))
+    assert r.status_code == 200 and r.json()["type"] == "message"
+
+
 def test_images_are_refused_naming_the_model(client):
     image = {"type": "image", "source": {"type": "url", "url": "https://example.com/image.jpg"}}
     r = client.post("/v1/messages", json=body(messages=[{"role": "user", "content": [
@@ -261,7 +302,8 @@ def read_response(s: socket.socket) -> bytes:
                 return data
             data += part
         head, _, rest = data.partition(b"\r\n\r\n")
-        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        lengths = [line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")]
+        length = int(lengths[0])
         while len(rest) < length:
             part = s.recv(65536)
             if not part:
@@ -400,9 +442,14 @@ def test_unhandled_exception_is_a_generic_500_logged_with_the_request_id(caplog)
     async def broken(request):
         raise RuntimeError("secret detail in /home/user/.cache/kawai/models/x.gguf")
 
-    app = Starlette(routes=[Route("/boom", broken)], middleware=[Middleware(RequestContextMiddleware)])
+    routes = [Route("/boom", broken), Route("/v1/messages", broken, methods=["POST"])]
+    app = Starlette(routes=routes, middleware=[Middleware(RequestContextMiddleware)])
     with caplog.at_level(logging.ERROR, logger="kawai.api"), LiveServer(app) as s:
         r = httpx.get(s.url + "/boom")
+        sdk = anthropic.Anthropic(base_url=s.url, api_key="k", max_retries=0)
+        with pytest.raises(anthropic.InternalServerError) as e:  # the SDK's typed error for a 500
+            sdk.messages.create(model="m", max_tokens=1, messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 500 and "secret" not in str(e.value.body)
     data = check_error(r, 500, "api_error")
     assert "secret" not in r.text and "/home" not in r.text and "RuntimeError" not in r.text
     logged = "\n".join(rec.getMessage() + (rec.exc_text or "") for rec in caplog.records)
@@ -420,9 +467,10 @@ async def _error_events():
 
     frames = [f async for f in sse_frames(events(), "req_x")]
     parsed = parse_sse(b"".join(frames).decode())
-    assert parsed[-1] == ("error", {"type": "error", "error": {"type": "api_error", "message": parsed[-1][1]["error"]["message"]},
-                                    "request_id": "req_x"})
-    assert "secret" not in parsed[-1][1]["error"]["message"]
+    event, data = parsed[-1]
+    assert event == "error" and data["type"] == "error" and data["request_id"] == "req_x"
+    assert data["error"]["type"] == "api_error"
+    assert "secret" not in data["error"]["message"]
 
     async def refused():
         yield {"type": "message_start", "message": {}}

@@ -206,7 +206,8 @@ def test_tags_not_parsed_without_tools():
 def test_cut_mid_arguments_closes_valid_json():
     text = '<tool_call>\n{"name": "f", "arguments": {"path": "a.txt", "text": "half of it'
     content = blocks(run(list(text), cut=True))
-    assert content == [{"type": "tool_use", "id": "toolu_0", "name": "f", "input": {"path": "a.txt", "text": "half of it"}}]
+    args = {"path": "a.txt", "text": "half of it"}
+    assert content == [{"type": "tool_use", "id": "toolu_0", "name": "f", "input": args}]
 
 
 def test_cut_before_arguments_drops_the_call():

@@ -162,8 +162,9 @@ def test_tool_use_and_tool_result_mapping():
         "content": "Checking.",
         "reasoning_content": "Two calls.",
         "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"location": "Paris"}}},
-            {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": {"location": "Tokyo"}}},
+            {"id": f"call_{i}", "type": "function",
+             "function": {"name": "get_weather", "arguments": {"location": city}}}
+            for i, city in ((1, "Paris"), (2, "Tokyo"))
         ],
     }
     assert messages[2] == {"role": "tool", "content": "Sunny, 22°C", "tool_call_id": "call_1", "name": "get_weather"}

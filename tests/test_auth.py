@@ -20,7 +20,8 @@ from api.tokens import TokenStore
 from api_harness import LiveServer, make_tokens
 from tiny_models import write_tiny_model
 
-MESSAGE = {"model": "tiny-qwen2-f32", "max_tokens": 2, "temperature": 0, "messages": [{"role": "user", "content": "Hi"}]}
+MESSAGE = {"model": "tiny-qwen2-f32", "max_tokens": 2, "temperature": 0,
+           "messages": [{"role": "user", "content": "Hi"}]}
 
 
 @pytest.fixture(scope="module")

@@ -79,7 +79,8 @@ def test_corrupt_token_file_is_a_clear_error(tmp_path):
 
 def test_tokens_cli_create_list_revoke(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KAWAI_HOME", str(tmp_path))
-    assert main(["tokens", "create", "--name", "ci", "--endpoints", "messages,count_tokens", "--limit", "100/month"]) == 0
+    args = ["tokens", "create", "--name", "ci", "--endpoints", "messages,count_tokens", "--limit", "100/month"]
+    assert main(args) == 0
     out = capsys.readouterr().out
     secret = next(word for word in out.split() if word.startswith("kawai-"))
     token_id = json.loads((tmp_path / "tokens.json").read_text())["tokens"][0]["id"]

@@ -188,6 +188,11 @@ def test_chat_turns_reuse_the_cache(llm):
     assert [s.token_id for s in fresh_steps] == [s.token_id for s in steps2]
 
 
+def test_logits_beyond_the_context_is_a_clear_error(llm):
+    with pytest.raises(ContextLengthError):
+        llm.logits([1] * (llm.n_ctx + 1))
+
+
 def test_count_and_format_helpers(llm):
     text = llm.render_chat(QUESTION)
     assert text.endswith("<|im_start|>assistant\n") and QUESTION[0]["content"] in text

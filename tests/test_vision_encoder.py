@@ -179,6 +179,33 @@ def test_projector_errors_name_the_problem(models, tmp_path, change, message):
         load_projector(bad)
 
 
+def test_legacy_surgery_file_with_swapped_mlp_names(models, tmp_path):
+    """llama.cpp's old qwen2_vl_surgery.py wrote fc1 as ffn_down and fc2 as ffn_up, feed_forward_length 0
+    and a dummy position embedding; such files still load and give the same result."""
+    model, path = models["qwen2vl"]
+    reader = open_gguf(path)
+    legacy = tmp_path / "qwen2-vl-2b-instruct-vision.gguf"
+    writer = GGUFWriter(legacy, "clip")
+    _copy_metadata(reader, writer, drop=("clip.vision.feed_forward_length",))
+    writer.add_uint32("clip.vision.feed_forward_length", 0)
+    writer.add_bool("clip.has_qwen2vl_merger", True)
+    swap = {"ffn_up": "ffn_down", "ffn_down": "ffn_up"}
+    for name in reader.tensors:
+        parts = name.split(".")
+        if len(parts) > 3 and parts[3] in swap:
+            parts[3] = swap[parts[3]]
+        writer.add_tensor(".".join(parts), np.asarray(reader.tensor_array(name)))
+    writer.add_tensor("v.position_embd.weight", np.zeros((10, 10), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    patches, grid = _patches(ImageSpec(), 100, 73)
+    old = load_projector(legacy, exact=True)
+    assert old.config.d_ff == 64
+    np.testing.assert_array_equal(encode(old, patches, grid), encode(load_projector(path, exact=True), patches, grid))
+
+
 def test_qwen25_projector_needs_its_window_pattern(models, tmp_path):
     bad = _rewrite(models["qwen25vl"][1], tmp_path / "bad.gguf", drop=("clip.vision.n_wa_pattern",))
     with pytest.raises(ProjectorError, match="n_wa_pattern"):

@@ -89,14 +89,19 @@ def test_image_prompt_logits_match_transformers(tiny, kind, n_images):
     _close(out.logits, expected)
 
 
-def test_image_token_count_matches_transformers_processor(tiny):
-    projector = tiny["qwen2vl"].projector
-    processor = Qwen2VLImageProcessorPil()
-    for image in IMAGES + [_photo(1500, 900), _photo(20, 30)]:
+@pytest.mark.parametrize("max_tokens", [None, 256, 64])
+def test_image_token_count_matches_transformers_processor(tiny, max_tokens):
+    """Token counts (for usage) equal the processor's; the default cap is 256 tokens per image."""
+    path = tiny["qwen2vl"].projector.path
+    projector = load_projector(path, max_image_tokens=max_tokens)
+    limit = 28 * 28 * (1280 if max_tokens is None else max_tokens)  # transformers' default: 1280 tokens
+    processor = Qwen2VLImageProcessorPil(max_pixels=limit)
+    for image in IMAGES + [_photo(1500, 900), _photo(20, 30), _photo(900, 1900)]:
         grid = processor(images=[image], return_tensors="np")["image_grid_thw"][0]
         n_hf = int(grid.prod()) // 4
-        assert image_token_count(projector, image.width, image.height) == n_hf
+        assert image_token_count(projector, image.width, image.height) == n_hf <= limit // 784
     assert encode_image(projector, IMAGES[0]).n_tokens == 12
+    assert load_projector(path).config.image.max_pixels == 256 * 28 * 28
 
 
 def test_image_across_a_chunk_boundary(tiny):

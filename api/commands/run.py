@@ -68,10 +68,12 @@ def sampling_params(args: argparse.Namespace):
     )
 
 
-def load_model(args: argparse.Namespace, err: TextIO = sys.stderr):
+def load_model(args: argparse.Namespace, err: TextIO | None = None):
     """Pull the model if it is a catalog id not yet local, load it, report load and compile times."""
     import engine
     from engine import catalog
+
+    err = err or sys.stderr
 
     model = args.model or catalog.DEFAULT_MODEL_ID
     if model.lower() in catalog.CATALOG and not Path(model).is_file():
@@ -80,7 +82,8 @@ def load_model(args: argparse.Namespace, err: TextIO = sys.stderr):
         catalog.resolve_model(model)  # an unknown model fails here, before the kernels are set up
     llm = engine.load(model, n_ctx=args.n_ctx, threads=args.threads)
     cfg = llm.config
-    print(f"model: {llm.id} ({cfg.arch}, {cfg.n_layers} layers, n_ctx {llm.n_ctx}, {llm.threads} threads)", file=err)
+    threads = f"{llm.threads} thread{'s' if llm.threads != 1 else ''}"
+    print(f"model: {llm.id} ({cfg.arch}, {cfg.n_layers} layers, n_ctx {llm.n_ctx}, {threads})", file=err)
     print(f"load time: {llm.load_seconds:.2f} s", file=err)
     print(f"kernel compile time: {llm.compile_seconds:.2f} s", file=err)
     return llm

@@ -110,7 +110,8 @@ def decode_image(data: bytes, max_side: int = MAX_SIDE) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own, larger limit
         raise ImageError(f"image is too large: each side must be at most {max_side} pixels") from None
-    except (OSError, SyntaxError, ValueError, EOFError):
+    except Exception:  # noqa: BLE001 - untrusted bytes: any decoder failure (struct.error, KeyError in
+        # EXIF parsing, MemoryError, ...) means a bad image, a client error, never a server crash
         raise ImageError(f"corrupt or unreadable {fmt} image") from None
 
 

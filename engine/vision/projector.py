@@ -13,7 +13,9 @@ Files follow llama.cpp's tools/mtmd convention (convert_hf_to_gguf.py `Qwen2VLVi
     mm.0, mm.2                                   merger MLP: (4D, 4D) -> GELU -> (d_out, 4D)
 
 Sizes that the metadata may get wrong (the converter writes the LM width as Qwen2-VL's
-feed_forward_length) are read from tensor shapes. Letters: D encoder width, F MLP width, d_out LM width.
+feed_forward_length, the older qwen2_vl_surgery.py script writes 0) are read from tensor shapes. That
+older script also swapped the names of fc1 and fc2 (ffn_down holds fc1); like clip.cpp, the loader
+recognizes the swap by shape. Letters: D encoder width, F MLP width, d_out LM width.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ from kernels.qtypes import GGMLType
 PROJECTOR_TYPES = ("qwen2vl_merger", "qwen2.5vl_merger")
 FLOAT_TYPES = (GGMLType.F32, GGMLType.F16)
 DEFAULT_WINDOW = 112  # Qwen2.5-VL's attention window in pixels (llama.cpp's default when the key is absent)
+# Image tokens per image by default. The encoder costs about 2 * params * 4 patches FLOPs per token
+# (~5 GFLOP per token for a 600M-parameter ViT): 256 tokens (a 448x448 image) take tens of seconds
+# on two cores, transformers' 1280 several minutes.
+DEFAULT_MAX_IMAGE_TOKENS = 256
 MAX_DIM = 1 << 16
 
 
@@ -123,8 +129,12 @@ class Projector:
     path: Path
 
 
-def load_projector(path: str | Path, *, exact: bool = False) -> Projector:
-    """Open, check and pack a Qwen2-VL / Qwen2.5-VL mmproj GGUF. `exact` multiplies in float32 (tests)."""
+def load_projector(
+    path: str | Path, *, exact: bool = False, max_image_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS
+) -> Projector:
+    """Open, check and pack a Qwen2-VL / Qwen2.5-VL mmproj GGUF. `exact` dequantizes every matrix to
+    float32 (tests). Images are resized to at most `max_image_tokens` LM tokens (None: the file's or
+    transformers' limit)."""
     try:
         gguf = open_gguf(path)
     except GGUFError as e:
@@ -132,14 +142,14 @@ def load_projector(path: str | Path, *, exact: bool = False) -> Projector:
     except OSError as e:
         raise ProjectorError(f"cannot open vision projector {Path(path).name}: {e.strerror}") from None
     try:
-        cfg = vision_config(gguf)
+        cfg = vision_config(gguf, max_image_tokens)
         weights = load_vision_weights(gguf, cfg, exact=exact)
     except GGUFError as e:
         raise ProjectorError(f"vision projector {Path(path).name}: {e}") from None
     return Projector(cfg, weights, Path(path))
 
 
-def vision_config(gguf: GGUFFile) -> VisionConfig:
+def vision_config(gguf: GGUFFile, max_image_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS) -> VisionConfig:
     """VisionConfig from clip.* metadata; a missing or ill-typed key is an error naming it."""
     arch = gguf.get_str("general.architecture", "")
     if arch != "clip":
@@ -186,14 +196,19 @@ def vision_config(gguf: GGUFFile) -> VisionConfig:
     if window_size < patch_size * merge_size:
         raise ProjectorError(f"clip.vision.window_size {window_size} is smaller than one merged patch")
 
-    up = gguf.tensors.get("v.blk.0.ffn_up.weight")
-    if up is None or len(up.shape) != 2:
-        raise ProjectorError("tensor 'v.blk.0.ffn_up.weight' is missing or not a matrix")
+    _, _, d_ff = _ffn_names(gguf, d_model)
+    token_pixels = (patch_size * merge_size) ** 2
+    min_pixels = _optional_pixels(gguf, "clip.vision.image_min_pixels", ImageSpec.min_pixels)
+    max_pixels = _optional_pixels(gguf, "clip.vision.image_max_pixels", ImageSpec.max_pixels)
+    if max_image_tokens is not None:
+        if max_image_tokens < 1:
+            raise ProjectorError(f"max_image_tokens must be positive, got {max_image_tokens}")
+        max_pixels = min(max_pixels, max_image_tokens * token_pixels)
     image = ImageSpec(
         patch_size=patch_size,
         merge_size=merge_size,
-        min_pixels=_optional_pixels(gguf, "clip.vision.image_min_pixels", ImageSpec.min_pixels),
-        max_pixels=_optional_pixels(gguf, "clip.vision.image_max_pixels", ImageSpec.max_pixels),
+        min_pixels=min(min_pixels, max_pixels),
+        max_pixels=max_pixels,
         mean=_triple(gguf, "clip.vision.image_mean", CLIP_MEAN),
         std=_triple(gguf, "clip.vision.image_std", CLIP_STD, positive=True),
     )
@@ -202,7 +217,7 @@ def vision_config(gguf: GGUFFile) -> VisionConfig:
         n_layers=n_layers,
         d_model=d_model,
         n_heads=n_heads,
-        d_ff=int(up.shape[0]),
+        d_ff=d_ff,
         d_out=d_out,
         patch_size=patch_size,
         merge_size=merge_size,
@@ -234,6 +249,20 @@ def _full_attention_layers(gguf: GGUFFile, n_layers: int, qwen25: bool) -> tuple
     return tuple(i for i in range(n_layers) if (i + 1) % pattern == 0)
 
 
+def _ffn_names(gguf: GGUFFile, d_model: int) -> tuple[str, str, int]:
+    """(up name, down name, F): "ffn_up" is (F, D) and "ffn_down" (D, F), or the two names swapped
+    in files from the legacy surgery script (its ffn_down is (F, D))."""
+    up = gguf.tensors.get("v.blk.0.ffn_up.weight")
+    down = gguf.tensors.get("v.blk.0.ffn_down.weight")
+    if up is None or down is None or len(up.shape) != 2 or len(down.shape) != 2:
+        raise ProjectorError("tensors 'v.blk.0.ffn_up.weight' and 'v.blk.0.ffn_down.weight' must be matrices")
+    if up.shape[1] == d_model:
+        return "ffn_up", "ffn_down", int(up.shape[0])
+    if down.shape[1] == d_model and up.shape[0] == d_model and "v.blk.0.ffn_gate.weight" not in gguf.tensors:
+        return "ffn_down", "ffn_up", int(down.shape[0])
+    raise ProjectorError(f"tensor 'v.blk.0.ffn_up.weight' has shape {up.shape}, expected (F, {d_model})")
+
+
 def _optional_pixels(gguf: GGUFFile, key: str, default: int) -> int:
     value = gguf.get_int(key, default)
     if not 1 <= value <= 1 << 28:
@@ -255,6 +284,7 @@ def load_vision_weights(gguf: GGUFFile, cfg: VisionConfig, *, exact: bool = Fals
     """Read, check and pack every tensor the encoder needs; a missing tensor is an error naming it."""
     get = _Loader(gguf, exact)
     d, f, d4 = cfg.d_model, cfg.d_ff, cfg.d_model * cfg.merge_units
+    up, down, _ = _ffn_names(gguf, d)
     layer_norm = cfg.norm == "layer"
     layers = []
     for i in range(cfg.n_layers):
@@ -273,12 +303,12 @@ def load_vision_weights(gguf: GGUFFile, cfg: VisionConfig, *, exact: bool = Fals
                 attn_out_b=get.vector(f"{blk}.attn_out.bias", d),
                 ln2_w=get.vector(f"{blk}.ln2.weight", d),
                 ln2_b=get.vector(f"{blk}.ln2.bias", d) if layer_norm else None,
-                ffn_up=get.matrix(f"{blk}.ffn_up.weight", f, d),
-                ffn_up_b=get.vector(f"{blk}.ffn_up.bias", f),
+                ffn_up=get.matrix(f"{blk}.{up}.weight", f, d),
+                ffn_up_b=get.vector(f"{blk}.{up}.bias", f),
                 ffn_gate=get.matrix(f"{blk}.ffn_gate.weight", f, d) if cfg.gated else None,
                 ffn_gate_b=get.vector(f"{blk}.ffn_gate.bias", f) if cfg.gated else None,
-                ffn_down=get.matrix(f"{blk}.ffn_down.weight", d, f),
-                ffn_down_b=get.vector(f"{blk}.ffn_down.bias", d),
+                ffn_down=get.matrix(f"{blk}.{down}.weight", d, f),
+                ffn_down_b=get.vector(f"{blk}.{down}.bias", d),
             )
         )
     if "v.patch_embd.bias" in gguf.tensors or "v.class_embd" in gguf.tensors:
