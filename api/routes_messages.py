@@ -68,18 +68,17 @@ async def create_message(request: Request) -> Response:
         request_id,
         tenant=tenant_of(request),
     )
-    model.worker.submit(job)  # 529 when the queue is full
     reply = Reply(model.llm.id, prompt, req, job, server.settings.ping_interval)
+    model.worker.submit(job)  # 529 when the queue is full
     if req.stream:
-        return StreamingResponse(
-            sse_frames(reply.events(), request_id), media_type="text/event-stream", headers=SSE_HEADERS
-        )
+        return EventStreamResponse(sse_frames(reply.events(), request_id), job)
     watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
     try:
         async for _ in reply.events():
             pass
     finally:
         watcher.cancel()
+        job.cancel.set()  # no-op when done; stops the engine if this handler was cancelled
     return JSONResponse(reply.message())
 
 
@@ -129,6 +128,21 @@ def sampling_params(req: MessagesRequest) -> SamplingParams:
         )
     except SamplingParamsError as e:
         raise InvalidRequestError(str(e)) from None
+
+
+class EventStreamResponse(StreamingResponse):
+    """SSE that cancels its job however the response ends (also if the client left before the first
+    frame, when the event generator never ran)."""
+
+    def __init__(self, frames: AsyncIterator[bytes], job: Job):
+        super().__init__(frames, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel.set()
 
 
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:

@@ -219,3 +219,21 @@ def test_decode_size_limit_is_configurable():
     with pytest.raises(ImageError, match="at most 50"):
         decode_image(data, max_side=50)
     assert decode_image(data, max_side=64).size == (64, 32)
+
+
+_VALID = {fmt: _encode(_photo(24, 16), fmt) for fmt in ("PNG", "JPEG", "GIF", "WEBP")}
+
+
+@settings(max_examples=200, deadline=None)
+@given(fmt=st.sampled_from(sorted(_VALID)), data=st.data())
+def test_decode_damaged_images_fail_cleanly(fmt, data):
+    """Flipped bytes and truncations of real images: either an RGB image or an ImageError, nothing else."""
+    raw = bytearray(_VALID[fmt])
+    for _ in range(data.draw(st.integers(1, 8))):
+        raw[data.draw(st.integers(8, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    raw = raw[: data.draw(st.integers(12, len(raw)))]
+    try:
+        image = decode_image(bytes(raw))
+    except ImageError:
+        return
+    assert image.mode == "RGB" and image.width <= 8000 and image.height <= 8000
