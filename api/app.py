@@ -15,10 +15,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.routing import Route
-from starlette.concurrency import run_in_threadpool
 
 from api.auth import PUBLIC, AuthMiddleware
 from api.errors import ApiError, InvalidRequestError, MethodNotAllowedError, NotFoundError, error_response

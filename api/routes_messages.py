@@ -57,7 +57,7 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 async def create_message(request: Request) -> Response:
     server = server_state(request)
     request_id = request_id_of(request)
-    req: MessagesRequest = parse_request(MessagesRequest, await read_json(request, server.settings.max_body_bytes))
+    req = await read_request(request, MessagesRequest, server.settings.max_body_bytes)
     model = server.model(req.model)
     prompt = await run_in_threadpool(build_prompt, model.llm, req)
     check_context(model.llm, prompt, req.max_tokens)
@@ -84,16 +84,19 @@ async def create_message(request: Request) -> Response:
 
 async def count_tokens(request: Request) -> Response:
     server = server_state(request)
-    req: CountTokensRequest = parse_request(
-        CountTokensRequest, await read_json(request, server.settings.max_body_bytes)
-    )
+    req = await read_request(request, CountTokensRequest, server.settings.max_body_bytes)
     model = server.model(req.model)
     prompt = await run_in_threadpool(build_prompt, model.llm, req)
     return JSONResponse(TokenCount(input_tokens=len(prompt.ids)).model_dump())
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, counting bytes as they arrive (Content-Length is only a hint)."""
+async def read_request(request: Request, model_cls: type, limit: int):
+    """Read the body (capped), then decode and validate it off the event loop (up to 32 MB of JSON)."""
+    return await run_in_threadpool(_decode_request, await read_body(request, limit), model_cls)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, counting bytes as they arrive (Content-Length is only a hint)."""
     too_large = RequestTooLargeError(f"Request body is larger than the {limit // (1024 * 1024)} MB limit.")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -104,17 +107,21 @@ async def read_json(request: Request, limit: int) -> Any:
         if total > limit:
             raise too_large
         chunks.append(chunk)
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+def _decode_request(body: bytes, model_cls: type):
     if not body.strip():
         raise InvalidRequestError("The request body is empty; send a JSON object.")
     try:
-        return json.loads(body)
+        data = json.loads(body)
     except json.JSONDecodeError as e:
         raise InvalidRequestError(f"The request body is not valid JSON (line {e.lineno}, column {e.colno}).") from None
     except UnicodeDecodeError:
         raise InvalidRequestError("The request body is not valid UTF-8.") from None
     except (ValueError, RecursionError):
         raise InvalidRequestError("The request body is not valid JSON (nested too deeply, or a huge number).") from None
+    return parse_request(model_cls, data)
 
 
 def sampling_params(req: MessagesRequest) -> SamplingParams:

@@ -83,7 +83,9 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name=f"engine-{llm.id}", daemon=True)
         self._cache = None
         self._cache_tenant: str | None = None
-        self._busy = threading.Event()
+        self._lock = threading.Lock()
+        self._pending = 0  # jobs accepted and not yet finished (queued or running)
+        self._current: Job | None = None
 
     @property
     def alive(self) -> bool:
@@ -91,7 +93,8 @@ class Worker:
 
     @property
     def busy(self) -> bool:
-        return self._busy.is_set() or not self._queue.empty()
+        with self._lock:
+            return self._pending > 0
 
     def start(self) -> None:
         self._thread.start()
@@ -100,7 +103,9 @@ class Worker:
         if not self.alive:
             raise OverloadedError("The engine is not running.")
         try:
-            self._queue.put_nowait(job)
+            with self._lock:
+                self._queue.put_nowait(job)
+                self._pending += 1
         except queue.Full:
             raise OverloadedError(
                 f"Overloaded: {self._queue.maxsize} requests are already waiting for model {self.llm.id!r}. "
@@ -108,7 +113,10 @@ class Worker:
             ) from None
 
     def stop(self, timeout: float) -> None:
-        """Cancel waiting jobs, let the running one finish its current token, end the thread."""
+        """Cancel the running job (it ends after its current token) and the waiting ones; end the thread."""
+        current = self._current
+        if current is not None:
+            current.cancel.set()
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -117,6 +125,7 @@ class Worker:
             if job is not _STOP:
                 job.cancel.set()
                 job.channel.put(Failed())
+                self._done()
         try:
             self._queue.put(_STOP, timeout=timeout)
         except queue.Full:
@@ -129,14 +138,19 @@ class Worker:
             job = self._queue.get()
             if job is _STOP:
                 return
-            if job.cancel.is_set():
-                job.channel.put(Failed())
-                continue
-            self._busy.set()
+            self._current = job
             try:
-                self._generate(job)
+                if job.cancel.is_set():  # the client left while it waited
+                    job.channel.put(Failed())
+                else:
+                    self._generate(job)
             finally:
-                self._busy.clear()
+                self._current = None
+                self._done()
+
+    def _done(self) -> None:
+        with self._lock:
+            self._pending -= 1
 
     def _generate(self, job: Job) -> None:
         try:

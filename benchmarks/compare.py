@@ -37,7 +37,7 @@ from engine.bench import (
     DECODE_WARMUP_STEPS,
     PROMPT_SEED,
     median_step_s,
-    measure_read_bandwidth,
+    measure_read_bandwidth_isolated,
     prompt_token_ids,
     weight_bytes_per_token,
 )
@@ -228,7 +228,8 @@ def parse_args(argv=None):
     p.add_argument("--hf-repeats", type=int, default=1)
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--no-serving-rss", action="store_true")
-    p.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/*.json")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the result JSON goes")
+    p.add_argument("--no-save", action="store_true", help="do not write a result JSON")
     args = p.parse_args(argv)
     if args.threads < 1 or args.prompt_tokens < 1 or args.gen_tokens < DECODE_WARMUP_STEPS + 2:
         p.error("need --threads >= 1, --prompt-tokens >= 1, --gen-tokens >= 4")
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"compare: unknown engine(s) {sorted(unknown)}")
 
-    read_gb_s = measure_read_bandwidth(args.threads)
+    read_gb_s = measure_read_bandwidth_isolated(args.threads)  # keeps this process small
     log(f"memory read bandwidth ({args.threads} threads): {read_gb_s:.1f} GB/s")
     raw = speed_phase(engines, args, model, ids, log)
     if not args.no_transformers:
@@ -274,10 +275,10 @@ def main(argv=None) -> int:
     report = build_report(args, model_id, model, bytes_per_token, read_gb_s, raw, results)
     print_table(report)
     if not args.no_save:
-        RESULTS_DIR.mkdir(exist_ok=True)
-        out = RESULTS_DIR / f"{report['date']}-{model_id}-{args.threads}t.json"
+        args.results_dir.mkdir(parents=True, exist_ok=True)
+        out = args.results_dir / f"{report['date']}-{model_id}-{args.threads}t.json"
         out.write_text(json.dumps(report, indent=2) + "\n")
-        log(f"wrote {out.relative_to(REPO)}")
+        log(f"wrote {out}")
     print(json.dumps(report["summary"]))
     return 0
 

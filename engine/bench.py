@@ -67,8 +67,18 @@ def weight_bytes_per_token(gguf: GGUFFile) -> int:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this program so far, in MiB.
+
+    Linux: VmHWM from /proc/self/status. `getrusage().ru_maxrss` is the fallback only: it survives
+    fork + exec, so a child started by a big parent reports at least the parent's size.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def measure_read_bandwidth(threads: int, n_bytes: int = BANDWIDTH_BYTES, repeats: int = 5) -> float:

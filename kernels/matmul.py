@@ -5,6 +5,7 @@
     matmul(w, x) -> y                               x (n, C) float32 -> y (n, R) float32
     matmul_fused([w1, w2, ...], x) -> [y1, y2, ...] one activation quantization for several weights
     warmup() -> seconds                             compiles (or loads from cache) every kernel
+    unpack(w) -> float32 (R, C)                     the weights a PackedMatrix stands for (tests)
 
 Letters: n tokens, R weight rows (outputs), C cols (inputs), B = C // 32 blocks, P bytes per block.
 
@@ -25,8 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kernels import matmul_kernels as mk
-from kernels.matmul_pack import BLOCK_BYTES, PACK_SPECS, repack_rows
-from kernels.matmul_simd import FORMAT_CODES, GROUPS
+from kernels.matmul_pack import PACK_SPECS, repack_rows
+from kernels.matmul_simd import BLOCK_BYTES, FORMAT_CODES, GROUPS
 from kernels.qtypes import GGMLType
 
 DENSE_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})

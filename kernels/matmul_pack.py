@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernels.matmul_simd import BLOCK_BYTES
 from kernels.qtypes import GGMLType
 
 PACK_CHUNK_ROWS = 2048  # rows decoded at a time: bounds the temporaries of the NumPy gathers
@@ -161,7 +162,6 @@ PACK_SPECS = {
     GGMLType.Q5_K: PackSpec("u5", 32, 0, True),
     GGMLType.Q6_K: PackSpec("u8", 16, 32, False),
 }
-BLOCK_BYTES = {"s8": 32, "u8": 32, "u4": 16, "u5": 20}
 
 
 def encode_blocks(u: np.ndarray, fmt: str) -> np.ndarray:

@@ -21,7 +21,7 @@ class ThreadingError(RuntimeError):
     """The requested threading layer is unavailable, or another layer is already running."""
 
 
-@njit(parallel=True)
+@njit(parallel=True, cache=True)
 def _touch(out):
     """A tiny parallel loop: launching it initializes the threading layer."""
     for i in prange(out.shape[0]):

@@ -426,6 +426,16 @@ def test_pings_fill_silences_before_and_between_events():
     assert message["content"] == [{"type": "text", "text": "Hi!"}] and message["stop_reason"] == "end_turn"
 
 
+def test_lifespan_loads_models_by_path_and_logs_compile_time_then_address(tiny_llm, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="kawai.server"):
+        with LiveServer(create_app(ServerSettings(home=tmp_path, auth=False), [str(tiny_llm.path)])) as s:
+            assert httpx.get(s.url + "/v1/models").json()["data"][0]["id"] == "tiny-qwen2-f32"
+    lines = [r.getMessage() for r in caplog.records if r.name == "kawai.server"]
+    compiled = next(i for i, line in enumerate(lines) if line.startswith("kernels compiled"))
+    serving = next(i for i, line in enumerate(lines) if line.startswith("serving tiny-qwen2-f32 on http://"))
+    assert compiled < serving
+
+
 def test_health_reports_a_dead_engine_thread(tiny_llm, tmp_path):
     with LiveServer(create_app(ServerSettings(home=tmp_path, auth=False), [tiny_llm])) as s:
         assert httpx.get(s.url + "/health").status_code == 200

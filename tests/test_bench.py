@@ -116,14 +116,26 @@ def test_read_bandwidth_is_plausible():
     assert 0.5 < gb_s < 1000
 
 
-def test_peak_rss_sees_touched_memory():
+def _child_peak_rss(parent_code: str) -> tuple[float, float]:
     code = (
         "import numpy as np; from engine.bench import peak_rss_mb; before = peak_rss_mb(); "
         "block = np.ones(200 << 20, dtype=np.uint8); print(before, peak_rss_mb())"
-    )  # a fresh process: this one's peak may already be higher than anything allocated here
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
+    parent = f"{parent_code}; import subprocess, sys; subprocess.run([sys.executable, '-c', {code!r}])"
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout
     before, after = map(float, out.split())
-    assert 10 < before < 200 and 200 < after < before + 215  # MiB; the old peak may exceed the current RSS
+    return before, after
+
+
+def test_peak_rss_sees_touched_memory():
+    before, after = _child_peak_rss("pass")  # a fresh process: this one's peak is unknown
+    assert 10 < before < 200 and 200 < after < before + 215  # MiB; an earlier peak may exceed the RSS
+
+
+def test_peak_rss_is_not_inherited_from_a_big_parent():
+    # ru_maxrss survives fork + exec: a child of a 600 MB parent would report >= 600 MB
+    before, after = _child_peak_rss("import numpy as np; big = np.ones(600 << 20, dtype=np.uint8)")
+    assert before < 200 and after < 450
 
 
 # ---------------------------------------------------------------- kawai bench

@@ -1,11 +1,12 @@
 """The real models (Qwen2.5-Coder-0.5B Q4_K_M, SmolLM2-135M Q4_1) against transformers loading the same GGUF.
 
 transformers dequantizes the GGUF with gguf-py and runs in float32: an independent oracle.
-(b) teacher-forced logits on 4 prompts (>= 300 tokens): with the fast kernels top-1 agreement >= 98% and
-    mean KL(ref || ours) < 0.02; in exact mode (float32 weights) max |logit diff| < 1e-2;
+(b) teacher-forced logits on 4 prompts (>= 300 tokens): with the fast kernels mean KL(ref || ours) < 0.02
+    and top-1 agreement >= 98% (Qwen) / 97% (SmolLM2, see MIN_TOP1), every flip a near-tie; in exact
+    mode (float32 weights) max |logit diff| < 1e-2;
 (c) the cache: prefill + token-by-token decode equals the teacher-forced logits;
 (d) greedy decoding of 64 tokens in exact mode equals transformers' greedy output.
-Each model is loaded once per module (transformers needs ~2 GB and most of a minute for the 0.5B).
+Each model is loaded once per module; the 0.5B (transformers needs ~2 GB and minutes) is marked slow.
 """
 
 from __future__ import annotations
