@@ -18,14 +18,17 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
 from api.auth import PUBLIC, AuthMiddleware
 from api.errors import ApiError, InvalidRequestError, MethodNotAllowedError, NotFoundError, error_response
+from api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from api.metrics import MetricsMiddleware
 from api.middleware import RequestContextMiddleware
 from api.routes_messages import count_tokens, create_message
 from api.routes_models import get_model, health, list_models
-from api.state import LoadedModel, ServerSettings, ServerState, model_created_at, request_id_of
+from api.state import LoadedModel, ServerSettings, ServerState, model_created_at, request_id_of, server_state
 from api.tokens import TokenStore
 from api.worker import Worker
 from engine.errors import KawaiError
@@ -39,6 +42,7 @@ GRANTS = {
     "list_models": "models",
     "get_model": "models",
     "health": PUBLIC,
+    "metrics": "models",  # operational counters: tokens that may list models may read them
 }
 
 
@@ -49,6 +53,7 @@ def build_routes() -> list[Route]:
         Route("/v1/models", list_models, methods=["GET"], name="list_models"),
         Route("/v1/models/{model_id}", get_model, methods=["GET"], name="get_model"),
         Route("/health", health, methods=["GET"], name="health"),
+        Route("/metrics", metrics_page, methods=["GET"], name="metrics"),
     ]
 
 
@@ -84,6 +89,7 @@ def create_app(settings: ServerSettings, models: Sequence[str | Path | object]) 
     # add_middleware puts each one outermost; auth reads the router's live route list, so a route added
     # later without a grant is denied rather than open.
     app.add_middleware(AuthMiddleware, store=store, routes=app.router.routes, grants=GRANTS)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestContextMiddleware)
     app.state.server = state
     return app
@@ -101,7 +107,16 @@ async def _load_models(state: ServerState, models: Sequence[str | Path | object]
             llm = spec
         if llm.id in state.models:
             raise KawaiError(f"model {llm.id!r} is listed twice")
-        worker = Worker(llm, state.settings.queue_size)
+        settings = state.settings
+        worker = Worker(
+            llm,
+            settings.queue_size,
+            max_sequences=settings.max_sequences,
+            kv_memory=settings.kv_memory,
+            max_per_tenant=settings.max_per_token,
+            metrics=state.metrics,
+        )
+        state.metrics.add_gauges(worker.gauges)
         worker.start()
         name = llm.gguf.metadata.get("general.name") if hasattr(llm, "gguf") else None
         state.models[llm.id] = LoadedModel(
@@ -114,6 +129,11 @@ async def _load_models(state: ServerState, models: Sequence[str | Path | object]
 
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+async def metrics_page(request: Request) -> Response:
+    """Prometheus text format (api/metrics.py)."""
+    return Response(server_state(request).metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
 async def _on_api_error(request: Request, exc: ApiError):

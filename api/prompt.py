@@ -6,23 +6,29 @@ Mapping:
 - assistant `tool_use` blocks -> `tool_calls` [{type: function, function: {name, arguments}}];
   user `tool_result` blocks -> `role: "tool"` messages (an error result is prefixed with "Error: ").
 - assistant `thinking` blocks -> `reasoning_content` (templates that know it use it); redacted ones dropped.
-- images -> 400 naming the model (no served model has vision).
+- images (user turns and tool_result content; base64 or url, see api/images.py) -> content parts
+  {"type": "image", "image": PIL.Image} for a vision model (at most 100 per request); for a text-only
+  model -> 400 naming the model.
 - tools (OpenAI function format) go to the template unless tool_choice is "none".
 - tool_choice "any" / "tool": the assistant turn is seeded with the call opening, so the model must
   complete a call; the seed is also given to the output parser (it is part of the reply).
 - a final assistant message is a prefill: the reply continues it.
 - thinking on/off -> `enable_thinking` (templates without it ignore the variable).
 
-`build_prompt` renders and tokenizes; it checks the prompt size (characters before tokenizing, tokens
-against the context window after). `count_tokens` returns exactly the prompt length /v1/messages uses.
+`build_prompt` renders and tokenizes with `LLM.encode_chat`: message content and the seed are plain
+text (a user typing `<|im_start|>` gets characters, not a control token); image tokens are counted.
+It checks the prompt size (characters before tokenizing, tokens against the context window after).
+`count_tokens` returns exactly the prompt length /v1/messages uses, image tokens included.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from api.errors import InvalidRequestError
+from api.images import MAX_IMAGES_PER_REQUEST, ImagePolicy, load_image
 from api.wire import (
     CountTokensRequest,
     ImageBlock,
@@ -45,38 +51,41 @@ TOOL_ERROR_PREFIX = "Error: "
 
 @dataclass(frozen=True)
 class Prompt:
-    text: str  # rendered prompt, seed included
-    ids: list[int]
+    text: str  # rendered prompt, seed included (each image as <|vision_start|><|image_pad|><|vision_end|>)
+    ids: list[int]  # engine.llm.PromptIds: also carries the decoded images for the engine
     seed: str  # text after the generation prompt (prefill, forced call opening): the reply's start
     parse_tools: bool  # tools offered: parse <tool_call> in the output
     tool_names: frozenset[str]  # the offered tools (calls written without tags must name one)
     in_thinking: bool  # the prompt leaves the model inside <think>
 
 
-def build_prompt(llm, req: CountTokensRequest) -> Prompt:
-    """Render and tokenize; InvalidRequestError for anything the client can fix."""
-    _check_no_images(llm, req)
-    messages, prefill = to_hf_messages(req)
+def build_prompt(llm, req: CountTokensRequest, images: ImagePolicy | None = None) -> Prompt:
+    """Render and tokenize; InvalidRequestError for anything the client can fix. `images`: how image
+    blocks are loaded (default: ImagePolicy(), private URLs refused). Runs off the event loop: it may
+    fetch image URLs."""
+    _check_images(llm, req)
+    policy = images or ImagePolicy()
+    messages, prefill = to_hf_messages(req, lambda block: load_image(block.source, policy))
     tools = None if isinstance(req.tool_choice, ToolChoiceNone) or not req.tools else hf_tools(req)
     seed = prefill + _forced_call_opening(req)
+    kwargs = dict(tools=tools, add_generation_prompt=True, enable_thinking=req.thinking_on)
     try:
-        text = llm.render_chat(messages, tools=tools, add_generation_prompt=True, enable_thinking=req.thinking_on)
+        text = llm.render_chat(messages, **kwargs)
     except KawaiError as e:  # a template refusing the conversation (raise_exception), or too large
         raise InvalidRequestError(f"the model's chat template rejected the conversation: {e}") from None
     in_thinking = text.rstrip().endswith("<think>")
-    text += seed
     limit = llm.n_ctx * CHARS_PER_TOKEN_CAP
-    if len(text) > limit:
+    if len(text) + len(seed) > limit:
         raise InvalidRequestError(
-            f"prompt is too long: {len(text)} characters; the model {llm.id!r} has a context window of "
-            f"{llm.n_ctx} tokens"
+            f"prompt is too long: {len(text) + len(seed)} characters; the model {llm.id!r} has a context "
+            f"window of {llm.n_ctx} tokens"
         )
     try:
-        ids = llm.encode_prompt(text)
+        ids = llm.encode_chat(messages, suffix=seed, **kwargs)
     except KawaiError as e:
         raise InvalidRequestError(str(e)) from None
     names = frozenset(t.name for t in req.tools) if tools is not None else frozenset()
-    return Prompt(text, ids, seed, parse_tools=tools is not None, tool_names=names, in_thinking=in_thinking)
+    return Prompt(text + seed, ids, seed, parse_tools=tools is not None, tool_names=names, in_thinking=in_thinking)
 
 
 def check_context(llm, prompt: Prompt, max_tokens: int) -> None:
@@ -89,20 +98,23 @@ def check_context(llm, prompt: Prompt, max_tokens: int) -> None:
 
 
 def supports_images(llm) -> bool:
-    return bool(getattr(llm, "supports_images", False))  # the seam for a vision model
+    return bool(getattr(llm, "has_vision", False))
 
 
-def _check_no_images(llm, req: CountTokensRequest) -> None:
-    if supports_images(llm):
-        return
+def _check_images(llm, req: CountTokensRequest) -> None:
+    """Images only for a vision model, at most MAX_IMAGES_PER_REQUEST (checked before any is loaded)."""
+    n = 0
     for m in req.messages:
         for block in m.content:
             parts = block.content if isinstance(block, ToolResultBlock) else [block]
-            if any(isinstance(p, ImageBlock) for p in parts):
-                raise InvalidRequestError(
-                    f"model {llm.id!r} does not support images (it has no vision encoder); "
-                    "send text only or use a vision model"
-                )
+            n += sum(isinstance(p, ImageBlock) for p in parts)
+    if n and not supports_images(llm):
+        raise InvalidRequestError(
+            f"model {llm.id!r} does not support images (it has no vision encoder); "
+            "send text only or use a vision model"
+        )
+    if n > MAX_IMAGES_PER_REQUEST:
+        raise InvalidRequestError(f"too many images: {n}; at most {MAX_IMAGES_PER_REQUEST} per request")
 
 
 def _forced_call_opening(req: CountTokensRequest) -> str:
@@ -132,8 +144,12 @@ def hf_tools(req: CountTokensRequest) -> list[dict[str, Any]]:
     return out
 
 
-def to_hf_messages(req: CountTokensRequest) -> tuple[list[dict[str, Any]], str]:
-    """(messages for the template, assistant prefill text)."""
+ImageLoader = Callable[[ImageBlock], Any]  # image block -> PIL.Image
+
+
+def to_hf_messages(req: CountTokensRequest, load: ImageLoader | None = None) -> tuple[list[dict[str, Any]], str]:
+    """(messages for the template, assistant prefill text). Content with images is a list of parts
+    (engine.llm's format); `load` decodes or fetches each image (without it, images are an error)."""
     system_parts = [b.text for b in req.system if b.text]
     turns: list[Message] = []
     for m in req.messages:
@@ -153,7 +169,7 @@ def to_hf_messages(req: CountTokensRequest) -> tuple[list[dict[str, Any]], str]:
     if system_parts:
         out.append({"role": "system", "content": "\n\n".join(system_parts)})
     for m in turns:
-        out.extend(_assistant(m) if m.role == "assistant" else _user(m, tool_names))
+        out.extend(_assistant(m) if m.role == "assistant" else _user(m, tool_names, load))
     return _merge_same_role(out), prefill
 
 
@@ -176,26 +192,53 @@ def _assistant(m: Message) -> list[dict[str, Any]]:
     return [msg]
 
 
-def _user(m: Message, tool_names: dict[str, str]) -> list[dict[str, Any]]:
-    """Tool results become `tool` messages (in order); other text stays a user message."""
+def _user(m: Message, tool_names: dict[str, str], load: ImageLoader | None) -> list[dict[str, Any]]:
+    """Tool results become `tool` messages (in order); other text and images stay a user message."""
     out: list[dict[str, Any]] = []
-    text: list[str] = []
+    content: list[Any] = []  # str and image parts, in block order
     for b in m.content:
         if isinstance(b, ToolResultBlock):
-            result = "\n".join(_texts(b.content))
+            result = _content(b.content, "\n", load)
             if b.is_error:
-                result = TOOL_ERROR_PREFIX + result
+                result = _join(TOOL_ERROR_PREFIX, result, "")
             tool_msg = {"role": "tool", "content": result, "tool_call_id": b.tool_use_id}
             if b.tool_use_id in tool_names:
                 tool_msg["name"] = tool_names[b.tool_use_id]
             out.append(tool_msg)
-        elif isinstance(b, TextBlock) and b.text:
-            text.append(b.text)
+        elif isinstance(b, (TextBlock, ImageBlock)):
+            content.append(b)
         elif isinstance(b, (ToolUseBlock, ThinkingBlock, RedactedThinkingBlock)):
             raise InvalidRequestError(f"messages: a user message cannot contain a {b.type} block")
-    if text or not out:
-        out.append({"role": "user", "content": "\n\n".join(text)})
+    if any(not isinstance(b, TextBlock) or b.text for b in content) or not out:
+        out.append({"role": "user", "content": _content(content, "\n\n", load)})
     return out
+
+
+def _content(blocks, sep: str, load: ImageLoader | None) -> str | list[dict[str, Any]]:
+    """Text and image blocks -> a string (text only) or parts; consecutive texts joined by sep."""
+    parts: list[dict[str, Any]] = []
+    for b in blocks:
+        if isinstance(b, ImageBlock):
+            if load is None:
+                raise InvalidRequestError("images are not accepted here")
+            parts.append({"type": "image", "image": load(b)})
+        elif isinstance(b, TextBlock) and b.text:
+            if parts and parts[-1]["type"] == "text":
+                parts[-1] = {"type": "text", "text": parts[-1]["text"] + sep + b.text}
+            else:
+                parts.append({"type": "text", "text": b.text})
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
+def _join(a: str | list, b: str | list, sep: str) -> str | list:
+    """Concatenate two contents (strings or part lists) with sep between them."""
+    if isinstance(a, str) and isinstance(b, str):
+        return a + sep + b
+    as_parts = [x if isinstance(x, list) else ([{"type": "text", "text": x}] if x else []) for x in (a, b)]
+    middle = [{"type": "text", "text": sep}] if sep and as_parts[0] and as_parts[1] else []
+    return as_parts[0] + middle + as_parts[1]
 
 
 def _merge_same_role(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -205,7 +248,7 @@ def _merge_same_role(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         prev = out[-1] if out else None
         mergeable = m["role"] in ("user", "assistant") and set(m) == {"role", "content"}
         if prev is not None and mergeable and prev["role"] == m["role"] and set(prev) == {"role", "content"}:
-            prev["content"] = prev["content"] + "\n\n" + m["content"] if prev["content"] else m["content"]
+            prev["content"] = _join(prev["content"], m["content"], "\n\n") if prev["content"] else m["content"]
         else:
             out.append(dict(m))
     return out

@@ -52,14 +52,15 @@ DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 0.8
 DEFAULT_TOP_K = 20
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+VOLATILE_SYSTEM_PREFIXES = ("x-anthropic-billing-header:",)  # per-request client metadata, not instructions
 
 
 async def create_message(request: Request) -> Response:
     server = server_state(request)
     request_id = request_id_of(request)
-    req = await read_request(request, MessagesRequest, server.settings.max_body_bytes)
+    req = without_volatile_system(await read_request(request, MessagesRequest, server.settings.max_body_bytes))
     model = server.model(req.model)
-    prompt = await run_in_threadpool(build_prompt, model.llm, req)
+    prompt = await run_in_threadpool(build_prompt, model.llm, req, server.settings.image_policy)
     check_context(model.llm, prompt, req.max_tokens)
     job = Job(
         prompt.ids,
@@ -84,10 +85,18 @@ async def create_message(request: Request) -> Response:
 
 async def count_tokens(request: Request) -> Response:
     server = server_state(request)
-    req = await read_request(request, CountTokensRequest, server.settings.max_body_bytes)
+    req = without_volatile_system(await read_request(request, CountTokensRequest, server.settings.max_body_bytes))
     model = server.model(req.model)
-    prompt = await run_in_threadpool(build_prompt, model.llm, req)
+    prompt = await run_in_threadpool(build_prompt, model.llm, req, server.settings.image_policy)
     return JSONResponse(TokenCount(input_tokens=len(prompt.ids)).model_dump())
+
+
+def without_volatile_system(req):
+    """Drop system blocks that are client metadata changing with every request (Claude Code's
+    `x-anthropic-billing-header: ...; cch=<hash>;` block): they mean nothing to the model, and at the
+    start of the prompt they would defeat the prefix cache for everything after them (docs/serving.md)."""
+    kept = [b for b in req.system if not b.text.lstrip().startswith(VOLATILE_SYSTEM_PREFIXES)]
+    return req if len(kept) == len(req.system) else req.model_copy(update={"system": kept})
 
 
 async def read_request(request: Request, model_cls: type, limit: int):

@@ -15,6 +15,8 @@ from pathlib import Path
 from starlette.requests import Request
 
 from api.errors import NotFoundError
+from api.images import ImagePolicy
+from api.metrics import Metrics
 from api.tokens import TokenStore
 from api.worker import Worker
 
@@ -33,6 +35,15 @@ class ServerSettings:
     max_body_bytes: int = MAX_BODY_BYTES
     ping_interval: float = PING_INTERVAL_SECONDS
     drain_seconds: float = 30.0  # how long shutdown waits for in-flight responses
+    # continuous batching (api/worker.py); the CLI runs 4 sequences at once, the library default is 1
+    max_sequences: int = 1  # sequences decoded together per model; more wait in the queue
+    kv_memory: int | None = None  # bytes of KV caches per model (None: 2 full-context caches per sequence)
+    max_per_token: int | None = None  # in-flight requests per API token; more -> 429 (None: no limit)
+    allow_private_image_urls: bool = False  # image URLs may reach loopback/private hosts (api/images.py)
+
+    @property
+    def image_policy(self) -> ImagePolicy:
+        return ImagePolicy(allow_private=self.allow_private_image_urls)
 
 
 @dataclass
@@ -52,6 +63,7 @@ class ServerState:
     settings: ServerSettings
     tokens: TokenStore | None  # None when auth is off
     models: dict[str, LoadedModel] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=Metrics)
 
     def model(self, model_id: str) -> LoadedModel:
         found = self.models.get(model_id)

@@ -1,32 +1,50 @@
-"""The engine thread: generation runs here, never on the event loop.
+"""The engine thread: a continuous-batching scheduler, one per loaded model. Generation never runs on the
+event loop.
 
-One `Worker` per loaded model owns a daemon thread and a bounded queue of `Job`s. `submit` never waits:
-a full queue raises `OverloadedError` (529) at once. Each Job carries a `StepChannel` the thread pushes
-Steps into (thread-safe, via `loop.call_soon_threadsafe`) and a `cancel` event the engine polls through
-`should_stop` before every token, so a client that goes away stops its generation within one token.
+`submit(job)` never waits. A job starts at once when fewer than `max_sequences` run, else it waits in a
+bounded queue; past `max_sequences + queue_size` it is refused with 529, and past `max_per_tenant`
+in-flight requests of one API token with 429. While draining (SIGTERM) new jobs get 503.
 
-Prefix reuse: the worker keeps one KV cache. A job reuses the cached prefix only when it comes from the
-same tenant (API token id) as the previous job; otherwise the cache is emptied first, so one tenant
-cannot probe another's prompts through time-to-first-token.
+Each loop iteration is one step:
+  1. finish cancelled sequences (a client that left frees its slot within one step), admit waiting jobs
+     while slots are free (each takes a KV cache from the prefix cache, engine/prefix_cache.py);
+  2. build one batch: every decoding sequence contributes its next token, prefilling sequences
+     contribute prompt chunks up to `prefill_chunk` tokens in all, so long prompts are interleaved with
+     the running streams instead of stalling them;
+  3. one `engine.batch.forward_batch` call (weights read once for the whole batch);
+  4. each sequence whose prompt is done samples with its own SamplingParams/seed and stop rules
+     (engine.generate.SequenceState) and its Step goes to its `StepChannel`.
 
-Batching seam: `_run` takes one job at a time; a batching scheduler would drain several jobs here and
-drive their `engine.generate.SequenceState`s with batched forward calls, using the same Job/StepChannel.
+A Job carries the StepChannel (thread-safe, via `loop.call_soon_threadsafe`) and a `cancel` event. The
+last item of a channel is `Finished` (counts) or `Failed`. `alive` is False when the thread died or its
+heartbeat (refreshed every step and every idle second) is older than `wedge_seconds`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
+import re
 import threading
+import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from api.errors import OverloadedError
+from api.errors import OverloadedError, RateLimitError, UnavailableError
+from api.metrics import TPOT_BUCKETS, TTFT_BUCKETS, Metrics
+from engine.batch import forward_batch
+from engine.errors import KawaiError
+from engine.generate import Generation, SequenceState, Step
+from engine.prefix_cache import Lease, PrefixCache
 from engine.sampling import SamplingParams
 
 log = logging.getLogger("kawai.worker")
+access_log = logging.getLogger("kawai.access")
 
-_STOP = object()  # sentinel that ends the thread
+MAX_SEQUENCES = 4
+PREFILL_CHUNK = 128  # prompt tokens per step across all prefilling sequences
+IDLE_TICK = 0.5  # seconds between heartbeats when idle
+WEDGE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -74,106 +92,360 @@ class Job:
     request_id: str
     tenant: str | None = None  # API token id; prefix caches are never shared across tenants
     cancel: threading.Event = field(default_factory=threading.Event)
+    submitted_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Sequence:
+    """A running job: its engine state, its cache lease, the prompt ids still to prefill."""
+
+    job: Job
+    state: SequenceState
+    lease: Lease
+    todo: list[int]
+    cached: int
+    solo: Generation | None = None  # image prompts: run alone, one engine.generate step per step
+    first_token_at: float | None = None
+    last_token_at: float = 0.0
 
 
 class Worker:
-    def __init__(self, llm, queue_size: int):
+    def __init__(
+        self,
+        llm,
+        queue_size: int,
+        *,
+        max_sequences: int = MAX_SEQUENCES,
+        kv_memory: int | None = None,
+        max_per_tenant: int | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
+        metrics: Metrics | None = None,
+        wedge_seconds: float = WEDGE_SECONDS,
+    ):
+        """kv_memory: bytes for KV caches (running sequences and the prefix cache); default: two
+        full-context caches per sequence slot."""
         self.llm = llm
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
+        self.queue_size = max(0, queue_size)
+        slot_bytes = kv_cache_bytes(llm.config, llm.n_ctx)
+        slots = 2 * max_sequences if kv_memory is None else kv_memory // slot_bytes
+        if slots < 1:
+            raise KawaiError(
+                f"a KV memory budget of {format_bytes(kv_memory)} holds no cache: one context of "
+                f"{llm.n_ctx} tokens needs {format_bytes(slot_bytes)} (raise --kv-memory or lower --ctx)"
+            )
+        self.max_sequences = max(1, min(max_sequences, slots))
+        self.max_per_tenant = max_per_tenant
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.pool = PrefixCache(llm.new_cache, slots)
+        self.metrics = metrics or Metrics()
+        self.wedge_seconds = wedge_seconds
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._active: list[_Sequence] = []
+        self._per_tenant: Counter = Counter()  # in-flight jobs (waiting or running) per tenant
+        self._pending = 0  # jobs accepted and not yet finished
+        self._n_active = 0
+        self._admitting = True
+        self._stopping = False
+        self._heartbeat = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"engine-{llm.id}", daemon=True)
-        self._cache = None
-        self._cache_tenant: str | None = None
-        self._lock = threading.Lock()
-        self._pending = 0  # jobs accepted and not yet finished (queued or running)
-        self._current: Job | None = None
+
+    # ---- the event loop's side ------------------------------------------------------------------
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and time.monotonic() - self._heartbeat < self.wedge_seconds
 
     @property
     def busy(self) -> bool:
-        with self._lock:
+        with self._cond:
             return self._pending > 0
+
+    @property
+    def queue_length(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    @property
+    def active_sequences(self) -> int:
+        with self._cond:
+            return self._n_active
 
     def start(self) -> None:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        if not self.alive:
-            raise OverloadedError("The engine is not running.")
-        try:
-            with self._lock:
-                self._queue.put_nowait(job)
-                self._pending += 1
-        except queue.Full:
-            raise OverloadedError(
-                f"Overloaded: {self._queue.maxsize} requests are already waiting for model {self.llm.id!r}. "
-                "Retry later."
-            ) from None
+        """Queue a job, or raise at once: 529 engine stopped or full, 503 draining, 429 tenant limit."""
+        with self._cond:
+            if not self.alive:
+                raise OverloadedError("The engine is not running.")
+            if not self._admitting:
+                raise UnavailableError("The server is shutting down; retry on another instance or later.")
+            if self.max_per_tenant is not None and self._per_tenant[job.tenant] >= self.max_per_tenant:
+                raise RateLimitError(
+                    f"Too many concurrent requests for this token (limit {self.max_per_tenant}); retry shortly.",
+                    headers={"retry-after": "1"},
+                )
+            if self._pending >= self.max_sequences + self.queue_size:
+                raise OverloadedError(
+                    f"Overloaded: {self.max_sequences} sequences are running and {len(self._waiting)} requests "
+                    f"are waiting for model {self.llm.id!r}. Retry later."
+                )
+            self._waiting.append(job)
+            self._pending += 1
+            self._per_tenant[job.tenant] += 1
+            self._cond.notify()
+
+    def stop_admitting(self) -> None:
+        """Drain: refuse new jobs (503), let the running and waiting ones finish."""
+        with self._cond:
+            self._admitting = False
 
     def stop(self, timeout: float) -> None:
-        """Cancel the running job (it ends after its current token) and the waiting ones; end the thread."""
-        current = self._current
-        if current is not None:
-            current.cancel.set()
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not _STOP:
+        """Cancel every job (each ends within one step) and end the thread, waiting up to `timeout` s."""
+        with self._cond:
+            self._admitting = False
+            self._stopping = True
+            for job in self._waiting:
                 job.cancel.set()
-                job.channel.put(Failed())
-                self._done()
-        try:
-            self._queue.put(_STOP, timeout=timeout)
-        except queue.Full:
-            pass
-        self._thread.join(timeout)
+            for seq in self._active:
+                seq.job.cancel.set()
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ---- the engine thread --------------------------------------------------------------------
 
     def _run(self) -> None:
         _use_engine_threads(self.llm)
-        while True:
-            job = self._queue.get()
-            if job is _STOP:
-                return
-            self._current = job
-            try:
-                if job.cancel.is_set():  # the client left while it waited
-                    job.channel.put(Failed())
-                else:
-                    self._generate(job)
-            finally:
-                self._current = None
-                self._done()
-
-    def _done(self) -> None:
-        with self._lock:
-            self._pending -= 1
-
-    def _generate(self, job: Job) -> None:
         try:
-            cache = self._cache_for(job.tenant)
-            gen = self.llm.generate(job.prompt_ids, job.params, cache=cache, should_stop=job.cancel.is_set)
-            for step in gen:
-                if not job.channel.put(step):
-                    job.cancel.set()
-            stats = gen.stats
-            job.channel.put(Finished(stats.prompt_tokens, stats.cached_tokens, stats.generated_tokens))
+            while self._wait_for_work():
+                self._drop_cancelled()
+                self._admit()
+                if self._active:
+                    self._step()
         except Exception:
-            log.exception("request %s: generation failed", job.request_id)
-            self._cache = None  # its contents are unknown now
-            job.channel.put(Failed())
+            log.exception("engine thread for %s died", self.llm.id)
+            raise
+        finally:
+            self._fail_everything()
 
-    def _cache_for(self, tenant: str | None):
-        if self._cache is None:
-            self._cache = self.llm.new_cache()
-        elif tenant != self._cache_tenant:
-            self._cache.truncate(0)
-            self._cache.tokens = []
-        self._cache_tenant = tenant
-        return self._cache
+    def _wait_for_work(self) -> bool:
+        """Block (with heartbeats) until a job waits or runs; False once stopping with nothing left."""
+        with self._cond:
+            while True:
+                self._heartbeat = time.monotonic()
+                if self._active or self._waiting:
+                    return True
+                if self._stopping:
+                    return False
+                self._cond.wait(IDLE_TICK)
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            gone = [job for job in self._waiting if job.cancel.is_set()]
+            for job in gone:
+                self._waiting.remove(job)
+        for job in gone:
+            job.channel.put(Failed())
+            self._done(job)
+        for seq in [s for s in self._active if s.job.cancel.is_set()]:
+            self._emit(seq, seq.state.finish("cancelled"))
+
+    def _admit(self) -> None:
+        while True:
+            with self._cond:
+                if not self._waiting or len(self._active) >= self.max_sequences:
+                    return
+                job = self._waiting.popleft()
+            self._start(job)
+
+    def _start(self, job: Job) -> None:
+        prompt = job.prompt_ids
+        has_images = bool(getattr(prompt, "images", ()))
+        lease = self.pool.acquire(job.tenant, () if has_images else prompt)
+        if lease is None or not prompt or len(prompt) > lease.cache.max_seq:
+            log.error("request %s: no cache slot or a prompt of %d tokens", job.request_id, len(prompt))
+            if lease is not None:
+                self.pool.release(lease)
+            job.channel.put(Failed())
+            self._done(job)
+            return
+        if has_images:
+            seq = self._start_solo(job, lease)
+            if seq is None:
+                return
+        else:
+            state = SequenceState(list(prompt), job.params, lease.cache, self.llm.tokenizer)
+            todo = state.start()
+            cached = len(prompt) - len(todo)
+            self.pool.count_hit(cached)
+            self._count("kawai_prefix_cache_hit_tokens_total", "Prompt tokens reused from the prefix cache.", cached)
+            seq = _Sequence(job, state, lease, todo, cached)
+        with self._cond:
+            self._active.append(seq)
+            self._n_active = len(self._active)
+
+    def _start_solo(self, job: Job, lease: Lease) -> _Sequence | None:
+        """An image prompt (M-RoPE positions, image embeddings) runs through engine.generate on its own,
+        interleaved token by token with the batch; its cache is emptied first and never reused, since
+        image placeholder ids do not identify the image."""
+        try:
+            gen = self.llm.generate(job.prompt_ids, job.params, cache=lease.cache, should_stop=job.cancel.is_set)
+        except Exception:
+            log.exception("request %s: could not start generation", job.request_id)
+            self.pool.release(lease, reusable=False)
+            job.channel.put(Failed())
+            self._done(job)
+            return None
+        return _Sequence(job, gen.state, lease, [], 0, solo=gen)
+
+    def _step_solo(self, seq: _Sequence) -> None:
+        try:
+            step = next(seq.solo)
+        except Exception:
+            log.exception("request %s: generation failed", seq.job.request_id)
+            self._retire(seq, Failed(), reusable=False)
+            return
+        stats = seq.solo.stats
+        if seq.first_token_at is None:
+            seq.cached = stats.cached_tokens
+            self._count("kawai_prompt_tokens_total", "Prompt tokens run through the model.", stats.prefill_tokens)
+        self._emit(seq, step)
+
+    def _step(self) -> None:
+        for seq in [s for s in self._active if s.solo is not None]:
+            self._step_solo(seq)
+        batch: list[tuple[_Sequence, list[int]]] = []
+        budget = self.prefill_chunk
+        for seq in self._active:
+            if seq.solo is not None:
+                continue
+            if seq.todo:
+                if budget <= 0:
+                    continue
+                chunk, seq.todo = seq.todo[:budget], seq.todo[budget:]
+                budget -= len(chunk)
+            else:
+                chunk = [seq.state.next_token]
+            batch.append((seq, chunk))
+        if not batch:
+            return
+        try:
+            logits = forward_batch(
+                self.llm.config, self.llm.weights, [c for _, c in batch], [s.lease.cache for s, _ in batch]
+            )  # (B, V)
+        except Exception:
+            log.exception("batched step failed for %s", ", ".join(s.job.request_id for s, _ in batch))
+            for seq, _ in batch:
+                self._retire(seq, Failed(), reusable=False)
+            return
+        self._heartbeat = time.monotonic()
+        prefilled = 0
+        for b, (seq, chunk) in enumerate(batch):
+            seq.state.fed(chunk)
+            if seq.first_token_at is None:
+                prefilled += len(chunk)
+            if seq.todo:
+                continue  # still prefilling: these logits are not needed
+            self._emit(seq, seq.state.accept(logits[b]))
+        if prefilled:
+            self._count("kawai_prompt_tokens_total", "Prompt tokens run through the model.", prefilled)
+
+    def _emit(self, seq: _Sequence, step: Step) -> None:
+        now = time.monotonic()
+        if step.token_id is not None:
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+                self._observe("kawai_time_to_first_token_seconds", "Request queued -> first token.",
+                              now - seq.job.submitted_at, TTFT_BUCKETS)
+            else:
+                self._observe("kawai_time_per_output_token_seconds", "Time between a stream's tokens.",
+                              now - seq.last_token_at, TPOT_BUCKETS)
+            seq.last_token_at = now
+            self._count("kawai_generated_tokens_total", "Tokens sampled.", 1)
+        if not seq.job.channel.put(step):
+            seq.job.cancel.set()
+        if step.finish_reason is not None:
+            state = seq.state
+            done = Finished(len(state.prompt), seq.cached, state.n_generated)
+            self._retire(seq, done, reusable=True)
+            self._access_log(seq, done, step.finish_reason, now)
+
+    def _retire(self, seq: _Sequence, last, reusable: bool) -> None:
+        seq.job.channel.put(last)
+        self.pool.release(seq.lease, reusable=reusable and seq.solo is None)
+        with self._cond:
+            self._active.remove(seq)
+            self._n_active = len(self._active)
+        self._done(seq.job)
+
+    def _done(self, job: Job) -> None:
+        with self._cond:
+            self._pending -= 1
+            self._per_tenant[job.tenant] -= 1
+            if self._per_tenant[job.tenant] <= 0:
+                del self._per_tenant[job.tenant]
+
+    def _fail_everything(self) -> None:
+        """The thread is ending: every job still here gets Failed."""
+        with self._cond:
+            jobs = list(self._waiting) + [s.job for s in self._active]
+            self._waiting.clear()
+            self._active.clear()
+            self._n_active = 0
+        for job in jobs:
+            job.channel.put(Failed())
+            self._done(job)
+
+    # ---- observability ------------------------------------------------------------------------
+
+    def _count(self, name: str, help_text: str, value: float) -> None:
+        if value:
+            self.metrics.inc(name, help_text, value, model=self.llm.id)
+
+    def _observe(self, name: str, help_text: str, value: float, buckets) -> None:
+        self.metrics.observe(name, help_text, value, buckets, model=self.llm.id)
+
+    def _access_log(self, seq: _Sequence, done: Finished, finish_reason: str, now: float) -> None:
+        job = seq.job
+        ttft = (seq.first_token_at or now) - job.submitted_at
+        access_log.info(
+            "generation request_id=%s token_id=%s model=%s input_tokens=%d cached_tokens=%d output_tokens=%d "
+            "finish=%s ttft_s=%.3f total_s=%.3f",
+            job.request_id, job.tenant or "-", self.llm.id, done.prompt_tokens - done.cached_tokens,
+            done.cached_tokens, done.generated_tokens, finish_reason, ttft, now - job.submitted_at,
+        )
+
+    def gauges(self):
+        """(name, labels, value, help) for /metrics."""
+        labels = (("model", self.llm.id),)
+        pool = self.pool.stats()
+        yield "kawai_queue_length", labels, self.queue_length, "Requests waiting for a sequence slot."
+        yield "kawai_active_sequences", labels, self.active_sequences, "Sequences being prefilled or decoded."
+        yield "kawai_max_sequences", labels, self.max_sequences, "Sequences run together at most."
+        yield "kawai_prefix_cache_slots", labels, pool.slots, "KV caches the memory budget allows."
+        yield "kawai_prefix_cache_leased", labels, pool.leased, "KV caches used by running sequences."
+        yield "kawai_prefix_cache_idle_tokens", labels, pool.idle_tokens, "Tokens held by reusable KV caches."
+        yield "kawai_prefix_cache_bytes", labels, pool.nbytes, "Bytes of allocated KV caches."
+        yield "kawai_engine_up", labels, int(self.alive), "1 while the engine thread runs and beats."
+
+
+def kv_cache_bytes(cfg, n_ctx: int) -> int:
+    """Bytes of one full-context KVCache (float32 keys and values for every layer)."""
+    return 2 * 4 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * n_ctx
+
+
+def parse_bytes(text: str) -> int:
+    """'2GB', '512MiB', '1.5G', '1000000' -> bytes (K/M/G/T are powers of 1024, as memory is)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", text, re.IGNORECASE)
+    if m is None or float(m.group(1)) <= 0:
+        raise ValueError(f"not a memory size: {text!r} (use e.g. 2GB or 512MB)")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def format_bytes(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**20:.1f} MiB"
 
 
 def _use_engine_threads(llm) -> None:

@@ -2,9 +2,9 @@
 
     .venv-bench/bin/python benchmarks/chart.py [--out docs/benchmarks.png] [RESULT.json ...]
 
-For each (model, threads) the newest result file is used (file names start with the date). Two panels:
-prefill tok/s and decode tok/s, one group of bars per model and thread count, log scale so the fp32
-transformers bars stay readable. matplotlib is installed in .venv-bench only.
+For each (model, threads) the newest result file is used (file names start with the date). Three panels:
+prefill tok/s and decode tok/s (one group of bars per model and thread count, log scale so the fp32
+transformers bars stay readable), and the kawai / llama.cpp ratios. matplotlib is in .venv-bench only.
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ def draw(reports: list[dict], out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     labels = [f"{r['model'].replace('-instruct', '')}\n{r['threads']} thread{'s' * (r['threads'] > 1)}"
               for r in reports]
     engines = [e for e in ENGINE_COLORS if any(e in r["engines"] for r in reports)]
     width = 0.8 / len(engines)
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(reports) + 2), 5.5))
+    fig, axes = plt.subplots(1, 3, figsize=(max(12, 3.2 * len(reports) + 3), 5.5))
     for ax, key, title in ((axes[0], "prefill_tok_s", "prefill tokens/s"),
                            (axes[1], "decode_tok_s", "decode tokens/s")):
         for i, engine in enumerate(engines):
@@ -49,16 +50,34 @@ def draw(reports: list[dict], out: Path) -> None:
             bars = ax.bar(xs, ys, width, label=engine, color=ENGINE_COLORS[engine])
             ax.bar_label(bars, fmt="%.0f" if key == "prefill_tok_s" else "%.1f", fontsize=7)
         ax.set_yscale("log")
-        ax.set_title(title + " (higher is better)")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(title + " (log scale, higher is better)", fontsize=10)
         ax.set_xticks(range(len(reports)), labels, fontsize=7)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
+    draw_ratios(axes[2], reports, labels)
     first = reports[0]
     fig.suptitle(f"kawai vs llama.cpp on {first['machine']['cpu']}: "
                  f"{first['prompt_tokens']} prompt tokens, {first['gen_tokens']} generated")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
+
+
+def draw_ratios(ax, reports: list[dict], labels: list[str]) -> None:
+    """kawai / llama.cpp for prefill and decode tok/s (1.0 = as fast)."""
+    width = 0.35
+    for i, (key, name, color) in enumerate((("prefill_tok_s", "prefill", "#edae49"),
+                                             ("decode_tok_s", "decode", "#66a182"))):
+        ratios = [r["ratios"].get(f"{key}_vs_llama_cpp", 0.0) for r in reports]
+        bars = ax.bar([j + (i - 0.5) * width for j in range(len(reports))], ratios, width, label=name, color=color)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_title("kawai / llama.cpp (1.0 = as fast)", fontsize=10)
+    ax.set_xticks(range(len(reports)), labels, fontsize=7)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
 
 
 def main(argv=None) -> int:

@@ -237,7 +237,8 @@ class BenchResult:
     weight_bytes_per_token: int
     weight_gb_s: float  # GGUF weight bytes read per decode step x decode tok/s
     mem_read_gb_s: float  # measured streaming-read bandwidth, same thread count
-    bandwidth_fraction: float
+    bandwidth_fraction: float  # weight_gb_s / mem_read_gb_s
+    decode_ceiling_tok_s: float  # mem_read_gb_s / weight bytes per token
     peak_rss_mb: float
 
 
@@ -278,12 +279,14 @@ def run_bench(settings: BenchSettings, log=lambda msg: None) -> BenchResult:
         weight_gb_s=weight_gb_s,
         mem_read_gb_s=read_gb_s,
         bandwidth_fraction=weight_gb_s / read_gb_s,
+        decode_ceiling_tok_s=read_gb_s * 1e9 / bytes_per_token,
         peak_rss_mb=peak_rss_mb(),
     )
     log(f"prefill: {result.prefill_tok_s:.1f} tok/s ({settings.prompt_tokens} tokens, "
         f"time to first token {result.ttft_s:.3f} s)")
     log(f"decode: {decode_tok_s:.2f} tok/s (median of {len(run.step_s)} steps), weights read at "
-        f"{weight_gb_s:.1f} GB/s = {100 * result.bandwidth_fraction:.0f}% of {read_gb_s:.1f} GB/s")
+        f"{weight_gb_s:.1f} GB/s = {100 * result.bandwidth_fraction:.0f}% of {read_gb_s:.1f} GB/s "
+        f"(ceiling {result.decode_ceiling_tok_s:.1f} tok/s)")
     log(f"peak RSS: {result.peak_rss_mb:.0f} MB")
     return result
 

@@ -226,7 +226,7 @@ def _local_files() -> list[LocalModel]:
         return []
     found = []
     for p in sorted(root.glob("*.gguf")):
-        if not p.name.startswith(".") and is_model_id(p.name[: -len(".gguf")]):
+        if not p.name.startswith(".") and is_model_id(p.name[: -len(".gguf")]) and not p.name.endswith(PROJECTOR_SUFFIX):
             found.append(LocalModel(p.name[: -len(".gguf")], p, 0, "?", "?", None))
     return found
 
@@ -306,6 +306,60 @@ def pull(source: str | None = None, *, sha256: str | None = None, model_id: str 
             raise KawaiError(f"checksum mismatch for {source}: the local file does not have sha256 {sha256}")
         return existing
     raise _not_found(source)
+
+
+PROJECTOR_SUFFIX = ".mmproj.gguf"  # `<model-id>.mmproj.gguf`: found by engine.vision.multimodal.find_projector
+
+
+def projector_path(model_id: str) -> Path:
+    """Where the vision projector of a local model lives: next to it, as `<model-id>.mmproj.gguf`."""
+    return models_dir() / f"{model_id.lower()}{PROJECTOR_SUFFIX}"
+
+
+def pull_projector(source: str, model_id: str, *, sha256: str | None = None, progress: bool = True) -> Path:
+    """Put a vision projector (mmproj GGUF: an http(s) URL or a path) next to a local model as
+    `<model-id>.mmproj.gguf` (a download, or a symlink to the file). The file must be a `clip` GGUF."""
+    model_id = model_id.lower()
+    if local_model_path(model_id) is None:
+        raise _not_found(model_id)
+    if sha256 is not None:
+        sha256 = sha256.lower()
+        if not SHA256_PATTERN.fullmatch(sha256):
+            raise KawaiError("--sha256 must be 64 hexadecimal characters")
+    dest = projector_path(model_id)
+    if urllib.parse.urlsplit(source).scheme.lower() in ("http", "https"):
+        with _pull_lock(model_id + ".mmproj"):
+            if dest.exists() and (sha256 is None or _verified(dest, sha256, None, progress=progress)):
+                return dest
+            dest.unlink(missing_ok=True)
+            digest = download_file(source, dest, sha256=sha256, validate=_check_projector, progress=progress)
+            _write_marker(dest, digest)
+        return dest
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise KawaiError(f"vision projector {source!r} is not a file or an http(s) URL")
+    target = path.resolve()
+    _check_projector(target)
+    if sha256 is not None and file_sha256(target, progress=progress) != sha256:
+        raise KawaiError(f"checksum mismatch for {path.name}: expected sha256 {sha256}")
+    if dest.resolve() == target:
+        return dest
+    tmp = dest.parent / f".{dest.name}.link-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _check_projector(path: Path) -> None:
+    try:
+        arch = open_gguf(path).architecture
+    except OSError as e:
+        raise KawaiError(f"cannot read {path.name}: {e.strerror}") from None
+    except GGUFError as e:
+        raise KawaiError(f"{path.name} is not a valid GGUF file: {e}") from None
+    if arch != "clip":
+        raise KawaiError(f"{path.name} is not a vision projector (general.architecture is {arch!r}, expected 'clip')")
 
 
 def _pull_url(url: str, model_id: str, sha256: str | None, progress: bool) -> Path:

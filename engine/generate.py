@@ -68,9 +68,11 @@ class GenerationStats:
     prefill_tokens: int = 0  # prompt tokens run through the model
     generated_tokens: int = 0  # tokens sampled, a final end-of-sequence token included
     decode_steps: int = 0  # single-token forward calls after prefill
-    prefill_seconds: float = 0.0  # prefill forward calls (up to the first token's logits)
+    prefill_seconds: float = 0.0  # prefill forward calls (up to the first token's logits), images included
     decode_seconds: float = 0.0  # decode forward calls and sampling; time spent by the consumer excluded
     finish_reason: str | None = None
+    image_tokens: int = 0  # prompt tokens that are image embeddings
+    vision_seconds: float = 0.0  # image preprocessing + vision encoder (part of prefill_seconds)
 
     @property
     def prefill_tokens_per_second(self) -> float:

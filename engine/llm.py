@@ -6,9 +6,13 @@ runtime state lives in a KVCache the caller owns (`new_cache()`), so one LLM can
 
 from __future__ import annotations
 
+import logging
+import re
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -16,7 +20,7 @@ from engine import catalog
 from engine.chat_template import ChatTemplate
 from engine.config import ModelConfig
 from engine.errors import ContextLengthError, KawaiError
-from engine.generate import Generation
+from engine.generate import Generation, cached_tokens, common_prefix_length
 from engine.gguf import GGUFFile, open_gguf
 from engine.kv_cache import KVCache
 from engine.model import forward
@@ -27,6 +31,27 @@ from kernels import matmul
 from kernels import threads as kernel_threads
 
 DEFAULT_N_CTX = 4096  # context window when not asked for: KV cache memory grows linearly with it
+IMAGE_MARKUP = "<|vision_start|><|image_pad|><|vision_end|>"  # one image in rendered prompt text
+# Message fields whose text comes from users, tools or earlier replies: tokenized as plain text.
+CONTENT_FIELDS = ("content", "reasoning_content")
+
+log = logging.getLogger("kawai.engine")
+
+
+class PromptIds(list):
+    """Token ids of a chat prompt (a list of int), with the images its image tokens stand for (in order)
+    and the rendered text. `LLM.generate` takes the images from here when not given explicitly."""
+
+    def __init__(self, ids: Sequence[int] = (), images: Sequence = (), text: str = ""):
+        super().__init__(ids)
+        self.images = tuple(images)
+        self.text = text
+
+    @property
+    def image_tokens(self) -> int:
+        return self.count(self.image_pad) if self.images else 0
+
+    image_pad = -1  # set per prompt by LLM.encode_chat when it has images
 
 
 class LLM:
@@ -55,6 +80,15 @@ class LLM:
         self.load_seconds = 0.0
         self.compile_seconds = 0.0
         self.threads: int | None = None
+        self.projector = None  # engine.vision.projector.Projector when the model takes images
+        self.vision_tokens = None  # engine.vision.multimodal.VisionTokens, with a projector
+
+    @property
+    def has_vision(self) -> bool:
+        """True when a vision projector is loaded: prompts may contain images."""
+        return self.projector is not None
+
+    supports_images = has_vision  # the name api/prompt.py asks for
 
     def __repr__(self) -> str:
         return f"LLM(id={self.id!r}, arch={self.config.arch!r}, n_ctx={self.n_ctx})"
@@ -74,9 +108,15 @@ class LLM:
         add_generation_prompt: bool = True,
         enable_thinking: bool | None = None,
     ) -> str:
-        """The prompt text for a conversation, rendered by the model's own chat template."""
+        """The prompt text for a conversation, rendered by the model's own chat template.
+
+        A message's content is a string or a list of parts {"type": "text", "text": ...} and
+        {"type": "image", "image": PIL.Image}, concatenated; an image is written as IMAGE_MARKUP."""
         return self.chat_template.render(
-            messages, tools=tools, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking
+            _flatten_messages(messages),
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
         )
 
     def encode_prompt(self, text: str) -> list[int]:
@@ -88,11 +128,61 @@ class LLM:
             ids.insert(0, bos)
         return ids
 
-    def encode_chat(self, messages: list[dict], **render_kwargs) -> list[int]:
-        return self.encode_prompt(self.render_chat(messages, **render_kwargs))
+    def encode_chat(
+        self,
+        messages: list[dict],
+        *,
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        enable_thinking: bool | None = None,
+        suffix: str = "",
+    ) -> PromptIds:
+        """Token ids of a conversation (see render_chat for the message format), then `suffix` (the
+        start of the reply: an assistant prefill). The text is exactly render_chat(...) + suffix, but
+        only the template's own markup may produce control tokens: message content and the suffix are
+        tokenized as plain text, so a user writing `<|im_start|>` or `<|image_pad|>` gets those
+        characters, not the control tokens. Each image becomes <|vision_start|>, one <|image_pad|>
+        per image token, <|vision_end|>."""
+        kwargs = dict(tools=tools, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking)
+        text = self.render_chat(messages, **kwargs)
+        nonce = secrets.token_hex(8)
+        contents: list[list] = []  # per sentinel: its parts (str, or a PIL image)
+        marked = _mark_messages(messages, nonce, contents)
+        marked_text = self.chat_template.render(marked, **kwargs)
+        pieces = _align(text, re.split(_sentinel_pattern(nonce), marked_text), contents)
+        ids: list[int] = []
+        images: list = []
+        for is_content, piece in pieces:
+            if not is_content:
+                ids += self.tokenizer.encode(piece, special=True)
+            elif isinstance(piece, str):
+                ids += self.tokenizer.encode(piece, special=False)
+            else:
+                ids += self._image_ids(piece)
+                images.append(piece)
+        ids += self.tokenizer.encode(suffix, special=False) if suffix else []
+        bos = self.tokenizer.bos_id
+        if self.tokenizer.add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids.insert(0, bos)
+        out = PromptIds(ids, images, text + suffix)
+        if images:
+            out.image_pad = self.vision_tokens.image_pad
+        return out
+
+    def _image_ids(self, image) -> list[int]:
+        if not self.has_vision:
+            raise KawaiError(f"model {self.id!r} does not take images (no vision projector is loaded)")
+        from engine.vision.multimodal import image_token_count
+
+        t = self.vision_tokens
+        return [t.start] + [t.image_pad] * image_token_count(self.projector, *image.size) + [t.end]
 
     def count_tokens(self, text: str) -> int:
         return len(self.encode_prompt(text))
+
+    def count_chat_tokens(self, messages: list[dict], **kwargs) -> int:
+        """Prompt tokens of a conversation, image tokens included: len(encode_chat(...))."""
+        return len(self.encode_chat(messages, **kwargs))
 
     # ---- running the model --------------------------------------------------------------------
 
@@ -124,17 +214,35 @@ class LLM:
         params: SamplingParams,
         cache: KVCache | None = None,
         should_stop: Callable[[], bool] | None = None,
+        images: Sequence | None = None,
     ) -> Generation:
-        """Iterate for Steps (see engine.generate). A passed cache keeps what it holds of prompt_ids."""
+        """Iterate for Steps (see engine.generate). A passed cache keeps what it holds of prompt_ids.
+
+        images: PIL images for the prompt's image tokens, in order (default: `prompt_ids.images` of a
+        PromptIds from encode_chat). `stats.vision_seconds` and `stats.image_tokens` report them."""
+        images = tuple(getattr(prompt_ids, "images", ()) if images is None else images)
         prompt_ids = self.check_ids(prompt_ids)
-        return Generation(
-            self.forward,
-            self.tokenizer,
-            prompt_ids,
-            params,
-            self.new_cache() if cache is None else cache,
-            should_stop=should_stop,
-        )
+        cache = self.new_cache() if cache is None else cache
+        forward_fn = self.forward
+        if images:
+            forward_fn = self._image_forward(prompt_ids, images, cache)
+        gen = Generation(forward_fn, self.tokenizer, prompt_ids, params, cache, should_stop=should_stop)
+        if images:
+            gen.stats.image_tokens = forward_fn.image_tokens
+            forward_fn.stats = gen.stats  # it adds vision_seconds when it encodes the images
+        return gen
+
+    def _image_forward(self, prompt_ids: list[int], images: Sequence, cache: KVCache):
+        if not self.has_vision:
+            raise KawaiError(f"model {self.id!r} does not take images (no vision projector is loaded)")
+        from engine.vision.image_prompt import ImagePromptForward, reusable_prefix
+
+        pad = self.vision_tokens.image_pad
+        # keep at most the cached text before the first image (pads of other images look the same)
+        keep = min(common_prefix_length(cached_tokens(cache), prompt_ids), reusable_prefix(prompt_ids, pad))
+        cache.truncate(keep)
+        cache.tokens = prompt_ids[:keep]
+        return ImagePromptForward(self.config, self.weights, self.projector, prompt_ids, images, pad)
 
     def check_ids(self, ids: Sequence[int]) -> list[int]:
         """Token ids as Python ints, each in 0..n_vocab-1 (a negative id would silently index from the end)."""
@@ -147,18 +255,128 @@ class LLM:
         return out
 
 
+# ---- chat prompts: content as plain text ------------------------------------------------------
+
+
+def _parts(content: Any) -> list:
+    """A message's content as parts: strings and images (anything with a .size, i.e. a PIL image)."""
+    if content is None or isinstance(content, str):
+        return [content or ""]
+    if not isinstance(content, list):
+        raise KawaiError(f"message content must be a string or a list of parts, got {type(content).__name__}")
+    out = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            out.append(part["text"])
+        elif kind == "image" and hasattr(part.get("image"), "size"):
+            out.append(part["image"])
+        else:
+            raise KawaiError("a content part must be {'type': 'text', 'text': str} or {'type': 'image', 'image': PIL.Image}")
+    return out
+
+
+def _flatten_messages(messages: list[dict]) -> list[dict]:
+    """Messages whose content fields are strings (images written as IMAGE_MARKUP)."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        for key in CONTENT_FIELDS:
+            if key in m and not isinstance(m[key], str):
+                m[key] = "".join(p if isinstance(p, str) else IMAGE_MARKUP for p in _parts(m[key]))
+        out.append(m)
+    return out
+
+
+def _sentinel(nonce: str, i: int) -> str:
+    return f"@@kawai-{nonce}-{i}@@"
+
+
+def _sentinel_pattern(nonce: str) -> str:
+    return f"@@kawai-{nonce}-(\\d+)@@"
+
+
+def _mark_messages(messages: list[dict], nonce: str, contents: list[list]) -> list[dict]:
+    """Messages with each non-empty content field replaced by one sentinel; contents[i] = its parts."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        for key in CONTENT_FIELDS:
+            if isinstance(m.get(key), (str, list)):
+                parts = [p for p in _parts(m[key]) if not isinstance(p, str) or p]
+                if parts:
+                    m[key] = _sentinel(nonce, len(contents))
+                    contents.append(parts)
+        out.append(m)
+    return out
+
+
+def _align(text: str, split: list[str], contents: list[list]) -> list[tuple[bool, Any]]:
+    """(is_content, piece) pieces whose texts join to `text`, the real rendering.
+
+    split: re.split of the rendering with sentinels: template text, sentinel index, template text, ...
+    Usually the template copies content verbatim, so putting the content back gives `text`. A template
+    that edits content (`| trim`, Qwen3 cutting reasoning out of old replies) is handled by finding the
+    template's own text in `text` in order: content found verbatim is taken as is, otherwise whatever
+    lies before the next template text is that content (plain text). If even that fails, the pieces
+    with unedited content are used (safe: the content is still plain text)."""
+    template = split[0::2]
+    order = [int(i) for i in split[1::2]]
+    if any(i >= len(contents) for i in order):
+        raise KawaiError("the chat template produced an unexpected prompt")
+    pieces: list[tuple[bool, Any]] = [(False, template[0])]
+    for k, i in enumerate(order):
+        pieces += [(True, p) for p in contents[i]]
+        pieces.append((False, template[k + 1]))
+    pieces = [(c, p) for c, p in pieces if not isinstance(p, str) or p]
+    if "".join(p if isinstance(p, str) else IMAGE_MARKUP for _, p in pieces) == text:
+        return pieces
+    aligned = None
+    if all(isinstance(p, str) for i in order for p in contents[i]):
+        aligned = _find_content(text, template, ["".join(contents[i]) for i in order])
+    if aligned is None:
+        log.warning("chat template output does not match its messages; content tokenized unedited")
+        return pieces
+    return aligned
+
+
+def _find_content(text: str, template: list[str], contents: list[str]) -> list[tuple[bool, str]] | None:
+    """Split `text` into template[0], content 0, template[1], ... where the template edited content."""
+    if not text.startswith(template[0]):
+        return None
+    out = [(False, template[0])]
+    pos = len(template[0])
+    for k, content in enumerate(contents):
+        nxt, last = template[k + 1], k + 1 == len(contents)
+        if text.startswith(content, pos) and text.startswith(nxt, pos + len(content)) and (
+            not last or pos + len(content) + len(nxt) == len(text)
+        ):
+            end = pos + len(content)
+        elif last:
+            end = len(text) - len(nxt) if text.endswith(nxt) else -1
+        else:
+            end = text.find(nxt, pos)
+        if end < pos:
+            return None
+        out += [(True, text[pos:end]), (False, nxt)]
+        pos = end + len(nxt)
+    return [(c, p) for c, p in out if p] if pos == len(text) else None
+
+
 def load(
     id_or_path: str | Path,
     *,
     n_ctx: int | None = None,
     exact: bool = False,
     threads: int | None = None,
+    mmproj: str | Path | None = None,
 ) -> LLM:
     """Load a catalog model id (already pulled) or a .gguf path.
 
     n_ctx: context window (default min(trained context, DEFAULT_N_CTX); at most the trained context).
     exact: keep weights in a bit-exact layout instead of the fastest one (see engine.weights).
     threads: kernel threads (default: all cores).
+    mmproj: vision projector GGUF for a qwen2vl model (default: `find_projector` next to the model).
     """
     t0 = time.perf_counter()
     # Everything that can be wrong with the request or the file fails before the kernels are set up.
@@ -169,12 +387,39 @@ def load(
     tokenizer = Tokenizer.from_gguf(gguf.metadata)
     template = ChatTemplate.from_gguf(gguf.metadata, tokenizer)  # ChatML when the file has none
     n_threads = _configure_threads(threads)
+    projector, vision_tokens = _load_projector(path, gguf, config, mmproj, exact)
     weights = load_weights(gguf, config, exact=exact)
     llm = LLM(_model_id(id_or_path, path), path, gguf, config, weights, tokenizer, template, n_ctx)
+    llm.projector, llm.vision_tokens = projector, vision_tokens
     llm.threads = n_threads
     llm.load_seconds = time.perf_counter() - t0
     llm.compile_seconds = _warm_up(llm)
     return llm
+
+
+def _load_projector(path: Path, gguf: GGUFFile, config: ModelConfig, mmproj, exact: bool):
+    """(Projector, VisionTokens), or (None, None) for a model without one. An explicit mmproj must fit
+    the model; one found next to it is used only by a model that takes images (M-RoPE)."""
+    from engine.vision.multimodal import find_projector, vision_token_ids
+    from engine.vision.projector import load_projector
+
+    if mmproj is None:
+        mmproj = find_projector(path) if config.rope_sections else None
+        if mmproj is None:
+            return None, None
+    elif not config.rope_sections:
+        raise KawaiError(f"{path.name} ({config.arch}) does not take images: a vision projector needs a qwen2vl model")
+    mmproj = Path(mmproj)
+    if not mmproj.is_file():
+        raise KawaiError(f"vision projector not found: {mmproj}")
+    projector = load_projector(mmproj, exact=exact)
+    if projector.config.d_out != config.d_model:
+        raise KawaiError(
+            f"vision projector {mmproj.name} outputs width {projector.config.d_out}, but {path.name} has "
+            f"width {config.d_model}: they do not belong together"
+        )
+    tokens = vision_token_ids(gguf.metadata.get("tokenizer.ggml.tokens", []))
+    return projector, tokens
 
 
 def _warm_up(llm: LLM) -> float:

@@ -211,3 +211,16 @@ def test_compare_agreement_and_ratios():
     assert compare.leading_agreement([1, 2], [1, 2, 3]) == 2
     assert compare.ratio({"x": 3.0}, {"x": 2.0}, "x") == 1.5
     assert compare.ratio({"x": 3.0}, {}, "x") is None
+
+
+def test_chart_picks_the_newest_result_per_model_and_threads(tmp_path):
+    chart = _load_script("chart")
+    for name, model, threads, value in (
+        ("2026-01-01-a-1t.json", "a", 1, 1.0),
+        ("2026-02-01-a-1t.json", "a", 1, 2.0),  # newer: wins
+        ("2026-01-15-a-2t.json", "a", 2, 3.0),
+        ("2026-01-01-b-1t.json", "b", 1, 4.0),
+    ):
+        (tmp_path / name).write_text(json.dumps({"model": model, "threads": threads, "value": value}))
+    reports = chart.newest_per_config(sorted(tmp_path.glob("*.json"), reverse=True))
+    assert [(r["model"], r["threads"], r["value"]) for r in reports] == [("a", 1, 2.0), ("a", 2, 3.0), ("b", 1, 4.0)]

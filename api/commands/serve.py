@@ -1,8 +1,11 @@
-"""`kawai serve [-m ID|PATH ...] [--host H] [--port P] [--no-auth] [--queue-size N] [--ctx N]`.
+"""`kawai serve [-m ID|PATH ...] [--host H] [--port P] [--no-auth] [--queue-size N] [--ctx N]
+             [--max-sequences N] [--kv-memory SIZE] [--max-per-token N] [--drain-seconds S]
+             [--mmproj FILE] [--allow-private-image-urls]`.
 
 Serves the Messages API. With no -m, the catalog's default model (pulled if missing). With auth on and
 no token in $KAWAI_HOME/tokens.json, one token with every grant is created and printed once.
-SIGTERM or Ctrl-C stops accepting connections and lets in-flight responses finish (bounded wait).
+SIGTERM or Ctrl-C stops admitting requests (503), lets in-flight responses finish for up to
+--drain-seconds, then cancels what is left and joins the engine threads (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -28,6 +31,19 @@ def register(sub) -> None:
                    help="requests waiting per model before 529 overloaded (default: 8)")
     p.add_argument("--ctx", type=int, default=None, metavar="N",
                    help="context window in tokens (default: the engine's default, at most the trained one)")
+    p.add_argument("--max-sequences", type=int, default=4, metavar="N",
+                   help="sequences decoded together per model (continuous batching; default: 4)")
+    p.add_argument("--kv-memory", default=None, metavar="SIZE",
+                   help="KV cache memory per model, running sequences and prefix cache, e.g. 2GB "
+                        "(default: two full-context caches per sequence)")
+    p.add_argument("--max-per-token", type=int, default=None, metavar="N",
+                   help="in-flight requests per API token before 429 rate_limit_error (default: no limit)")
+    p.add_argument("--drain-seconds", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, how long in-flight responses may take to finish (default: 30)")
+    p.add_argument("--mmproj", default=None, metavar="FILE",
+                   help="vision projector (mmproj GGUF) for the -m model (default: one found next to it)")
+    p.add_argument("--allow-private-image-urls", action="store_true",
+                   help="let image URLs reach loopback and private addresses (local deployments only)")
     p.set_defaults(handler=_run)
 
 
@@ -40,14 +56,32 @@ def _run(args) -> int:
         raise KawaiError(f"--queue-size must be in 1..10000, got {args.queue_size}")
     if args.ctx is not None and args.ctx < 16:
         raise KawaiError(f"--ctx must be at least 16, got {args.ctx}")
+    if not 1 <= args.max_sequences <= 256:
+        raise KawaiError(f"--max-sequences must be in 1..256, got {args.max_sequences}")
+    if args.max_per_token is not None and args.max_per_token < 1:
+        raise KawaiError(f"--max-per-token must be at least 1, got {args.max_per_token}")
+    if not 0 <= args.drain_seconds <= 3600:
+        raise KawaiError(f"--drain-seconds must be in 0..3600, got {args.drain_seconds}")
+    kv_memory = None
+    if args.kv_memory is not None:
+        from api.worker import parse_bytes
+
+        try:
+            kv_memory = parse_bytes(args.kv_memory)
+        except ValueError as e:
+            raise KawaiError(f"--kv-memory: {e}") from None
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
 
     from api.state import ServerSettings
 
     settings = ServerSettings(
-        host=args.host, port=args.port, auth=not args.no_auth, queue_size=args.queue_size, n_ctx=args.ctx
+        host=args.host, port=args.port, auth=not args.no_auth, queue_size=args.queue_size, n_ctx=args.ctx,
+        max_sequences=args.max_sequences, kv_memory=kv_memory, max_per_token=args.max_per_token,
+        drain_seconds=args.drain_seconds, allow_private_image_urls=args.allow_private_image_urls,
     )
     specs = args.models or [catalog.DEFAULT_MODEL_ID]
+    if args.mmproj is not None and len(specs) != 1:
+        raise KawaiError("--mmproj needs exactly one -m model (it is that model's vision projector)")
     for spec in specs:  # pull catalog models now: clear errors before anything starts
         if spec.lower() in catalog.CATALOG:
             catalog.ensure_model(spec)
@@ -57,18 +91,20 @@ def _run(args) -> int:
         _first_token(settings)
     elif not _is_loopback(args.host):
         logging.getLogger("kawai.server").warning("--no-auth on a non-loopback address: the API is open to the network")
-    llms = _load(specs, settings)
+    llms = _load(specs, settings, args.mmproj)
     return _serve(settings, llms)
 
 
-def _load(specs: list[str], settings) -> list:
+def _load(specs: list[str], settings, mmproj: str | None = None) -> list:
     """Load before the server starts, so a bad model file is one clear error, not a server traceback."""
     import engine
 
     log = logging.getLogger("kawai.server")
     llms = []
     for spec in specs:
-        llm = engine.load(spec, n_ctx=settings.n_ctx)
+        llm = engine.load(spec, n_ctx=settings.n_ctx, mmproj=mmproj)
+        if llm.has_vision:
+            log.info("vision projector %s: images accepted", llm.projector.path.name)
         log.info("loaded %s in %.1f s (n_ctx %d)", llm.id, llm.load_seconds - llm.compile_seconds, llm.n_ctx)
         log.info("kernels compiled and warmed in %.1f s", llm.compile_seconds)
         llms.append(llm)
@@ -90,7 +126,7 @@ def _serve(settings, llms: list) -> int:
         timeout_graceful_shutdown=int(settings.drain_seconds),
         server_header=False,
     )
-    server = uvicorn.Server(config)
+    server = _draining_server(config, app)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler that was installed
     # before it: make that one a no-op, so a drained shutdown exits 0 instead of dying by the signal.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -101,6 +137,20 @@ def _serve(settings, llms: list) -> int:
             signal.signal(sig, handler)
     logging.getLogger("kawai.server").info("stopped")
     return 0 if server.started else 1
+
+
+def _draining_server(config, app):
+    """A uvicorn.Server that, on SIGTERM/SIGINT, first tells every engine to stop admitting (new
+    requests get 503) while uvicorn lets the in-flight ones finish."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            for model in app.state.server.models.values():
+                model.worker.stop_admitting()
+            super().handle_exit(sig, frame)
+
+    return _Server(config)
 
 
 def _first_token(settings) -> None:

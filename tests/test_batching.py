@@ -1,0 +1,296 @@
+"""Continuous batching: engine/batch.py bit for bit against one-at-a-time forward calls, the scheduler
+(api/worker.py) against `llm.generate` alone, and a real uvicorn server under concurrent SDK clients.
+
+Kernels run on one thread (KAWAI_THREADS=1 is what the suite uses; here `threads=1` at load): the
+assertions are about scheduling, and the 2-core test machine is shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import anthropic
+import httpx
+import numpy as np
+import pytest
+
+import engine
+from api.app import create_app
+from api.errors import OverloadedError, RateLimitError, UnavailableError
+from api.state import ServerSettings
+from api.worker import Failed, Finished, Job, Worker
+from api_harness import LiveServer, make_tokens
+from engine.batch import forward_batch
+from engine.errors import KawaiError
+from engine.sampling import SamplingParams
+from tiny_models import write_tiny_model
+
+N_CTX = 512
+K_QUANT_DIMS = dict(d_model=256, d_ff=512)  # K-quant rows hold 256-weight super-blocks
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    return engine.load(write_tiny_model(tmp_path_factory.mktemp("tiny"), "qwen2", qtype="mixed", n_ctx=N_CTX,
+                                        **K_QUANT_DIMS),
+                       threads=1)
+
+
+# ---- engine/batch.py ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch, qtype", [("qwen2", "mixed"), ("qwen3", "q8_0"), ("llama", "q4_1")])
+def test_forward_batch_equals_forward_alone_bit_for_bit(tmp_path, arch, qtype):
+    """Mixed batches (prefill chunks next to decode tokens) give each sequence exactly its solo logits."""
+    dims = K_QUANT_DIMS if qtype == "mixed" else {}
+    llm = engine.load(write_tiny_model(tmp_path, arch, qtype=qtype, n_ctx=128, **dims), threads=1)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, llm.config.n_vocab, n).tolist() for n in (7, 1, 19, 4)]
+    follow = [rng.integers(0, llm.config.n_vocab, n).tolist() for n in (1, 5, 1, 1)]
+    alone = []
+    for p, f in zip(prompts, follow):
+        cache = llm.new_cache()
+        alone.append((llm.forward(p, cache), llm.forward(f, cache)))
+    caches = [llm.new_cache() for _ in prompts]
+    first = forward_batch(llm.config, llm.weights, prompts, caches)  # (4, V)
+    second = forward_batch(llm.config, llm.weights, follow, caches)
+    for b, (l1, l2) in enumerate(alone):
+        assert np.array_equal(first[b], l1) and np.array_equal(second[b], l2)
+        assert caches[b].length == len(prompts[b]) + len(follow[b])
+
+
+def test_forward_batch_on_the_real_model_is_row_independent(smollm_model_path):
+    llm = engine.load(smollm_model_path, threads=1, n_ctx=64)
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7], [100], [42, 43]]
+    alone = [llm.forward(p, llm.new_cache()) for p in prompts]
+    batched = forward_batch(llm.config, llm.weights, prompts, [llm.new_cache() for _ in prompts])
+    for b in range(len(prompts)):
+        assert np.array_equal(batched[b], alone[b])
+
+
+def test_forward_batch_rejects_bad_batches(tiny_llm):
+    cache = tiny_llm.new_cache(4)
+    with pytest.raises(KawaiError, match="one cache per sequence"):
+        forward_batch(tiny_llm.config, tiny_llm.weights, [[1], [2]], [cache])
+    with pytest.raises(KawaiError, match="twice"):
+        forward_batch(tiny_llm.config, tiny_llm.weights, [[1], [2]], [cache, cache])
+    with pytest.raises(KawaiError, match="do not fit"):
+        forward_batch(tiny_llm.config, tiny_llm.weights, [[1] * 5], [cache])
+    with pytest.raises(KawaiError, match="token ids"):
+        forward_batch(tiny_llm.config, tiny_llm.weights, [[10**9]], [cache])
+    assert cache.length == 0
+
+
+# ---- the scheduler, driven directly -----------------------------------------------------------------
+
+
+class Collector:
+    """A StepChannel stand-in on the test's side: records what the engine thread sends."""
+
+    def __init__(self):
+        self.items = []
+        self.done = threading.Event()
+
+    def put(self, item) -> bool:
+        self.items.append(item)
+        if isinstance(item, (Finished, Failed)):
+            self.done.set()
+        return True
+
+    @property
+    def tokens(self) -> list[int]:
+        return [s.token_id for s in self.items if getattr(s, "token_id", None) is not None]
+
+
+def run_jobs(worker: Worker, jobs: list[tuple[list[int], SamplingParams]], tenant=None) -> list[Collector]:
+    out = []
+    for i, (prompt, params) in enumerate(jobs):
+        channel = Collector()
+        worker.submit(Job(prompt, params, channel, f"req_{i}", tenant=tenant))
+        out.append(channel)
+    for c in out:
+        assert c.done.wait(60)
+    return out
+
+
+def test_batched_generation_equals_each_request_alone(tiny_llm):
+    """Different prompt lengths, sampling params, seeds and stop rules, run 5 at a time with small
+    prefill chunks (long prompts interleave with decode steps): every sequence gets its solo tokens."""
+    rng = np.random.default_rng(7)
+    jobs = []
+    for i in range(6):
+        prompt = rng.integers(0, tiny_llm.config.n_vocab, int(rng.integers(3, 90))).tolist()
+        temperature = 0.0 if i % 2 == 0 else 0.9
+        jobs.append((prompt, SamplingParams(temperature=temperature, top_k=40, max_tokens=int(12 + 5 * i), seed=i)))
+    alone = [[s.token_id for s in tiny_llm.generate(p, params) if s.token_id is not None] for p, params in jobs]
+    worker = Worker(tiny_llm, queue_size=8, max_sequences=5, prefill_chunk=16)
+    worker.start()
+    try:
+        results = run_jobs(worker, jobs)
+    finally:
+        worker.stop(timeout=10)
+    for got, want, (prompt, _) in zip(results, alone, jobs):
+        assert got.tokens == want
+        done = got.items[-1]
+        assert isinstance(done, Finished) and done.prompt_tokens == len(prompt) and done.generated_tokens == len(want)
+    assert not worker.alive and worker.active_sequences == 0
+
+
+def test_submit_refuses_past_capacity_tenant_limit_and_while_draining(tiny_llm):
+    worker = Worker(tiny_llm, queue_size=1, max_sequences=1, max_per_tenant=2)
+    worker.start()
+    long = SamplingParams(temperature=0, max_tokens=400)
+    try:
+        a, b = Collector(), Collector()
+        worker.submit(Job([1, 2, 3], long, a, "r1", tenant="t1"))
+        worker.submit(Job([1, 2, 3], long, b, "r2", tenant="t2"))
+        with pytest.raises(OverloadedError):  # 1 running + 1 waiting
+            worker.submit(Job([1], long, Collector(), "r3", tenant="t3"))
+        worker.stop_admitting()
+        with pytest.raises(UnavailableError):
+            worker.submit(Job([1], long, Collector(), "r4", tenant="t3"))
+    finally:
+        worker.stop(timeout=10)
+    assert a.done.is_set() and b.done.is_set()
+    assert not worker.busy
+
+    limited = Worker(tiny_llm, queue_size=8, max_sequences=1, max_per_tenant=2)
+    limited.start()
+    try:
+        limited.submit(Job([1, 2], long, Collector(), "r1", tenant="t1"))
+        limited.submit(Job([1, 2], long, Collector(), "r2", tenant="t1"))
+        with pytest.raises(RateLimitError) as e:
+            limited.submit(Job([1, 2], long, Collector(), "r3", tenant="t1"))
+        assert e.value.headers["retry-after"] == "1"
+        limited.submit(Job([1, 2], long, Collector(), "r4", tenant="t2"))  # another token is not limited
+    finally:
+        limited.stop(timeout=10)
+
+
+def test_idle_engine_keeps_its_heartbeat_and_a_too_small_kv_budget_is_one_clear_error(tiny_llm):
+    worker = Worker(tiny_llm, queue_size=1, wedge_seconds=1.0)
+    worker.start()
+    try:
+        time.sleep(1.5)  # idle longer than the wedge bound: heartbeats continue
+        assert worker.alive
+    finally:
+        worker.stop(timeout=5)
+    assert not worker.alive
+    with pytest.raises(KawaiError, match="raise --kv-memory or lower --ctx"):
+        Worker(tiny_llm, queue_size=1, kv_memory=1000)
+
+
+# ---- a real server and the official SDK -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def tokens(home):
+    return make_tokens(home)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llm, home, tokens):
+    settings = ServerSettings(home=home, queue_size=16, max_sequences=8, ping_interval=5.0)
+    with LiveServer(create_app(settings, [tiny_llm])) as s:
+        yield s
+
+
+@pytest.fixture(autouse=True)
+def _no_sdk_env(monkeypatch):
+    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def metric(server, tokens, name: str) -> float:
+    text = httpx.get(server.url + "/metrics", headers={"x-api-key": tokens.all}).text
+    line = next(line for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " "))
+    return float(line.rsplit(" ", 1)[1])
+
+
+def wait_idle(server, tokens, timeout=10.0) -> None:
+    worker = server.state.models["tiny-qwen2-mixed"].worker
+    t0 = time.monotonic()
+    while worker.busy:
+        assert time.monotonic() - t0 < timeout, "engine still busy"
+        time.sleep(0.02)
+
+
+def test_32_concurrent_streaming_sdk_clients(server, tokens):
+    """8 run, 16 wait, the rest are refused at once with 529; every accepted stream ends with
+    message_stop and its text matches its deltas. Greedy streams equal the same request alone."""
+    client = anthropic.AsyncAnthropic(base_url=server.url, api_key=tokens.all, max_retries=0, timeout=120)
+    prompt = [{"role": "user", "content": "Count with me"}]
+
+    async def one(i: int):
+        try:
+            async with client.messages.stream(
+                model="tiny-qwen2-mixed", max_tokens=24, messages=prompt, extra_body={"temperature": 0}
+            ) as stream:
+                kinds, text = [], []
+                async for event in stream:
+                    kinds.append(event.type)
+                    if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                        text.append(event.delta.text)
+                final = await stream.get_final_message()
+            return kinds, "".join(text), final
+        except anthropic.APIStatusError as e:
+            return e.status_code, e.body, None
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(i) for i in range(32)))
+
+    results = asyncio.run(all_of_them())
+    ok = [r for r in results if r[2] is not None]
+    refused = [r for r in results if r[2] is None]
+    assert all(code == 529 and body["error"]["type"] == "overloaded_error" for code, body, _ in refused), refused
+    assert len(ok) >= 24 and len(ok) + len(refused) == 32
+    texts = set()
+    for kinds, text, final in ok:
+        assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+        assert final.content[0].text == text and final.usage.output_tokens > 0
+        texts.add(text)
+    assert len(texts) == 1  # greedy: the same answer for everyone, batched, alone or from the prefix cache
+    wait_idle(server, tokens)
+    assert metric(server, tokens, 'kawai_requests_total{status="529"}') == len(refused)
+
+
+def test_100_clients_that_disconnect_after_the_first_delta_leak_nothing(server, tokens):
+    body = {"model": "tiny-qwen2-mixed", "max_tokens": 400, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": "Tell me a long story"}]}
+    headers = {"x-api-key": tokens.all}
+
+    async def leave_early(c: httpx.AsyncClient) -> str:
+        try:
+            async with c.stream("POST", "/v1/messages", json=body, headers=headers) as r:
+                if r.status_code != 200:
+                    return str(r.status_code)
+                async for line in r.aiter_lines():
+                    if line.startswith("event: content_block_delta"):
+                        return "left"
+        except httpx.HTTPError as e:
+            return type(e).__name__
+        return "ended"
+
+    async def crowd():
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as c:
+            return await asyncio.gather(*(leave_early(c) for _ in range(100)))
+
+    outcomes = asyncio.run(crowd())
+    assert set(outcomes) <= {"left", "529"} and outcomes.count("left") >= 24, outcomes
+    t0 = time.monotonic()
+    client = anthropic.Anthropic(base_url=server.url, api_key=tokens.all, max_retries=0, timeout=60)
+    message = client.messages.create(model="tiny-qwen2-mixed", max_tokens=8, extra_body={"temperature": 0},
+                                     messages=[{"role": "user", "content": "Hi"}])
+    assert message.usage.output_tokens > 0 and time.monotonic() - t0 < 10
+    wait_idle(server, tokens)
+    assert metric(server, tokens, "kawai_active_sequences") == 0
+    assert metric(server, tokens, "kawai_queue_length") == 0
+    assert metric(server, tokens, "kawai_prefix_cache_leased") == 0
