@@ -41,6 +41,8 @@ from engine.bench import (
     prompt_token_ids,
     weight_bytes_per_token,
 )
+from engine import catalog
+from engine.errors import KawaiError
 from engine.gguf import open_gguf
 
 HERE = Path(__file__).resolve().parent
@@ -193,14 +195,12 @@ def serving_rss_mb(engine: str, python: str, args, model: Path, ids: list[int]) 
 
 
 def resolve_model(id_or_path: str) -> tuple[str, Path]:
-    path = Path(id_or_path).expanduser()
-    if path.suffix == ".gguf" or path.exists():
-        if not path.is_file():
-            raise SystemExit(f"compare: no such model file: {path}")
-        return path.stem, path.resolve()
-    from engine.catalog import resolve_model as catalog_resolve
-
-    return id_or_path, Path(catalog_resolve(id_or_path))
+    """(model id, GGUF path) for a local model id or a .gguf path; local files are named <id>.gguf."""
+    try:
+        path = catalog.resolve_model(id_or_path)
+    except KawaiError as e:
+        raise SystemExit(f"compare: {e}") from None
+    return path.name.removesuffix(".gguf"), path.resolve()
 
 
 def cpu_name() -> str:

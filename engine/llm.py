@@ -42,16 +42,15 @@ class PromptIds(list):
     """Token ids of a chat prompt (a list of int), with the images its image tokens stand for (in order)
     and the rendered text. `LLM.generate` takes the images from here when not given explicitly."""
 
-    def __init__(self, ids: Sequence[int] = (), images: Sequence = (), text: str = ""):
+    def __init__(self, ids: Sequence[int] = (), images: Sequence = (), text: str = "", image_pad: int | None = None):
         super().__init__(ids)
-        self.images = tuple(images)
-        self.text = text
+        self.images = tuple(images)  # PIL images, in prompt order
+        self.text = text  # the rendered prompt text
+        self.image_pad = image_pad  # <|image_pad|> id when there are images
 
     @property
     def image_tokens(self) -> int:
         return self.count(self.image_pad) if self.images else 0
-
-    image_pad = -1  # set per prompt by LLM.encode_chat when it has images
 
 
 class LLM:
@@ -164,10 +163,7 @@ class LLM:
         bos = self.tokenizer.bos_id
         if self.tokenizer.add_bos and bos is not None and (not ids or ids[0] != bos):
             ids.insert(0, bos)
-        out = PromptIds(ids, images, text + suffix)
-        if images:
-            out.image_pad = self.vision_tokens.image_pad
-        return out
+        return PromptIds(ids, images, text + suffix, self.vision_tokens.image_pad if images else None)
 
     def _image_ids(self, image) -> list[int]:
         if not self.has_vision:

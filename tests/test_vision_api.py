@@ -204,3 +204,15 @@ def test_pull_puts_the_projector_where_load_finds_it(files, tmp_path, monkeypatc
     assert [m.id for m in catalog.list_local_models()] == [model_id]  # a projector is not a model
     llm = engine.load(model_id, threads=1)
     assert llm.has_vision and llm.id == model_id
+
+
+def test_cli_flags(files, tmp_path, monkeypatch, capsys):
+    from api.cli import main
+
+    monkeypatch.setenv("KAWAI_HOME", str(tmp_path))
+    assert main(["serve", "-m", str(files[0]), "-m", str(files[0]), "--mmproj", str(files[1]), "--no-auth"]) != 0
+    assert "--mmproj needs exactly one -m model" in capsys.readouterr().err
+    assert main(["pull", str(files[0]), "--mmproj", str(files[0]), "-q"]) != 0
+    assert "not a vision projector" in capsys.readouterr().err
+    assert main(["pull", str(files[0]), "--mmproj", str(files[1]), "-q"]) == 0
+    assert "vision projector tiny-vl-f32.mmproj.gguf ready" in capsys.readouterr().out
