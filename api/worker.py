@@ -239,7 +239,7 @@ class Worker:
                     return True
                 if self._stopping:
                     return False
-                self._cond.wait(IDLE_TICK)
+                self._cond.wait(min(IDLE_TICK, self.wedge_seconds / 4))
 
     def _drop_cancelled(self) -> None:
         with self._cond:
@@ -247,8 +247,8 @@ class Worker:
             for job in gone:
                 self._waiting.remove(job)
         for job in gone:
-            job.channel.put(Failed())
             self._done(job)
+            job.channel.put(Failed())
         for seq in [s for s in self._active if s.job.cancel.is_set()]:
             self._emit(seq, seq.state.finish("cancelled"))
 
@@ -369,16 +369,18 @@ class Worker:
         if step.finish_reason is not None:
             state = seq.state
             done = Finished(len(state.prompt), seq.cached, state.n_generated)
+            self._access_log(seq, done, step.finish_reason, now)  # before the client can see the end
             self._retire(seq, done, reusable=True)
-            self._access_log(seq, done, step.finish_reason, now)
 
     def _retire(self, seq: _Sequence, last, reusable: bool) -> None:
-        seq.job.channel.put(last)
+        """Free the sequence's slot and cache, then send its last item (so a client that sees the end
+        also sees the slot free in /metrics)."""
         self.pool.release(seq.lease, reusable=reusable and seq.solo is None)
         with self._cond:
             self._active.remove(seq)
             self._n_active = len(self._active)
         self._done(seq.job)
+        seq.job.channel.put(last)
 
     def _done(self, job: Job) -> None:
         with self._cond:

@@ -138,6 +138,35 @@ def test_batched_generation_equals_each_request_alone(tiny_llm):
     assert not worker.alive and worker.active_sequences == 0
 
 
+def test_image_prompts_run_alone_interleaved_with_batched_text(tmp_path):
+    """A vision model: an image request (M-RoPE, image embeddings: not batchable) runs through
+    engine.generate on its own, one token per step, next to batched text requests; everyone gets
+    exactly the tokens they would get alone."""
+    from test_vision_preprocess import _photo
+    from vision_models import tiny_hf_model, write_language_model, write_mmproj
+
+    hf = tiny_hf_model("qwen2vl")
+    path = write_language_model(hf, tmp_path / "tiny-vl-f32.gguf")
+    write_mmproj(hf, tmp_path / "tiny-vl.mmproj.gguf")
+    llm = engine.load(path, threads=1, exact=True)
+    greedy = SamplingParams(temperature=0, max_tokens=10)
+    picture = [{"role": "user", "content": [{"type": "image", "image": _photo(100, 73, seed=1)},
+                                            {"type": "text", "text": "What is it?"}]}]
+    prompts = [llm.encode_chat(picture), llm.encode_chat([{"role": "user", "content": "Hi"}]),
+               llm.encode_chat([{"role": "user", "content": "Say something longer"}])]
+    assert prompts[0].images and not prompts[1].images
+    alone = [[s.token_id for s in llm.generate(p, greedy) if s.token_id is not None] for p in prompts]
+    worker = Worker(llm, queue_size=4, max_sequences=3)
+    worker.start()
+    try:
+        results = run_jobs(worker, [(p, greedy) for p in prompts])
+        again = run_jobs(worker, [(prompts[0], greedy)])  # an image conversation's cache is never reused
+    finally:
+        worker.stop(timeout=10)
+    assert [r.tokens for r in results] == alone
+    assert again[0].tokens == alone[0] and again[0].items[-1].cached_tokens == 0
+
+
 def test_submit_refuses_past_capacity_tenant_limit_and_while_draining(tiny_llm):
     worker = Worker(tiny_llm, queue_size=1, max_sequences=1, max_per_tenant=2)
     worker.start()
@@ -180,6 +209,28 @@ def test_idle_engine_keeps_its_heartbeat_and_a_too_small_kv_budget_is_one_clear_
     assert not worker.alive
     with pytest.raises(KawaiError, match="raise --kv-memory or lower --ctx"):
         Worker(tiny_llm, queue_size=1, kv_memory=1000)
+
+
+def test_a_step_longer_than_the_wedge_bound_reads_as_not_alive(smollm_model_path):
+    """The heartbeat is refreshed between steps: a 150-token prefill in one step (SmolLM2) outlasts a
+    50 ms bound, so `alive` (and /health) reports the engine as wedged until the step ends."""
+    llm = engine.load(smollm_model_path, threads=1, n_ctx=200)
+    worker = Worker(llm, queue_size=1, prefill_chunk=200, wedge_seconds=0.05)
+    worker.start()
+    try:
+        time.sleep(0.1)
+        assert worker.alive
+        channel = Collector()
+        worker.submit(Job(list(range(100, 250)), SamplingParams(temperature=0, max_tokens=1), channel, "r"))
+        seen_wedged = False
+        while not channel.done.is_set():
+            seen_wedged |= not worker.alive
+            time.sleep(0.005)
+        assert seen_wedged and isinstance(channel.items[-1], Finished)
+        time.sleep(0.01)
+        assert worker.alive
+    finally:
+        worker.stop(timeout=10)
 
 
 # ---- a real server and the official SDK -------------------------------------------------------------------
@@ -256,8 +307,11 @@ def test_32_concurrent_streaming_sdk_clients(server, tokens):
         assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
         assert final.content[0].text == text and final.usage.output_tokens > 0
         texts.add(text)
-    assert len(texts) == 1  # greedy: the same answer for everyone, batched, alone or from the prefix cache
+    assert len(texts) == 1  # greedy: the same answer for everyone, batched or from the prefix cache
     wait_idle(server, tokens)
+    alone = anthropic.Anthropic(base_url=server.url, api_key=tokens.messages_only, max_retries=0).messages.create(
+        model="tiny-qwen2-mixed", max_tokens=24, messages=prompt, extra_body={"temperature": 0})
+    assert alone.usage.cache_read_input_tokens == 0 and texts == {alone.content[0].text}  # run alone, cold
     assert metric(server, tokens, 'kawai_requests_total{status="529"}') == len(refused)
 
 
@@ -294,3 +348,28 @@ def test_100_clients_that_disconnect_after_the_first_delta_leak_nothing(server, 
     assert metric(server, tokens, "kawai_active_sequences") == 0
     assert metric(server, tokens, "kawai_queue_length") == 0
     assert metric(server, tokens, "kawai_prefix_cache_leased") == 0
+
+
+def test_shutdown_drains_in_flight_streams_and_leaves_no_engine_thread(tiny_llm, tmp_path):
+    """Server exit (what SIGTERM triggers): the running stream still ends with message_stop, then the
+    engine thread is joined."""
+    app = create_app(ServerSettings(home=tmp_path, auth=False, max_sequences=2, drain_seconds=10), [tiny_llm])
+    body = {"model": "tiny-qwen2-mixed", "max_tokens": 300, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": "Go on"}]}
+    kinds = []
+    before = set(threading.enumerate())
+    with LiveServer(app) as s:
+        worker = s.state.models["tiny-qwen2-mixed"].worker
+        with httpx.Client(base_url=s.url, timeout=60) as c, c.stream("POST", "/v1/messages", json=body) as r:
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("event: "):
+                    kinds.append(line[len("event: "):])
+                if kinds[-1:] == ["content_block_delta"]:
+                    break
+            s.server.should_exit = True  # what uvicorn's SIGTERM handler does
+            worker.stop_admitting()  # what `kawai serve` adds to it
+            kinds += [line[len("event: "):] for line in lines if line.startswith("event: ")]
+    assert kinds[-1] == "message_stop"
+    time.sleep(0.2)
+    assert [t.name for t in set(threading.enumerate()) - before] == []  # engine, uvicorn, pools: all gone

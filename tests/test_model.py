@@ -31,6 +31,15 @@ STORAGES = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def torch_single_thread():
+    """torch's thread pool next to Numba's only slows both down on a small machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """tiny(arch, qtype, **kw) -> path, each model written once per module."""

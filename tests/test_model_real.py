@@ -19,6 +19,7 @@ from engine.config import ModelConfig
 from engine.gguf import open_gguf
 from engine.kv_cache import KVCache
 from engine.model import forward
+from engine.tokenizer import Tokenizer
 from engine.weights import load_weights
 from tiny_models import load_hf_model
 
@@ -57,16 +58,16 @@ NEAR_TIE = 0.5  # a disagreement is only allowed where the reference's top-2 mar
 
 class RealModel:
     def __init__(self, path):
-        from transformers import AutoTokenizer
-
         self.path = path
         gguf = open_gguf(path)
         self.cfg = ModelConfig.from_gguf(gguf)
         self.fast = load_weights(gguf, self.cfg)
         self.exact = load_weights(gguf, self.cfg, exact=True)
         self.hf = load_hf_model(path)
-        self.hf_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        self.prompts = [np.array(self.hf_tokenizer.encode(p), dtype=np.int64) for p in PROMPTS]
+        # Both sides get the same ids, so the tokenizer is not under test here; ours loads in a second
+        # where transformers' GGUF tokenizer conversion takes many.
+        self.tokenizer = Tokenizer.from_gguf(gguf.metadata)
+        self.prompts = [np.array(self.tokenizer.encode(p), dtype=np.int64) for p in PROMPTS]
         with torch.no_grad():
             self.ref = [self.hf(torch.tensor(ids[None])).logits[0].numpy() for ids in self.prompts]
 
@@ -79,10 +80,14 @@ class RealModel:
     scope="module",
     params=["smollm2", pytest.param("qwen2.5-coder", marks=pytest.mark.slow)],  # the 0.5B takes minutes
 )
-def model(request) -> RealModel:
+def model(request):
+    # torch's own thread pool next to Numba's: one thread is several times faster on a busy 2-core machine
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     m = RealModel(request.getfixturevalue(MODELS[request.param]))
     m.name = request.param
-    return m
+    yield m
+    torch.set_num_threads(torch_threads)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -127,7 +132,7 @@ def test_decode_with_cache_equals_teacher_forcing(model):
 
 
 def test_greedy_decoding_matches_transformers(model):
-    prompt = np.array(model.hf_tokenizer.encode(GREEDY_PROMPT), dtype=np.int64)
+    prompt = np.array(model.tokenizer.encode(GREEDY_PROMPT), dtype=np.int64)
     n_new = 64
     with torch.no_grad():
         out = model.hf.generate(
@@ -150,5 +155,5 @@ def test_greedy_decoding_matches_transformers(model):
         row[list(eos)] = -np.inf  # as min_new_tokens does
         ours.append(int(row.argmax()))
         logits = forward(cfg, weights, np.array(ours[-1:]), cache)
-    print(model.hf_tokenizer.decode(ours))
+    print(model.tokenizer.decode(ours))
     assert ours == expected

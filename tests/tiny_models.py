@@ -350,12 +350,74 @@ def tiny_hf_overrides(path: str | Path) -> dict:
 
 def load_hf_model(path: str | Path):
     """The same GGUF loaded by transformers (weights dequantized by gguf-py, float32, eval mode):
-    an independent oracle for the engine."""
+    an independent oracle for the engine.
+
+    Loading a real model this way spends most of a minute in two pure-Python hot spots of the oracle's
+    loader that do not touch the weights: gguf-py parsing every vocabulary string, and transformers
+    rebuilding gguf-py's tensor-name table once per module. So transformers reads a copy of the file
+    with identical tensor bytes but without the vocabulary arrays (`{arch}.vocab_size` stands in for
+    them), with the name table cached.
+    """
+    import tempfile
+
     import torch
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32, **tiny_hf_overrides(path)
-    )
+    with tempfile.TemporaryDirectory() as tmp, _cached_tensor_name_maps():
+        light = _copy_without_vocabulary(path, Path(tmp) / path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp, gguf_file=light.name, dtype=torch.float32, **tiny_hf_overrides(path)
+        )
     return model.eval()
+
+
+VOCABULARY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                   "tokenizer.ggml.scores")
+
+
+def _copy_without_vocabulary(src: Path, dst: Path) -> Path:
+    """Copy a GGUF (read with our reader, written with gguf-py) minus the vocabulary string arrays."""
+    from gguf import GGUFValueType
+
+    from engine.gguf import open_gguf
+
+    reader = open_gguf(src)
+    arch = reader.metadata["general.architecture"]
+    writer = GGUFWriter(dst, arch)
+    for key, field in reader.fields.items():
+        if key == "general.architecture" or key in VOCABULARY_KEYS:
+            continue
+        if key == "general.alignment":
+            writer.add_custom_alignment(int(field.value))
+            continue
+        value = field.value.tolist() if isinstance(field.value, np.ndarray) else field.value
+        sub_type = None if field.element_type is None else GGUFValueType(int(field.element_type))
+        writer.add_key_value(key, value, GGUFValueType(int(field.value_type)), sub_type=sub_type)
+    if f"{arch}.vocab_size" not in reader.metadata:
+        writer.add_vocab_size(reader.tensors["token_embd.weight"].shape[0])
+    for name, info in reader.tensors.items():
+        raw = reader.tensor_data(name).reshape(*info.shape[:-1], -1)  # byte shape: rows..., row_bytes
+        writer.add_tensor(name, raw, raw_dtype=QT(int(info.ggml_type)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+class _cached_tensor_name_maps:
+    """Within the block, gguf-py's `get_tensor_name_map(arch, n_blocks)` (a pure function) is memoized."""
+
+    def __enter__(self):
+        import functools
+
+        import gguf
+
+        self._original = gguf.get_tensor_name_map
+        gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(self._original)
+
+    def __exit__(self, *exc):
+        import gguf
+
+        gguf.get_tensor_name_map = self._original

@@ -92,7 +92,21 @@ def _run(args) -> int:
     elif not _is_loopback(args.host):
         logging.getLogger("kawai.server").warning("--no-auth on a non-loopback address: the API is open to the network")
     llms = _load(specs, settings, args.mmproj)
+    _check_kv_memory(settings, llms)
     return _serve(settings, llms)
+
+
+def _check_kv_memory(settings, llms: list) -> None:
+    """--kv-memory must hold at least one full-context KV cache of every model."""
+    from api.worker import format_bytes, kv_cache_bytes
+
+    for llm in llms:
+        need = kv_cache_bytes(llm.config, llm.n_ctx)
+        if settings.kv_memory is not None and settings.kv_memory < need:
+            raise KawaiError(
+                f"--kv-memory {format_bytes(settings.kv_memory)} holds no KV cache of {llm.id}: one context of "
+                f"{llm.n_ctx} tokens needs {format_bytes(need)} (raise --kv-memory or lower --ctx)"
+            )
 
 
 def _load(specs: list[str], settings, mmproj: str | None = None) -> list:
