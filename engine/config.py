@@ -25,7 +25,7 @@ MAX_DIM = 1 << 20  # sanity bound for every size read from metadata
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str  # "qwen2" | "qwen3" | "llama"
+    arch: str  # "qwen2" | "qwen3" | "llama" | "qwen2vl"
     n_layers: int
     d_model: int  # residual stream width
     n_heads: int  # query heads
