@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# One engine thread per process in tests: servers, oracles and pytest share the cores, and OpenMP threads
+# that spin-wait on an oversubscribed machine slow everything down. Kernel tests set threads explicitly.
+os.environ.setdefault("KAWAI_THREADS", "1")
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct-q4_k_m"
 SMOLLM_MODEL = "smollm2-135m-instruct-q4_1"
