@@ -80,7 +80,7 @@ class Weights:
 
 def load_weights(gguf: GGUFFile, cfg: ModelConfig, *, exact: bool = False) -> Weights:
     """Read, check and pack every tensor the config needs."""
-    loader = _Loader(gguf, exact)
+    loader = TensorLoader(gguf, exact)
     d, hd, q_dim, kv_dim, ff = cfg.d_model, cfg.head_dim, cfg.q_dim, cfg.kv_dim, cfg.d_ff
     layers = []
     for i in range(cfg.n_layers):
@@ -120,39 +120,50 @@ def load_weights(gguf: GGUFFile, cfg: ModelConfig, *, exact: bool = False) -> We
     )
 
 
-class _Loader:
-    """Looks tensors up by name, checks type and shape, and converts them."""
+class TensorLoader:
+    """Looks tensors up by name, checks type and shape, and converts them. Problems raise `error` and
+    name the tensor; `file_kind` says which file a missing tensor was expected in."""
 
-    def __init__(self, gguf: GGUFFile, exact: bool):
+    def __init__(
+        self, gguf: GGUFFile, exact: bool, *, error: type[KawaiError] = KawaiError, file_kind: str = "model file"
+    ):
         self.gguf = gguf
         self.exact = exact
+        self.error = error
+        self.file_kind = file_kind
 
     def _info(self, name: str, shape: tuple[int, ...]):
         info = self.gguf.tensors.get(name)
         if info is None:
-            raise KawaiError(f"tensor {name!r} is missing from the model file")
+            raise self.error(f"tensor {name!r} is missing from the {self.file_kind}")
         if info.shape != shape:
-            raise KawaiError(f"tensor {name!r} has shape {info.shape}, expected {shape}")
+            raise self.error(f"tensor {name!r} has shape {info.shape}, expected {shape}")
         return info
+
+    def floats(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """An F32 or F16 tensor of `shape` as a float32 copy."""
+        info = self._info(name, shape)
+        if info.ggml_type not in FLOAT_VECTOR_TYPES:
+            raise self.error(f"tensor {name!r} has type {info.ggml_type.name}, expected F32 or F16")
+        return np.array(self.gguf.tensor_array(name), dtype=np.float32)
 
     def vector(self, name: str, n: int) -> np.ndarray:
         """A 1-D float tensor as a float32 copy."""
-        info = self._info(name, (n,))
-        if info.ggml_type not in FLOAT_VECTOR_TYPES:
-            raise KawaiError(f"tensor {name!r} has type {info.ggml_type.name}, expected F32 or F16")
-        return np.array(self.gguf.tensor_array(name), dtype=np.float32)
+        return self.floats(name, (n,))
 
     def matrix(self, name: str, rows: int, cols: int) -> PackedMatrix:
-        info = self._info(name, (rows, cols))
-        if info.ggml_type not in MATMUL_TYPES:
-            raise KawaiError(f"tensor {name!r} has type {info.ggml_type.name}, which is not supported")
+        info = self._matmul_info(name, rows, cols)
         raw = self.gguf.tensor_data(name)  # (rows, row_bytes) uint8
         if self.exact:
             return pack_dense(dequantize(raw, info.ggml_type, info.shape), info.ggml_type)
         return pack(raw, info.ggml_type, cols)
 
     def embedding(self, name: str, rows: int, cols: int) -> Embedding:
+        info = self._matmul_info(name, rows, cols)
+        return Embedding(self.gguf.tensor_data(name), info.ggml_type, rows, cols)
+
+    def _matmul_info(self, name: str, rows: int, cols: int):
         info = self._info(name, (rows, cols))
         if info.ggml_type not in MATMUL_TYPES:
-            raise KawaiError(f"tensor {name!r} has type {info.ggml_type.name}, which is not supported")
-        return Embedding(self.gguf.tensor_data(name), info.ggml_type, rows, cols)
+            raise self.error(f"tensor {name!r} has type {info.ggml_type.name}, which is not supported")
+        return info

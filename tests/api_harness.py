@@ -4,7 +4,8 @@
         httpx.get(server.url + "/health")
 
 Nothing is mocked: the app, the engine thread and the sockets are the real ones. Also: SSE parsing
-for raw-HTTP tests, and a token store pre-filled with tokens for the auth rules.
+for raw-HTTP tests, and a token store pre-filled with tokens for the auth rules. Server test modules
+import the module fixtures `home` and `tokens` from here and build their `server` with `live_server`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import uvicorn
 
+from api.app import create_app
+from api.state import ServerSettings
 from api.tokens import ENDPOINTS, Limit, TokenStore
 
 
@@ -56,6 +60,11 @@ class LiveServer:
         return self.app.state.server
 
 
+def live_server(home: Path, models: list, **settings) -> LiveServer:
+    """A (not yet started) LiveServer for create_app(ServerSettings(home=home, **settings), models)."""
+    return LiveServer(create_app(ServerSettings(home=home, **settings), models))
+
+
 @dataclass(frozen=True)
 class Tokens:
     all: str  # every grant
@@ -72,6 +81,17 @@ def make_tokens(home: Path) -> Tokens:
     _, models = store.create("models-only", ("models",))
     _, limited = store.create("limited", ENDPOINTS, Limit(2, "day"))
     return Tokens(full, messages, models, limited, rec.id)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    """A fresh Kawai home (and token store) per test module."""
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def tokens(home) -> Tokens:
+    return make_tokens(home)
 
 
 def parse_sse(raw: str) -> list[tuple[str | None, dict]]:

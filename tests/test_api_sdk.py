@@ -21,9 +21,7 @@ import httpx
 import pytest
 
 import engine
-from api.app import create_app
-from api.state import ServerSettings
-from api_harness import LiveServer, make_tokens, parse_sse
+from api_harness import home, live_server, parse_sse, tokens  # noqa: F401 (home, tokens: fixtures)
 
 GREEDY = {"temperature": 0}  # this SDK version has no sampling kwargs; they go in the body
 
@@ -44,18 +42,8 @@ def llm(default_model_path):
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("home")
-
-
-@pytest.fixture(scope="module")
-def tokens(home):
-    return make_tokens(home)
-
-
-@pytest.fixture(scope="module")
 def server(llm, home, tokens):
-    with LiveServer(create_app(ServerSettings(home=home, queue_size=1, ping_interval=0.5), [llm])) as s:
+    with live_server(home, [llm], queue_size=1, ping_interval=0.5) as s:
         yield s
 
 

@@ -33,7 +33,7 @@ from api.wire import MessagesRequest, parse_request
 from api.worker import Finished, Job, StepChannel
 from engine.generate import Step
 from engine.sampling import SamplingParams
-from api_harness import LiveServer, make_tokens, parse_sse
+from api_harness import LiveServer, home, live_server, parse_sse, tokens  # noqa: F401 (fixtures)
 from tiny_models import write_tiny_model
 
 N_CTX = 512
@@ -45,19 +45,8 @@ def tiny_llm(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("home")
-
-
-@pytest.fixture(scope="module")
-def tokens(home):
-    return make_tokens(home)
-
-
-@pytest.fixture(scope="module")
 def server(tiny_llm, home, tokens):
-    settings = ServerSettings(home=home, queue_size=1, ping_interval=0.2)
-    with LiveServer(create_app(settings, [tiny_llm])) as s:
+    with live_server(home, [tiny_llm], queue_size=1, ping_interval=0.2) as s:
         yield s
 
 

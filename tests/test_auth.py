@@ -14,10 +14,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import engine
-from api.app import create_app
-from api.state import ServerSettings
 from api.tokens import TokenStore
-from api_harness import LiveServer, make_tokens
+from api_harness import home, live_server, tokens  # noqa: F401 (home, tokens: fixtures)
 from tiny_models import write_tiny_model
 
 MESSAGE = {"model": "tiny-qwen2-f32", "max_tokens": 2, "temperature": 0,
@@ -25,25 +23,15 @@ MESSAGE = {"model": "tiny-qwen2-f32", "max_tokens": 2, "temperature": 0,
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("home")
-
-
-@pytest.fixture(scope="module")
-def tokens(home):
-    return make_tokens(home)
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory, home, tokens):
     llm = engine.load(write_tiny_model(tmp_path_factory.mktemp("tiny"), "qwen2", n_ctx=256))
-    app = create_app(ServerSettings(home=home), [llm])
+    live = live_server(home, [llm])
 
     async def undeclared(request):
         return JSONResponse({"secret": True})
 
-    app.router.routes.append(Route("/v1/undeclared", undeclared, name="undeclared"))  # no grant declared
-    with LiveServer(app) as s:
+    live.app.router.routes.append(Route("/v1/undeclared", undeclared, name="undeclared"))  # no grant declared
+    with live as s:
         yield s
 
 

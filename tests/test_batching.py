@@ -21,7 +21,7 @@ from api.app import create_app
 from api.errors import OverloadedError, RateLimitError, UnavailableError
 from api.state import ServerSettings
 from api.worker import Failed, Finished, Job, Worker
-from api_harness import LiveServer, make_tokens
+from api_harness import LiveServer, home, live_server, tokens  # noqa: F401 (home, tokens: fixtures)
 from engine.batch import forward_batch
 from engine.errors import KawaiError
 from engine.sampling import SamplingParams
@@ -237,19 +237,8 @@ def test_a_step_longer_than_the_wedge_bound_reads_as_not_alive(smollm_model_path
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("home")
-
-
-@pytest.fixture(scope="module")
-def tokens(home):
-    return make_tokens(home)
-
-
-@pytest.fixture(scope="module")
 def server(tiny_llm, home, tokens):
-    settings = ServerSettings(home=home, queue_size=16, max_sequences=8, ping_interval=5.0)
-    with LiveServer(create_app(settings, [tiny_llm])) as s:
+    with live_server(home, [tiny_llm], queue_size=16, max_sequences=8, ping_interval=5.0) as s:
         yield s
 
 

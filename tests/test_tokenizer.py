@@ -202,22 +202,23 @@ SMOLLM_CHARACTERS = st.characters(codec="utf-8", max_codepoint=0x3FFFF, exclude_
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
+def _assert_round_trips_and_streams(tok, text):
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    decoder = tok.incremental_decoder()
+    assert "".join(decoder.push(i) for i in ids) + decoder.flush() == text
+
+
 @PROPERTY
 @given(text=st.text(max_size=80))
 def test_qwen_round_trip_and_stream_random_text(qwen, text):
-    ids = qwen.encode(text)
-    assert qwen.decode(ids) == text
-    decoder = qwen.incremental_decoder()
-    assert "".join(decoder.push(i) for i in ids) + decoder.flush() == text
+    _assert_round_trips_and_streams(qwen, text)
 
 
 @PROPERTY
 @given(text=st.text(SMOLLM_CHARACTERS, max_size=80))
 def test_smollm_round_trip_and_stream_random_text(smollm, text):
-    ids = smollm.encode(text)
-    assert smollm.decode(ids) == text
-    decoder = smollm.incremental_decoder()
-    assert "".join(decoder.push(i) for i in ids) + decoder.flush() == text
+    _assert_round_trips_and_streams(smollm, text)
 
 
 @PROPERTY

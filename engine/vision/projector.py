@@ -28,12 +28,10 @@ import numpy as np
 from engine.errors import KawaiError
 from engine.gguf import GGUFError, GGUFFile, open_gguf
 from engine.vision.preprocess import CLIP_MEAN, CLIP_STD, ImageSpec
-from kernels.dequant import dequantize
-from kernels.matmul import MATMUL_TYPES, PackedMatrix, pack, pack_dense
-from kernels.qtypes import GGMLType
+from engine.weights import TensorLoader
+from kernels.matmul import PackedMatrix, pack_dense
 
 PROJECTOR_TYPES = ("qwen2vl_merger", "qwen2.5vl_merger")
-FLOAT_TYPES = (GGMLType.F32, GGMLType.F16)
 DEFAULT_WINDOW = 112  # Qwen2.5-VL's attention window in pixels (llama.cpp's default when the key is absent)
 # Image tokens per image by default. The encoder costs about 2 * params * 4 patches FLOPs per token
 # (~5 GFLOP per token for a 600M-parameter ViT): 256 tokens (a 448x448 image) take tens of seconds
@@ -282,7 +280,7 @@ def _triple(gguf: GGUFFile, key: str, default: tuple[float, ...], positive: bool
 
 def load_vision_weights(gguf: GGUFFile, cfg: VisionConfig, *, exact: bool = False) -> VisionWeights:
     """Read, check and pack every tensor the encoder needs; a missing tensor is an error naming it."""
-    get = _Loader(gguf, exact)
+    get = TensorLoader(gguf, exact, error=ProjectorError, file_kind="projector file")
     d, f, d4 = cfg.d_model, cfg.d_ff, cfg.d_model * cfg.merge_units
     up, down, _ = _ffn_names(gguf, d)
     layer_norm = cfg.norm == "layer"
@@ -314,7 +312,7 @@ def load_vision_weights(gguf: GGUFFile, cfg: VisionConfig, *, exact: bool = Fals
     if "v.patch_embd.bias" in gguf.tensors or "v.class_embd" in gguf.tensors:
         raise ProjectorError("a patch embedding bias or class embedding is not part of a Qwen-VL encoder")
     return VisionWeights(
-        patch_embd=_patch_embedding(gguf, cfg),
+        patch_embd=_patch_embedding(get, cfg),
         layers=tuple(layers),
         post_ln_w=get.vector("v.post_ln.weight", d),
         post_ln_b=get.vector("v.post_ln.bias", d) if layer_norm else None,
@@ -325,50 +323,10 @@ def load_vision_weights(gguf: GGUFFile, cfg: VisionConfig, *, exact: bool = Fals
     )
 
 
-def _patch_embedding(gguf: GGUFFile, cfg: VisionConfig) -> PackedMatrix:
+def _patch_embedding(get: TensorLoader, cfg: VisionConfig) -> PackedMatrix:
     """The two temporal halves (D, 3, P, P) -> one dense (D, 3*2*P*P) matrix over transformers' patch
     vectors (channel, time, row, col), undoing the converter's Conv3d split."""
     p, d = cfg.patch_size, cfg.d_model
-    halves = []
-    for name in ("v.patch_embd.weight", "v.patch_embd.weight.1"):
-        info = gguf.tensors.get(name)
-        if info is None:
-            raise ProjectorError(f"tensor {name!r} is missing from the projector file")
-        if info.shape != (d, 3, p, p):
-            raise ProjectorError(f"tensor {name!r} has shape {info.shape}, expected {(d, 3, p, p)}")
-        if info.ggml_type not in FLOAT_TYPES:
-            raise ProjectorError(f"tensor {name!r} has type {info.ggml_type.name}, expected F32 or F16")
-        halves.append(np.asarray(gguf.tensor_array(name), dtype=np.float32))
+    halves = [get.floats(name, (d, 3, p, p)) for name in ("v.patch_embd.weight", "v.patch_embd.weight.1")]
     conv3d = np.stack(halves, axis=2)  # (D, 3, T=2, P, P)
     return pack_dense(conv3d.reshape(d, -1))
-
-
-class _Loader:
-    """Looks tensors up by name, checks shape and type, converts them (as engine/weights.py does)."""
-
-    def __init__(self, gguf: GGUFFile, exact: bool):
-        self.gguf = gguf
-        self.exact = exact
-
-    def _info(self, name: str, shape: tuple[int, ...]):
-        info = self.gguf.tensors.get(name)
-        if info is None:
-            raise ProjectorError(f"tensor {name!r} is missing from the projector file")
-        if info.shape != shape:
-            raise ProjectorError(f"tensor {name!r} has shape {info.shape}, expected {shape}")
-        return info
-
-    def vector(self, name: str, n: int) -> np.ndarray:
-        info = self._info(name, (n,))
-        if info.ggml_type not in FLOAT_TYPES:
-            raise ProjectorError(f"tensor {name!r} has type {info.ggml_type.name}, expected F32 or F16")
-        return np.array(self.gguf.tensor_array(name), dtype=np.float32)
-
-    def matrix(self, name: str, rows: int, cols: int) -> PackedMatrix:
-        info = self._info(name, (rows, cols))
-        if info.ggml_type not in MATMUL_TYPES:
-            raise ProjectorError(f"tensor {name!r} has type {info.ggml_type.name}, which is not supported")
-        raw = self.gguf.tensor_data(name)  # (rows, row_bytes) uint8
-        if self.exact or info.ggml_type in FLOAT_TYPES:
-            return pack_dense(dequantize(raw, info.ggml_type, info.shape), info.ggml_type)
-        return pack(raw, info.ggml_type, cols)
