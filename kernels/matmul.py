@@ -165,9 +165,9 @@ def quantize_activations(x: np.ndarray) -> QuantizedActivations:
     xq = np.empty((n, n_blocks * 32), np.int8)
     xd = np.empty((n, n_blocks), np.float32)
     qsum16 = np.empty((n, 2 * n_blocks), np.float32)
+    qsum32 = np.empty((n, n_blocks), np.float32)
     quantize = mk.quantize_activations_parallel if n >= PARALLEL_QUANTIZE_TOKENS else mk.quantize_activations
-    quantize(x, xq, xd, qsum16)
-    qsum32 = qsum16[:, 0::2] + qsum16[:, 1::2]
+    quantize(x, xq, xd, qsum16, qsum32)
     return QuantizedActivations(xq.reshape(-1), xd.reshape(-1), qsum16.reshape(-1), qsum32.reshape(-1))
 
 

@@ -37,9 +37,9 @@ FMT_S8, FMT_U8, FMT_U4, FMT_U5 = simd.FMT_S8, simd.FMT_U8, simd.FMT_U4, simd.FMT
 
 
 @njit(cache=True)
-def _quantize_token(x, t, xq, xd, xqsum16):
+def _quantize_token(x, t, xq, xd, xqsum16, xqsum32):
     """Row t of x (n, C) f32 -> xq[t] (B*32,) int8, xd[t] (B,) scales d = amax / 127, xqsum16[t] (2B,)
-    the sums of the quantized values per 16 times d."""
+    the sums of the quantized values per 16 times d, xqsum32[t] (B,) the sums of each pair of those."""
     n_blocks = x.shape[1] // 32
     for b in range(n_blocks):
         amax = np.float32(0.0)
@@ -54,21 +54,22 @@ def _quantize_token(x, t, xq, xd, xqsum16):
                 xq[t, j] = q
                 qs += q
             xqsum16[t, 2 * b + half] = d * np.float32(qs)
+        xqsum32[t, b] = xqsum16[t, 2 * b] + xqsum16[t, 2 * b + 1]
         xd[t, b] = d
 
 
 @njit(cache=True)
-def quantize_activations(x, xq, xd, xqsum16):
-    """x (n, C) f32 -> xq (n, B*32) int8, xd (n, B), xqsum16 (n, 2B): see `_quantize_token`."""
+def quantize_activations(x, xq, xd, xqsum16, xqsum32):
+    """x (n, C) f32 -> xq (n, B*32) int8, xd (n, B), xqsum16 (n, 2B), xqsum32 (n, B): see `_quantize_token`."""
     for t in range(x.shape[0]):
-        _quantize_token(x, t, xq, xd, xqsum16)
+        _quantize_token(x, t, xq, xd, xqsum16, xqsum32)
 
 
 @njit(parallel=True, cache=True)
-def quantize_activations_parallel(x, xq, xd, xqsum16):
+def quantize_activations_parallel(x, xq, xd, xqsum16, xqsum32):
     """As quantize_activations, tokens split over threads (for prefill; a decode step is too small)."""
     for t in prange(x.shape[0]):
-        _quantize_token(x, t, xq, xd, xqsum16)
+        _quantize_token(x, t, xq, xd, xqsum16, xqsum32)
 
 
 @njit(cache=True)
