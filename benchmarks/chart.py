@@ -2,6 +2,8 @@
 
     .venv-bench/bin/python benchmarks/chart.py [--out docs/benchmarks.png] [RESULT.json ...]
 
+Also prints the Markdown results table of docs/benchmarks.md.
+
 For each (model, threads) the newest result file is used (file names start with the date). Three panels:
 prefill tok/s and decode tok/s (one group of bars per model and thread count, log scale so the fp32
 transformers bars stay readable), and the kawai / llama.cpp ratios. matplotlib is in .venv-bench only.
@@ -80,6 +82,28 @@ def draw_ratios(ax, reports: list[dict], labels: list[str]) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
+def markdown_table(reports: list[dict]) -> str:
+    """The results table of docs/benchmarks.md: one row per (model, threads, engine)."""
+    rows = ["| model | threads | engine | prefill tok/s | decode tok/s | ttft s | weight GB/s (of read BW) "
+            "| serving RSS MB | kawai/llama.cpp prefill, decode |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        ratios = r["ratios"]
+        vs = (f"{ratios['prefill_tok_s_vs_llama_cpp']:.2f}x, {ratios['decode_tok_s_vs_llama_cpp']:.2f}x"
+              if "decode_tok_s_vs_llama_cpp" in ratios else "")
+        for engine in ENGINE_COLORS:
+            e = r["engines"].get(engine)
+            if e is None:
+                continue
+            rss = e.get("serving_peak_rss_mb")
+            rows.append(
+                f"| {r['model']} | {r['threads']} | {engine} | {e['prefill_tok_s']:.1f} | {e['decode_tok_s']:.2f} "
+                f"| {e['ttft_s']:.2f} | {e['weight_gb_s']:.2f} ({r['machine']['mem_read_gb_s']:.1f}) "
+                f"| {f'{rss:.0f}' if rss else '-'} | {vs if engine == 'kawai' else ''} |"
+            )
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="*", type=Path, help="result files (default: benchmarks/results/*.json)")
@@ -91,6 +115,7 @@ def main(argv=None) -> int:
     reports = newest_per_config(paths)
     draw(reports, args.out)
     print(f"wrote {args.out} ({len(reports)} configurations)")
+    print(markdown_table(reports))
     return 0
 
 
