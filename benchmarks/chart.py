@@ -36,11 +36,10 @@ def draw(reports: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    labels = [f"{r['model'].replace('-instruct', '')}\n{r['threads']} thread{'s' * (r['threads'] > 1)}"
-              for r in reports]
+    labels = [f"{short_name(r['model'])}\n{r['threads']} thread{'s' * (r['threads'] > 1)}" for r in reports]
     engines = [e for e in ENGINE_COLORS if any(e in r["engines"] for r in reports)]
     width = 0.8 / len(engines)
-    fig, axes = plt.subplots(1, 3, figsize=(max(12, 3.2 * len(reports) + 3), 5.5))
+    fig, axes = plt.subplots(3, 1, figsize=(max(8, 1.6 * len(reports) + 2), 13))
     for ax, key, title in ((axes[0], "prefill_tok_s", "prefill tokens/s"),
                            (axes[1], "decode_tok_s", "decode tokens/s")):
         for i, engine in enumerate(engines):
@@ -67,13 +66,21 @@ def draw(reports: list[dict], out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def short_name(model_id: str) -> str:
+    """qwen2.5-coder-0.5b-instruct-q4_k_m -> qwen2.5-coder-0.5b\nq4_k_m"""
+    name = model_id.replace("-instruct", "")
+    head, _, quant = name.rpartition("-q")
+    return f"{head}\nq{quant}" if head else name
+
+
 def draw_ratios(ax, reports: list[dict], labels: list[str]) -> None:
     """kawai / llama.cpp for prefill and decode tok/s (1.0 = as fast)."""
     width = 0.35
     for i, (key, name, color) in enumerate((("prefill_tok_s", "prefill", "#edae49"),
                                              ("decode_tok_s", "decode", "#66a182"))):
-        ratios = [r["ratios"].get(f"{key}_vs_llama_cpp", 0.0) for r in reports]
-        bars = ax.bar([j + (i - 0.5) * width for j in range(len(reports))], ratios, width, label=name, color=color)
+        have = [j for j, r in enumerate(reports) if f"{key}_vs_llama_cpp" in r["ratios"]]
+        ratios = [reports[j]["ratios"][f"{key}_vs_llama_cpp"] for j in have]
+        bars = ax.bar([j + (i - 0.5) * width for j in have], ratios, width, label=name, color=color)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_title("kawai / llama.cpp (1.0 = as fast)", fontsize=10)
