@@ -378,3 +378,17 @@ def test_packed_matrix_rejects_inconsistent_arrays():
         PackedMatrix(good.qtype, 4, 64, "u7", good.weights, good.scales, good.mins, 32, 16)
     with pytest.raises(MatmulError, match="per 32"):
         PackedMatrix(good.qtype, 4, 64, "u5", good.weights, good.scales, good.mins, 16, 16)
+
+
+def test_openmp_threads_wait_passively_unless_the_user_says_otherwise():
+    """Spin-waiting OpenMP threads made 2-thread decode ~7x slower on a busy machine (kernels/threads.py)."""
+    import subprocess
+    import sys
+
+    code = "import os; from kernels.threads import configure_threads; configure_threads(1); print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "passive"
+    env["OMP_WAIT_POLICY"] = "active"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "active"
