@@ -21,10 +21,10 @@ import numpy as np
 from engine.config import ModelConfig
 from engine.errors import ContextLengthError, KawaiError
 from engine.kv_cache import KVCache
-from engine.model import mlp, rope_inv_freq
+from engine.model import mlp, qkv, rope_inv_freq
 from engine.weights import Weights
 from kernels import ops
-from kernels.matmul import matmul, matmul_fused
+from kernels.matmul import matmul
 
 
 def forward_batch(
@@ -72,20 +72,7 @@ def forward_batch(
 def _attention(cfg, layer, h, positions, inv_freq, caches, starts, offsets, i) -> np.ndarray:
     """Stacked QKV and output projections; attention per sequence over its own cache. h (N, d) -> (N, d)."""
     n = h.shape[0]
-    q, k, v = matmul_fused([layer.attn_q, layer.attn_k, layer.attn_v], h)  # (N, H*hd), (N, Hkv*hd) x2
-    if cfg.qkv_bias:
-        q += layer.attn_q_bias
-        k += layer.attn_k_bias
-        v += layer.attn_v_bias
-    q = q.reshape(n, cfg.n_heads, cfg.head_dim)  # (N, H, hd)
-    k = k.reshape(n, cfg.n_kv_heads, cfg.head_dim)  # (N, Hkv, hd)
-    v = v.reshape(n, cfg.n_kv_heads, cfg.head_dim)  # (N, Hkv, hd)
-    if cfg.qk_norm:
-        ops.rms_norm(q.reshape(-1, cfg.head_dim), layer.attn_q_norm, cfg.rms_eps, q.reshape(-1, cfg.head_dim))
-        ops.rms_norm(k.reshape(-1, cfg.head_dim), layer.attn_k_norm, cfg.rms_eps, k.reshape(-1, cfg.head_dim))
-    neox = cfg.rope_style == "neox"
-    ops.rope(q, positions, inv_freq, neox)
-    ops.rope(k, positions, inv_freq, neox)
+    q, k, v = qkv(cfg, layer, h, positions, inv_freq)  # (N, H, hd), (N, Hkv, hd) x2
 
     out = np.empty_like(q)  # (N, H, hd)
     scale = np.float32(cfg.head_dim**-0.5)

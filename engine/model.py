@@ -105,6 +105,21 @@ def attention(
     """Self-attention of the new tokens over the cached ones. h (n, d) -> (n, d).
     positions (n,), or (3, n) t/h/w for M-RoPE; the new keys go to cache slots cache.length.. ."""
     n = h.shape[0]
+    q, k, v = qkv(cfg, layer, h, positions, inv_freq)  # (n, H, hd), (n, Hkv, hd) x2
+
+    start = cache.length
+    ops.store_kv(k, v, cache.k[i], cache.v[i], start)
+    out = np.empty_like(q)  # (n, H, hd)
+    ops.attention(q, cache.k[i], cache.v[i], start, np.float32(cfg.head_dim**-0.5), out)
+    return matmul(layer.attn_output, out.reshape(n, cfg.q_dim))  # (n, d)
+
+
+def qkv(
+    cfg: ModelConfig, layer: LayerWeights, h: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Queries, keys and values of the new tokens, rotated to their positions.
+    h (n, d) -> q (n, H, hd), k (n, Hkv, hd), v (n, Hkv, hd); positions (n,), or (3, n) for M-RoPE."""
+    n = h.shape[0]
     q, k, v = matmul_fused([layer.attn_q, layer.attn_k, layer.attn_v], h)  # (n, H*hd), (n, Hkv*hd) x2
     if cfg.qkv_bias:
         q += layer.attn_q_bias
@@ -123,12 +138,7 @@ def attention(
         neox = cfg.rope_style == "neox"
         ops.rope(q, positions, inv_freq, neox)
         ops.rope(k, positions, inv_freq, neox)
-
-    start = cache.length
-    ops.store_kv(k, v, cache.k[i], cache.v[i], start)
-    out = np.empty_like(q)  # (n, H, hd)
-    ops.attention(q, cache.k[i], cache.v[i], start, np.float32(cfg.head_dim**-0.5), out)
-    return matmul(layer.attn_output, out.reshape(n, cfg.q_dim))  # (n, d)
+    return q, k, v
 
 
 def mlp(layer: LayerWeights, h: np.ndarray) -> np.ndarray:
