@@ -29,3 +29,18 @@ def default_model_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm_model_path() -> Path:
     return _catalog_model(SMOLLM_MODEL)
+
+
+@pytest.fixture(scope="session")
+def qwen_meta(default_model_path) -> dict:
+    """The default model's GGUF metadata (parsed once: its vocabulary is 150k strings)."""
+    from engine.gguf import open_gguf
+
+    return open_gguf(default_model_path).metadata
+
+
+@pytest.fixture(scope="session")
+def smollm_meta(smollm_model_path) -> dict:
+    from engine.gguf import open_gguf
+
+    return open_gguf(smollm_model_path).metadata

@@ -16,7 +16,6 @@ from tokenizer_oracle import hf_gguf_tokenizer
 
 from engine.chat_template import CHATML_TEMPLATE, ChatTemplate, TemplateLimitError
 from engine.errors import KawaiError
-from engine.gguf import open_gguf
 from engine.tokenizer import Tokenizer
 
 QWEN3_TEMPLATE = r"""{%- if tools %}
@@ -168,16 +167,6 @@ THINKING = {
         {"role": "assistant", "content": "It is sunny.", "reasoning_content": "Got it."},
     ],
 }
-
-
-@pytest.fixture(scope="module")
-def qwen_meta(default_model_path):
-    return open_gguf(default_model_path).metadata
-
-
-@pytest.fixture(scope="module")
-def smollm_meta(smollm_model_path):
-    return open_gguf(smollm_model_path).metadata
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from tokenizers import pre_tokenizers
 from tokenizer_oracle import hf_gguf_tokenizer
 
 from engine.errors import KawaiError
-from engine.gguf import open_gguf
 from engine.tokenizer import Tokenizer, TokenType, byte_alphabet
 
 MODELS = ("qwen", "smollm")
@@ -50,16 +49,6 @@ CORPUS = [
     " ",
     "",
 ]
-
-
-@pytest.fixture(scope="module")
-def qwen_meta(default_model_path):
-    return open_gguf(default_model_path).metadata
-
-
-@pytest.fixture(scope="module")
-def smollm_meta(smollm_model_path):
-    return open_gguf(smollm_model_path).metadata
 
 
 @pytest.fixture(scope="module")
