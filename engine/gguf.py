@@ -19,6 +19,7 @@ parser has no recursion; every failure is a `GGUFError` naming the field and the
 from __future__ import annotations
 
 import math
+import mmap
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -219,14 +220,19 @@ class _Cursor:
 
 class GGUFFile:
     """An open GGUF file: `metadata` (key -> value), `fields` (key -> MetadataField) and `tensors`
-    (name -> TensorInfo), with zero-copy tensor data views over a read-only memory map."""
+    (name -> TensorInfo), with zero-copy tensor data views over a read-only memory map.
+
+    The map costs no memory until a page is read; pages read once (a tensor repacked at load) can be
+    handed back with `release`, and are read again from the OS page cache if touched later."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        except ValueError:  # numpy refuses to map an empty file
-            raise GGUFError(f"header: file is empty, need at least {HEADER_BYTES} bytes (offset 0)") from None
+        with open(self.path, "rb") as f:
+            try:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except ValueError:  # an empty file cannot be mapped
+                raise GGUFError(f"header: file is empty, need at least {HEADER_BYTES} bytes (offset 0)") from None
+        self._map = np.frombuffer(self._mmap, dtype=np.uint8)  # read-only (file_size,)
         self.version, self.fields, self.tensors, self.data_offset, self.alignment = _parse(self._map)
         self.metadata: dict[str, Any] = {k: f.value for k, f in self.fields.items()}
 
@@ -272,6 +278,17 @@ class GGUFFile:
         flat = self._map[info.offset : info.offset + info.n_bytes]
         rows = math.prod(info.shape[:-1]) if len(info.shape) > 1 else 1
         return flat.reshape(rows, info.n_bytes // rows)
+
+    def release(self, name: str) -> None:
+        """Drop the resident pages of a tensor's bytes (after they were copied into another layout).
+        Views stay valid: a later read faults the pages back in from the page cache."""
+        if not hasattr(mmap, "MADV_DONTNEED"):  # not on every platform
+            return
+        info = self.tensors[name]
+        start = info.offset - info.offset % mmap.PAGESIZE
+        end = min(info.offset + info.n_bytes, self.file_size)
+        if end > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def tensor_array(self, name: str) -> np.ndarray:
         """A float tensor (F32/F16) as a zero-copy typed view in NumPy shape order."""

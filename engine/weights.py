@@ -7,7 +7,8 @@ Matrices are `PackedMatrix` (rows = outputs, cols = inputs; y = x @ W.T). In the
 quantized bytes are repacked for the integer kernels; with `exact=True` every matrix is dequantized to
 float32 (kernels/dequant.py) and multiplied in float32, for tests against float references.
 Norm weights and biases are float32 vectors. `token_embd` stays as raw bytes in the memory map: a
-forward pass dequantizes only the rows of its tokens.
+forward pass dequantizes only the rows of its tokens. A matrix's pages of the memory map are released
+once it is packed, so the resident memory holds each weight once (the packed copy), not twice.
 """
 
 from __future__ import annotations
@@ -155,8 +156,11 @@ class TensorLoader:
         info = self._matmul_info(name, rows, cols)
         raw = self.gguf.tensor_data(name)  # (rows, row_bytes) uint8
         if self.exact:
-            return pack_dense(dequantize(raw, info.ggml_type, info.shape), info.ggml_type)
-        return pack(raw, info.ggml_type, cols)
+            packed = pack_dense(dequantize(raw, info.ggml_type, info.shape), info.ggml_type)
+        else:
+            packed = pack(raw, info.ggml_type, cols)
+        self.gguf.release(name)  # the copy is what the kernels read: the file's pages leave the RSS
+        return packed
 
     def embedding(self, name: str, rows: int, cols: int) -> Embedding:
         info = self._matmul_info(name, rows, cols)

@@ -44,9 +44,11 @@ class PackedMatrix:
     """A weight matrix in the kernels' layout. `nbytes` counts the resident bytes of all arrays.
 
     fmt "dense": weights (R, C) float32. Otherwise (kernels/matmul_pack.py) weights (R, B*P) uint8
-    packed quants, scales (R, C // group) float32, mins (R, C // group) or (R, 0), and
+    packed quants q, scales (R, C // group) float32, mins (R, C // group) or (R, 0), and
 
         W[r, k] = scales[r, k // group] * (q[r, k] - offset) + mins[r, k // group]
+
+    ("s8" and "s8h" store signed q and have offset 0.)
     """
 
     qtype: GGMLType
@@ -125,7 +127,8 @@ def pack(raw: np.ndarray, qtype: GGMLType, cols: int) -> PackedMatrix:
         return PackedMatrix(qtype, rows, cols, "dense", bits.view(np.float32))
     spec = PACK_SPECS[qtype]
     w, scales, mins = repack_rows(raw, qtype, cols)
-    return PackedMatrix(qtype, rows, cols, spec.fmt, w, scales, mins, spec.group, spec.offset)
+    offset = 0 if spec.fmt == "s8h" else spec.offset  # "s8h" stores the signed values themselves
+    return PackedMatrix(qtype, rows, cols, spec.fmt, w, scales, mins, spec.group, offset)
 
 
 def unpack(w: PackedMatrix) -> np.ndarray:
@@ -133,11 +136,11 @@ def unpack(w: PackedMatrix) -> np.ndarray:
     if w.fmt == "dense":
         return w.weights.copy()
     blocks = w.weights.reshape(-1, BLOCK_BYTES[w.fmt])
-    if w.fmt in ("s8", "u8"):
-        q = blocks.view(np.int8 if w.fmt == "s8" else np.uint8).astype(np.float32)
+    if w.fmt in ("s8", "s8h", "u8"):
+        q = blocks.view(np.uint8 if w.fmt == "u8" else np.int8).astype(np.float32)
     else:
         q = np.concatenate([blocks[:, :16] & 15, blocks[:, :16] >> 4], axis=1).astype(np.int64)
-        if w.fmt == "u5":
+        if w.fmt in ("u5", "s5"):
             bits = np.ascontiguousarray(blocks[:, 16:20]).view("<u4").astype(np.int64)  # (R*B, 1)
             q |= ((bits >> np.arange(32)) & 1) << 4
         q = q.astype(np.float32)

@@ -34,6 +34,7 @@ ROW_CHUNK = 16  # output rows per parallel work item
 DENSE_TOKEN_TILE = 8  # tokens per sweep over a chunk of dense weight rows
 
 FMT_S8, FMT_U8, FMT_U4, FMT_U5 = simd.FMT_S8, simd.FMT_U8, simd.FMT_U4, simd.FMT_U5
+FMT_S5, FMT_S8H = simd.FMT_S5, simd.FMT_S8H
 
 
 @njit(cache=True)
@@ -80,6 +81,10 @@ def _t1(fmt, w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
         return simd.dot_u8_t1(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
     if fmt == FMT_U4:
         return simd.dot_u4_t1(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
+    if fmt == FMT_S5:
+        return simd.dot_s5_t1(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
+    if fmt == FMT_S8H:
+        return simd.dot_s8h_t1(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
     return simd.dot_u5_t1(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
 
 
@@ -91,6 +96,10 @@ def _t4(fmt, w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
         return simd.dot_u8_t4(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
     if fmt == FMT_U4:
         return simd.dot_u4_t4(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
+    if fmt == FMT_S5:
+        return simd.dot_s5_t4(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
+    if fmt == FMT_S8H:
+        return simd.dot_s8h_t4(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
     return simd.dot_u5_t4(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
 
 
