@@ -454,6 +454,6 @@ def _use_engine_threads(llm) -> None:
     """Numba's thread count is per calling thread: apply the one chosen at load time to this thread."""
     n = getattr(llm, "threads", None)
     if n:
-        from kernels.threads import configure_threads
+        from engine.threads import configure_threads
 
         configure_threads(n)

@@ -25,10 +25,10 @@ from engine.gguf import GGUFFile, open_gguf
 from engine.kv_cache import KVCache
 from engine.model import forward
 from engine.sampling import SamplingParams
+from engine.threads import configure_threads
 from engine.tokenizer import Tokenizer
 from engine.weights import load_weights
 from kernels import matmul
-from kernels import threads as kernel_threads
 
 DEFAULT_N_CTX = 4096  # context window when not asked for: KV cache memory grows linearly with it
 IMAGE_MARKUP = "<|vision_start|><|image_pad|><|vision_end|>"  # one image in rendered prompt text
@@ -382,7 +382,7 @@ def load(
     n_ctx = _context_size(n_ctx, config)
     tokenizer = Tokenizer.from_gguf(gguf.metadata)
     template = ChatTemplate.from_gguf(gguf.metadata, tokenizer)  # ChatML when the file has none
-    n_threads = _configure_threads(threads)
+    n_threads = configure_threads(threads)
     projector, vision_tokens = _load_projector(path, gguf, config, mmproj, exact)
     weights = load_weights(gguf, config, exact=exact)
     llm = LLM(_model_id(id_or_path, path), path, gguf, config, weights, tokenizer, template, n_ctx)
@@ -427,16 +427,6 @@ def _warm_up(llm: LLM) -> float:
     llm.forward([0, 0], cache)
     llm.forward([0], cache)
     return time.perf_counter() - t0
-
-
-def _configure_threads(n: int | None) -> int:
-    """Kernel threads: n, else KAWAI_THREADS, else every core Numba may use."""
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise KawaiError(f"threads must be a positive integer, got {n!r}")
-    try:
-        return kernel_threads.configure_threads(kernel_threads.default_threads() if n is None else n)
-    except kernel_threads.ThreadingError as e:
-        raise KawaiError(str(e)) from None
 
 
 def _context_size(n_ctx: int | None, config: ModelConfig) -> int:
