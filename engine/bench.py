@@ -240,6 +240,7 @@ class BenchResult:
     bandwidth_fraction: float  # weight_gb_s / mem_read_gb_s
     decode_ceiling_tok_s: float  # mem_read_gb_s / weight bytes per token
     peak_rss_mb: float
+    packed_weight_mb: float  # resident weights in the kernels' layout (the repacking's memory cost)
 
 
 def run_bench(settings: BenchSettings, log=lambda msg: None) -> BenchResult:
@@ -281,13 +282,15 @@ def run_bench(settings: BenchSettings, log=lambda msg: None) -> BenchResult:
         bandwidth_fraction=weight_gb_s / read_gb_s,
         decode_ceiling_tok_s=read_gb_s * 1e9 / bytes_per_token,
         peak_rss_mb=peak_rss_mb(),
+        packed_weight_mb=runner.llm.weights.nbytes / 2**20,
     )
     log(f"prefill: {result.prefill_tok_s:.1f} tok/s ({settings.prompt_tokens} tokens, "
         f"time to first token {result.ttft_s:.3f} s)")
     log(f"decode: {decode_tok_s:.2f} tok/s (median of {len(run.step_s)} steps), weights read at "
         f"{weight_gb_s:.1f} GB/s = {100 * result.bandwidth_fraction:.0f}% of {read_gb_s:.1f} GB/s "
         f"(ceiling {result.decode_ceiling_tok_s:.1f} tok/s)")
-    log(f"peak RSS: {result.peak_rss_mb:.0f} MB")
+    log(f"peak RSS: {result.peak_rss_mb:.0f} MB; packed weights {result.packed_weight_mb:.0f} MB "
+        f"(the file's weights read per token: {bytes_per_token / 2**20:.0f} MB)")
     return result
 
 

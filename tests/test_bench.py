@@ -176,6 +176,9 @@ def test_bench_end_to_end_json(smollm_model_path, capsys):
     assert result["weight_gb_s"] == pytest.approx(result["weight_bytes_per_token"] * result["decode_tok_s"] / 1e9,
                                                   rel=1e-3)
     assert result["peak_rss_mb"] > 96  # the weights alone are 96 MB
+    # The repacked layout's memory cost is reported; for Q4_1/Q8_0 it stays near the file's size.
+    file_mb = result["weight_bytes_per_token"] / 2**20
+    assert file_mb < result["packed_weight_mb"] < 1.5 * file_mb
     assert len(lines) > 1  # human lines came first
 
 
