@@ -21,7 +21,7 @@ import numpy as np
 from engine.config import ModelConfig
 from engine.errors import ContextLengthError, KawaiError
 from engine.kv_cache import KVCache
-from engine.model import mlp, qkv, rope_inv_freq
+from engine.model import mlp, output_logits, qkv, rope_inv_freq
 from engine.weights import Weights
 from kernels import ops
 from kernels.matmul import matmul
@@ -66,7 +66,7 @@ def forward_batch(
     last = np.ascontiguousarray(x[offsets[1:] - 1])  # (B, d) each sequence's last token
     out = np.empty_like(last)
     ops.rms_norm(last, weights.output_norm, cfg.rms_eps, out)
-    return matmul(weights.output, out)  # (B, V)
+    return output_logits(weights, out)  # (B, V), as forward() computes them
 
 
 def _attention(cfg, layer, h, positions, inv_freq, caches, starts, offsets, i) -> np.ndarray:

@@ -23,7 +23,8 @@ from engine.kv_cache import KVCache
 from engine.vision.mrope import rope_multi
 from engine.weights import LayerWeights, Weights
 from kernels import ops
-from kernels.matmul import matmul, matmul_fused
+from kernels.matmul import matmul, matmul_stacked
+from kernels.matmul_precise import matmul_top_exact
 
 CHUNK = 256  # prompt tokens processed at once: bounds activation memory and the attention scores
 
@@ -66,10 +67,16 @@ def forward(
         chunk_positions = None if positions is None else positions[..., lo : lo + CHUNK]
         x = _forward_chunk(cfg, weights, x, cache, chunk_positions)  # (n_chunk, d) normalized final states
         if all_logits:
-            logits.append(matmul(weights.output, x))
+            logits.append(output_logits(weights, x))
         elif lo + CHUNK >= n:
-            logits.append(matmul(weights.output, x[-1:]))
+            logits.append(output_logits(weights, x[-1:]))
     return logits[0] if len(logits) == 1 else np.concatenate(logits)
+
+
+def output_logits(weights: Weights, h: np.ndarray) -> np.ndarray:
+    """Final normalized states h (n, d) -> float32 logits (n, V). The logits near each token's largest are
+    recomputed exactly (kernels/matmul_precise.py): int8 activations would flip near-ties at the top."""
+    return matmul_top_exact(weights.output, h)
 
 
 def _forward_chunk(
@@ -120,7 +127,7 @@ def qkv(
     """Queries, keys and values of the new tokens, rotated to their positions.
     h (n, d) -> q (n, H, hd), k (n, Hkv, hd), v (n, Hkv, hd); positions (n,), or (3, n) for M-RoPE."""
     n = h.shape[0]
-    q, k, v = matmul_fused([layer.attn_q, layer.attn_k, layer.attn_v], h)  # (n, H*hd), (n, Hkv*hd) x2
+    q, k, v = matmul_stacked(layer.attn_qkv, h)  # (n, H*hd), (n, Hkv*hd) x2
     if cfg.qkv_bias:
         q += layer.attn_q_bias
         k += layer.attn_k_bias
@@ -143,7 +150,7 @@ def qkv(
 
 def mlp(layer: LayerWeights, h: np.ndarray) -> np.ndarray:
     """SwiGLU: down(silu(gate(h)) * up(h)). h (n, d) -> (n, d)."""
-    gate, up = matmul_fused([layer.ffn_gate, layer.ffn_up], h)  # (n, f) x2
+    gate, up = matmul_stacked(layer.ffn_gate_up, h)  # (n, f) x2
     ops.silu_mul(gate, up, gate)
     return matmul(layer.ffn_down, gate)
 

@@ -3,7 +3,9 @@
 Loading is mechanical: every name below is `blk.{i}.<field>.weight` (or `.bias`) in the file, each is
 checked against the shape the config implies, and a missing tensor is a KawaiError naming it.
 
-Matrices are `PackedMatrix` (rows = outputs, cols = inputs; y = x @ W.T). In the default mode the
+Matrices are `PackedMatrix` (rows = outputs, cols = inputs; y = x @ W.T). The projections that read
+the same input are stacked at load (`attn_qkv`, `ffn_gate_up`: one kernel launch where their formats
+agree; `attn_q`, `ffn_gate`, ... remain as views). In the default mode the
 quantized bytes are repacked for the integer kernels; with `exact=True` every matrix is dequantized to
 float32 (kernels/dequant.py) and multiplied in float32, for tests against float references.
 Norm weights and biases are float32 vectors. `token_embd` stays as raw bytes in the memory map: a
@@ -21,7 +23,7 @@ from engine.config import ModelConfig
 from engine.errors import KawaiError
 from engine.gguf import GGUFFile
 from kernels.dequant import dequantize, dequantize_row_ids
-from kernels.matmul import MATMUL_TYPES, PackedMatrix, pack, pack_dense
+from kernels.matmul import MATMUL_TYPES, PackedMatrix, StackedMatrix, pack, pack_dense, stack
 from kernels.qtypes import GGMLType
 
 FLOAT_VECTOR_TYPES = (GGMLType.F32, GGMLType.F16)
@@ -44,9 +46,7 @@ class Embedding:
 @dataclass(frozen=True, eq=False)
 class LayerWeights:
     attn_norm: np.ndarray  # (d_model,)
-    attn_q: PackedMatrix  # (q_dim, d_model)
-    attn_k: PackedMatrix  # (kv_dim, d_model)
-    attn_v: PackedMatrix  # (kv_dim, d_model)
+    attn_qkv: StackedMatrix  # attn_q (q_dim, d_model) | attn_k (kv_dim, d_model) | attn_v (kv_dim, d_model)
     attn_q_bias: np.ndarray | None  # (q_dim,)   qkv_bias only
     attn_k_bias: np.ndarray | None  # (kv_dim,)
     attn_v_bias: np.ndarray | None  # (kv_dim,)
@@ -54,9 +54,28 @@ class LayerWeights:
     attn_k_norm: np.ndarray | None  # (head_dim,)
     attn_output: PackedMatrix  # (d_model, q_dim)
     ffn_norm: np.ndarray  # (d_model,)
-    ffn_gate: PackedMatrix  # (d_ff, d_model)
-    ffn_up: PackedMatrix  # (d_ff, d_model)
+    ffn_gate_up: StackedMatrix  # ffn_gate (d_ff, d_model) | ffn_up (d_ff, d_model)
     ffn_down: PackedMatrix  # (d_model, d_ff)
+
+    @property
+    def attn_q(self) -> PackedMatrix:
+        return self.attn_qkv.parts[0]
+
+    @property
+    def attn_k(self) -> PackedMatrix:
+        return self.attn_qkv.parts[1]
+
+    @property
+    def attn_v(self) -> PackedMatrix:
+        return self.attn_qkv.parts[2]
+
+    @property
+    def ffn_gate(self) -> PackedMatrix:
+        return self.ffn_gate_up.parts[0]
+
+    @property
+    def ffn_up(self) -> PackedMatrix:
+        return self.ffn_gate_up.parts[1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,9 +108,9 @@ def load_weights(gguf: GGUFFile, cfg: ModelConfig, *, exact: bool = False) -> We
         layers.append(
             LayerWeights(
                 attn_norm=loader.vector(f"{blk}.attn_norm.weight", d),
-                attn_q=loader.matrix(f"{blk}.attn_q.weight", q_dim, d),
-                attn_k=loader.matrix(f"{blk}.attn_k.weight", kv_dim, d),
-                attn_v=loader.matrix(f"{blk}.attn_v.weight", kv_dim, d),
+                attn_qkv=stack([loader.matrix(f"{blk}.attn_q.weight", q_dim, d),
+                                loader.matrix(f"{blk}.attn_k.weight", kv_dim, d),
+                                loader.matrix(f"{blk}.attn_v.weight", kv_dim, d)]),
                 attn_q_bias=loader.vector(f"{blk}.attn_q.bias", q_dim) if cfg.qkv_bias else None,
                 attn_k_bias=loader.vector(f"{blk}.attn_k.bias", kv_dim) if cfg.qkv_bias else None,
                 attn_v_bias=loader.vector(f"{blk}.attn_v.bias", kv_dim) if cfg.qkv_bias else None,
@@ -99,8 +118,8 @@ def load_weights(gguf: GGUFFile, cfg: ModelConfig, *, exact: bool = False) -> We
                 attn_k_norm=loader.vector(f"{blk}.attn_k_norm.weight", hd) if cfg.qk_norm else None,
                 attn_output=loader.matrix(f"{blk}.attn_output.weight", d, q_dim),
                 ffn_norm=loader.vector(f"{blk}.ffn_norm.weight", d),
-                ffn_gate=loader.matrix(f"{blk}.ffn_gate.weight", ff, d),
-                ffn_up=loader.matrix(f"{blk}.ffn_up.weight", ff, d),
+                ffn_gate_up=stack([loader.matrix(f"{blk}.ffn_gate.weight", ff, d),
+                                   loader.matrix(f"{blk}.ffn_up.weight", ff, d)]),
                 ffn_down=loader.matrix(f"{blk}.ffn_down.weight", d, ff),
             )
         )

@@ -4,6 +4,8 @@
     pack_dense(w) -> PackedMatrix                   float32 (R, C) weights, exact float32 products
     matmul(w, x) -> y                               x (n, C) float32 -> y (n, R) float32
     matmul_fused([w1, w2, ...], x) -> [y1, y2, ...] one activation quantization for several weights
+    stack([w1, w2, ...]) -> StackedMatrix            matrices sharing cols, rows stacked at load where formats agree
+    matmul_stacked(s, x) -> [y1, y2, ...]           one kernel launch per stack instead of one per matrix
     warmup() -> seconds                             compiles (or loads from cache) every kernel
     unpack(w) -> float32 (R, C)                     the weights a PackedMatrix stands for (tests)
 
@@ -21,6 +23,7 @@ bit for bit.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,8 +50,6 @@ class PackedMatrix:
     packed quants q, scales (R, C // group) float32, mins (R, C // group) or (R, 0), and
 
         W[r, k] = scales[r, k // group] * (q[r, k] - offset) + mins[r, k // group]
-
-    ("s8" and "s8h" store signed q and have offset 0.)
     """
 
     qtype: GGMLType
@@ -127,8 +128,7 @@ def pack(raw: np.ndarray, qtype: GGMLType, cols: int) -> PackedMatrix:
         return PackedMatrix(qtype, rows, cols, "dense", bits.view(np.float32))
     spec = PACK_SPECS[qtype]
     w, scales, mins = repack_rows(raw, qtype, cols)
-    offset = 0 if spec.fmt == "s8h" else spec.offset  # "s8h" stores the signed values themselves
-    return PackedMatrix(qtype, rows, cols, spec.fmt, w, scales, mins, spec.group, offset)
+    return PackedMatrix(qtype, rows, cols, spec.fmt, w, scales, mins, spec.group, spec.offset)
 
 
 def unpack(w: PackedMatrix) -> np.ndarray:
@@ -136,11 +136,11 @@ def unpack(w: PackedMatrix) -> np.ndarray:
     if w.fmt == "dense":
         return w.weights.copy()
     blocks = w.weights.reshape(-1, BLOCK_BYTES[w.fmt])
-    if w.fmt in ("s8", "s8h", "u8"):
-        q = blocks.view(np.uint8 if w.fmt == "u8" else np.int8).astype(np.float32)
+    if w.fmt in ("s8", "u8"):
+        q = blocks.view(np.int8 if w.fmt == "s8" else np.uint8).astype(np.float32)
     else:
         q = np.concatenate([blocks[:, :16] & 15, blocks[:, :16] >> 4], axis=1).astype(np.int64)
-        if w.fmt in ("u5", "s5"):
+        if w.fmt == "u5":
             bits = np.ascontiguousarray(blocks[:, 16:20]).view("<u4").astype(np.int64)  # (R*B, 1)
             q |= ((bits >> np.arange(32)) & 1) << 4
         q = q.astype(np.float32)
@@ -214,6 +214,79 @@ def matmul_fused(ws: list[PackedMatrix], x: np.ndarray) -> list[np.ndarray]:
     if any(w.fmt != "dense" for w in ws):
         xa = quantize_activations(x)
     return [_apply(w, x, xa) for w in ws]
+
+
+def _stack_key(w: PackedMatrix) -> tuple:
+    """Matrices with equal keys can share one kernel launch: same format, scales and bias layout."""
+    return (w.qtype, w.fmt, w.cols, w.group, w.offset, w.mins.shape[1] > 0)
+
+
+@dataclass(frozen=True, eq=False)
+class StackedMatrix:
+    """Matrices sharing their cols, multiplied together: `stacks` hold the rows of consecutive parts with
+    the same format one after another (each part's rows in its own order), and `parts` are the original
+    matrices as views into the stacks (no copy). Row outputs are independent of their neighbours, so a
+    part's outputs are bit for bit those of the part alone."""
+
+    stacks: tuple[PackedMatrix, ...]
+    parts: tuple[PackedMatrix, ...]
+    part_stack: tuple[int, ...]  # the stack of each part
+    part_lo: tuple[int, ...]  # the first row of each part in its stack
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.stacks)
+
+
+def _concat_rows(ws: list[PackedMatrix]) -> PackedMatrix:
+    first = ws[0]
+    if len(ws) == 1:
+        return first
+    joined = [np.concatenate([getattr(w, name) for w in ws]) for name in ("weights", "scales", "mins")]
+    return PackedMatrix(first.qtype, sum(w.rows for w in ws), first.cols, first.fmt, *joined,
+                        group=first.group, offset=first.offset)
+
+
+def _row_view(w: PackedMatrix, lo: int, hi: int) -> PackedMatrix:
+    return PackedMatrix(w.qtype, hi - lo, w.cols, w.fmt, w.weights[lo:hi], w.scales[lo:hi], w.mins[lo:hi],
+                        w.group, w.offset)
+
+
+def stack(ws: Sequence[PackedMatrix]) -> StackedMatrix:
+    """Stack consecutive matrices of the same format (they must share cols): one launch per stack.
+    Copies each stacked matrix's arrays once (the inputs can then be dropped)."""
+    ws = list(ws)
+    if not ws or any(w.cols != ws[0].cols for w in ws):
+        raise MatmulError(f"stacked weights must share their cols, got {[w.cols for w in ws]}")
+    runs: list[list[PackedMatrix]] = []
+    for w in ws:
+        if runs and _stack_key(runs[-1][0]) == _stack_key(w):
+            runs[-1].append(w)
+        else:
+            runs.append([w])
+    stacks, parts, part_stack, part_lo = [], [], [], []
+    for i, run in enumerate(runs):
+        stacked = _concat_rows(run)
+        lo = 0
+        for w in run:
+            parts.append(stacked if len(run) == 1 else _row_view(stacked, lo, lo + w.rows))
+            part_stack.append(i)
+            part_lo.append(lo)
+            lo += w.rows
+        stacks.append(stacked)
+    return StackedMatrix(tuple(stacks), tuple(parts), tuple(part_stack), tuple(part_lo))
+
+
+def matmul_stacked(s: StackedMatrix, x: np.ndarray) -> list[np.ndarray]:
+    """[x @ P.T for P in s.parts] (n, R_i) float32, C-contiguous: one kernel launch per stack, x quantized once."""
+    ys = matmul_fused(list(s.stacks), x)
+    if len(s.parts) == len(s.stacks):
+        return ys
+    out = []
+    for part, i, lo in zip(s.parts, s.part_stack, s.part_lo):
+        y = ys[i][:, lo : lo + part.rows]  # a view; contiguous for a single token
+        out.append(y if y.flags.c_contiguous else np.ascontiguousarray(y))
+    return out
 
 
 def warmup() -> float:

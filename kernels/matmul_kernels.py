@@ -34,7 +34,6 @@ ROW_CHUNK = 16  # output rows per parallel work item
 DENSE_TOKEN_TILE = 8  # tokens per sweep over a chunk of dense weight rows
 
 FMT_S8, FMT_U8, FMT_U4, FMT_U5 = simd.FMT_S8, simd.FMT_U8, simd.FMT_U4, simd.FMT_U5
-FMT_S5, FMT_S8H = simd.FMT_S5, simd.FMT_S8H
 
 
 @njit(cache=True)
@@ -74,33 +73,50 @@ def quantize_activations_parallel(x, xq, xd, xqsum16, xqsum32):
 
 
 @njit(cache=True)
-def _t1(fmt, w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
-    if fmt == FMT_S8:
-        return simd.dot_s8_t1(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
-    if fmt == FMT_U8:
-        return simd.dot_u8_t1(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
-    if fmt == FMT_U4:
-        return simd.dot_u4_t1(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
-    if fmt == FMT_S5:
-        return simd.dot_s5_t1(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
-    if fmt == FMT_S8H:
-        return simd.dot_s8h_t1(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
-    return simd.dot_u5_t1(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
+def _store4(y, t0, r, o):
+    y[t0, r] = o[0]
+    y[t0 + 1, r] = o[1]
+    y[t0 + 2, r] = o[2]
+    y[t0 + 3, r] = o[3]
 
 
 @njit(cache=True)
-def _t4(fmt, w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
+def _rows_t1(fmt, w, row_bytes, s, m, n_groups, x, xd, xqsum, t, n_blocks, bias_factor, r_lo, r_hi, y):
+    """y[t, r_lo:r_hi] for one token. The format is chosen once per run of rows, so each loop holds its
+    block dot inline (a branch per row cost ~20% of a decode matmul)."""
     if fmt == FMT_S8:
-        return simd.dot_s8_t4(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
-    if fmt == FMT_U8:
-        return simd.dot_u8_t4(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
-    if fmt == FMT_U4:
-        return simd.dot_u4_t4(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
-    if fmt == FMT_S5:
-        return simd.dot_s5_t4(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
-    if fmt == FMT_S8H:
-        return simd.dot_s8h_t4(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
-    return simd.dot_u5_t4(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
+        for r in range(r_lo, r_hi):
+            y[t, r] = simd.dot_s8_t1(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t, n_blocks, bias_factor)
+    elif fmt == FMT_U8:
+        for r in range(r_lo, r_hi):
+            y[t, r] = simd.dot_u8_t1(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t, n_blocks, bias_factor)
+    elif fmt == FMT_U4:
+        for r in range(r_lo, r_hi):
+            y[t, r] = simd.dot_u4_t1(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t, n_blocks, bias_factor)
+    else:
+        for r in range(r_lo, r_hi):
+            y[t, r] = simd.dot_u5_t1(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t, n_blocks, bias_factor)
+
+
+@njit(cache=True)
+def _rows_t4(fmt, w, row_bytes, s, m, n_groups, x, xd, xqsum, t0, n_blocks, bias_factor, r_lo, r_hi, y):
+    """y[t0:t0+4, r_lo:r_hi]: a tile of 4 tokens, each weight row read once for the four."""
+    if fmt == FMT_S8:
+        for r in range(r_lo, r_hi):
+            _store4(y, t0, r, simd.dot_s8_t4(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t0, n_blocks,
+                                             bias_factor))
+    elif fmt == FMT_U8:
+        for r in range(r_lo, r_hi):
+            _store4(y, t0, r, simd.dot_u8_t4(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t0, n_blocks,
+                                             bias_factor))
+    elif fmt == FMT_U4:
+        for r in range(r_lo, r_hi):
+            _store4(y, t0, r, simd.dot_u4_t4(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t0, n_blocks,
+                                             bias_factor))
+    else:
+        for r in range(r_lo, r_hi):
+            _store4(y, t0, r, simd.dot_u5_t4(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t0, n_blocks,
+                                             bias_factor))
 
 
 @njit(parallel=True, cache=True)
@@ -121,16 +137,10 @@ def gemm_quant(fmt, w, s, m, bias_factor, xq, xd, xqsum, y):
         r_hi = min(rows, r_lo + ROW_CHUNK)
         t0 = 0
         while t0 + 4 <= n:  # prefill: tiles of 4 tokens, each weight row read once per tile
-            for r in range(r_lo, r_hi):
-                o = _t4(fmt, wf, r * row_bytes, sf, mf, r * n_groups, xq, xd, xqsum, t0, n_blocks, bias_factor)
-                y[t0, r] = o[0]
-                y[t0 + 1, r] = o[1]
-                y[t0 + 2, r] = o[2]
-                y[t0 + 3, r] = o[3]
+            _rows_t4(fmt, wf, row_bytes, sf, mf, n_groups, xq, xd, xqsum, t0, n_blocks, bias_factor, r_lo, r_hi, y)
             t0 += 4
         for t in range(t0, n):  # single tokens: row after row, one sequential stream through the weights
-            for r in range(r_lo, r_hi):
-                y[t, r] = _t1(fmt, wf, r * row_bytes, sf, mf, r * n_groups, xq, xd, xqsum, t, n_blocks, bias_factor)
+            _rows_t1(fmt, wf, row_bytes, sf, mf, n_groups, xq, xd, xqsum, t, n_blocks, bias_factor, r_lo, r_hi, y)
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"})

@@ -5,12 +5,10 @@ for the K-quants with 16 sub-blocks), bit-exact with `gguf.quants.dequantize`:
 
     w[r, k] = scale[r, k // g] * q[r, k] + min[r, k // g]
 
-stored in one of the packed block formats of kernels/matmul_simd.py (`PACK_SPECS`) as narrow as the format
-allows: signed where the kernels can decode a signed value cheaply (Q8_0 "s8", Q5_0 "s5", Q6_K and Q3_K
-"s8h": no bias term in the dot product), else q + offset unsigned ("u8", "u4", "u5", beside the mins).
-The 32-weight formats already hold their quants that way, so their bytes are only reordered (`_DIRECT`;
-"s5" keeps Q5_0's bits, q + 16, and the kernel subtracts the 16); the K-quants are decoded (`DECODERS`)
-and re-encoded (`encode_blocks`).
+with q + offset stored in one of the packed block formats of kernels/matmul_simd.py ("s8", "u8", "u4",
+"u5"; `PACK_SPECS`): unsigned (except Q8_0) and as narrow as the format allows. The 32-weight formats
+already hold their quants that way, so their bytes are only reordered (`_DIRECT`); the K-quants are
+decoded (`DECODERS`) and re-encoded (`encode_blocks`).
 
 Letters used in shape comments:
     R  rows (output features)     C  cols (input features)     B  = C // 32 blocks of 32
@@ -144,8 +142,7 @@ DECODERS = {
 @dataclass(frozen=True)
 class PackSpec:
     """How a format is stored for the kernels: `fmt` (kernels/matmul_simd.py), weights per scale, and the
-    constant `offset` added to the signed quants by the format itself (its decoder's q is value + offset).
-    "s8h" stores the signed value (q - offset) as int8; the other formats store q."""
+    constant added to the signed quants to make them the unsigned stored ones."""
 
     fmt: str
     group: int
@@ -156,27 +153,24 @@ class PackSpec:
 PACK_SPECS = {
     GGMLType.Q4_0: PackSpec("u4", 32, 8, False),
     GGMLType.Q4_1: PackSpec("u4", 32, 0, True),
-    GGMLType.Q5_0: PackSpec("s5", 32, 16, False),
+    GGMLType.Q5_0: PackSpec("u5", 32, 16, False),
     GGMLType.Q5_1: PackSpec("u5", 32, 0, True),
     GGMLType.Q8_0: PackSpec("s8", 32, 0, False),
     GGMLType.Q2_K: PackSpec("u8", 16, 0, True),
-    GGMLType.Q3_K: PackSpec("s8h", 16, 4, False),
+    GGMLType.Q3_K: PackSpec("u8", 16, 4, False),
     GGMLType.Q4_K: PackSpec("u4", 32, 0, True),
     GGMLType.Q5_K: PackSpec("u5", 32, 0, True),
-    GGMLType.Q6_K: PackSpec("s8h", 16, 32, False),
+    GGMLType.Q6_K: PackSpec("u8", 16, 32, False),
 }
 
 
-def encode_blocks(u: np.ndarray, fmt: str, offset: int = 0) -> np.ndarray:
-    """Decoded quants (N, 32) uint8 (value + offset) -> packed bytes (N, BLOCK_BYTES[fmt]) uint8.
+def encode_blocks(u: np.ndarray, fmt: str) -> np.ndarray:
+    """Stored quants (N, 32) -> packed bytes (N, BLOCK_BYTES[fmt]) uint8.
 
-    "s8"/"u8": the bytes themselves; "s8h": the signed values u - offset as int8 bytes; "u4": element j in
-    the low nibble of byte j and element j + 16 in its high nibble; "u5"/"s5": those nibbles, then a
-    little-endian u32 whose bit j is bit 4 of element j."""
+    "s8"/"u8": the bytes themselves; "u4": element j in the low nibble of byte j and element j + 16 in
+    its high nibble; "u5": those nibbles, then a little-endian u32 whose bit j is bit 4 of element j."""
     if fmt in ("s8", "u8"):
         return u
-    if fmt == "s8h":
-        return (u.astype(np.int16) - offset).astype(np.int8).view(np.uint8)
     nibbles = (u[:, :16] & 15) | ((u[:, 16:] & 15) << 4)
     if fmt == "u4":
         return nibbles
@@ -206,7 +200,7 @@ def repack_rows(raw: np.ndarray, qtype: GGMLType, cols: int) -> tuple[np.ndarray
                 mins[lo:hi] = _f16(blocks, m_at).reshape(hi - lo, n_groups)
             continue
         dec = DECODERS[qtype](blocks)
-        w[lo:hi] = encode_blocks(dec.q.reshape(-1, 32), spec.fmt, spec.offset).reshape(hi - lo, -1)
+        w[lo:hi] = encode_blocks(dec.q.reshape(-1, 32), spec.fmt).reshape(hi - lo, -1)
         scales[lo:hi] = dec.scale.reshape(hi - lo, n_groups)
         if spec.has_min:
             mins[lo:hi] = dec.min.reshape(hi - lo, n_groups)

@@ -7,7 +7,7 @@ vectorizer is off), so the innermost work is emitted here directly. Per block of
     vpmaddwd(.., 1)                        -> 8 x i32
     vcvtdq2ps, vfmadd by (block scale * activation scale) into an 8-lane float accumulator
 
-and one horizontal sum per output. Signed weights ("s8", "s8h", "s5") use the sign trick: |w| as the unsigned
+and one horizontal sum per output. Signed weights ("s8", Q8_0) use the sign trick: |w| as the unsigned
 operand, x with w's sign as the signed one. The call
 
     dot_<fmt>_t<NT>(w, w_off, s, m, g_off, x, xd, xqsum, t0, B, bias_factor)
@@ -23,15 +23,12 @@ mins (bias_factor 1) or, for formats with an offset, the scales (bias_factor = -
 decoded from each block by format:
 
     "s8"  32 bytes per block: int8 quants                                             G = 1
-    "s8h" 32 bytes: int8 quants, a scale per 16 weights                                G = 2
     "u8"  32 bytes: unsigned quants 0..63, a scale per 16 weights                      G = 2
     "u4"  16 bytes: element j in the low nibble of byte j, element j + 16 in its high nibble   G = 1
     "u5"  20 bytes: the "u4" nibbles, then a little-endian u32 with the 5th bit of element j at bit j
-    "s5"  20 bytes: as "u5", decoded to the signed q - 16 (a clear 5th bit sets the top nibble: 0xF0 | q)
 
-The signed formats ("s8", "s8h", "s5") have no bias term (their m and bias_factor are ignored). Blocks
-are taken in pairs, their scaled sums added together before they join the accumulator
-(acc += fma(c1, s1, c0 * s0)): two independent products per step instead of one long FMA chain.
+"s8" has no bias term (its m and bias_factor are ignored). The other formats' bias term is a dot product
+of the row's m with xqsum, computed after the blocks, 8 groups per vector FMA.
 
 Each token's output goes through the same operations whatever NT is, so a prefill row equals the same
 token computed alone, bit for bit. The intrinsics exist where `AVAILABLE` (x86-64 with
@@ -52,11 +49,11 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-BLOCK_BYTES = {"s8": 32, "s8h": 32, "u8": 32, "u4": 16, "u5": 20, "s5": 20}
-GROUPS = {"s8": 1, "s8h": 2, "u8": 2, "u4": 1, "u5": 1, "s5": 1}  # scales per block of 32
-SIGNED_FORMATS = frozenset({"s8", "s8h", "s5"})  # quants decoded to signed values: no bias term
-FMT_S8, FMT_U8, FMT_U4, FMT_U5, FMT_S5, FMT_S8H = 0, 1, 2, 3, 4, 5  # format codes passed to the Numba kernels
-FORMAT_CODES = {"s8": FMT_S8, "u8": FMT_U8, "u4": FMT_U4, "u5": FMT_U5, "s5": FMT_S5, "s8h": FMT_S8H}
+BLOCK_BYTES = {"s8": 32, "u8": 32, "u4": 16, "u5": 20}
+GROUPS = {"s8": 1, "u8": 2, "u4": 1, "u5": 1}  # scales per block of 32
+SIGNED_FORMATS = frozenset({"s8"})  # signed quants: no bias term
+FMT_S8, FMT_U8, FMT_U4, FMT_U5 = 0, 1, 2, 3  # format codes passed to the Numba kernels
+FORMAT_CODES = {"s8": FMT_S8, "u8": FMT_U8, "u4": FMT_U4, "u5": FMT_U5}
 
 
 def _host_has_avx2_fma() -> bool:
@@ -99,21 +96,18 @@ def _call(builder: ir.IRBuilder, name: str, ret: ir.Type, args):
 
 def _decode_block(builder: ir.IRBuilder, wp, w_off, fmt: str):
     """The 32 quants of the block at byte w_off, as <32 x i8>."""
-    if fmt in ("s8", "s8h", "u8"):
+    if fmt in ("s8", "u8"):
         return _load(builder, wp, w_off, _vec(_I8, 32))
     packed = _load(builder, wp, w_off, _vec(_I8, 16))
     low = builder.and_(packed, _consts(_I8, [15] * 16))
     high = builder.lshr(packed, _consts(_I8, [4] * 16))
     q = _shuffle(builder, low, high, range(32))
-    if fmt in ("u5", "s5"):
+    if fmt == "u5":
         bits = _load(builder, wp, builder.add(w_off, ir.Constant(_I64, 16)), _vec(_I8, 4))
         spread = _shuffle(builder, bits, bits, [j // 8 for j in range(32)])  # byte j // 8 holds bit j
         masked = builder.and_(spread, _consts(_I8, [1 << (j % 8) for j in range(32)]))
         hit = builder.icmp_unsigned("!=", masked, _consts(_I8, [0] * 32))
-        if fmt == "u5":  # q + 16
-            q = builder.or_(q, builder.select(hit, _consts(_I8, [16] * 32), _consts(_I8, [0] * 32)))
-        else:  # signed q - 16: 0xF0 | nibble where the 5th bit is clear
-            q = builder.or_(q, builder.select(hit, _consts(_I8, [0] * 32), _consts(_I8, [0xF0] * 32)))
+        q = builder.or_(q, builder.select(hit, _consts(_I8, [16] * 32), _consts(_I8, [0] * 32)))
     return q
 
 
@@ -142,7 +136,6 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int):
     biases = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(nt)]
 
     def block(b):
-        """Block b's scaled sums: per token, <8 x float> and (unsigned formats) the scalar bias term."""
         q = _decode_block(builder, wp, builder.add(w_off, builder.mul(b, i64(BLOCK_BYTES[fmt]))), fmt)
         if signed:
             q_abs = _call(builder, "llvm.abs.v32i8", v32i8, [q, ir.Constant(ir.IntType(1), 0)])
@@ -153,9 +146,6 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int):
         else:  # lanes 0-3 sum elements 0-15, lanes 4-7 elements 16-31
             pair = builder.insert_element(_splat(builder, group_scales[0], 2), group_scales[1], ir.Constant(_I32, 1))
             scale = _shuffle(builder, pair, pair, [0, 0, 0, 0, 1, 1, 1, 1])
-        if not signed:
-            coefs = [_load(builder, mp, builder.add(g_at, i64(g)), _F32) for g in range(n_groups)]
-        sums, bias_terms = [], []
         for i in range(nt):
             blk = builder.add(builder.mul(n_blocks, builder.add(t0, i64(i))), b)  # token t0+i, block b
             x = _load(builder, xp, builder.mul(blk, i64(32)), v32i8)
@@ -166,35 +156,35 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int):
             else:
                 pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", v16i16, [q, x])
             quads = _call(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [pairs, ones16])
-            sums.append((builder.sitofp(quads, v8f32), builder.fmul(scale, dx)))
-            if not signed:
-                xq_sums = [_load(builder, xqp, builder.add(builder.mul(blk, i64(n_groups)), i64(g)), _F32)
-                           for g in range(n_groups)]
-                term = builder.fmul(coefs[0], xq_sums[0])
-                for g in range(1, n_groups):
-                    term = _call(builder, "llvm.fma.f32", _F32, [coefs[g], xq_sums[g], term])
-                bias_terms.append(term)
-        return sums, bias_terms
+            total = _call(builder, "llvm.fma.v8f32", v8f32,
+                          [builder.sitofp(quads, v8f32), builder.fmul(scale, dx), builder.load(accs[i])])
+            builder.store(total, accs[i])
 
-    def accumulate(i, vec, term):
-        builder.store(builder.fadd(builder.load(accs[i]), vec), accs[i])
-        if not signed:
-            builder.store(builder.fadd(builder.load(biases[i]), term), biases[i])
+    def bias_terms():
+        """sum over the row's groups of m * xqsum, per token: 8 groups per vector FMA, then the tail."""
+        n_all = builder.mul(n_blocks, i64(n_groups))  # B*G groups per row and per token
+        vec_accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f32, None)) for _ in range(nt)]
+        with cgutils.for_range(builder, builder.sdiv(n_all, i64(8))) as loop:
+            at = builder.mul(loop.index, i64(8))
+            coefs = _load(builder, mp, builder.add(g_off, at), v8f32)
+            for i in range(nt):
+                sums = _load(builder, xqp, builder.add(builder.mul(n_all, builder.add(t0, i64(i))), at), v8f32)
+                builder.store(_call(builder, "llvm.fma.v8f32", v8f32, [coefs, sums, builder.load(vec_accs[i])]),
+                              vec_accs[i])
+        for i in range(nt):
+            builder.store(_hsum8(builder, builder.load(vec_accs[i])), biases[i])
+        with cgutils.for_range(builder, builder.srem(n_all, i64(8))) as loop:
+            at = builder.add(builder.mul(builder.sdiv(n_all, i64(8)), i64(8)), loop.index)
+            coef = _load(builder, mp, builder.add(g_off, at), _F32)
+            for i in range(nt):
+                xq_sum = _load(builder, xqp, builder.add(builder.mul(n_all, builder.add(t0, i64(i))), at), _F32)
+                builder.store(_call(builder, "llvm.fma.f32", _F32, [coef, xq_sum, builder.load(biases[i])]),
+                              biases[i])
 
-    with cgutils.for_range(builder, builder.sdiv(n_blocks, i64(2))) as loop:  # blocks 2p and 2p + 1
-        b0 = builder.mul(loop.index, i64(2))
-        sums0, terms0 = block(b0)
-        sums1, terms1 = block(builder.add(b0, i64(1)))
-        for i in range(nt):
-            vec = _call(builder, "llvm.fma.v8f32", v8f32, [sums1[i][0], sums1[i][1],
-                                                           builder.fmul(sums0[i][0], sums0[i][1])])
-            term = None if signed else builder.fadd(terms0[i], terms1[i])
-            accumulate(i, vec, term)
-    is_odd = builder.icmp_signed("!=", builder.srem(n_blocks, i64(2)), i64(0))
-    with builder.if_then(is_odd):  # the last block of an odd count
-        sums, terms = block(builder.sub(n_blocks, i64(1)))
-        for i in range(nt):
-            accumulate(i, builder.fmul(sums[i][0], sums[i][1]), None if signed else terms[i])
+    with cgutils.for_range(builder, n_blocks) as loop:
+        block(loop.index)
+    if not signed:
+        bias_terms()
     outs = []
     for k, acc in enumerate(accs):
         out = _hsum8(builder, builder.load(acc))
@@ -227,28 +217,26 @@ def _make_intrinsic(fmt: str, nt: int):
 @numba.njit(cache=True)
 def _decode_portable(fmt, w, at, q):
     """The 32 quants of the block at byte `at` into q (32,) int32: unsigned, or signed for the signed formats."""
-    if fmt == FMT_S8 or fmt == FMT_S8H or fmt == FMT_U8:
+    if fmt == FMT_S8 or fmt == FMT_U8:
         for j in range(32):
             v = int(w[at + j])
-            q[j] = v - 256 if (fmt != FMT_U8 and v > 127) else v
+            q[j] = v - 256 if (fmt == FMT_S8 and v > 127) else v
         return
     for j in range(16):
         q[j] = int(w[at + j]) & 15
         q[j + 16] = int(w[at + j]) >> 4
-    if fmt == FMT_U5 or fmt == FMT_S5:
+    if fmt == FMT_U5:
         for j in range(32):
             q[j] |= ((int(w[at + 16 + j // 8]) >> (j % 8)) & 1) << 4
-            if fmt == FMT_S5:
-                q[j] -= 16
 
 
 @numba.njit(cache=True)
 def dot_portable(fmt, w, w_off, s, m, g_off, x, xd, xqsum, t, n_blocks, bias_factor):
     """One row (bytes from w_off, groups from g_off) and token t, in plain loops: what the intrinsics
     compute (up to float rounding order)."""
-    n_groups = 2 if (fmt == FMT_U8 or fmt == FMT_S8H) else 1
+    n_groups = 2 if fmt == FMT_U8 else 1
     group = 32 // n_groups
-    block_bytes = 32 if (fmt == FMT_S8 or fmt == FMT_S8H or fmt == FMT_U8) else (16 if fmt == FMT_U4 else 20)
+    block_bytes = 32 if (fmt == FMT_S8 or fmt == FMT_U8) else (16 if fmt == FMT_U4 else 20)
     q = np.empty(32, np.int32)
     total = np.float32(0.0)
     bias = np.float32(0.0)
@@ -262,7 +250,7 @@ def dot_portable(fmt, w, w_off, s, m, g_off, x, xd, xqsum, t, n_blocks, bias_fac
             at_g = g_off + b * n_groups + g
             total += s[at_g] * xd[blk] * np.float32(isum)
             bias += m[at_g] * xqsum[blk * n_groups + g]
-    if fmt == FMT_S8 or fmt == FMT_S8H or fmt == FMT_S5:
+    if fmt == FMT_S8:
         return total
     return total + np.float32(bias_factor) * bias
 
@@ -297,7 +285,3 @@ dot_u4_t1 = _make("u4", 1)
 dot_u4_t4 = _make("u4", 4)
 dot_u5_t1 = _make("u5", 1)
 dot_u5_t4 = _make("u5", 4)
-dot_s5_t1 = _make("s5", 1)
-dot_s5_t4 = _make("s5", 4)
-dot_s8h_t1 = _make("s8h", 1)
-dot_s8h_t4 = _make("s8h", 4)

@@ -28,8 +28,10 @@ from kernels.matmul import (
     PackedMatrix,
     matmul,
     matmul_fused,
+    matmul_stacked,
     pack,
     pack_dense,
+    stack,
     unpack,
     warmup,
 )
@@ -156,6 +158,25 @@ def test_fused_equals_separate():
         np.testing.assert_array_equal(y_fused, matmul(w, x))
 
 
+@pytest.mark.parametrize("n", [1, 5])
+def test_stacked_equals_separate(n):
+    """Stacks form where formats agree (Q5_0 q and k, not the Q8_0 v), and every part's output is the
+    part's own matmul bit for bit, as a C-contiguous array."""
+    rng = np.random.default_rng(9)
+    kinds = ((GGMLType.Q5_0, 64), (GGMLType.Q5_0, 32), (GGMLType.Q8_0, 32), (GGMLType.Q6_K, 16), (GGMLType.Q6_K, 48))
+    ws = [pack(random_raw(t, r, 256, rng), t, 256) for t, r in kinds]
+    stacked = stack(ws)
+    assert [w.rows for w in stacked.stacks] == [96, 32, 64]
+    assert stacked.nbytes == sum(w.nbytes for w in ws)
+    x = rng.standard_normal((n, 256)).astype(np.float32)
+    for y, part, w in zip(matmul_stacked(stacked, x), stacked.parts, ws):
+        assert y.flags.c_contiguous
+        np.testing.assert_array_equal(unpack(part), unpack(w))
+        np.testing.assert_array_equal(y, matmul(w, x))
+    with pytest.raises(MatmulError):
+        stack([ws[0], pack(random_raw(GGMLType.Q8_0, 8, 64, rng), GGMLType.Q8_0, 64)])
+
+
 def test_no_tokens():
     packed = pack(random_raw(GGMLType.Q8_0, 8, 64, np.random.default_rng(0)), GGMLType.Q8_0, 64)
     assert matmul(packed, np.zeros((0, 64), np.float32)).shape == (0, 8)
@@ -235,7 +256,7 @@ def _dots(fmt, w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
     return simd.dot_u5_t1(*a), simd.dot_u5_t4(*a)
 
 
-@pytest.mark.parametrize("fmt", ["s8", "u8", "u4", "u5"])
+@pytest.mark.parametrize("fmt", sorted(simd.FORMAT_CODES))
 def test_dots_match_portable_definition(fmt):
     """The dot products (AVX2 intrinsics where available) against `dot_portable`, on a row and tokens
     inside larger arrays, with extreme values: w = -128 (s8) or the largest quant, |x| = 127."""
@@ -250,7 +271,7 @@ def test_dots_match_portable_definition(fmt):
     s = rng.random(rows * n_blocks * n_groups).astype(np.float32)
     m = rng.standard_normal(rows * n_blocks * n_groups).astype(np.float32)
     x = rng.integers(-127, 128, (tokens, n_blocks * 32)).astype(np.int8)
-    x[:, :32] = -127 if fmt == "s8" else np.where(np.arange(32) % 2, 127, -127)
+    x[:, :32] = -127 if fmt in simd.SIGNED_FORMATS else np.where(np.arange(32) % 2, 127, -127)
     x = x.reshape(-1)
     xd = rng.random(tokens * n_blocks).astype(np.float32)
     xqsum = rng.standard_normal(tokens * n_blocks * n_groups).astype(np.float32)
