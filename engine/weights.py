@@ -15,6 +15,8 @@ once it is packed, so the resident memory holds each weight once (the packed cop
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +29,7 @@ from kernels.matmul import MATMUL_TYPES, PackedMatrix, StackedMatrix, pack, pack
 from kernels.qtypes import GGMLType
 
 FLOAT_VECTOR_TYPES = (GGMLType.F32, GGMLType.F16)
+LOAD_THREADS = min(4, os.cpu_count() or 1)  # threads that pack layers at load time
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,32 +102,16 @@ class Weights:
 
 
 def load_weights(gguf: GGUFFile, cfg: ModelConfig, *, exact: bool = False) -> Weights:
-    """Read, check and pack every tensor the config needs."""
+    """Read, check and pack every tensor the config needs. Layers are packed on LOAD_THREADS threads
+    (the repacking is NumPy work on large arrays, which releases the GIL); the first error is raised."""
     loader = TensorLoader(gguf, exact)
-    d, hd, q_dim, kv_dim, ff = cfg.d_model, cfg.head_dim, cfg.q_dim, cfg.kv_dim, cfg.d_ff
-    layers = []
-    for i in range(cfg.n_layers):
-        blk = f"blk.{i}"
-        layers.append(
-            LayerWeights(
-                attn_norm=loader.vector(f"{blk}.attn_norm.weight", d),
-                attn_qkv=stack([loader.matrix(f"{blk}.attn_q.weight", q_dim, d),
-                                loader.matrix(f"{blk}.attn_k.weight", kv_dim, d),
-                                loader.matrix(f"{blk}.attn_v.weight", kv_dim, d)]),
-                attn_q_bias=loader.vector(f"{blk}.attn_q.bias", q_dim) if cfg.qkv_bias else None,
-                attn_k_bias=loader.vector(f"{blk}.attn_k.bias", kv_dim) if cfg.qkv_bias else None,
-                attn_v_bias=loader.vector(f"{blk}.attn_v.bias", kv_dim) if cfg.qkv_bias else None,
-                attn_q_norm=loader.vector(f"{blk}.attn_q_norm.weight", hd) if cfg.qk_norm else None,
-                attn_k_norm=loader.vector(f"{blk}.attn_k_norm.weight", hd) if cfg.qk_norm else None,
-                attn_output=loader.matrix(f"{blk}.attn_output.weight", d, q_dim),
-                ffn_norm=loader.vector(f"{blk}.ffn_norm.weight", d),
-                ffn_gate_up=stack([loader.matrix(f"{blk}.ffn_gate.weight", ff, d),
-                                   loader.matrix(f"{blk}.ffn_up.weight", ff, d)]),
-                ffn_down=loader.matrix(f"{blk}.ffn_down.weight", d, ff),
-            )
-        )
+    d, hd = cfg.d_model, cfg.head_dim
     # The tied-output rule, in one place: without output.weight the logits reuse token_embd.
     output_name = "token_embd.weight" if cfg.tied_output else "output.weight"
+    with ThreadPoolExecutor(LOAD_THREADS) as pool:
+        output = pool.submit(loader.matrix, output_name, cfg.n_vocab, d)  # the largest matrix first
+        layers = list(pool.map(lambda i: _load_layer(loader, cfg, i), range(cfg.n_layers)))
+        output = output.result()
     rope_freqs = None
     if "rope_freqs.weight" in gguf.tensors:
         rope_freqs = loader.vector("rope_freqs.weight", hd // 2)
@@ -134,9 +121,30 @@ def load_weights(gguf: GGUFFile, cfg: ModelConfig, *, exact: bool = False) -> We
         token_embd=loader.embedding("token_embd.weight", cfg.n_vocab, d),
         layers=tuple(layers),
         output_norm=loader.vector("output_norm.weight", d),
-        output=loader.matrix(output_name, cfg.n_vocab, d),
+        output=output,
         rope_freqs=rope_freqs,
         exact=exact,
+    )
+
+
+def _load_layer(loader: TensorLoader, cfg: ModelConfig, i: int) -> LayerWeights:
+    d, hd, q_dim, kv_dim, ff = cfg.d_model, cfg.head_dim, cfg.q_dim, cfg.kv_dim, cfg.d_ff
+    blk = f"blk.{i}"
+    return LayerWeights(
+        attn_norm=loader.vector(f"{blk}.attn_norm.weight", d),
+        attn_qkv=stack([loader.matrix(f"{blk}.attn_q.weight", q_dim, d),
+                        loader.matrix(f"{blk}.attn_k.weight", kv_dim, d),
+                        loader.matrix(f"{blk}.attn_v.weight", kv_dim, d)]),
+        attn_q_bias=loader.vector(f"{blk}.attn_q.bias", q_dim) if cfg.qkv_bias else None,
+        attn_k_bias=loader.vector(f"{blk}.attn_k.bias", kv_dim) if cfg.qkv_bias else None,
+        attn_v_bias=loader.vector(f"{blk}.attn_v.bias", kv_dim) if cfg.qkv_bias else None,
+        attn_q_norm=loader.vector(f"{blk}.attn_q_norm.weight", hd) if cfg.qk_norm else None,
+        attn_k_norm=loader.vector(f"{blk}.attn_k_norm.weight", hd) if cfg.qk_norm else None,
+        attn_output=loader.matrix(f"{blk}.attn_output.weight", d, q_dim),
+        ffn_norm=loader.vector(f"{blk}.ffn_norm.weight", d),
+        ffn_gate_up=stack([loader.matrix(f"{blk}.ffn_gate.weight", ff, d),
+                           loader.matrix(f"{blk}.ffn_up.weight", ff, d)]),
+        ffn_down=loader.matrix(f"{blk}.ffn_down.weight", d, ff),
     )
 
 
