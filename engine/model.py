@@ -24,7 +24,7 @@ from engine.vision.mrope import rope_multi
 from engine.weights import LayerWeights, Weights
 from kernels import ops
 from kernels.matmul import matmul, matmul_stacked
-from kernels.matmul_precise import matmul_top_exact
+from kernels.matmul_precise import matmul_top_exact, precise
 
 CHUNK = 256  # prompt tokens processed at once: bounds activation memory and the attention scores
 
@@ -125,9 +125,10 @@ def qkv(
     cfg: ModelConfig, layer: LayerWeights, h: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Queries, keys and values of the new tokens, rotated to their positions.
-    h (n, d) -> q (n, H, hd), k (n, Hkv, hd), v (n, Hkv, hd); positions (n,), or (3, n) for M-RoPE."""
+    h (n, d) -> q (n, H, hd), k (n, Hkv, hd), v (n, Hkv, hd); positions (n,), or (3, n) for M-RoPE.
+    The projections get ~15-bit activations (kernels/matmul_precise.py): softmax amplifies q.k errors."""
     n = h.shape[0]
-    q, k, v = matmul_stacked(layer.attn_qkv, h)  # (n, H*hd), (n, Hkv*hd) x2
+    q, k, v = precise(lambda x: matmul_stacked(layer.attn_qkv, x), h)  # (n, H*hd), (n, Hkv*hd) x2
     if cfg.qkv_bias:
         q += layer.attn_q_bias
         k += layer.attn_k_bias

@@ -22,8 +22,9 @@ y[t] + y[n + t] does not depend on the other tokens (prefill equals decode bit f
 
 hi + lo == x exactly: where q != 0, x and hi are within a factor 2 of each other (Sterbenz: x - hi is
 exact in float32); where q == 0, lo is x itself. The price is twice the integer work of the plain call
-(docs/quantization.md, "Activation precision", has the measurements), so the engine does not use it on
-the layers; it is here for accuracy work and for callers that want it.
+(docs/quantization.md, "Activation precision", has the measurements), so the engine uses it only for
+q, k and v (engine/model.py `qkv`), whose errors the attention softmax amplifies and which are a small
+share of the weights.
 
 What the engine does use is `matmul_top_exact` for the logits: only the outputs near each token's largest
 decide greedy picks, so only those are recomputed, exactly, from the dequantized rows (a few rows per
