@@ -323,7 +323,9 @@ def check_message(m: dict, model: str) -> None:
         if block["type"] == "tool_use":
             assert block["id"] and block["name"] == "get_weather" and isinstance(block["input"], dict)
     if any(b["type"] == "tool_use" for b in m["content"]):
-        assert m["stop_reason"] == "tool_use"
+        # A sampled reply may go on after a finished call (a second call, text) and be cut: then the
+        # reason is max_tokens, as the Anthropic API reports a cut reply whatever blocks it holds.
+        assert m["stop_reason"] in ("tool_use", "max_tokens")
 
 
 def collect_stream(raw: str) -> dict:
