@@ -109,9 +109,9 @@ def load_weights(gguf: GGUFFile, cfg: ModelConfig, *, exact: bool = False) -> We
     # The tied-output rule, in one place: without output.weight the logits reuse token_embd.
     output_name = "token_embd.weight" if cfg.tied_output else "output.weight"
     with ThreadPoolExecutor(LOAD_THREADS) as pool:
-        output = pool.submit(loader.matrix, output_name, cfg.n_vocab, d)  # the largest matrix first
+        packing_output = pool.submit(loader.matrix, output_name, cfg.n_vocab, d)  # the largest matrix first
         layers = list(pool.map(lambda i: _load_layer(loader, cfg, i), range(cfg.n_layers)))
-        output = output.result()
+        output = packing_output.result()
     rope_freqs = None
     if "rope_freqs.weight" in gguf.tensors:
         rope_freqs = loader.vector("rope_freqs.weight", hd // 2)

@@ -247,8 +247,10 @@ def _concat_rows(ws: list[PackedMatrix]) -> PackedMatrix:
                         group=first.group, offset=first.offset)
 
 
-def _row_view(w: PackedMatrix, lo: int, hi: int) -> PackedMatrix:
-    return PackedMatrix(w.qtype, hi - lo, w.cols, w.fmt, w.weights[lo:hi], w.scales[lo:hi], w.mins[lo:hi],
+def select_rows(w: PackedMatrix, rows: slice | np.ndarray) -> PackedMatrix:
+    """Some rows of w as a PackedMatrix: a view for a slice, a copy for an index array (k,)."""
+    weights = w.weights[rows]
+    return PackedMatrix(w.qtype, weights.shape[0], w.cols, w.fmt, weights, w.scales[rows], w.mins[rows],
                         w.group, w.offset)
 
 
@@ -269,7 +271,7 @@ def stack(ws: Sequence[PackedMatrix]) -> StackedMatrix:
         stacked = _concat_rows(run)
         lo = 0
         for w in run:
-            parts.append(stacked if len(run) == 1 else _row_view(stacked, lo, lo + w.rows))
+            parts.append(stacked if len(run) == 1 else select_rows(stacked, slice(lo, lo + w.rows)))
             part_stack.append(i)
             part_lo.append(lo)
             lo += w.rows

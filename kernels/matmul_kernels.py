@@ -37,16 +37,24 @@ FMT_S8, FMT_U8, FMT_U4, FMT_U5 = simd.FMT_S8, simd.FMT_U8, simd.FMT_U4, simd.FMT
 
 
 @njit(cache=True)
+def block_scale(x, t, b):
+    """The int8 grid of block b (32 values) of row t of x (n, C) f32: (d = amax / 127, 1 / d or 0).
+    Every activation quantization uses this rule (kernels/matmul_precise.py splits on the same grid)."""
+    amax = np.float32(0.0)
+    for j in range(b * 32, b * 32 + 32):
+        amax = max(amax, abs(x[t, j]))
+    d = amax / np.float32(127.0)
+    inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+    return d, inv
+
+
+@njit(cache=True)
 def _quantize_token(x, t, xq, xd, xqsum16, xqsum32):
     """Row t of x (n, C) f32 -> xq[t] (B*32,) int8, xd[t] (B,) scales d = amax / 127, xqsum16[t] (2B,)
     the sums of the quantized values per 16 times d, xqsum32[t] (B,) the sums of each pair of those."""
     n_blocks = x.shape[1] // 32
     for b in range(n_blocks):
-        amax = np.float32(0.0)
-        for j in range(b * 32, b * 32 + 32):
-            amax = max(amax, abs(x[t, j]))
-        d = amax / np.float32(127.0)
-        inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+        d, inv = block_scale(x, t, b)
         for half in range(2):
             qs = 0
             for j in range(b * 32 + 16 * half, b * 32 + 16 * half + 16):

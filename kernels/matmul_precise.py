@@ -26,7 +26,7 @@ exact in float32); where q == 0, lo is x itself. The price is twice the integer 
 q, k and v (engine/model.py `qkv`), whose errors the attention softmax amplifies and which are a small
 share of the weights.
 
-What the engine does use is `matmul_top_exact` for the logits: only the outputs near each token's largest
+The engine also uses `matmul_top_exact` for the logits: only the outputs near each token's largest
 decide greedy picks, so only those are recomputed, exactly, from the dequantized rows (a few rows per
 token instead of the whole vocabulary).
 """
@@ -38,7 +38,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from numba import njit, prange
 
-from kernels.matmul import MatmulError, PackedMatrix, matmul_fused, unpack
+from kernels.matmul import MatmulError, PackedMatrix, matmul_fused, select_rows, unpack
+from kernels.matmul_kernels import block_scale
 
 PARALLEL_SPLIT_TOKENS = 16  # fewer tokens are split on one thread (a parallel launch costs more)
 TOP_MARGIN = 2.0  # outputs this close to a token's largest one are recomputed by matmul_top_exact
@@ -48,13 +49,9 @@ TOP_MAX_ROWS = 256  # at most this many per token (the largest ones)
 @njit(cache=True)
 def _split_token(x, t, hi, lo):
     """Row t of x (n, C) -> hi[t], lo[t]: per block of 32, d = amax / 127, hi = rint(x / d) * d, lo = x - hi.
-    The float32 operations are those of the matmul's activation quantization, so hi is on its grid."""
+    The grid is the matmul's own (`block_scale`), so hi is re-quantized without loss."""
     for b in range(x.shape[1] // 32):
-        amax = np.float32(0.0)
-        for j in range(b * 32, b * 32 + 32):
-            amax = max(amax, abs(x[t, j]))
-        d = amax / np.float32(127.0)
-        inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+        d, inv = block_scale(x, t, b)
         for j in range(b * 32, b * 32 + 32):
             h = np.float32(np.rint(x[t, j] * inv)) * d
             hi[t, j] = h
@@ -117,12 +114,6 @@ def matmul_precise(w: PackedMatrix, x: np.ndarray) -> np.ndarray:
     return precise(lambda both: matmul_fused([w], both), x)[0]
 
 
-def rows_of(w: PackedMatrix, rows: np.ndarray) -> PackedMatrix:
-    """The PackedMatrix of some rows (k,) of w (copies of those rows only)."""
-    return PackedMatrix(w.qtype, len(rows), w.cols, w.fmt, w.weights[rows], w.scales[rows], w.mins[rows],
-                        w.group, w.offset)
-
-
 def top_rows(y: np.ndarray, margin: float, max_rows: int) -> np.ndarray:
     """Indices (k,) of the entries of y (R,) within `margin` of its maximum, at most the `max_rows` largest."""
     rows = np.flatnonzero(y >= y.max() - np.float32(margin))
@@ -148,6 +139,6 @@ def matmul_top_exact(
     x = _check_x(x)
     for t in range(y.shape[0]):
         rows = top_rows(y[t], margin, max_rows)  # (k,)
-        exact = unpack(rows_of(w, rows)).astype(np.float64) @ x[t].astype(np.float64)  # (k,)
+        exact = unpack(select_rows(w, rows)).astype(np.float64) @ x[t].astype(np.float64)  # (k,)
         y[t, rows] = exact.astype(np.float32)
     return y
