@@ -7,9 +7,6 @@ of rows, always including the first and last).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -20,6 +17,7 @@ from gguf import quants as oracle
 from engine.gguf import open_gguf
 from kernels import dequant, reference
 from kernels.qtypes import GGMLType
+from python_runner import run_python
 
 QUANTIZED = [
     GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
@@ -273,8 +271,4 @@ def test_kernels_run_without_jit():
         print("ok", len(reference.BLOCK_DEQUANTIZERS))
         """
     )
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
-    command = [sys.executable, "-c", script]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "ok 14"
+    assert run_python(script, jit=False, timeout=120) == "ok 14"

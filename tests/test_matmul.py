@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numba
 import numpy as np
@@ -37,6 +36,7 @@ from kernels.matmul import (
 )
 from kernels.qtypes import GGMLType
 from kernels.threads import ThreadingError, configure_threads, max_threads
+from python_runner import run_python
 
 QUANT_BOUND = 1e-2
 DENSE_BOUND = 1e-5
@@ -380,12 +380,7 @@ print("ok")
 
 def test_runs_without_jit():
     """NUMBA_DISABLE_JIT=1: the kernels run as Python (the portable path) and give the same results."""
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", SCRIPT_NO_JIT], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "ok"
+    assert run_python(SCRIPT_NO_JIT, jit=False) == "ok"
 
 
 def test_packed_matrix_rejects_inconsistent_arrays():
@@ -404,9 +399,6 @@ def test_packed_matrix_rejects_inconsistent_arrays():
 def test_openmp_threads_spin_briefly_unless_the_user_says_otherwise():
     """GOMP's long default spin made 2-thread decode ~7x slower on a busy machine; no spin at all made
     every launch wait for a sleeping thread (kernels/threads.py). A user's setting always wins."""
-    import subprocess
-    import sys
-
     from kernels.threads import SPIN_COUNT
 
     code = ("import os; from kernels.threads import configure_threads; configure_threads(1); "

@@ -8,11 +8,6 @@ and the precise result must be at least 50 times closer than the plain one.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
@@ -31,6 +26,7 @@ from kernels.matmul_precise import (
 )
 from kernels.qtypes import GGMLType
 from kernels.threads import configure_threads
+from python_runner import run_python
 
 PRECISE_BOUND = 3e-4
 MIN_GAIN = 50  # how many times closer to float64 than the plain matmul
@@ -241,9 +237,4 @@ print("ok")
 
 
 def test_runs_without_jit():
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", SCRIPT_NO_JIT], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "ok"
+    assert run_python(SCRIPT_NO_JIT, jit=False) == "ok"

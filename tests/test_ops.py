@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kernels import ops
-
-ROOT = Path(__file__).resolve().parents[1]
+from python_runner import run_python
 
 
 def randn(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
@@ -152,7 +146,6 @@ np.save(__import__("sys").argv[1], x)
     results = []
     for disable in ("1", "0"):
         target = tmp_path / f"jit_disabled_{disable}.npy"
-        env = {**os.environ, "NUMBA_DISABLE_JIT": disable}
-        subprocess.run([sys.executable, "-c", script, str(target)], cwd=ROOT, env=env, check=True)
+        run_python(script, str(target), jit=disable == "0")
         results.append(np.load(target))
     np.testing.assert_allclose(results[0], results[1], rtol=1e-5, atol=1e-7)

@@ -1,0 +1,21 @@
+"""Run a Python snippet in a fresh interpreter at the repository root, for checks that need their own
+process (NUMBA_DISABLE_JIT, environment read once at start-up)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(script: str, *args: str, jit: bool = True, timeout: float = 300) -> str:
+    """stdout of `python -c script args...` (stripped); the run must succeed. jit=False sets
+    NUMBA_DISABLE_JIT=1, so the kernels run as plain Python."""
+    env = dict(os.environ, NUMBA_DISABLE_JIT="0" if jit else "1")
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
