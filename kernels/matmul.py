@@ -6,6 +6,7 @@
     matmul_fused([w1, w2, ...], x) -> [y1, y2, ...] one activation quantization for several weights
     stack([w1, w2, ...]) -> StackedMatrix            matrices sharing cols, rows stacked at load where formats agree
     matmul_stacked(s, x) -> [y1, y2, ...]           one kernel launch per stack instead of one per matrix
+    select_rows(w, rows) -> PackedMatrix            some rows: a view for a slice, a copy for indices
     warmup() -> seconds                             compiles (or loads from cache) every kernel
     unpack(w) -> float32 (R, C)                     the weights a PackedMatrix stands for (tests)
 
