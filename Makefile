@@ -3,33 +3,47 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-test serve test test-slow bench
+.PHONY: install install-test lock serve test test-slow bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+# Installs come from the locks in requirements/ (exact versions with hashes), so a fresh machine next month gets
+# what passed today; pyproject.toml keeps the compatible ranges for `pip install kawai`. `make lock` refreshes.
+$(VENV)/.installed: requirements/runtime.txt pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --require-hashes -r requirements/runtime.txt
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-# torch is pinned: 2.13.0 is a CPU build on local disk; anything else pulls a multi-GB CUDA build.
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+$(VENV)/.installed-test: requirements/test.txt pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --require-hashes -r requirements/test.txt
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip check
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# uv resolves both locks; /opt/wheels holds the CPU build of torch on this project's machines.
+UV_COMPILE = $(BIN)/uv pip compile pyproject.toml -q --generate-hashes --python-version 3.11 --no-header \
+	$(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+lock: | $(BIN)/python
+	$(BIN)/pip install -q uv
+	$(UV_COMPILE) --universal -o requirements/runtime.txt
+	$(UV_COMPILE) --extra test --override requirements/overrides.txt \
+		--python-platform x86_64-manylinux_2_28 -o requirements/test.txt
+
 serve: install
 	$(BIN)/kawai serve
 
+# -P: the repository root is not put on sys.path, so its folders (kernels/, api/, engine/) never shadow an
+# installed package of the same name (Hugging Face's `kernels`, which transformers imports). Our code is `kawai.*`.
 test: install-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -P -m pytest -q
 
 test-slow: install-test
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -P -m pytest -q -m slow
 
 bench: install
 	$(BIN)/kawai bench

@@ -21,17 +21,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api.auth import PUBLIC, AuthMiddleware
-from api.errors import ApiError, InvalidRequestError, MethodNotAllowedError, NotFoundError, error_response
-from api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from api.metrics import MetricsMiddleware
-from api.middleware import RequestContextMiddleware
-from api.routes_messages import count_tokens, create_message
-from api.routes_models import get_model, health, list_models
-from api.state import LoadedModel, ServerSettings, ServerState, model_created_at, request_id_of, server_state
-from api.tokens import TokenStore
-from api.worker import Worker
-from engine.errors import KawaiError
+from kawai.api.auth import PUBLIC, AuthMiddleware
+from kawai.api.errors import ApiError, InvalidRequestError, MethodNotAllowedError, NotFoundError, error_response
+from kawai.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from kawai.api.metrics import MetricsMiddleware
+from kawai.api.middleware import RequestContextMiddleware
+from kawai.api.routes_messages import count_tokens, create_message
+from kawai.api.routes_models import get_model, health, list_models
+from kawai.api.state import LoadedModel, ServerSettings, ServerState, model_created_at, request_id_of, server_state
+from kawai.api.tokens import TokenStore
+from kawai.api.worker import Worker
+from kawai.engine.errors import KawaiError
 
 log = logging.getLogger("kawai.server")
 
@@ -63,7 +63,7 @@ def create_app(settings: ServerSettings, models: Sequence[str | Path | object]) 
         raise KawaiError("no model to serve")
     store = None
     if settings.auth:
-        from engine.catalog import kawai_home
+        from kawai.engine.catalog import kawai_home
 
         store = TokenStore(settings.home or kawai_home())
     state = ServerState(settings, store)
@@ -96,13 +96,12 @@ def create_app(settings: ServerSettings, models: Sequence[str | Path | object]) 
 
 
 async def _load_models(state: ServerState, models: Sequence[str | Path | object]) -> None:
-    import engine
+    from kawai import engine
 
     for spec in models:
         if isinstance(spec, (str, Path)):
             llm = await run_in_threadpool(engine.load, spec, n_ctx=state.settings.n_ctx)
-            log.info("loaded %s in %.1f s (n_ctx %d)", llm.id, llm.load_seconds - llm.compile_seconds, llm.n_ctx)
-            log.info("kernels compiled and warmed in %.1f s", llm.compile_seconds)
+            log.info("%s", llm.load_summary())
         else:
             llm = spec
         if llm.id in state.models:

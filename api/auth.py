@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.errors import ApiError, AuthenticationError, PermissionDeniedError, RateLimitError, error_response
-from api.tokens import TokenStore, TokenStoreError
+from kawai.api.errors import ApiError, AuthenticationError, PermissionDeniedError, RateLimitError, error_response
+from kawai.api.tokens import TokenStore, TokenStoreError
 
 log = logging.getLogger("kawai.api")
 

@@ -11,8 +11,8 @@ import argparse
 import importlib
 import sys
 
-from engine.errors import KawaiError
-from engine.gguf import GGUFError
+from kawai.engine.errors import KawaiError
+from kawai.engine.gguf import GGUFError
 
 COMMANDS = ("pull", "models", "inspect", "run", "chat", "serve", "tokens", "bench")
 
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kawai", description="CPU-only LLM server and engine.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"api.commands.{name}").register(sub)
+        importlib.import_module(f"kawai.api.commands.{name}").register(sub)
     return parser
 
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any
 
-from api.toolcalls import Event, TextDelta, ThinkingDelta, ThinkingEnd, ToolCallEnd, ToolCallStart, ToolInputDelta
+from kawai.api.toolcalls import Event, TextDelta, ThinkingDelta, ThinkingEnd, ToolCallEnd, ToolCallStart, ToolInputDelta
 
 SIGNATURE_PREFIX = "kawai-"
 

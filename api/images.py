@@ -27,8 +27,8 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from api.errors import InvalidRequestError
-from engine.vision.preprocess import MAX_SIDE, ImageError, decode_image, sniff_format
+from kawai.api.errors import InvalidRequestError
+from kawai.engine.vision.preprocess import MAX_SIDE, ImageError, decode_image, sniff_format
 
 MAX_IMAGES_PER_REQUEST = 100
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # one image, decoded base64 or downloaded

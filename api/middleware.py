@@ -14,8 +14,8 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import error_response, internal_error
-from api.ids import new_request_id
+from kawai.api.errors import error_response, internal_error
+from kawai.api.ids import new_request_id
 
 access_log = logging.getLogger("kawai.access")
 log = logging.getLogger("kawai.api")

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
 
-from api.errors import InvalidRequestError
-from api.images import MAX_IMAGES_PER_REQUEST, ImagePolicy, load_image
-from api.wire import (
+from kawai.api.errors import InvalidRequestError
+from kawai.api.images import MAX_IMAGES_PER_REQUEST, ImagePolicy, load_image
+from kawai.api.wire import (
     CountTokensRequest,
     ImageBlock,
     Message,
@@ -42,7 +42,7 @@ from api.wire import (
     ToolResultBlock,
     ToolUseBlock,
 )
-from engine.errors import KawaiError
+from kawai.engine.errors import KawaiError
 
 TOOL_CALL_OPEN = '<tool_call>\n{"name": "'
 CHARS_PER_TOKEN_CAP = 32  # a prompt longer than n_ctx * this many characters is refused before tokenizing

@@ -16,14 +16,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from api.content import MessageAssembler
-from api.errors import InternalError, InvalidRequestError, RequestTooLargeError
-from api.ids import new_message_id
-from api.prompt import Prompt, build_prompt, check_context
-from api.sse import PING, sse_frames
-from api.state import request_id_of, server_state, tenant_of
-from api.toolcalls import OutputParser, ToolCallEnd
-from api.wire import (
+from kawai.api.content import MessageAssembler
+from kawai.api.errors import InternalError, InvalidRequestError, RequestTooLargeError
+from kawai.api.ids import new_message_id
+from kawai.api.prompt import Prompt, build_prompt, check_context
+from kawai.api.sse import PING, sse_frames
+from kawai.api.state import request_id_of, server_state, tenant_of
+from kawai.api.toolcalls import OutputParser, ToolCallEnd
+from kawai.api.wire import (
     CountTokensRequest,
     MessageResponse,
     MessagesRequest,
@@ -34,8 +34,8 @@ from api.wire import (
     Usage,
     parse_request,
 )
-from api.worker import Failed, Finished, Job, StepChannel
-from engine.sampling import SamplingParams, SamplingParamsError
+from kawai.api.worker import Failed, Finished, Job, StepChannel
+from kawai.engine.sampling import SamplingParams, SamplingParamsError
 
 # engine finish_reason -> Anthropic stop_reason (eos becomes tool_use when the reply called a tool)
 STOP_REASONS = {

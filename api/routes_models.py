@@ -5,9 +5,9 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from api.errors import InvalidRequestError, NotFoundError
-from api.state import LoadedModel, server_state, shown_model_id
-from api.wire import ModelInfo, ModelList
+from kawai.api.errors import InvalidRequestError, NotFoundError
+from kawai.api.state import LoadedModel, server_state, shown_model_id
+from kawai.api.wire import ModelInfo, ModelList
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 20

@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from api.errors import ApiError, error_body, internal_error
+from kawai.api.errors import ApiError, error_body, internal_error
 
 log = logging.getLogger("kawai.api")
 

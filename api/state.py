@@ -14,11 +14,11 @@ from pathlib import Path
 
 from starlette.requests import Request
 
-from api.errors import NotFoundError
-from api.images import ImagePolicy
-from api.metrics import Metrics
-from api.tokens import TokenStore
-from api.worker import Worker
+from kawai.api.errors import NotFoundError
+from kawai.api.images import ImagePolicy
+from kawai.api.metrics import Metrics
+from kawai.api.tokens import TokenStore
+from kawai.api.worker import Worker
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # the Anthropic API's limit
 PING_INTERVAL_SECONDS = 10.0

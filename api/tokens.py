@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from api.ids import ALPHABET
-from engine.errors import KawaiError
+from kawai.api.ids import ALPHABET
+from kawai.engine.errors import KawaiError
 
 ENDPOINTS = ("messages", "count_tokens", "models")
 PERIODS = ("day", "month")

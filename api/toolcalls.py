@@ -34,8 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, auto
 
-from api.ids import new_tool_use_id
-from api.json_stream import JsonStream, JsonStreamError
+from kawai.api.ids import new_tool_use_id
+from kawai.api.json_stream import JsonStream, JsonStreamError
 
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"

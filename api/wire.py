@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError
 
-from api.errors import InvalidRequestError
+from kawai.api.errors import InvalidRequestError
 
 MAX_MESSAGES = 100_000
 MAX_TOOLS = 1_000

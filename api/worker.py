@@ -30,13 +30,13 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from api.errors import OverloadedError, RateLimitError, UnavailableError
-from api.metrics import TPOT_BUCKETS, TTFT_BUCKETS, Metrics
-from engine.batch import forward_batch
-from engine.errors import KawaiError
-from engine.generate import Generation, SequenceState, Step
-from engine.prefix_cache import Lease, PrefixCache
-from engine.sampling import SamplingParams
+from kawai.api.errors import OverloadedError, RateLimitError, UnavailableError
+from kawai.api.metrics import TPOT_BUCKETS, TTFT_BUCKETS, Metrics
+from kawai.engine.batch import forward_batch
+from kawai.engine.errors import KawaiError
+from kawai.engine.generate import Generation, SequenceState, Step
+from kawai.engine.prefix_cache import Lease, PrefixCache
+from kawai.engine.sampling import SamplingParams
 
 log = logging.getLogger("kawai.worker")
 access_log = logging.getLogger("kawai.access")
@@ -454,6 +454,6 @@ def _use_engine_threads(llm) -> None:
     """Numba's thread count is per calling thread: apply the one chosen at load time to this thread."""
     n = getattr(llm, "threads", None)
     if n:
-        from engine.threads import configure_threads
+        from kawai.engine.threads import configure_threads
 
         configure_threads(n)

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.matmul import matmul, pack, warmup  # noqa: E402
-from kernels.matmul_simd import AVAILABLE as SIMD_AVAILABLE  # noqa: E402
-from kernels.qtypes import GGMLType  # noqa: E402
-from kernels.threads import configure_threads, max_threads  # noqa: E402
+from kawai.kernels.matmul import matmul, pack, warmup
+from kawai.kernels.matmul_simd import AVAILABLE as SIMD_AVAILABLE
+from kawai.kernels.qtypes import GGMLType
+from kawai.kernels.threads import configure_threads, max_threads
 
 DEFAULT_MODEL = Path(os.environ.get("KAWAI_HOME", Path.home() / ".cache" / "kawai")) / "models" / (
     "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
@@ -108,7 +107,7 @@ def bench_prefill(threads: list[int], n_tokens: int, reps: int, rng) -> list[dic
 
 def bench_model(path: Path, threads: list[int], reps: int, rng) -> dict:
     """Pack every matmul weight of a real model; time one decode token's matvecs over them."""
-    from engine.gguf import open_gguf
+    from kawai.engine.gguf import open_gguf
 
     g = open_gguf(path)
     names = [n for n, t in g.tensors.items()

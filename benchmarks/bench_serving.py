@@ -25,11 +25,10 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import engine  # noqa: E402
-from api.worker import Failed, Finished, Job, Worker  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
+from kawai import engine
+from kawai.api.worker import Failed, Finished, Job, Worker
+from kawai.engine.sampling import SamplingParams
 
 DEFAULT_MODEL = Path(os.environ.get("KAWAI_HOME", Path.home() / ".cache" / "kawai")) / "models" / (
     "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")

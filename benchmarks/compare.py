@@ -33,7 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from engine.bench import (
+from kawai.engine.bench import (
     DECODE_WARMUP_STEPS,
     PROMPT_SEED,
     median_step_s,
@@ -41,9 +41,9 @@ from engine.bench import (
     prompt_token_ids,
     weight_bytes_per_token,
 )
-from engine import catalog
-from engine.errors import KawaiError
-from engine.gguf import open_gguf
+from kawai.engine import catalog
+from kawai.engine.errors import KawaiError
+from kawai.engine.gguf import open_gguf
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

@@ -23,12 +23,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from engine.bench import peak_rss_mb, timed_run
+from kawai.engine.bench import peak_rss_mb, timed_run
 
 
 def make_runner(engine: str, path: Path, threads: int, n_ctx: int):
     if engine == "kawai":
-        from engine.bench import KawaiRunner
+        from kawai.engine.bench import KawaiRunner
 
         return KawaiRunner(path, threads, n_ctx)
     if engine == "llama.cpp":

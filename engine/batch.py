@@ -18,13 +18,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engine.config import ModelConfig
-from engine.errors import ContextLengthError, KawaiError
-from engine.kv_cache import KVCache
-from engine.model import mlp, output_logits, qkv, rope_inv_freq
-from engine.weights import Weights
-from kernels import ops
-from kernels.matmul import matmul
+from kawai.engine.config import ModelConfig
+from kawai.engine.errors import ContextLengthError, KawaiError
+from kawai.engine.kv_cache import KVCache
+from kawai.engine.model import mlp, output_logits, qkv, rope_inv_freq
+from kawai.engine.weights import Weights
+from kawai.kernels import ops
+from kawai.kernels.matmul import matmul
 
 
 def forward_batch(

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import KawaiError
-from engine.gguf import GGUFFile
+from kawai.engine.errors import KawaiError
+from kawai.engine.gguf import GGUFFile
 
 NORMAL_TOKEN_TYPE = 1  # tokenizer.ggml.token_type: 1 = normal; control / user-defined / byte tokens are not
 PROMPT_SEED = 0
@@ -186,7 +186,7 @@ class KawaiRunner:
     name = "kawai"
 
     def __init__(self, path: Path, threads: int, n_ctx: int):
-        from engine.llm import load
+        from kawai.engine.llm import load
 
         self.version = _kawai_version()
         self.llm = load(path, threads=threads, n_ctx=n_ctx)

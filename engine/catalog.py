@@ -35,9 +35,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Iterator
 
-from engine.download import copy_stream, disk_errors, download_file, file_sha256, progress_bar
-from engine.errors import KawaiError, ModelNotFoundError
-from engine.gguf import GGUFError, GGUFFile, open_gguf
+from kawai.engine.download import copy_stream, disk_errors, download_file, file_sha256, progress_bar
+from kawai.engine.errors import KawaiError, ModelNotFoundError
+from kawai.engine.gguf import GGUFError, GGUFFile, open_gguf
 
 MODEL_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")

@@ -30,7 +30,7 @@ from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
-from engine.errors import KawaiError
+from kawai.engine.errors import KawaiError
 
 MAX_OUTPUT_CHARS = 4 * 1024 * 1024  # a rendered prompt (and any string built on the way) stays below this
 MAX_LOOP_ITERATIONS = 1_000_000  # all `for` iterations of one render together

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import KawaiError
-from engine.gguf import GGUFFile
+from kawai.engine.errors import KawaiError
+from kawai.engine.gguf import GGUFFile
 
 SUPPORTED_ARCHS = ("qwen2", "qwen3", "llama", "qwen2vl")
 

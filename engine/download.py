@@ -25,7 +25,7 @@ from typing import BinaryIO, Callable, Iterator
 
 from tqdm import tqdm
 
-from engine.errors import KawaiError
+from kawai.engine.errors import KawaiError
 
 CHUNK_BYTES = 1 << 20
 USER_AGENT = "kawai/0.1"

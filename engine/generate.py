@@ -28,9 +28,9 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.errors import ContextLengthError, KawaiError
-from engine.sampling import Sampler, SamplingParams
-from engine.stop_strings import StopMatcher
+from kawai.engine.errors import ContextLengthError, KawaiError
+from kawai.engine.sampling import Sampler, SamplingParams
+from kawai.engine.stop_strings import StopMatcher
 
 FINISH_REASONS = ("eos", "stop_sequence", "max_tokens", "context_full", "cancelled")
 PREFILL_CHUNK = 512  # prompt tokens per forward call: bounds activation memory, lets cancel act

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from kernels.qtypes import GGMLType
+from kawai.kernels.qtypes import GGMLType
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.config import ModelConfig
-from engine.errors import KawaiError
+from kawai.engine.config import ModelConfig
+from kawai.engine.errors import KawaiError
 
 
 class KVCache:

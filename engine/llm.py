@@ -16,19 +16,19 @@ from typing import Any
 
 import numpy as np
 
-from engine import catalog
-from engine.chat_template import ChatTemplate
-from engine.config import ModelConfig
-from engine.errors import ContextLengthError, KawaiError
-from engine.generate import Generation, cached_tokens, common_prefix_length
-from engine.gguf import GGUFFile, open_gguf
-from engine.kv_cache import KVCache
-from engine.model import forward
-from engine.sampling import SamplingParams
-from engine.threads import configure_threads
-from engine.tokenizer import Tokenizer
-from engine.weights import load_weights
-from kernels import matmul
+from kawai.engine import catalog
+from kawai.engine.chat_template import ChatTemplate
+from kawai.engine.config import ModelConfig
+from kawai.engine.errors import ContextLengthError, KawaiError
+from kawai.engine.generate import Generation, cached_tokens, common_prefix_length
+from kawai.engine.gguf import GGUFFile, open_gguf
+from kawai.engine.kv_cache import KVCache
+from kawai.engine.model import forward
+from kawai.engine.sampling import SamplingParams
+from kawai.engine.threads import configure_threads
+from kawai.engine.tokenizer import Tokenizer
+from kawai.engine.weights import load_weights
+from kawai.kernels import matmul
 
 DEFAULT_N_CTX = 4096  # context window when not asked for: KV cache memory grows linearly with it
 IMAGE_MARKUP = "<|vision_start|><|image_pad|><|vision_end|>"  # one image in rendered prompt text
@@ -91,6 +91,11 @@ class LLM:
 
     def __repr__(self) -> str:
         return f"LLM(id={self.id!r}, arch={self.config.arch!r}, n_ctx={self.n_ctx})"
+
+    def load_summary(self) -> str:
+        """The line the server logs: load time (file, weights, tokenizer) and kernel warm-up, separately."""
+        return (f"loaded {self.id} in {self.load_seconds:.1f} s, kernels warmed in {self.compile_seconds:.1f} s "
+                f"(n_ctx {self.n_ctx})")
 
     # ---- chat formatting and counting ---------------------------------------------------------
 
@@ -168,7 +173,7 @@ class LLM:
     def _image_ids(self, image) -> list[int]:
         if not self.has_vision:
             raise KawaiError(f"model {self.id!r} does not take images (no vision projector is loaded)")
-        from engine.vision.multimodal import image_token_count
+        from kawai.engine.vision.multimodal import image_token_count
 
         t = self.vision_tokens
         return [t.start] + [t.image_pad] * image_token_count(self.projector, *image.size) + [t.end]
@@ -231,7 +236,7 @@ class LLM:
     def _image_forward(self, prompt_ids: list[int], images: Sequence, cache: KVCache):
         if not self.has_vision:
             raise KawaiError(f"model {self.id!r} does not take images (no vision projector is loaded)")
-        from engine.vision.image_prompt import ImagePromptForward, reusable_prefix
+        from kawai.engine.vision.image_prompt import ImagePromptForward, reusable_prefix
 
         pad = self.vision_tokens.image_pad
         # keep at most the cached text before the first image (pads of other images look the same)
@@ -396,8 +401,8 @@ def load(
 def _load_projector(path: Path, gguf: GGUFFile, config: ModelConfig, mmproj, exact: bool):
     """(Projector, VisionTokens), or (None, None) for a model without one. An explicit mmproj must fit
     the model; one found next to it is used only by a model that takes images (M-RoPE)."""
-    from engine.vision.multimodal import find_projector, vision_token_ids
-    from engine.vision.projector import load_projector
+    from kawai.engine.vision.multimodal import find_projector, vision_token_ids
+    from kawai.engine.vision.projector import load_projector
 
     if mmproj is None:
         mmproj = find_projector(path) if config.rope_sections else None

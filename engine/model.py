@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.config import ModelConfig
-from engine.errors import ContextLengthError, KawaiError
-from engine.kv_cache import KVCache
-from engine.vision.mrope import rope_multi
-from engine.weights import LayerWeights, Weights
-from kernels import ops
-from kernels.matmul import matmul, matmul_stacked
-from kernels.matmul_precise import matmul_top_exact, precise
+from kawai.engine.config import ModelConfig
+from kawai.engine.errors import ContextLengthError, KawaiError
+from kawai.engine.kv_cache import KVCache
+from kawai.engine.vision.mrope import rope_multi
+from kawai.engine.weights import LayerWeights, Weights
+from kawai.kernels import ops
+from kawai.kernels.matmul import matmul, matmul_stacked
+from kawai.kernels.matmul_precise import matmul_top_exact, precise
 
 CHUNK = 256  # prompt tokens processed at once: bounds activation memory and the attention scores
 

@@ -24,9 +24,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from engine.errors import KawaiError
-from engine.generate import cached_tokens, common_prefix_length
-from engine.kv_cache import KVCache
+from kawai.engine.errors import KawaiError
+from kawai.engine.generate import cached_tokens, common_prefix_length
+from kawai.engine.kv_cache import KVCache
 
 
 @dataclass

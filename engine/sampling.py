@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.errors import KawaiError
+from kawai.engine.errors import KawaiError
 
 MAX_TEMPERATURE = 2.0
 MAX_STOP_SEQUENCES = 64

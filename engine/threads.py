@@ -5,8 +5,8 @@ errors into KawaiError so callers above the engine never import kernels directly
 
 from __future__ import annotations
 
-from engine.errors import KawaiError
-from kernels import threads as kernel_threads
+from kawai.engine.errors import KawaiError
+from kawai.kernels import threads as kernel_threads
 
 
 def max_threads() -> int:

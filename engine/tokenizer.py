@@ -29,7 +29,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from engine.errors import KawaiError
+from kawai.engine.errors import KawaiError
 
 MAX_VOCAB = 1 << 22  # 4M entries: far above any real vocabulary (Qwen: 151,936)
 

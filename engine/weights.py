@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.config import ModelConfig
-from engine.errors import KawaiError
-from engine.gguf import GGUFFile
-from kernels.dequant import dequantize, dequantize_row_ids
-from kernels.matmul import MATMUL_TYPES, PackedMatrix, StackedMatrix, pack, pack_dense, stack
-from kernels.qtypes import GGMLType
+from kawai.engine.config import ModelConfig
+from kawai.engine.errors import KawaiError
+from kawai.engine.gguf import GGUFFile
+from kawai.kernels.dequant import dequantize, dequantize_row_ids
+from kawai.kernels.matmul import MATMUL_TYPES, PackedMatrix, StackedMatrix, pack, pack_dense, stack
+from kawai.kernels.qtypes import GGMLType
 
 FLOAT_VECTOR_TYPES = (GGMLType.F32, GGMLType.F16)
 LOAD_THREADS = min(4, os.cpu_count() or 1)  # threads that pack layers at load time

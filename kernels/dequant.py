@@ -23,8 +23,8 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit, prange
 
-from kernels.qtypes import GGMLType
-from kernels.reference import as_blocks
+from kawai.kernels.qtypes import GGMLType
+from kawai.kernels.reference import as_blocks
 
 F32 = np.float32
 

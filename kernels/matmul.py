@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kernels import matmul_kernels as mk
-from kernels.matmul_pack import PACK_SPECS, repack_rows
-from kernels.matmul_simd import BLOCK_BYTES, FORMAT_CODES, GROUPS
-from kernels.qtypes import GGMLType
+from kawai.kernels import matmul_kernels as mk
+from kawai.kernels.matmul_pack import PACK_SPECS, repack_rows
+from kawai.kernels.matmul_simd import BLOCK_BYTES, FORMAT_CODES, GROUPS
+from kawai.kernels.qtypes import GGMLType
 
 DENSE_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})
 MATMUL_TYPES = DENSE_TYPES | frozenset(PACK_SPECS)

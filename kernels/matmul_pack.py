@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.matmul_simd import BLOCK_BYTES
-from kernels.qtypes import GGMLType
+from kawai.kernels.matmul_simd import BLOCK_BYTES
+from kawai.kernels.qtypes import GGMLType
 
 PACK_CHUNK_ROWS = 2048  # rows decoded at a time: bounds the temporaries of the NumPy gathers
 

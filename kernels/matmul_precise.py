@@ -38,8 +38,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from numba import njit, prange
 
-from kernels.matmul import MatmulError, PackedMatrix, matmul_fused, select_rows, unpack
-from kernels.matmul_kernels import block_scale
+from kawai.kernels.matmul import MatmulError, PackedMatrix, matmul_fused, select_rows, unpack
+from kawai.kernels.matmul_kernels import block_scale
 
 PARALLEL_SPLIT_TOKENS = 16  # fewer tokens are split on one thread (a parallel launch costs more)
 TOP_MARGIN = 2.0  # outputs this close to a token's largest one are recomputed by matmul_top_exact

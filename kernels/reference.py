@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from kernels.qtypes import GGMLType
+from kawai.kernels.qtypes import GGMLType
 
 F32 = np.float32
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from api.app import create_app
-from api.state import ServerSettings
-from api.tokens import ENDPOINTS, Limit, TokenStore
+from kawai.api.app import create_app
+from kawai.api.state import ServerSettings
+from kawai.api.tokens import ENDPOINTS, Limit, TokenStore
 
 
 def free_port() -> int:

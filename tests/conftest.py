@@ -16,7 +16,7 @@ SMOLLM_MODEL = "smollm2-135m-instruct-q4_1"
 
 
 def _catalog_model(model_id: str) -> Path:
-    from engine.catalog import ensure_model
+    from kawai.engine.catalog import ensure_model
 
     return ensure_model(model_id)
 
@@ -34,13 +34,13 @@ def smollm_model_path() -> Path:
 @pytest.fixture(scope="session")
 def qwen_meta(default_model_path) -> dict:
     """The default model's GGUF metadata (parsed once: its vocabulary is 150k strings)."""
-    from engine.gguf import open_gguf
+    from kawai.engine.gguf import open_gguf
 
     return open_gguf(default_model_path).metadata
 
 
 @pytest.fixture(scope="session")
 def smollm_meta(smollm_model_path) -> dict:
-    from engine.gguf import open_gguf
+    from kawai.engine.gguf import open_gguf
 
     return open_gguf(smollm_model_path).metadata

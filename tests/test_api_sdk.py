@@ -20,7 +20,7 @@ import anthropic
 import httpx
 import pytest
 
-import engine
+from kawai import engine
 from api_harness import home, live_server, parse_sse, tokens  # noqa: F401 (home, tokens: fixtures)
 
 GREEDY = {"temperature": 0}  # this SDK version has no sampling kwargs; they go in the body

@@ -21,18 +21,18 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-import engine
-from api.app import create_app
-from api.errors import ApiError
-from api.middleware import RequestContextMiddleware
-from api.prompt import Prompt
-from api.routes_messages import Reply
-from api.sse import sse_frames
-from api.state import ServerSettings
-from api.wire import MessagesRequest, parse_request
-from api.worker import Finished, Job, StepChannel
-from engine.generate import Step
-from engine.sampling import SamplingParams
+from kawai import engine
+from kawai.api.app import create_app
+from kawai.api.errors import ApiError
+from kawai.api.middleware import RequestContextMiddleware
+from kawai.api.prompt import Prompt
+from kawai.api.routes_messages import Reply
+from kawai.api.sse import sse_frames
+from kawai.api.state import ServerSettings
+from kawai.api.wire import MessagesRequest, parse_request
+from kawai.api.worker import Finished, Job, StepChannel
+from kawai.engine.generate import Step
+from kawai.engine.sampling import SamplingParams
 from api_harness import LiveServer, home, live_server, parse_sse, tokens  # noqa: F401 (fixtures)
 from tiny_models import write_tiny_model
 

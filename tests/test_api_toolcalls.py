@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jiter import from_json
 
-from api.content import MessageAssembler
-from api.json_stream import JsonStream, JsonStreamError
-from api.toolcalls import (
+from kawai.api.content import MessageAssembler
+from kawai.api.json_stream import JsonStream, JsonStreamError
+from kawai.api.toolcalls import (
     OutputParser,
     TextDelta,
     ThinkingDelta,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from api.errors import InvalidRequestError
-from api.prompt import to_hf_messages
-from api.wire import CountTokensRequest, MessagesRequest, ThinkingEnabled, ToolChoiceTool, parse_request
+from kawai.api.errors import InvalidRequestError
+from kawai.api.prompt import to_hf_messages
+from kawai.api.wire import CountTokensRequest, MessagesRequest, ThinkingEnabled, ToolChoiceTool, parse_request
 
 USER = [{"role": "user", "content": "Hi"}]
 

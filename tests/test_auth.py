@@ -13,8 +13,8 @@ import pytest
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-import engine
-from api.tokens import TokenStore
+from kawai import engine
+from kawai.api.tokens import TokenStore
 from api_harness import home, live_server, tokens  # noqa: F401 (home, tokens: fixtures)
 from tiny_models import write_tiny_model
 

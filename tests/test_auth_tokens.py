@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from api.cli import main
-from api.tokens import ENDPOINTS, Limit, TokenStore, TokenStoreError, hash_token, parse_endpoints
+from kawai.api.cli import main
+from kawai.api.tokens import ENDPOINTS, Limit, TokenStore, TokenStoreError, hash_token, parse_endpoints
 
 
 def test_created_token_is_random_prefixed_and_stored_only_as_a_hash(tmp_path):

@@ -16,15 +16,15 @@ import httpx
 import numpy as np
 import pytest
 
-import engine
-from api.app import create_app
-from api.errors import OverloadedError, RateLimitError, UnavailableError
-from api.state import ServerSettings
-from api.worker import Failed, Finished, Job, Worker
+from kawai import engine
+from kawai.api.app import create_app
+from kawai.api.errors import OverloadedError, RateLimitError, UnavailableError
+from kawai.api.state import ServerSettings
+from kawai.api.worker import Failed, Finished, Job, Worker
 from api_harness import LiveServer, home, live_server, tokens  # noqa: F401 (home, tokens: fixtures)
-from engine.batch import forward_batch
-from engine.errors import KawaiError
-from engine.sampling import SamplingParams
+from kawai.engine.batch import forward_batch
+from kawai.engine.errors import KawaiError
+from kawai.engine.sampling import SamplingParams
 from tiny_models import write_tiny_model
 
 N_CTX = 512

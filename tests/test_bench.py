@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from api.cli import main
-from engine.bench import (
+from kawai.api.cli import main
+from kawai.engine.bench import (
     TimedRun,
     measure_read_bandwidth,
     median_step_s,
@@ -23,8 +23,8 @@ from engine.bench import (
     timed_run,
     weight_bytes_per_token,
 )
-from engine.errors import KawaiError
-from engine.gguf import open_gguf
+from kawai.engine.errors import KawaiError
+from kawai.engine.gguf import open_gguf
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 

@@ -14,10 +14,10 @@ import gguf
 import numpy as np
 import pytest
 
-from engine import catalog
-from engine.catalog import CatalogEntry, WheelPart
-from engine.errors import KawaiError, ModelNotFoundError
-from engine.gguf import GGUFError
+from kawai.engine import catalog
+from kawai.engine.catalog import CatalogEntry, WheelPart
+from kawai.engine.errors import KawaiError, ModelNotFoundError
+from kawai.engine.gguf import GGUFError
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from api.cli import main
+from kawai.api.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -22,7 +22,7 @@ def home(tmp_path, monkeypatch) -> Path:
 
 def _kawai(*args: str, env_home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "KAWAI_HOME": str(env_home)}
-    return subprocess.run([sys.executable, "-m", "api.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-P", "-m", "kawai.api.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -17,10 +17,10 @@ import gguf
 import numpy as np
 import pytest
 
-from engine import catalog
-from engine.download import copy_stream, download_file
-from engine.errors import KawaiError
-from engine.gguf import GGUFError, open_gguf
+from kawai.engine import catalog
+from kawai.engine.download import copy_stream, download_file
+from kawai.engine.errors import KawaiError
+from kawai.engine.gguf import GGUFError, open_gguf
 
 
 @dataclass

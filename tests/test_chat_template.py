@@ -14,9 +14,9 @@ from datetime import datetime
 import pytest
 from tokenizer_oracle import hf_gguf_tokenizer
 
-from engine.chat_template import CHATML_TEMPLATE, ChatTemplate, TemplateLimitError
-from engine.errors import KawaiError
-from engine.tokenizer import Tokenizer
+from kawai.engine.chat_template import CHATML_TEMPLATE, ChatTemplate, TemplateLimitError
+from kawai.engine.errors import KawaiError
+from kawai.engine.tokenizer import Tokenizer
 
 QWEN3_TEMPLATE = r"""{%- if tools %}
     {{- '<|im_start|>system\n' }}

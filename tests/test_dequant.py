@@ -14,9 +14,9 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf import quants as oracle
 
-from engine.gguf import open_gguf
-from kernels import dequant, reference
-from kernels.qtypes import GGMLType
+from kawai.engine.gguf import open_gguf
+from kawai.kernels import dequant, reference
+from kawai.kernels.qtypes import GGMLType
 from python_runner import run_python
 
 QUANTIZED = [
@@ -257,8 +257,8 @@ def test_kernels_run_without_jit():
     script = textwrap.dedent(
         """
         import numpy as np
-        from kernels import dequant, reference
-        from kernels.qtypes import GGMLType
+        from kawai.kernels import dequant, reference
+        from kawai.kernels.qtypes import GGMLType
         rng = np.random.default_rng(7)
         for qtype in reference.BLOCK_DEQUANTIZERS:
             raw = rng.integers(0, 256, 4 * qtype.type_size, dtype=np.uint8)

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from tiny_models import EOS_ID, TOKEN_ID, write_tiny_model
 
-from engine.config import ModelConfig
-from engine.errors import ContextLengthError, KawaiError
-from engine.generate import Generation, Step, cached_tokens, common_prefix_length
-from engine.gguf import open_gguf
-from engine.kv_cache import KVCache
-from engine.model import forward
-from engine.sampling import SamplingParams
-from engine.tokenizer import Tokenizer
-from engine.weights import load_weights
+from kawai.engine.config import ModelConfig
+from kawai.engine.errors import ContextLengthError, KawaiError
+from kawai.engine.generate import Generation, Step, cached_tokens, common_prefix_length
+from kawai.engine.gguf import open_gguf
+from kawai.engine.kv_cache import KVCache
+from kawai.engine.model import forward
+from kawai.engine.sampling import SamplingParams
+from kawai.engine.tokenizer import Tokenizer
+from kawai.engine.weights import load_weights
 
 GREEDY = SamplingParams(temperature=0, max_tokens=50)
 

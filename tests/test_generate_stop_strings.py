@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.stop_strings import StopMatcher
+from kawai.engine.stop_strings import StopMatcher
 
 
 def oracle(text: str, stops: tuple[str, ...]) -> tuple[str, str | None]:

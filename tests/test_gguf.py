@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.gguf import GGUFError, GGUFValueType, open_gguf
-from kernels.qtypes import GGMLType
+from kawai.engine.gguf import GGUFError, GGUFValueType, open_gguf
+from kawai.kernels.qtypes import GGMLType
 
 VT = gguf.GGUFValueType
 

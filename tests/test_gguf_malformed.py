@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.gguf import GGUFError, open_gguf
+from kawai.engine.gguf import GGUFError, open_gguf
 
 # GGUF value type ids
 U8, I8, U16, I16, U32, I32, F32, BOOL, STR, ARR, U64, I64, F64 = range(13)

@@ -13,9 +13,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from api.errors import InvalidRequestError
-from api.images import ImagePolicy, check_address, decode_base64, fetch_image, load_image
-from api.wire import Base64ImageSource, UrlImageSource
+from kawai.api.errors import InvalidRequestError
+from kawai.api.images import ImagePolicy, check_address, decode_base64, fetch_image, load_image
+from kawai.api.wire import Base64ImageSource, UrlImageSource
 
 
 def png_bytes(w=40, h=30) -> bytes:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import engine
-from engine.errors import ContextLengthError, KawaiError
-from engine.generate import cached_tokens
-from engine.sampling import SamplingParams
+from kawai import engine
+from kawai.engine.errors import ContextLengthError, KawaiError
+from kawai.engine.generate import cached_tokens
+from kawai.engine.sampling import SamplingParams
 
 # Short questions SmolLM2-135M answers briefly and ends with <|im_end|> ("2 + 2 = 4").
 QUESTION = [{"role": "user", "content": "What is 2+2? Answer with just the number."}]
@@ -41,10 +41,17 @@ def test_load_reports_what_it_loaded(llm, smollm_model_path):
     assert llm.has_chat_template
 
 
+def test_load_summary_reports_both_times_as_measured(llm):
+    """The server logs this line; it once subtracted the warm-up twice and printed a negative load time."""
+    summary = llm.load_summary()
+    assert f"in {llm.load_seconds:.1f} s" in summary and f"warmed in {llm.compile_seconds:.1f} s" in summary
+    assert "-" not in summary.replace(llm.id, "")
+
+
 def test_default_context_is_capped(smollm_model_path):
-    from engine.config import ModelConfig
-    from engine.gguf import open_gguf
-    from engine.llm import DEFAULT_N_CTX, _context_size
+    from kawai.engine.config import ModelConfig
+    from kawai.engine.gguf import open_gguf
+    from kawai.engine.llm import DEFAULT_N_CTX, _context_size
 
     cfg = ModelConfig.from_gguf(open_gguf(smollm_model_path))
     assert _context_size(None, cfg) == min(cfg.n_ctx_train, DEFAULT_N_CTX) == 4096

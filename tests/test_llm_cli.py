@@ -16,7 +16,7 @@ SMOLLM_ID = "smollm2-135m-instruct-q4_1"
 def kawai(*args: str, stdin: str | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "api.cli", *args],
+        [sys.executable, "-P", "-m", "kawai.api.cli", *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -112,7 +112,7 @@ def test_chat_keeps_the_cache_between_turns(smollm_model_path):
 
 def test_chat_ctrl_c_stops_the_answer_not_the_program(smollm_model_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "chat", "-m", str(smollm_model_path), "--temperature", "0",
+        [sys.executable, "-P", "-m", "kawai.api.cli", "chat", "-m", str(smollm_model_path), "--temperature", "0",
          "--max-tokens", "300", "--threads", "1"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

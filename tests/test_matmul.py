@@ -18,9 +18,9 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from engine.gguf import open_gguf
-from kernels import matmul_simd as simd
-from kernels.matmul import (
+from kawai.engine.gguf import open_gguf
+from kawai.kernels import matmul_simd as simd
+from kawai.kernels.matmul import (
     MATMUL_TYPES,
     PARALLEL_QUANTIZE_TOKENS,
     MatmulError,
@@ -34,8 +34,8 @@ from kernels.matmul import (
     unpack,
     warmup,
 )
-from kernels.qtypes import GGMLType
-from kernels.threads import ThreadingError, configure_threads, max_threads
+from kawai.kernels.qtypes import GGMLType
+from kawai.kernels.threads import ThreadingError, configure_threads, max_threads
 from python_runner import run_python
 
 QUANT_BOUND = 1e-2
@@ -355,9 +355,9 @@ def test_block_dots_compile_to_avx2_integer_instructions():
 SCRIPT_NO_JIT = """
 import numpy as np
 from gguf import GGMLQuantizationType, quants
-from kernels import matmul_simd
-from kernels.matmul import matmul, pack
-from kernels.qtypes import GGMLType
+from kawai.kernels import matmul_simd
+from kawai.kernels.matmul import matmul, pack
+from kawai.kernels.qtypes import GGMLType
 assert not matmul_simd.AVAILABLE
 rng = np.random.default_rng(0)
 for qtype in (GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q4_1, GGMLType.Q6_K, GGMLType.F16):
@@ -399,7 +399,7 @@ def test_packed_matrix_rejects_inconsistent_arrays():
 def test_openmp_threads_spin_briefly_unless_the_user_says_otherwise():
     """GOMP's long default spin made 2-thread decode ~7x slower on a busy machine; no spin at all made
     every launch wait for a sleeping thread (kernels/threads.py). A user's setting always wins."""
-    from kernels.threads import SPIN_COUNT
+    from kawai.kernels.threads import SPIN_COUNT
 
     code = ("import os; from kernels.threads import configure_threads; configure_threads(1); "
             "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))")

@@ -13,9 +13,9 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from engine.gguf import open_gguf
-from kernels.matmul import MatmulError, matmul, pack, pack_dense
-from kernels.matmul_precise import (
+from kawai.engine.gguf import open_gguf
+from kawai.kernels.matmul import MatmulError, matmul, pack, pack_dense
+from kawai.kernels.matmul_precise import (
     PARALLEL_SPLIT_TOKENS,
     matmul_precise,
     matmul_top_exact,
@@ -24,8 +24,8 @@ from kernels.matmul_precise import (
     split_activations_reference,
     top_rows,
 )
-from kernels.qtypes import GGMLType
-from kernels.threads import configure_threads
+from kawai.kernels.qtypes import GGMLType
+from kawai.kernels.threads import configure_threads
 from python_runner import run_python
 
 PRECISE_BOUND = 3e-4
@@ -228,7 +228,7 @@ def test_top_exact_dense_weights_pass_through():
 
 SCRIPT_NO_JIT = """
 import numpy as np
-from kernels.matmul_precise import split_activations, split_activations_reference
+from kawai.kernels.matmul_precise import split_activations, split_activations_reference
 x = np.random.default_rng(0).standard_normal((3, 128)).astype(np.float32)
 for a, b in zip(split_activations(x), split_activations_reference(x)):
     assert np.array_equal(a, b)

@@ -8,10 +8,10 @@ import re
 import httpx
 import pytest
 
-import engine
-from api.app import create_app
-from api.metrics import Metrics
-from api.state import ServerSettings
+from kawai import engine
+from kawai.api.app import create_app
+from kawai.api.metrics import Metrics
+from kawai.api.state import ServerSettings
 from api_harness import LiveServer, make_tokens
 from tiny_models import write_tiny_model
 

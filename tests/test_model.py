@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import ModelConfig
-from engine.errors import ContextLengthError, KawaiError
-from engine.gguf import open_gguf
-from engine.kv_cache import KVCache
-from engine.model import CHUNK, forward
-from engine.weights import load_weights
+from kawai.engine.config import ModelConfig
+from kawai.engine.errors import ContextLengthError, KawaiError
+from kawai.engine.gguf import open_gguf
+from kawai.engine.kv_cache import KVCache
+from kawai.engine.model import CHUNK, forward
+from kawai.engine.weights import load_weights
 from tiny_models import N_VOCAB, load_hf_model, write_tiny_model
 
 ARCHS = ["qwen2", "qwen3", "llama"]

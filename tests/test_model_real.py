@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import ModelConfig
-from engine.gguf import open_gguf
-from engine.kv_cache import KVCache
-from engine.model import forward
-from engine.tokenizer import Tokenizer
-from engine.weights import load_weights
+from kawai.engine.config import ModelConfig
+from kawai.engine.gguf import open_gguf
+from kawai.engine.kv_cache import KVCache
+from kawai.engine.model import forward
+from kawai.engine.tokenizer import Tokenizer
+from kawai.engine.weights import load_weights
 from tiny_models import load_hf_model
 
 PROMPTS = [

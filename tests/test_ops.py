@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import ops
+from kawai.kernels import ops
 from python_runner import run_python
 
 
@@ -127,7 +127,7 @@ def test_kernels_run_without_jit(tmp_path):
     """Every kernel also runs as plain Python (NUMBA_DISABLE_JIT=1) and agrees with the compiled one."""
     script = """
 import numpy as np
-from kernels import ops
+from kawai.kernels import ops
 rng = np.random.default_rng(0)
 q = rng.standard_normal((3, 4, 8)).astype(np.float32)
 kv = rng.standard_normal((3, 2, 8)).astype(np.float32)

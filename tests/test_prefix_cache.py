@@ -8,12 +8,12 @@ import httpx
 import numpy as np
 import pytest
 
-import engine
-from api.app import create_app
-from api.state import ServerSettings
+from kawai import engine
+from kawai.api.app import create_app
+from kawai.api.state import ServerSettings
 from api_harness import LiveServer, make_tokens
-from engine.prefix_cache import PrefixCache
-from engine.sampling import SamplingParams
+from kawai.engine.prefix_cache import PrefixCache
+from kawai.engine.sampling import SamplingParams
 from tiny_models import write_tiny_model
 
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.errors import KawaiError
-from engine.sampling import Sampler, SamplingParams, SamplingParamsError
+from kawai.engine.errors import KawaiError
+from kawai.engine.sampling import Sampler, SamplingParams, SamplingParamsError
 
 QWEN_VOCAB = 151936
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.commands.serve import _first_token
-from api.state import ServerSettings
-from api.tokens import TokenStore
+from kawai.api.commands.serve import _first_token
+from kawai.api.state import ServerSettings
+from kawai.api.tokens import TokenStore
 from api_harness import free_port, parse_sse
 from tiny_models import write_tiny_model
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def kawai(*args: str, home: Path) -> subprocess.Popen:
     env = {**os.environ, "KAWAI_HOME": str(home), "KAWAI_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "api.cli", *args], cwd=ROOT, env=env, text=True,
+    return subprocess.Popen([sys.executable, "-P", "-m", "kawai.api.cli", *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

@@ -19,8 +19,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import pre_tokenizers
 from tokenizer_oracle import hf_gguf_tokenizer
 
-from engine.errors import KawaiError
-from engine.tokenizer import Tokenizer, TokenType, byte_alphabet
+from kawai.engine.errors import KawaiError
+from kawai.engine.tokenizer import Tokenizer, TokenType, byte_alphabet
 
 MODELS = ("qwen", "smollm")
 

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import engine
-from api.app import create_app
-from api.state import ServerSettings
+from kawai import engine
+from kawai.api.app import create_app
+from kawai.api.state import ServerSettings
 from api_harness import LiveServer
-from engine.errors import KawaiError
-from engine.kv_cache import KVCache
-from engine.model import forward
-from engine.sampling import SamplingParams
-from engine.vision.multimodal import encode_image, find_projector, prefill
+from kawai.engine.errors import KawaiError
+from kawai.engine.kv_cache import KVCache
+from kawai.engine.model import forward
+from kawai.engine.sampling import SamplingParams
+from kawai.engine.vision.multimodal import encode_image, find_projector, prefill
 from test_vision_preprocess import _photo
 from vision_models import tiny_hf_model, write_language_model, write_mmproj
 
@@ -191,7 +191,7 @@ def test_api_image_errors_are_400(llm, image_url):
 
 
 def test_pull_puts_the_projector_where_load_finds_it(files, tmp_path, monkeypatch, smollm_model_path):
-    from engine import catalog
+    from kawai.engine import catalog
 
     monkeypatch.setenv("KAWAI_HOME", str(tmp_path))
     model = catalog.pull(str(files[0]), progress=False)
@@ -207,7 +207,7 @@ def test_pull_puts_the_projector_where_load_finds_it(files, tmp_path, monkeypatc
 
 
 def test_cli_flags(files, tmp_path, monkeypatch, capsys):
-    from api.cli import main
+    from kawai.api.cli import main
 
     monkeypatch.setenv("KAWAI_HOME", str(tmp_path))
     assert main(["serve", "-m", str(files[0]), "-m", str(files[0]), "--mmproj", str(files[1]), "--no-auth"]) != 0

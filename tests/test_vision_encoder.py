@@ -12,11 +12,11 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 from transformers.vision_utils import get_vision_window_index
 
-from engine.errors import KawaiError
-from engine.gguf import open_gguf
-from engine.vision.encoder import attention_windows, encode
-from engine.vision.preprocess import ImageError, ImageSpec, preprocess, to_patches
-from engine.vision.projector import ProjectorError, load_projector
+from kawai.engine.errors import KawaiError
+from kawai.engine.gguf import open_gguf
+from kawai.engine.vision.encoder import attention_windows, encode
+from kawai.engine.vision.preprocess import ImageError, ImageSpec, preprocess, to_patches
+from kawai.engine.vision.projector import ProjectorError, load_projector
 from test_vision_preprocess import _photo
 from vision_models import KINDS, hf_image_features, tiny_hf_model, write_language_model, write_mmproj
 

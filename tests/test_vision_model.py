@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from engine.config import ModelConfig
-from engine.errors import KawaiError
-from engine.gguf import open_gguf
-from engine.kv_cache import KVCache
-from engine.model import CHUNK, forward
-from engine.vision.multimodal import (
+from kawai.engine.config import ModelConfig
+from kawai.engine.errors import KawaiError
+from kawai.engine.gguf import open_gguf
+from kawai.engine.kv_cache import KVCache
+from kawai.engine.model import CHUNK, forward
+from kawai.engine.vision.multimodal import (
     encode_image,
     expand_image_placeholders,
     find_projector,
@@ -21,9 +21,9 @@ from engine.vision.multimodal import (
     prefill,
     vision_token_ids,
 )
-from engine.vision.preprocess import preprocess, to_patches
-from engine.vision.projector import load_projector
-from engine.weights import load_weights
+from kawai.engine.vision.preprocess import preprocess, to_patches
+from kawai.engine.vision.projector import load_projector
+from kawai.engine.weights import load_weights
 from test_vision_preprocess import _photo
 from tiny_models import write_tiny_model
 from vision_models import KINDS, hf_logits, tiny_hf_model, write_language_model, write_mmproj

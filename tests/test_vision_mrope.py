@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers.vision_utils import get_vision_position_ids
 
-from engine.config import ModelConfig
-from engine.errors import KawaiError
-from engine.gguf import open_gguf
-from engine.vision.mrope import mrope_positions, rope_multi, rope_tables, vision_positions, vision_rope_tables
-from kernels import ops
+from kawai.engine.config import ModelConfig
+from kawai.engine.errors import KawaiError
+from kawai.engine.gguf import open_gguf
+from kawai.engine.vision.mrope import mrope_positions, rope_multi, rope_tables, vision_positions, vision_rope_tables
+from kawai.kernels import ops
 from vision_models import tiny_hf_model, vision_token_ids, write_language_model
 
 PAD = vision_token_ids()["<|image_pad|>"]

@@ -15,8 +15,8 @@ from PIL import Image, ImageOps
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
-from engine.errors import KawaiError
-from engine.vision.preprocess import (
+from kawai.engine.errors import KawaiError
+from kawai.engine.vision.preprocess import (
     ImageError,
     ImageSpec,
     decode_image,

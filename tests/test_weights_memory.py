@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.config import ModelConfig
-from engine.gguf import open_gguf
-from engine.weights import load_weights
+from kawai.engine.config import ModelConfig
+from kawai.engine.gguf import open_gguf
+from kawai.engine.weights import load_weights
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 

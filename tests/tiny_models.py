@@ -332,7 +332,7 @@ def tiny_hf_overrides(path: str | Path) -> dict:
     transformers' GGUF loader ignores `qwen3.attention.key_length` (Qwen3Config then defaults head_dim
     to 128) and every `rope.scaling.*` key; they are passed explicitly.
     """
-    from engine.gguf import open_gguf
+    from kawai.engine.gguf import open_gguf
 
     meta = open_gguf(path).metadata
     arch = meta["general.architecture"]
@@ -380,7 +380,7 @@ def _copy_without_vocabulary(src: Path, dst: Path) -> Path:
     """Copy a GGUF (read with our reader, written with gguf-py) minus the vocabulary string arrays."""
     from gguf import GGUFValueType
 
-    from engine.gguf import open_gguf
+    from kawai.engine.gguf import open_gguf
 
     reader = open_gguf(src)
     arch = reader.metadata["general.architecture"]

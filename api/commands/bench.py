@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.catalog import DEFAULT_MODEL_ID
-from engine.errors import KawaiError
+from kawai.engine.catalog import DEFAULT_MODEL_ID
+from kawai.engine.errors import KawaiError
 
 MAX_BENCH_TOKENS = 32768
 
@@ -29,8 +29,8 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from engine.bench import BenchSettings, run_bench, to_json_line
-    from engine.threads import default_threads, max_threads
+    from kawai.engine.bench import BenchSettings, run_bench, to_json_line
+    from kawai.engine.threads import default_threads, max_threads
 
     threads = args.threads if args.threads is not None else default_threads()
     if not 1 <= threads <= max_threads():
@@ -58,7 +58,7 @@ def _run(args) -> int:
 
 def _resolve(id_or_path: str) -> tuple[str, Path]:
     """(model id, GGUF path) for a local model id or a .gguf path; local files are named <id>.gguf."""
-    from engine.catalog import resolve_model
+    from kawai.engine.catalog import resolve_model
 
     path = resolve_model(id_or_path)
     return path.name.removesuffix(".gguf"), path

@@ -15,8 +15,8 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator, TextIO
 
-from api.commands.run import add_model_arguments, add_sampling_arguments, format_speed, load_model, sampling_params
-from engine.errors import ContextLengthError
+from kawai.api.commands.run import add_model_arguments, add_sampling_arguments, format_speed, load_model, sampling_params
+from kawai.engine.errors import ContextLengthError
 
 HELP = "commands: /exit (or Ctrl-D) quits, /reset starts a new conversation, Ctrl-C stops an answer"
 

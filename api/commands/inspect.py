@@ -6,11 +6,11 @@ outermost first, the reverse of GGUF's dims — and bytes). A malformed file is 
 
 from __future__ import annotations
 
-from api.commands.models import print_table
-from api.commands.pull import format_size
-from engine import catalog
-from engine.errors import KawaiError
-from engine.gguf import GGUFFile, GGUFValueType, MetadataField, open_gguf
+from kawai.api.commands.models import print_table
+from kawai.api.commands.pull import format_size
+from kawai.engine import catalog
+from kawai.engine.errors import KawaiError
+from kawai.engine.gguf import GGUFFile, GGUFValueType, MetadataField, open_gguf
 
 MAX_VALUE_CHARS = 80
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from api.commands.pull import format_size
-from engine import catalog
+from kawai.api.commands.pull import format_size
+from kawai.engine import catalog
 
 
 def register(sub) -> None:

@@ -8,7 +8,7 @@ finds it (`kawai pull ID --mmproj FILE` also works for a model already pulled).
 
 from __future__ import annotations
 
-from engine import catalog
+from kawai.engine import catalog
 
 
 def register(sub) -> None:

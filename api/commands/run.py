@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from engine.errors import KawaiError
+from kawai.engine.errors import KawaiError
 
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_TEMPERATURE = 0.7
@@ -56,7 +56,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_params(args: argparse.Namespace):
-    from engine.sampling import SamplingParams
+    from kawai.engine.sampling import SamplingParams
 
     return SamplingParams(
         temperature=args.temperature,
@@ -70,8 +70,8 @@ def sampling_params(args: argparse.Namespace):
 
 def load_model(args: argparse.Namespace, err: TextIO | None = None):
     """Pull the model if it is a catalog id not yet local, load it, report load and compile times."""
-    import engine
-    from engine import catalog
+    from kawai import engine
+    from kawai.engine import catalog
 
     err = err or sys.stderr
 

@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 
-from engine.errors import KawaiError
+from kawai.engine.errors import KawaiError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -48,7 +48,7 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from engine import catalog
+    from kawai.engine import catalog
 
     if not 0 < args.port < 65536:
         raise KawaiError(f"--port must be in 1..65535, got {args.port}")
@@ -64,7 +64,7 @@ def _run(args) -> int:
         raise KawaiError(f"--drain-seconds must be in 0..3600, got {args.drain_seconds}")
     kv_memory = None
     if args.kv_memory is not None:
-        from api.worker import parse_bytes
+        from kawai.api.worker import parse_bytes
 
         try:
             kv_memory = parse_bytes(args.kv_memory)
@@ -72,7 +72,7 @@ def _run(args) -> int:
             raise KawaiError(f"--kv-memory: {e}") from None
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
 
-    from api.state import ServerSettings
+    from kawai.api.state import ServerSettings
 
     settings = ServerSettings(
         host=args.host, port=args.port, auth=not args.no_auth, queue_size=args.queue_size, n_ctx=args.ctx,
@@ -98,7 +98,7 @@ def _run(args) -> int:
 
 def _check_kv_memory(settings, llms: list) -> None:
     """--kv-memory must hold at least one full-context KV cache of every model."""
-    from api.worker import format_bytes, kv_cache_bytes
+    from kawai.api.worker import format_bytes, kv_cache_bytes
 
     for llm in llms:
         need = kv_cache_bytes(llm.config, llm.n_ctx)
@@ -111,7 +111,7 @@ def _check_kv_memory(settings, llms: list) -> None:
 
 def _load(specs: list[str], settings, mmproj: str | None = None) -> list:
     """Load before the server starts, so a bad model file is one clear error, not a server traceback."""
-    import engine
+    from kawai import engine
 
     log = logging.getLogger("kawai.server")
     llms = []
@@ -119,8 +119,7 @@ def _load(specs: list[str], settings, mmproj: str | None = None) -> list:
         llm = engine.load(spec, n_ctx=settings.n_ctx, mmproj=mmproj)
         if llm.has_vision:
             log.info("vision projector %s: images accepted", llm.projector.path.name)
-        log.info("loaded %s in %.1f s (n_ctx %d)", llm.id, llm.load_seconds - llm.compile_seconds, llm.n_ctx)
-        log.info("kernels compiled and warmed in %.1f s", llm.compile_seconds)
+        log.info("%s", llm.load_summary())
         llms.append(llm)
     return llms
 
@@ -128,7 +127,7 @@ def _load(specs: list[str], settings, mmproj: str | None = None) -> list:
 def _serve(settings, llms: list) -> int:
     import uvicorn
 
-    from api.app import create_app
+    from kawai.api.app import create_app
 
     app = create_app(settings, llms)
     config = uvicorn.Config(
@@ -168,8 +167,8 @@ def _draining_server(config, app):
 
 
 def _first_token(settings) -> None:
-    from api.tokens import ENDPOINTS, TokenStore
-    from engine.catalog import kawai_home
+    from kawai.api.tokens import ENDPOINTS, TokenStore
+    from kawai.engine.catalog import kawai_home
 
     store = TokenStore(settings.home or kawai_home())
     if store.has_tokens():

@@ -9,7 +9,7 @@ A new token is printed once; only its SHA-256 hash is stored. A running server p
 
 from __future__ import annotations
 
-from api.tokens import ENDPOINTS, Limit, TokenStore, parse_endpoints
+from kawai.api.tokens import ENDPOINTS, Limit, TokenStore, parse_endpoints
 
 
 def register(sub) -> None:
@@ -29,7 +29,7 @@ def register(sub) -> None:
 
 
 def _store() -> TokenStore:
-    from engine.catalog import kawai_home
+    from kawai.engine.catalog import kawai_home
 
     return TokenStore(kawai_home())
 

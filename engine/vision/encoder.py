@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.vision import ops as vops
-from engine.vision.mrope import apply_rope, vision_positions, vision_rope_tables
-from engine.vision.preprocess import ImageError
-from engine.vision.projector import Projector, VisionConfig, VisionLayer
-from kernels import ops
-from kernels.matmul import PackedMatrix, matmul, matmul_fused
+from kawai.engine.vision import ops as vops
+from kawai.engine.vision.mrope import apply_rope, vision_positions, vision_rope_tables
+from kawai.engine.vision.preprocess import ImageError
+from kawai.engine.vision.projector import Projector, VisionConfig, VisionLayer
+from kawai.kernels import ops
+from kawai.kernels.matmul import PackedMatrix, matmul, matmul_fused
 
 
 def encode(projector: Projector, patches: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:

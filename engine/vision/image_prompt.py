@@ -17,14 +17,14 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from engine.config import ModelConfig
-from engine.errors import KawaiError
-from engine.kv_cache import KVCache
-from engine.model import forward
-from engine.vision.multimodal import encode_image, image_token_count
-from engine.vision.mrope import mrope_positions
-from engine.vision.projector import Projector
-from engine.weights import Weights
+from kawai.engine.config import ModelConfig
+from kawai.engine.errors import KawaiError
+from kawai.engine.kv_cache import KVCache
+from kawai.engine.model import forward
+from kawai.engine.vision.multimodal import encode_image, image_token_count
+from kawai.engine.vision.mrope import mrope_positions
+from kawai.engine.vision.projector import Projector
+from kawai.engine.weights import Weights
 
 
 def reusable_prefix(prompt: Sequence[int], image_pad: int) -> int:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engine.errors import KawaiError
+from kawai.engine.errors import KawaiError
 
 
 def vision_positions(grid_h: int, grid_w: int, merge: int) -> np.ndarray:

@@ -24,15 +24,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from engine.config import ModelConfig
-from engine.errors import KawaiError
-from engine.kv_cache import KVCache
-from engine.model import forward
-from engine.vision.encoder import encode
-from engine.vision.mrope import mrope_positions
-from engine.vision.preprocess import preprocess, smart_resize, to_patches
-from engine.vision.projector import Projector
-from engine.weights import Weights
+from kawai.engine.config import ModelConfig
+from kawai.engine.errors import KawaiError
+from kawai.engine.kv_cache import KVCache
+from kawai.engine.model import forward
+from kawai.engine.vision.encoder import encode
+from kawai.engine.vision.mrope import mrope_positions
+from kawai.engine.vision.preprocess import preprocess, smart_resize, to_patches
+from kawai.engine.vision.projector import Projector
+from kawai.engine.weights import Weights
 
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from engine.errors import KawaiError
+from kawai.engine.errors import KawaiError
 
 # OpenAI CLIP normalization, used by every Qwen-VL preprocessor_config.json.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

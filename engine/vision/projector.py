@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import KawaiError
-from engine.gguf import GGUFError, GGUFFile, open_gguf
-from engine.vision.preprocess import CLIP_MEAN, CLIP_STD, ImageSpec
-from engine.weights import TensorLoader
-from kernels.matmul import PackedMatrix, pack_dense
+from kawai.engine.errors import KawaiError
+from kawai.engine.gguf import GGUFError, GGUFFile, open_gguf
+from kawai.engine.vision.preprocess import CLIP_MEAN, CLIP_STD, ImageSpec
+from kawai.engine.weights import TensorLoader
+from kawai.kernels.matmul import PackedMatrix, pack_dense
 
 PROJECTOR_TYPES = ("qwen2vl_merger", "qwen2.5vl_merger")
 DEFAULT_WINDOW = 112  # Qwen2.5-VL's attention window in pixels (llama.cpp's default when the key is absent)
