@@ -10,7 +10,9 @@ quantized bytes are repacked for the integer kernels; with `exact=True` every ma
 float32 (kernels/dequant.py) and multiplied in float32, for tests against float references.
 Norm weights and biases are float32 vectors. `token_embd` stays as raw bytes in the memory map: a
 forward pass dequantizes only the rows of its tokens. A matrix's pages of the memory map are released
-once it is packed, so the resident memory holds each weight once (the packed copy), not twice.
+once it is packed, so the resident memory holds each weight once (the packed copy), not twice. The
+release is repeated once every tensor has been read: where the kernel's page cache uses large folios, a
+fault maps the whole folio, so reading one tensor maps back the released tail of its neighbour.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ def load_weights(gguf: GGUFFile, cfg: ModelConfig, *, exact: bool = False) -> We
         packing_output = pool.submit(loader.matrix, output_name, cfg.n_vocab, d)  # the largest matrix first
         layers = list(pool.map(lambda i: _load_layer(loader, cfg, i), range(cfg.n_layers)))
         output = packing_output.result()
+    loader.release_packed()  # again, now that nothing reads the file: neighbours' reads mapped some back
     rope_freqs = None
     if "rope_freqs.weight" in gguf.tensors:
         rope_freqs = loader.vector("rope_freqs.weight", hd // 2)
@@ -159,6 +162,11 @@ class TensorLoader:
         self.exact = exact
         self.error = error
         self.file_kind = file_kind
+        self.packed: list[str] = []  # tensors copied into another layout: their file pages are not needed
+
+    def release_packed(self) -> None:
+        for name in self.packed:
+            self.gguf.release(name)
 
     def _info(self, name: str, shape: tuple[int, ...]):
         info = self.gguf.tensors.get(name)
@@ -187,6 +195,7 @@ class TensorLoader:
         else:
             packed = pack(raw, info.ggml_type, cols)
         self.gguf.release(name)  # the copy is what the kernels read: the file's pages leave the RSS
+        self.packed.append(name)
         return packed
 
     def embedding(self, name: str, rows: int, cols: int) -> Embedding:

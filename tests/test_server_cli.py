@@ -96,7 +96,7 @@ def test_serve_prints_token_serves_and_drains_on_sigterm(tmp_path):
         delta = [d for e, d in result["frames"] if e == "message_delta"][0]
         assert delta["usage"]["output_tokens"] == 300
         logs = p.stderr.read()
-        assert "kernels compiled" in logs and "serving " + model.stem in logs
+        assert "kernels warmed" in logs and "serving " + model.stem in logs
         assert token not in logs
     finally:
         if p.poll() is None:
