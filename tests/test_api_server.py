@@ -419,7 +419,8 @@ def test_lifespan_loads_models_by_path_and_logs_compile_time_then_address(tiny_l
         with LiveServer(create_app(ServerSettings(home=tmp_path, auth=False), [str(tiny_llm.path)])) as s:
             assert httpx.get(s.url + "/v1/models").json()["data"][0]["id"] == "tiny-qwen2-f32"
     lines = [r.getMessage() for r in caplog.records if r.name == "kawai.server"]
-    compiled = next(i for i, line in enumerate(lines) if line.startswith("kernels compiled"))
+    compiled = next(i for i, line in enumerate(lines)
+                    if line.startswith("loaded tiny-qwen2-f32 in ") and ", kernels warmed in " in line)
     serving = next(i for i, line in enumerate(lines) if line.startswith("serving tiny-qwen2-f32 on http://"))
     assert compiled < serving
 
