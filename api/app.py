@@ -28,7 +28,7 @@ from kawai.api.metrics import MetricsMiddleware
 from kawai.api.middleware import RequestContextMiddleware
 from kawai.api.routes_messages import count_tokens, create_message
 from kawai.api.routes_models import get_model, health, list_models
-from kawai.api.state import LoadedModel, ServerSettings, ServerState, model_created_at, request_id_of, server_state
+from kawai.api.state import LoadedModel, check_aliases, ServerSettings, ServerState, model_created_at, request_id_of, server_state
 from kawai.api.tokens import TokenStore
 from kawai.api.worker import Worker
 from kawai.engine.errors import KawaiError
@@ -72,6 +72,7 @@ def create_app(settings: ServerSettings, models: Sequence[str | Path | object]) 
     async def lifespan(app: Starlette):
         try:
             await _load_models(state, models)
+            check_aliases(settings.aliases, list(state.models))
             log.info("serving %s on http://%s:%d", ", ".join(state.models), _host(settings.host), settings.port)
             if not settings.auth:
                 log.warning("authentication is OFF (--no-auth): anyone who can reach the port can use it")

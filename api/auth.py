@@ -5,6 +5,8 @@
   never from a URL rebuilt from the Host header (Starlette CVE-2026-48710).
 - Deny by default: every request needs a valid token except the content-free `GET /health`; a path
   that matches no route still needs one (then gets 404), and a route without a declared grant is 403.
+- A token that may call `messages` may also count their tokens (`count_tokens`): clients such as Claude
+  Code call both with one key.
 - Missing/invalid token -> 401; valid token without the grant -> 403; limit used up -> 429 with
   `retry-after`. The token id (never the token) is recorded in `scope["state"]["token_id"]`.
 """
@@ -23,6 +25,7 @@ from kawai.api.tokens import TokenStore, TokenStoreError
 log = logging.getLogger("kawai.api")
 
 PUBLIC = "public"  # grant name for routes open without a token
+IMPLIED_GRANTS = {"count_tokens": ("messages",)}  # grant -> grants that include it
 
 
 class AuthMiddleware:
@@ -80,7 +83,7 @@ class AuthMiddleware:
             raise AuthenticationError("Invalid API token.")
         if grant is None:  # no such route: authenticated callers get the router's 404
             return rec.id
-        if grant not in rec.endpoints:
+        if not has_grant(rec.endpoints, grant):
             raise PermissionDeniedError(f"This token ({rec.id}) has no access to the {grant or 'requested'} endpoint.")
         exceeded = self.store.consume(rec)
         if exceeded is not None:
@@ -89,6 +92,10 @@ class AuthMiddleware:
                 headers={"retry-after": str(exceeded.retry_after_seconds)},
             )
         return rec.id
+
+
+def has_grant(endpoints, grant: str) -> bool:
+    return grant in endpoints or any(g in endpoints for g in IMPLIED_GRANTS.get(grant, ()))
 
 
 def _presented_token(scope: Scope) -> str | None:

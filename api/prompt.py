@@ -8,7 +8,9 @@ Mapping:
 - assistant `thinking` blocks -> `reasoning_content` (templates that know it use it); redacted ones dropped.
 - images (user turns and tool_result content; base64 or url, see api/images.py) -> content parts
   {"type": "image", "image": PIL.Image} for a vision model (at most 100 per request); for a text-only
-  model -> 400 naming the model.
+  model -> the text IMAGE_PLACEHOLDER (agents keep a pasted screenshot in their history: a 400 would
+  fail every later turn), or a 400 naming the model with `refuse_images` (`kawai serve --refuse-images`).
+- other block and tool types clients send are made into text or dropped on the way in (api/blocks.py).
 - tools (OpenAI function format) go to the template unless tool_choice is "none".
 - tool_choice "any" / "tool": the assistant turn is seeded with the call opening, so the model must
   complete a call; the seed is also given to the output parser (it is part of the reply).
@@ -47,6 +49,7 @@ from kawai.engine.errors import KawaiError
 TOOL_CALL_OPEN = '<tool_call>\n{"name": "'
 CHARS_PER_TOKEN_CAP = 32  # a prompt longer than n_ctx * this many characters is refused before tokenizing
 TOOL_ERROR_PREFIX = "Error: "
+IMAGE_PLACEHOLDER = "[image omitted: this model cannot see images]"
 
 
 @dataclass(frozen=True)
@@ -59,10 +62,15 @@ class Prompt:
     in_thinking: bool  # the prompt leaves the model inside <think>
 
 
-def build_prompt(llm, req: CountTokensRequest, images: ImagePolicy | None = None) -> Prompt:
+def build_prompt(
+    llm, req: CountTokensRequest, images: ImagePolicy | None = None, refuse_images: bool = False
+) -> Prompt:
     """Render and tokenize; InvalidRequestError for anything the client can fix. `images`: how image
-    blocks are loaded (default: ImagePolicy(), private URLs refused). Runs off the event loop: it may
-    fetch image URLs."""
+    blocks are loaded (default: ImagePolicy(), private URLs refused); `refuse_images`: a 400 for images
+    sent to a model without vision instead of a placeholder. Runs off the event loop: it may fetch
+    image URLs."""
+    if _count_images(req) and not supports_images(llm) and not refuse_images:
+        req = _images_as_text(req)
     _check_images(llm, req)
     policy = images or ImagePolicy()
     messages, prefill = to_hf_messages(req, lambda block: load_image(block.source, policy))
@@ -88,12 +96,14 @@ def build_prompt(llm, req: CountTokensRequest, images: ImagePolicy | None = None
     return Prompt(text + seed, ids, seed, parse_tools=tools is not None, tool_names=names, in_thinking=in_thinking)
 
 
-def check_context(llm, prompt: Prompt, max_tokens: int) -> None:
+def check_context(llm, prompt: Prompt) -> None:
+    """Only a prompt that does not fit is refused. `max_tokens` is a ceiling, not a reservation: a reply
+    that reaches the end of the context stops there with stop_reason `model_context_window_exceeded`
+    (as the Anthropic API does). The message is the API's, which clients parse (Claude Code compacts)."""
     n = len(prompt.ids)
-    if n + max_tokens > llm.n_ctx:
+    if n > llm.n_ctx:
         raise InvalidRequestError(
-            f"prompt is too long: {n} prompt tokens + max_tokens {max_tokens} = {n + max_tokens} > "
-            f"{llm.n_ctx}, the context window of model {llm.id!r}"
+            f"prompt is too long: {n} tokens > {llm.n_ctx} maximum (the context window of model {llm.id!r})"
         )
 
 
@@ -101,13 +111,31 @@ def supports_images(llm) -> bool:
     return bool(getattr(llm, "has_vision", False))
 
 
-def _check_images(llm, req: CountTokensRequest) -> None:
-    """Images only for a vision model, at most MAX_IMAGES_PER_REQUEST (checked before any is loaded)."""
+def _count_images(req: CountTokensRequest) -> int:
     n = 0
     for m in req.messages:
         for block in m.content:
             parts = block.content if isinstance(block, ToolResultBlock) else [block]
             n += sum(isinstance(p, ImageBlock) for p in parts)
+    return n
+
+
+def _images_as_text(req: CountTokensRequest) -> CountTokensRequest:
+    """Every image block (tool results included) replaced by the IMAGE_PLACEHOLDER text."""
+    def swap(blocks):
+        return [TextBlock(type="text", text=IMAGE_PLACEHOLDER) if isinstance(b, ImageBlock) else b for b in blocks]
+
+    def message(m: Message) -> Message:
+        content = [b.model_copy(update={"content": swap(b.content)}) if isinstance(b, ToolResultBlock) else b
+                   for b in swap(m.content)]
+        return m.model_copy(update={"content": content})
+
+    return req.model_copy(update={"messages": [message(m) for m in req.messages]})
+
+
+def _check_images(llm, req: CountTokensRequest) -> None:
+    """Images only for a vision model, at most MAX_IMAGES_PER_REQUEST (checked before any is loaded)."""
+    n = _count_images(req)
     if n and not supports_images(llm):
         raise InvalidRequestError(
             f"model {llm.id!r} does not support images (it has no vision encoder); "

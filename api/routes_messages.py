@@ -34,7 +34,7 @@ from kawai.api.wire import (
     Usage,
     parse_request,
 )
-from kawai.api.worker import Failed, Finished, Job, StepChannel
+from kawai.api.worker import Failed, Finished, Job, Started, StepChannel
 from kawai.engine.sampling import SamplingParams, SamplingParamsError
 
 # engine finish_reason -> Anthropic stop_reason (eos becomes tool_use when the reply called a tool)
@@ -60,8 +60,10 @@ async def create_message(request: Request) -> Response:
     request_id = request_id_of(request)
     req = without_volatile_system(await read_request(request, MessagesRequest, server.settings.max_body_bytes))
     model = server.model(req.model)
-    prompt = await run_in_threadpool(build_prompt, model.llm, req, server.settings.image_policy)
-    check_context(model.llm, prompt, req.max_tokens)
+    prompt = await run_in_threadpool(
+        build_prompt, model.llm, req, server.settings.image_policy, server.settings.refuse_images
+    )
+    check_context(model.llm, prompt)
     job = Job(
         prompt.ids,
         sampling_params(req),
@@ -87,7 +89,9 @@ async def count_tokens(request: Request) -> Response:
     server = server_state(request)
     req = without_volatile_system(await read_request(request, CountTokensRequest, server.settings.max_body_bytes))
     model = server.model(req.model)
-    prompt = await run_in_threadpool(build_prompt, model.llm, req, server.settings.image_policy)
+    prompt = await run_in_threadpool(
+        build_prompt, model.llm, req, server.settings.image_policy, server.settings.refuse_images
+    )
     return JSONResponse(TokenCount(input_tokens=len(prompt.ids)).model_dump())
 
 
@@ -209,6 +213,7 @@ class Reply:
         """message_start, content block events, message_delta, message_stop; pings in silences."""
         loop = asyncio.get_running_loop()
         try:
+            await self._admitted()
             yield {"type": "message_start", "message": {**self.message(), "content": []}}
             last_sent = loop.time()
             while True:
@@ -236,6 +241,16 @@ class Reply:
             yield {"type": "message_stop"}
         finally:
             self.job.cancel.set()  # a client that went away stops the engine within one token
+
+    async def _admitted(self) -> None:
+        """Wait until the engine has taken the job (its prefix-cache hit is known then), so that
+        message_start carries the same input / cache-read split as message_delta."""
+        item = await self.job.channel.get()
+        if not isinstance(item, Started):  # Failed: cancelled while waiting, or no cache slot
+            raise InternalError("Generation failed. The request id is in the `request-id` header.")
+        n = len(self.prompt.ids)
+        self.usage = Usage(input_tokens=n - item.cached_tokens, output_tokens=0,
+                           cache_creation_input_tokens=0, cache_read_input_tokens=item.cached_tokens)
 
     def _on_step(self, step) -> list[dict[str, Any]]:
         parsed = [] if self._stopped_after_tool else self.parser.feed(step.text)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from kawai.api.errors import InvalidRequestError, NotFoundError
-from kawai.api.state import LoadedModel, server_state, shown_model_id
+from kawai.api.errors import InvalidRequestError
+from kawai.api.state import LoadedModel, server_state
 from kawai.api.wire import ModelInfo, ModelList
 
 MAX_PAGE = 1000
@@ -46,10 +46,8 @@ async def list_models(request: Request) -> Response:
 
 
 async def get_model(request: Request) -> Response:
-    model_id = request.path_params["model_id"]
-    found = server_state(request).models.get(model_id)
-    if found is None:
-        raise NotFoundError(f"model: {shown_model_id(model_id)} is not served here.")
+    """An alias (or, with one model served, any id) retrieves the model that serves it, under its own id."""
+    found = server_state(request).model(request.path_params["model_id"])
     return JSONResponse(model_info(found).model_dump())
 
 

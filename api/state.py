@@ -7,6 +7,7 @@ the request id and the authenticated token id (the tenant).
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -19,6 +20,7 @@ from kawai.api.images import ImagePolicy
 from kawai.api.metrics import Metrics
 from kawai.api.tokens import TokenStore
 from kawai.api.worker import Worker
+from kawai.engine.errors import KawaiError
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # the Anthropic API's limit
 PING_INTERVAL_SECONDS = 10.0
@@ -37,9 +39,13 @@ class ServerSettings:
     drain_seconds: float = 30.0  # how long shutdown waits for in-flight responses
     # continuous batching (api/worker.py); the CLI runs 4 sequences at once, the library default is 1
     max_sequences: int = 1  # sequences decoded together per model; more wait in the queue
-    kv_memory: int | None = None  # bytes of KV caches per model (None: 2 full-context caches per sequence)
+    kv_memory: int | None = None  # bytes of KV caches per model (None: api/worker.default_kv_memory)
     max_per_token: int | None = None  # in-flight requests per API token; more -> 429 (None: no limit)
     allow_private_image_urls: bool = False  # image URLs may reach loopback/private hosts (api/images.py)
+    # model ids clients send (docs/clients.md): (glob pattern, served model id) pairs, tried in order
+    aliases: tuple[tuple[str, str], ...] = ()
+    strict_model_ids: bool = False  # False: with one model served, any id reaches it
+    refuse_images: bool = False  # images to a model without vision: 400 instead of a placeholder
 
     @property
     def image_policy(self) -> ImagePolicy:
@@ -66,15 +72,30 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
 
     def model(self, model_id: str) -> LoadedModel:
+        """The model that serves a requested id: the model of that id, else the first alias whose glob
+        matches, else the only model served (unless strict_model_ids); 404 otherwise."""
         found = self.models.get(model_id)
-        if found is None:
-            served = ", ".join(sorted(self.models)) or "none"
-            raise NotFoundError(f"model: {shown_model_id(model_id)} is not served here. Available models: {served}")
-        return found
+        if found is not None:
+            return found
+        for pattern, target in self.settings.aliases:
+            if fnmatch.fnmatchcase(model_id, pattern):
+                return self.models[target]
+        if len(self.models) == 1 and not self.settings.strict_model_ids:
+            return next(iter(self.models.values()))
+        served = ", ".join(sorted(self.models)) or "none"
+        raise NotFoundError(f"model: {shown_model_id(model_id)} is not served here. Available models: {served}")
+
 
     @property
     def healthy(self) -> bool:
         return bool(self.models) and all(m.worker.alive for m in self.models.values())
+
+
+def check_aliases(aliases: tuple[tuple[str, str], ...], served_ids) -> None:
+    """Every alias must name a served model."""
+    for pattern, target in aliases:
+        if target not in served_ids:
+            raise KawaiError(f"--alias {pattern}={target}: no model {target!r} is served ({', '.join(served_ids)})")
 
 
 def shown_model_id(model_id: str) -> str:

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError
 
+from kawai.api.blocks import client_tools, degrade_blocks, degrade_tool_result_parts
 from kawai.api.errors import InvalidRequestError
 
 MAX_MESSAGES = 100_000
@@ -60,13 +61,22 @@ def _text_to_blocks(value: Any) -> Any:
     return [{"type": "text", "text": value}] if isinstance(value, str) else value
 
 
+def _message_blocks(value: Any) -> Any:
+    """Block types we cannot take as such become text (api/blocks.py): never a 400 that stays in history."""
+    return degrade_blocks(_text_to_blocks(value))
+
+
+def _tool_result_parts(value: Any) -> Any:
+    return degrade_tool_result_parts(_text_to_blocks(value))
+
+
 ToolResultPart = Annotated[Union[TextBlock, ImageBlock], Field(discriminator="type")]
 
 
 class ToolResultBlock(_In):
     type: Literal["tool_result"]
     tool_use_id: Id
-    content: Annotated[list[ToolResultPart], BeforeValidator(_text_to_blocks)] = []
+    content: Annotated[list[ToolResultPart], BeforeValidator(_tool_result_parts)] = []
     is_error: StrictBool = False
 
 
@@ -92,7 +102,7 @@ ContentBlock = Annotated[
     Union[TextBlock, ImageBlock, ToolUseBlock, ToolResultBlock, ThinkingBlock, RedactedThinkingBlock],
     Field(discriminator="type"),
 ]
-Content = Annotated[list[ContentBlock], BeforeValidator(_text_to_blocks)]
+Content = Annotated[list[ContentBlock], BeforeValidator(_message_blocks)]
 
 
 class Message(_In):
@@ -165,7 +175,7 @@ class CountTokensRequest(_In):
     model: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
     system: Annotated[list[TextBlock], BeforeValidator(_text_to_blocks)] = []
-    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] = []
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS), BeforeValidator(client_tools)] = []
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
 

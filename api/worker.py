@@ -16,7 +16,8 @@ Each loop iteration is one step:
      (engine.generate.SequenceState) and its Step goes to its `StepChannel`.
 
 A Job carries the StepChannel (thread-safe, via `loop.call_soon_threadsafe`) and a `cancel` event. The
-last item of a channel is `Finished` (counts) or `Failed`. `alive` is False when the thread died or its
+first item of a channel is `Started` (the prefix-cache hit, once admitted), the last `Finished` (counts)
+or `Failed`. `alive` is False when the thread died or its
 heartbeat (refreshed every step and every idle second) is older than `wedge_seconds`.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import threading
 import time
@@ -45,6 +47,15 @@ MAX_SEQUENCES = 4
 PREFILL_CHUNK = 128  # prompt tokens per step across all prefilling sequences
 IDLE_TICK = 0.5  # seconds between heartbeats when idle
 WEDGE_SECONDS = 60.0
+DEFAULT_KV_MEMORY_FRACTION = 0.5  # of physical memory, per model, when no KV memory budget is given
+
+
+@dataclass(frozen=True)
+class Started:
+    """First item of a channel: the job has a sequence slot; `cached_tokens` of its prompt come from
+    the prefix cache (so `message_start` reports the same usage split as the end of the reply)."""
+
+    cached_tokens: int
 
 
 @dataclass(frozen=True)
@@ -123,11 +134,15 @@ class Worker:
         wedge_seconds: float = WEDGE_SECONDS,
     ):
         """kv_memory: bytes for KV caches (running sequences and the prefix cache); default: two
-        full-context caches per sequence slot."""
+        full-context caches per sequence slot (one running, one kept for its conversation's next turn),
+        as many as fit in DEFAULT_KV_MEMORY_FRACTION of the memory, at least one."""
         self.llm = llm
         self.queue_size = max(0, queue_size)
         slot_bytes = kv_cache_bytes(llm.config, llm.n_ctx)
-        slots = 2 * max_sequences if kv_memory is None else kv_memory // slot_bytes
+        if kv_memory is None:
+            slots = max(1, min(2 * max_sequences, default_kv_memory() // slot_bytes))
+        else:
+            slots = kv_memory // slot_bytes
         if slots < 1:
             raise KawaiError(
                 f"a KV memory budget of {format_bytes(kv_memory)} holds no cache: one context of "
@@ -282,6 +297,7 @@ class Worker:
             self.pool.count_hit(cached)
             self._count("kawai_prefix_cache_hit_tokens_total", "Prompt tokens reused from the prefix cache.", cached)
             seq = _Sequence(job, state, lease, todo, cached)
+        job.channel.put(Started(seq.cached))  # an image prompt's cache starts empty: 0
         with self._cond:
             self._active.append(seq)
             self._n_active = len(self._active)
@@ -436,6 +452,12 @@ class Worker:
 def kv_cache_bytes(cfg, n_ctx: int) -> int:
     """Bytes of one full-context KVCache (float32 keys and values for every layer)."""
     return 2 * 4 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * n_ctx
+
+
+def default_kv_memory() -> int:
+    """The KV budget of a model when none is given: a fraction of physical memory. Pages of a cache are
+    committed as positions are written, so this bounds the worst case (every slot full), not the start."""
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * DEFAULT_KV_MEMORY_FRACTION)
 
 
 def parse_bytes(text: str) -> int:

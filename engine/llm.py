@@ -30,7 +30,6 @@ from kawai.engine.tokenizer import Tokenizer
 from kawai.engine.weights import load_weights
 from kawai.kernels import matmul
 
-DEFAULT_N_CTX = 4096  # context window when not asked for: KV cache memory grows linearly with it
 IMAGE_MARKUP = "<|vision_start|><|image_pad|><|vision_end|>"  # one image in rendered prompt text
 # Message fields whose text comes from users, tools or earlier replies: tokenized as plain text.
 CONTENT_FIELDS = ("content", "reasoning_content")
@@ -374,7 +373,8 @@ def load(
 ) -> LLM:
     """Load a catalog model id (already pulled) or a .gguf path.
 
-    n_ctx: context window (default min(trained context, DEFAULT_N_CTX); at most the trained context).
+    n_ctx: context window (default: the trained context; at most that). A KV cache's pages are committed
+        by the OS as positions are written, so a long window costs memory only when a prompt uses it.
     exact: keep weights in a bit-exact layout instead of the fastest one (see engine.weights).
     threads: kernel threads (default: all cores).
     mmproj: vision projector GGUF for a qwen2vl model (default: `find_projector` next to the model).
@@ -436,7 +436,7 @@ def _warm_up(llm: LLM) -> float:
 
 def _context_size(n_ctx: int | None, config: ModelConfig) -> int:
     if n_ctx is None:
-        return min(config.n_ctx_train, DEFAULT_N_CTX)
+        return config.n_ctx_train
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 1 <= n_ctx <= config.n_ctx_train:
         raise KawaiError(f"n_ctx must be an integer in 1..{config.n_ctx_train} (the trained context), got {n_ctx!r}")
     return n_ctx

@@ -138,10 +138,6 @@ def test_sdk_typed_exceptions(server, tokens, client, model):
     with pytest.raises(anthropic.PermissionDeniedError):
         anthropic.Anthropic(base_url=server.url, api_key=tokens.models_only, max_retries=0).messages.create(
             model=model, max_tokens=1, messages=user)
-    with pytest.raises(anthropic.NotFoundError):
-        client.messages.create(model="qwen3-8b-q8_0", max_tokens=1, messages=user)
-    with pytest.raises(anthropic.NotFoundError):
-        client.models.retrieve("qwen3-8b-q8_0")
     with pytest.raises(anthropic.ContentTooLargeError):
         client.messages.create(model=model, max_tokens=1, messages=[{"role": "user", "content": "x" * (33 << 20)}])
     limited = anthropic.Anthropic(base_url=server.url, api_key=tokens.limited, max_retries=0)
@@ -373,14 +369,17 @@ def test_seed_example(server, tokens, model, name, stream, style):
 
 @pytest.mark.parametrize("name", sorted(VISION_EXAMPLES))
 @pytest.mark.parametrize("stream, style", [(False, "x-api-key"), (True, "bearer")])
-def test_seed_vision_example_is_400_naming_the_model(server, tokens, model, name, stream, style):
-    r = httpx.post(server.url + "/v1/messages", json=seed_body(name, model, stream),
-                   headers=auth_header(style, tokens.all), timeout=60)
-    assert r.status_code == 400
-    error = r.json()["error"]
-    assert error["type"] == "invalid_request_error" and model in error["message"] and "image" in error["message"]
+def test_seed_vision_example_reaches_a_text_model_as_a_placeholder(server, tokens, model, name, stream, style):
+    """The image becomes `[image omitted: ...]` (api/prompt.py); the URL is not fetched."""
+    r = httpx.post(server.url + "/v1/messages", json={**seed_body(name, model, stream), "max_tokens": 4},
+                   headers=auth_header(style, tokens.all), timeout=120)
+    assert r.status_code == 200, r.text
+    if not stream:
+        check_message(r.json(), model)
 
 
-def test_seed_examples_with_the_documented_model_names_are_404(server, tokens):
-    r = httpx.post(server.url + "/v1/messages", json=SEED_EXAMPLES["basic"], headers=auth_header("bearer", tokens.all))
-    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+def test_seed_examples_with_the_documented_model_names_are_served_by_the_one_model(server, tokens, model):
+    """One model served: any id reaches it (unless --strict-model-ids); `model` names the one that answered."""
+    r = httpx.post(server.url + "/v1/messages", json={**SEED_EXAMPLES["basic"], "max_tokens": 2},
+                   headers=auth_header("bearer", tokens.all), timeout=120)
+    assert r.status_code == 200 and r.json()["model"] == model

@@ -25,12 +25,12 @@ from kawai import engine
 from kawai.api.app import create_app
 from kawai.api.errors import ApiError
 from kawai.api.middleware import RequestContextMiddleware
-from kawai.api.prompt import Prompt
+from kawai.api.prompt import IMAGE_PLACEHOLDER, Prompt
 from kawai.api.routes_messages import Reply
 from kawai.api.sse import sse_frames
 from kawai.api.state import ServerSettings
 from kawai.api.wire import MessagesRequest, parse_request
-from kawai.api.worker import Finished, Job, StepChannel
+from kawai.api.worker import Finished, Job, Started, StepChannel
 from kawai.engine.generate import Step
 from kawai.engine.sampling import SamplingParams
 from api_harness import LiveServer, home, live_server, parse_sse, tokens  # noqa: F401 (fixtures)
@@ -164,12 +164,47 @@ def test_prefix_cache_reuse_is_reported_as_cache_read(client):
     assert usage["input_tokens"] >= 1
 
 
-def test_context_window_is_checked_with_max_tokens(client):
-    data = check_error(client.post("/v1/messages", json=body(max_tokens=N_CTX)), 400, "invalid_request_error")
-    assert "context window" in data["error"]["message"] and str(N_CTX) in data["error"]["message"]
+def prompt_of_about(client, n_tokens: int) -> tuple[dict, int]:
+    """A request whose prompt has between n_tokens - 8 and n_tokens tokens, and its exact count."""
+    def count(k):
+        b = body(messages=[{"role": "user", "content": "word " * k}])
+        return b, client.post("/v1/messages/count_tokens", json={**b, "max_tokens": None}).json()["input_tokens"]
+
+    (_, one), (_, two) = count(1), count(2)
+    k = (n_tokens - one) // (two - one)
+    while True:
+        b, n = count(k)
+        if n <= n_tokens:
+            assert n >= n_tokens - 8
+            return b, n
+        k -= 1
+
+
+def test_max_tokens_is_a_ceiling_the_context_ends_the_reply(client):
+    """prompt + max_tokens over the context is no error: the reply runs until the context is full and
+    stops with model_context_window_exceeded; every position of the context is used."""
+    b, n = prompt_of_about(client, N_CTX - 5)
+    for stream in (False, True):
+        r = client.post("/v1/messages", json={**b, "max_tokens": N_CTX, "stream": stream})
+        assert r.status_code == 200, r.text
+        if stream:
+            frames = [d for _, d in parse_sse(r.text)]
+            start, delta = frames[0]["message"], next(d for d in frames if d["type"] == "message_delta")
+            stop_reason, usage = delta["delta"]["stop_reason"], {**start["usage"], **delta["usage"]}
+        else:
+            stop_reason, usage = r.json()["stop_reason"], r.json()["usage"]
+        assert stop_reason == "model_context_window_exceeded"
+        assert usage["input_tokens"] + usage["cache_read_input_tokens"] == n
+        assert usage["output_tokens"] == N_CTX - n + 1  # the last token is sampled from a full context
+
+
+def test_only_a_prompt_that_does_not_fit_is_refused(client):
+    b, n = prompt_of_about(client, N_CTX)
+    assert client.post("/v1/messages", json={**b, "max_tokens": 1}).status_code == 200
     long_prompt = body(messages=[{"role": "user", "content": "word " * 3000}])
-    assert "too long" in check_error(client.post("/v1/messages", json=long_prompt), 400,
-                                     "invalid_request_error")["error"]["message"]
+    counted = client.post("/v1/messages/count_tokens", json={**long_prompt, "max_tokens": None}).json()
+    message = check_error(client.post("/v1/messages", json=long_prompt), 400, "invalid_request_error")["error"]["message"]
+    assert message.startswith(f"prompt is too long: {counted['input_tokens']} tokens > {N_CTX} maximum")
     huge = body(messages=[{"role": "user", "content": "x" * (N_CTX * 40)}])  # refused before tokenizing
     assert "characters" in check_error(client.post("/v1/messages", json=huge), 400,
                                        "invalid_request_error")["error"]["message"]
@@ -216,10 +251,28 @@ def test_mid_conversation_system_and_tool_history_are_accepted(client):
     assert r.status_code == 200 and r.json()["input_tokens"] > 100
 
 
-def test_images_are_refused_naming_the_model(client):
-    image = {"type": "image", "source": {"type": "url", "url": "https://example.com/image.jpg"}}
-    r = client.post("/v1/messages", json=body(messages=[{"role": "user", "content": [
-        {"type": "text", "text": "What is in this image?"}, image]}]))
+IMAGE = {"type": "image", "source": {"type": "url", "url": "https://example.com/image.jpg"}}
+
+
+def test_images_to_a_text_model_become_a_placeholder(client):
+    """Agents keep a pasted screenshot in their history: the model reads a placeholder (the URL is never
+    fetched), in user turns and tool results alike."""
+    def messages(image):
+        return [{"role": "user", "content": [{"type": "text", "text": "What is in this image?"}, image]},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "shot", "input": {}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [image]}]}]
+
+    placeholder = {"type": "text", "text": IMAGE_PLACEHOLDER}
+    counts = [client.post("/v1/messages/count_tokens", json={**body(messages=messages(b)), "max_tokens": None})
+              for b in (IMAGE, placeholder)]
+    assert counts[0].status_code == 200 and counts[0].json() == counts[1].json()
+    assert client.post("/v1/messages", json=body(messages=messages(IMAGE))).status_code == 200
+
+
+def test_refuse_images_restores_the_400_naming_the_model(tiny_llm, home, tokens):
+    with live_server(home, [tiny_llm], refuse_images=True) as s:
+        r = httpx.post(s.url + "/v1/messages", headers={"x-api-key": tokens.all}, timeout=60,
+                       json=body(messages=[{"role": "user", "content": [{"type": "text", "text": "What?"}, IMAGE]}]))
     assert "tiny-qwen2-f32" in check_error(r, 400, "invalid_request_error")["error"]["message"]
 
 
@@ -246,11 +299,39 @@ def test_models_list_and_retrieve(client):
     assert client.get("/v1/models", params={"limit": 0}).status_code == 400
 
 
-def test_unknown_model_is_404_without_paths(client, tiny_llm):
-    for r in (client.get("/v1/models/nope"), client.post("/v1/messages", json=body(model="../../etc/passwd")),
-              client.post("/v1/messages", json=body(model=str(tiny_llm.path)))):
-        message = check_error(r, 404, "not_found_error")["error"]["message"]
-        assert str(tiny_llm.path.parent) not in message and ".gguf" not in message
+def test_unknown_model_is_404_without_paths(tiny_llm, home, tokens):
+    with live_server(home, [tiny_llm], strict_model_ids=True) as s, \
+            httpx.Client(base_url=s.url, headers={"x-api-key": tokens.all}, timeout=60) as client:
+        for r in (client.get("/v1/models/nope"), client.post("/v1/messages", json=body(model="../../etc/passwd")),
+                  client.post("/v1/messages", json=body(model=str(tiny_llm.path)))):
+            message = check_error(r, 404, "not_found_error")["error"]["message"]
+            assert str(tiny_llm.path.parent) not in message and ".gguf" not in message
+
+
+def test_one_served_model_answers_any_id_under_its_own(client):
+    """As llama-server does: Claude Code's background calls name claude-haiku-*; the reply's `model`
+    is the id of the model that wrote it."""
+    for model in ("claude-3-5-haiku-20241022", "claude-sonnet-4-5", "gpt-4o"):
+        r = client.post("/v1/messages", json=body(model=model))
+        assert r.status_code == 200 and r.json()["model"] == "tiny-qwen2-f32"
+        assert client.get(f"/v1/models/{model}").json()["id"] == "tiny-qwen2-f32"
+
+
+def test_aliases_are_globs_tried_before_a_404(tiny_llm, home, tokens):
+    aliases = (("claude-*-haiku-*", "tiny-qwen2-f32"), ("claude-*", "tiny-qwen2-f32"))
+    with live_server(home, [tiny_llm], aliases=aliases, strict_model_ids=True) as s, \
+            httpx.Client(base_url=s.url, headers={"x-api-key": tokens.all}, timeout=60) as client:
+        for model in ("claude-3-5-haiku-20241022", "claude-opus-4-1"):
+            r = client.post("/v1/messages", json=body(model=model))
+            assert r.status_code == 200 and r.json()["model"] == "tiny-qwen2-f32"
+        check_error(client.post("/v1/messages", json=body(model="gpt-4o")), 404, "not_found_error")
+        check_error(client.post("/v1/messages", json=body(model="Claude-x")), 404, "not_found_error")  # case counts
+
+
+def test_an_alias_to_a_model_not_served_stops_the_start(tiny_llm, home):
+    with pytest.raises(RuntimeError, match="did not start"):
+        with live_server(home, [tiny_llm], aliases=(("claude-*", "qwen-none"),)):
+            pass
 
 
 def test_health_is_public_and_content_free(server):
@@ -394,6 +475,7 @@ def test_pings_fill_silences_before_and_between_events():
         reply = Reply("m", prompt, parse_request(MessagesRequest, body()), job, ping_interval=0.05)
 
         async def engine_thread():
+            channel.put(Started(cached_tokens=0))  # admitted
             await asyncio.sleep(0.3)  # "prefill"
             channel.put(Step(5, "Hi", None))
             await asyncio.sleep(0.3)

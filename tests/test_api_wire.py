@@ -60,7 +60,7 @@ def test_unknown_fields_are_ignored():
         ({"messages": [{"role": "bot", "content": "x"}]}, "messages.0.role"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
         ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages.0.content.0.text"),
-        ({"messages": [{"role": "user", "content": [{"type": "document"}]}]}, "messages.0.content.0"),
+        ({"messages": [{"role": "user", "content": [{"type": "image"}]}]}, "messages.0.content.0.source"),
         ({"messages": [{"role": "user", "content": [{"text": "no type"}]}]}, "messages.0.content.0"),
         (
             {"messages": [{"role": "user", "content": [
@@ -94,7 +94,7 @@ def test_missing_required_fields():
 
 
 def test_error_message_does_not_echo_large_input():
-    message = err({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": [{"type": "x" * 100_000}]}]})
+    message = err({"model": "m", "max_tokens": 8, "messages": USER, "tool_choice": {"type": "x" * 100_000}})
     assert len(message) <= 400
 
 

@@ -82,11 +82,14 @@ def test_both_header_styles_are_accepted(server, tokens, method, path, body):
 def test_valid_token_without_the_grant_is_403(server, tokens):
     messages_only = {"x-api-key": tokens.messages_only}
     assert call(server, "POST", "/v1/messages", messages_only, json=MESSAGE).status_code == 200
-    for method, path, body in ENDPOINTS[1:]:
+    # the messages grant includes count_tokens (clients count with the key they send messages with)
+    assert call(server, "POST", "/v1/messages/count_tokens", messages_only, json=MESSAGE).status_code == 200
+    for method, path, body in ENDPOINTS[2:]:
         r = call(server, method, path, messages_only, json=body)
         assert r.status_code == 403 and error_type(r) == "permission_error"
-    r = call(server, "POST", "/v1/messages", {"authorization": f"Bearer {tokens.models_only}"}, json=MESSAGE)
-    assert r.status_code == 403 and error_type(r) == "permission_error"
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        r = call(server, "POST", path, {"authorization": f"Bearer {tokens.models_only}"}, json=MESSAGE)
+        assert r.status_code == 403 and error_type(r) == "permission_error"
 
 
 def test_used_up_limit_is_429_with_retry_after(server, tokens):

@@ -48,14 +48,14 @@ def test_load_summary_reports_both_times_as_measured(llm):
     assert "-" not in summary.replace(llm.id, "")
 
 
-def test_default_context_is_capped(smollm_model_path):
+def test_default_context_is_the_trained_one(smollm_model_path):
     from kawai.engine.config import ModelConfig
     from kawai.engine.gguf import open_gguf
-    from kawai.engine.llm import DEFAULT_N_CTX, _context_size
+    from kawai.engine.llm import _context_size
 
     cfg = ModelConfig.from_gguf(open_gguf(smollm_model_path))
-    assert _context_size(None, cfg) == min(cfg.n_ctx_train, DEFAULT_N_CTX) == 4096
-    assert _context_size(cfg.n_ctx_train, cfg) == 8192
+    assert _context_size(None, cfg) == cfg.n_ctx_train == 8192
+    assert _context_size(4096, cfg) == 4096
 
 
 @pytest.mark.parametrize(

@@ -74,7 +74,7 @@ def test_requests_tokens_and_latencies_are_counted_and_logged(setup, caplog):
         r = httpx.post(s.url + "/v1/messages", json=body, headers=headers, timeout=60)
     assert r.status_code == 200
     usage = r.json()["usage"]
-    assert httpx.post(s.url + "/v1/messages", json={**body, "model": "nope"}, headers=headers).status_code == 404
+    assert httpx.post(s.url + "/v1/nothing", json=body, headers=headers).status_code == 404
     after = parse(httpx.get(s.url + "/metrics", headers=headers).text)
 
     def grew(name: str) -> float:

@@ -39,7 +39,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "-m", "--model", metavar="ID|PATH", help="model id or .gguf path (default: the catalog's default model)"
     )
     p.add_argument("--threads", type=int, metavar="N", help="kernel threads (default: KAWAI_THREADS or all cores)")
-    p.add_argument("--n-ctx", type=int, metavar="N", help="context window in tokens (default: min(trained, 4096))")
+    p.add_argument("--n-ctx", type=int, metavar="N", help="context window in tokens (default: the trained context)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,6 +1,7 @@
 """`kawai serve [-m ID|PATH ...] [--host H] [--port P] [--no-auth] [--queue-size N] [--ctx N]
              [--max-sequences N] [--kv-memory SIZE] [--max-per-token N] [--drain-seconds S]
-             [--mmproj FILE] [--allow-private-image-urls]`.
+             [--mmproj FILE] [--allow-private-image-urls] [--alias PATTERN=ID ...] [--strict-model-ids]
+             [--refuse-images]`.
 
 Serves the Messages API. With no -m, the catalog's default model (pulled if missing). With auth on and
 no token in $KAWAI_HOME/tokens.json, one token with every grant is created and printed once.
@@ -30,12 +31,12 @@ def register(sub) -> None:
     p.add_argument("--queue-size", type=int, default=8, metavar="N",
                    help="requests waiting per model before 529 overloaded (default: 8)")
     p.add_argument("--ctx", type=int, default=None, metavar="N",
-                   help="context window in tokens (default: the engine's default, at most the trained one)")
+                   help="context window in tokens (default: the model's trained context)")
     p.add_argument("--max-sequences", type=int, default=4, metavar="N",
                    help="sequences decoded together per model (continuous batching; default: 4)")
     p.add_argument("--kv-memory", default=None, metavar="SIZE",
                    help="KV cache memory per model, running sequences and prefix cache, e.g. 2GB "
-                        "(default: two full-context caches per sequence)")
+                        "(default: two full-context caches per sequence, within half the memory)")
     p.add_argument("--max-per-token", type=int, default=None, metavar="N",
                    help="in-flight requests per API token before 429 rate_limit_error (default: no limit)")
     p.add_argument("--drain-seconds", type=float, default=30.0, metavar="S",
@@ -44,6 +45,15 @@ def register(sub) -> None:
                    help="vision projector (mmproj GGUF) for the -m model (default: one found next to it)")
     p.add_argument("--allow-private-image-urls", action="store_true",
                    help="let image URLs reach loopback and private addresses (local deployments only)")
+    p.add_argument("--alias", dest="aliases", action="append", default=[], metavar="PATTERN=ID",
+                   help="serve model ids matching the glob PATTERN with model ID, e.g. 'claude-*=qwen2.5-coder-1.5b-"
+                        "instruct-q4_k_m' (repeatable; tried in order)")
+    p.add_argument("--strict-model-ids", action="store_true",
+                   help="404 for ids that are neither a served model nor an alias (default: with one model "
+                        "served, every id reaches it)")
+    p.add_argument("--refuse-images", action="store_true",
+                   help="answer 400 to images sent to a model without vision (default: the model reads "
+                        "'[image omitted: this model cannot see images]')")
     p.set_defaults(handler=_run)
 
 
@@ -70,14 +80,16 @@ def _run(args) -> int:
             kv_memory = parse_bytes(args.kv_memory)
         except ValueError as e:
             raise KawaiError(f"--kv-memory: {e}") from None
+    aliases = tuple(_parse_alias(a) for a in args.aliases)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
 
-    from kawai.api.state import ServerSettings
+    from kawai.api.state import ServerSettings, check_aliases
 
     settings = ServerSettings(
         host=args.host, port=args.port, auth=not args.no_auth, queue_size=args.queue_size, n_ctx=args.ctx,
         max_sequences=args.max_sequences, kv_memory=kv_memory, max_per_token=args.max_per_token,
         drain_seconds=args.drain_seconds, allow_private_image_urls=args.allow_private_image_urls,
+        aliases=aliases, strict_model_ids=args.strict_model_ids, refuse_images=args.refuse_images,
     )
     specs = args.models or [catalog.DEFAULT_MODEL_ID]
     if args.mmproj is not None and len(specs) != 1:
@@ -92,8 +104,16 @@ def _run(args) -> int:
     elif not _is_loopback(args.host):
         logging.getLogger("kawai.server").warning("--no-auth on a non-loopback address: the API is open to the network")
     llms = _load(specs, settings, args.mmproj)
+    check_aliases(settings.aliases, [llm.id for llm in llms])
     _check_kv_memory(settings, llms)
     return _serve(settings, llms)
+
+
+def _parse_alias(text: str) -> tuple[str, str]:
+    pattern, sep, target = text.partition("=")
+    if not sep or not pattern.strip() or not target.strip():
+        raise KawaiError(f"--alias must be PATTERN=ID (e.g. 'claude-*=qwen2.5-coder-1.5b-instruct-q4_k_m'), got {text!r}")
+    return pattern.strip(), target.strip()
 
 
 def _check_kv_memory(settings, llms: list) -> None:
