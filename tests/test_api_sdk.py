@@ -124,6 +124,15 @@ def test_sdk_models_list_and_retrieve(client, model):
     assert info.id == model and info.type == "model" and info.created_at.year >= 2024 and info.display_name
 
 
+def test_default_context_is_the_trained_one_and_models_report_it(client, model, default_model_path):
+    """No --ctx: the whole trained context (32768 for Qwen2.5), as /v1/models says (a prompt may fill it)."""
+    from kawai.engine.gguf import open_gguf
+
+    trained = open_gguf(default_model_path).metadata["qwen2.context_length"]
+    info = client.models.retrieve(model).model_dump()
+    assert trained == 32768 and info["max_input_tokens"] == info["max_tokens"] == trained
+
+
 # ---- SDK: typed exceptions -----------------------------------------------------------------------------
 
 

@@ -156,6 +156,22 @@ def test_count_tokens_is_exactly_what_messages_counts(client):
         assert counted.json()["input_tokens"] == usage["input_tokens"] + usage["cache_read_input_tokens"]
 
 
+def test_stream_usage_is_the_same_at_start_and_end(client):
+    """message_start carries the input / cache-read split that message_delta and the JSON response
+    report (the prefix cache is matched before message_start goes out)."""
+    b = body(system="Stream usage. " * 10, max_tokens=4)
+    client.post("/v1/messages", json=b)  # now cached
+    for _ in range(2):
+        frames = [d for _, d in parse_sse(client.post("/v1/messages", json={**b, "stream": True}).text)]
+        start = frames[0]["message"]["usage"]
+        end = next(d for d in frames if d["type"] == "message_delta")["usage"]
+        assert start["cache_read_input_tokens"] == end["cache_read_input_tokens"] > 0
+        assert start["input_tokens"] == end["input_tokens"] >= 1 and start["cache_creation_input_tokens"] == 0
+        usage = client.post("/v1/messages", json=b).json()["usage"]
+        assert usage["input_tokens"] + usage["cache_read_input_tokens"] == start["input_tokens"] + start[
+            "cache_read_input_tokens"]
+
+
 def test_prefix_cache_reuse_is_reported_as_cache_read(client):
     b = body(system="You are terse. " * 20)
     client.post("/v1/messages", json=b)
