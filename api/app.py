@@ -4,7 +4,8 @@
 
 The lifespan loads each model (engine.load compiles/warms the kernels), starts one engine thread per
 model, logs load and compile times on their own lines and then the address, and on shutdown stops the
-engine threads. Middleware, outermost first: request ids + last-resort 500 + access log, then auth.
+engine threads. Middleware, outermost first: CORS (with `cors_origins`), request ids + last-resort 500 +
+access log, metrics, then auth.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -44,6 +46,12 @@ GRANTS = {
     "health": PUBLIC,
     "metrics": "models",  # operational counters: tokens that may list models may read them
 }
+
+
+CORS_EXPOSED_HEADERS = [
+    "request-id", "anthropic-request-id", "retry-after", "x-should-retry", "anthropic-ratelimit-requests-limit",
+    "anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-requests-reset",
+]
 
 
 def build_routes() -> list[Route]:
@@ -92,6 +100,15 @@ def create_app(settings: ServerSettings, models: Sequence[str | Path | object]) 
     app.add_middleware(AuthMiddleware, store=store, routes=app.router.routes, grants=GRANTS)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestContextMiddleware)
+    if settings.cors_origins:  # outermost: a preflight (OPTIONS, no token) is answered before auth
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],  # x-api-key, anthropic-version, anthropic-dangerous-direct-browser-access, ...
+            expose_headers=CORS_EXPOSED_HEADERS,
+            max_age=600,
+        )
     app.state.server = state
     return app
 

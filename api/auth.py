@@ -8,7 +8,8 @@
 - A token that may call `messages` may also count their tokens (`count_tokens`): clients such as Claude
   Code call both with one key.
 - Missing/invalid token -> 401; valid token without the grant -> 403; limit used up -> 429 with
-  `retry-after`. The token id (never the token) is recorded in `scope["state"]["token_id"]`.
+  `retry-after` (and `x-should-retry: false` past a minute). A token with a limit gets
+  `anthropic-ratelimit-requests-{limit,remaining,reset}` on every response. The token id (never the token) is recorded in `scope["state"]["token_id"]`.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import logging
 from collections.abc import Mapping
 
 from starlette.routing import BaseRoute, Match
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kawai.api.errors import ApiError, AuthenticationError, PermissionDeniedError, RateLimitError, error_response
-from kawai.api.tokens import TokenStore, TokenStoreError
+from kawai.api.tokens import QuotaState, TokenStore, TokenStoreError
 
 log = logging.getLogger("kawai.api")
 
@@ -44,14 +45,15 @@ class AuthMiddleware:
         if grant == PUBLIC or self.store is None:
             await self.app(scope, receive, send)
             return
+        quota: list[tuple[bytes, bytes]] = []
         try:
-            token_id = self.authorize(scope, grant)
+            token_id = self.authorize(scope, grant, quota)
         except ApiError as e:
             state = scope.get("state", {})
-            await error_response(e, state.get("request_id"))(scope, receive, send)
+            await error_response(e, state.get("request_id"))(scope, receive, _with_headers(send, quota))
             return
         scope.setdefault("state", {})["token_id"] = token_id
-        await self.app(scope, receive, send)
+        await self.app(scope, receive, _with_headers(send, quota))
 
     def required_grant(self, scope: Scope) -> str | None:
         """The grant of the route matching this path (and method, if one matches fully); None if no
@@ -68,7 +70,9 @@ class AuthMiddleware:
             return PUBLIC
         return partial
 
-    def authorize(self, scope: Scope, grant: str | None) -> str:
+    def authorize(self, scope: Scope, grant: str | None, quota_headers: list | None = None) -> str:
+        """The token id, or raise. For a token with a limit, `quota_headers` receives the
+        `anthropic-ratelimit-requests-*` headers (limit, remaining, reset) of the response."""
         token = _presented_token(scope)
         if token is None:
             raise AuthenticationError(
@@ -86,12 +90,35 @@ class AuthMiddleware:
         if not has_grant(rec.endpoints, grant):
             raise PermissionDeniedError(f"This token ({rec.id}) has no access to the {grant or 'requested'} endpoint.")
         exceeded = self.store.consume(rec)
+        quota = self.store.quota(rec)
+        if quota is not None and quota_headers is not None:
+            quota_headers.extend(ratelimit_headers(quota))
         if exceeded is not None:
             raise RateLimitError(
                 f"This token ({rec.id}) has used its limit of {rec.limit} requests.",
                 headers={"retry-after": str(exceeded.retry_after_seconds)},
             )
         return rec.id
+
+
+def ratelimit_headers(quota: QuotaState) -> list[tuple[bytes, bytes]]:
+    """What the Anthropic API sends about request limits (clients show or pace by them)."""
+    reset = quota.reset.strftime("%Y-%m-%dT%H:%M:%SZ")  # RFC 3339
+    return [(b"anthropic-ratelimit-requests-limit", str(quota.limit).encode()),
+            (b"anthropic-ratelimit-requests-remaining", str(quota.remaining).encode()),
+            (b"anthropic-ratelimit-requests-reset", reset.encode())]
+
+
+def _with_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
+    if not headers:
+        return send
+
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": list(message.get("headers", [])) + headers}
+        await send(message)
+
+    return send_with_headers
 
 
 def has_grant(endpoints, grant: str) -> bool:

@@ -72,8 +72,20 @@ class RequestTooLargeError(ApiError):
     should_retry = False
 
 
+MAX_RETRY_WAIT_SECONDS = 60  # the SDKs wait at most this long for a retry-after
+
+
 class RateLimitError(ApiError):
-    status = 429  # the SDK waits `retry-after` and retries; the header says how long
+    """The SDK waits `retry-after` and retries; past MAX_RETRY_WAIT_SECONDS (a used-up daily quota) it
+    would retry early and in vain, so `x-should-retry: false` tells it to stop."""
+
+    status = 429
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message, headers)
+        wait = self.headers.get("retry-after", "")
+        if wait.isdigit() and int(wait) > MAX_RETRY_WAIT_SECONDS:
+            self.should_retry = False
 
 
 class InternalError(ApiError):
@@ -85,7 +97,13 @@ class UnavailableError(ApiError):
 
 
 class OverloadedError(ApiError):
-    status = 529  # the queue is full: a retry later can help
+    """The queue is full: a retry later can help, `retry-after` seconds from now."""
+
+    status = 529
+    retry_after_seconds = 2
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message, {"retry-after": str(self.retry_after_seconds), **(headers or {})})
 
 
 def error_body(error_type: str, message: str, request_id: str | None) -> dict:

@@ -46,6 +46,7 @@ class ServerSettings:
     aliases: tuple[tuple[str, str], ...] = ()
     strict_model_ids: bool = False  # False: with one model served, any id reaches it
     refuse_images: bool = False  # images to a model without vision: 400 instead of a placeholder
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*": any); () = no CORS
 
     @property
     def image_policy(self) -> ImagePolicy:

@@ -110,6 +110,15 @@ class QuotaExceeded:
     retry_after_seconds: int
 
 
+@dataclass(frozen=True)
+class QuotaState:
+    """Where a limited token stands: what `anthropic-ratelimit-requests-*` headers report."""
+
+    limit: int
+    remaining: int
+    reset: datetime  # when the next period starts (UTC)
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
@@ -203,6 +212,17 @@ class TokenStore:
             usage[rec.id] = {"period": key, "count": count + 1}
             _write_json(self.usage_path, usage)
         return None
+
+    def quota(self, rec: TokenRecord, now: datetime | None = None) -> QuotaState | None:
+        """The token's requests left in the current period; None for a token without a limit."""
+        if rec.limit is None:
+            return None
+        now = now or datetime.now(timezone.utc)
+        key, next_start = rec.limit.window(now)
+        with self._lock:
+            entry = self._load_usage().get(rec.id)
+        used = entry["count"] if entry and entry.get("period") == key else 0
+        return QuotaState(rec.limit.count, max(0, rec.limit.count - used), next_start)
 
     def has_tokens(self) -> bool:
         return bool(self.list())

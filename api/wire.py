@@ -185,7 +185,7 @@ class CountTokensRequest(_In):
 
 
 class MessagesRequest(CountTokensRequest):
-    max_tokens: Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS_LIMIT)]
+    max_tokens: Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS_LIMIT)]  # 0: pre-warm the prompt cache
     stream: StrictBool = False
     temperature: Annotated[float, Field(strict=True, ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
     top_p: Annotated[float, Field(strict=True, gt=0.0, le=1.0, allow_inf_nan=False)] | None = None

@@ -143,6 +143,8 @@ class SequenceState:
 
     def accept(self, logits: np.ndarray) -> Step:
         """logits: (V,) for the position after the cache's last token."""
+        if self.params.max_tokens == 0:  # a pre-warm: the prompt is in the cache, nothing is sampled
+            return self.finish("max_tokens")
         token = self.sampler.sample(logits)
         self.n_generated += 1
         if token in self.stop_ids:

@@ -44,7 +44,7 @@ class SamplingParams:
     top_k: keep the k most likely tokens; 0 = off.
     top_p: keep the smallest set of most likely tokens whose mass reaches p; 1.0 = off.
     seed: makes sampling reproducible; None = fresh OS entropy.
-    max_tokens: most tokens to generate (>= 1).
+    max_tokens: most tokens to generate (>= 0; 0 = prefill the prompt into the cache, sample nothing).
     stop: strings that end generation; the matched one is not emitted.
     """
 
@@ -66,8 +66,8 @@ class SamplingParams:
             raise SamplingParamsError(f"top_p must be a number in (0, 1], got {p!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
             raise SamplingParamsError(f"seed must be an integer in [0, 2^64), got {self.seed!r}")
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise SamplingParamsError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens < 0:
+            raise SamplingParamsError(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
         stop = self.stop
         if isinstance(stop, str) or not isinstance(stop, (tuple, list)):
             raise SamplingParamsError("stop must be a list of strings")

@@ -139,7 +139,7 @@ def test_default_context_is_the_trained_one_and_models_report_it(client, model, 
 def test_sdk_typed_exceptions(server, tokens, client, model):
     user = [{"role": "user", "content": "Hi"}]
     with pytest.raises(anthropic.BadRequestError) as e:
-        client.messages.create(model=model, max_tokens=0, messages=user)
+        client.messages.create(model=model, max_tokens=-1, messages=user)
     assert e.value.body["error"]["type"] == "invalid_request_error" and "max_tokens" in e.value.message
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(base_url=server.url, api_key="kawai-nope", max_retries=0).messages.create(

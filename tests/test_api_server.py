@@ -369,7 +369,7 @@ def test_bad_bodies_are_400(client):
         data = check_error(r, 400, "invalid_request_error")
         assert r.headers["x-should-retry"] == "false"
         assert "Traceback" not in data["error"]["message"]
-    r = client.post("/v1/messages", json=body(max_tokens=0))
+    r = client.post("/v1/messages", json=body(max_tokens=-1))
     assert check_error(r, 400, "invalid_request_error")["error"]["message"].startswith("max_tokens:")
 
 

@@ -57,7 +57,7 @@ def oracle_support(logits: np.ndarray, temperature=1.0, top_k=0, top_p=1.0) -> s
         {"seed": -1},
         {"seed": 1 << 64},
         {"seed": 1.0},
-        {"max_tokens": 0},
+        {"max_tokens": -1},
         {"max_tokens": 2.0},
         {"stop": "abc"},
         {"stop": ("",)},

@@ -1,7 +1,7 @@
 """`kawai serve [-m ID|PATH ...] [--host H] [--port P] [--no-auth] [--queue-size N] [--ctx N]
              [--max-sequences N] [--kv-memory SIZE] [--max-per-token N] [--drain-seconds S]
              [--mmproj FILE] [--allow-private-image-urls] [--alias PATTERN=ID ...] [--strict-model-ids]
-             [--refuse-images]`.
+             [--refuse-images] [--cors-origin ORIGIN ...]`.
 
 Serves the Messages API. With no -m, the catalog's default model (pulled if missing). With auth on and
 no token in $KAWAI_HOME/tokens.json, one token with every grant is created and printed once.
@@ -54,6 +54,9 @@ def register(sub) -> None:
     p.add_argument("--refuse-images", action="store_true",
                    help="answer 400 to images sent to a model without vision (default: the model reads "
                         "'[image omitted: this model cannot see images]')")
+    p.add_argument("--cors-origin", dest="cors_origins", action="append", default=[], metavar="ORIGIN",
+                   help="let browser pages from ORIGIN call the API, e.g. http://localhost:3000 (repeatable; "
+                        "'*' for any origin; default: none)")
     p.set_defaults(handler=_run)
 
 
@@ -90,6 +93,7 @@ def _run(args) -> int:
         max_sequences=args.max_sequences, kv_memory=kv_memory, max_per_token=args.max_per_token,
         drain_seconds=args.drain_seconds, allow_private_image_urls=args.allow_private_image_urls,
         aliases=aliases, strict_model_ids=args.strict_model_ids, refuse_images=args.refuse_images,
+        cors_origins=tuple(args.cors_origins),
     )
     specs = args.models or [catalog.DEFAULT_MODEL_ID]
     if args.mmproj is not None and len(specs) != 1:
