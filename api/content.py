@@ -22,10 +22,13 @@ def thinking_signature(thinking: str) -> str:
 
 
 class MessageAssembler:
-    def __init__(self) -> None:
+    def __init__(self, omit_thinking: bool = False) -> None:
+        """omit_thinking: thinking blocks are sent empty, with their signature (`display: "omitted"`)."""
+        self.omit_thinking = omit_thinking
         self.content: list[dict[str, Any]] = []  # final blocks
         self._open: dict[str, Any] | None = None  # the block receiving deltas
         self._tool_json: list[str] = []  # input fragments of the open tool_use block
+        self._thinking: list[str] = []  # text of the open thinking block (also when omitted)
 
     @property
     def index(self) -> int:
@@ -42,8 +45,10 @@ class MessageAssembler:
             elif isinstance(e, ThinkingDelta):
                 if self._open_type() != "thinking":
                     self._start({"type": "thinking", "thinking": "", "signature": ""}, out)
-                self._open["thinking"] += e.text
-                out.append(self._delta({"type": "thinking_delta", "thinking": e.text}))
+                self._thinking.append(e.text)
+                if not self.omit_thinking:
+                    self._open["thinking"] += e.text
+                    out.append(self._delta({"type": "thinking_delta", "thinking": e.text}))
             elif isinstance(e, ThinkingEnd):
                 if self._open_type() == "thinking":
                     self._stop(out)
@@ -83,7 +88,8 @@ class MessageAssembler:
     def _stop(self, out: list[dict[str, Any]]) -> None:
         block = self._open
         if block["type"] == "thinking":
-            block["signature"] = thinking_signature(block["thinking"])
+            block["signature"] = thinking_signature("".join(self._thinking))
+            self._thinking = []
             out.append(self._delta({"type": "signature_delta", "signature": block["signature"]}))
         elif block["type"] == "tool_use":
             block["input"] = _tool_input("".join(self._tool_json))

@@ -22,11 +22,12 @@ from kawai.api.ids import new_message_id
 from kawai.api.prompt import Prompt, build_prompt, check_context
 from kawai.api.sse import PING, sse_frames
 from kawai.api.state import request_id_of, server_state, tenant_of
-from kawai.api.toolcalls import OutputParser, ToolCallEnd
+from kawai.api.toolcalls import OutputParser, ThinkingDelta, ThinkingEnd, ToolCallEnd
 from kawai.api.wire import (
     CountTokensRequest,
     MessageResponse,
     MessagesRequest,
+    ThinkingEnabled,
     TokenCount,
     ToolChoiceAny,
     ToolChoiceAuto,
@@ -35,6 +36,7 @@ from kawai.api.wire import (
     parse_request,
 )
 from kawai.api.worker import Failed, Finished, Job, Started, StepChannel
+from kawai.engine.generate import THINK_OPEN, ThinkingBudget
 from kawai.engine.sampling import SamplingParams, SamplingParamsError
 
 # engine finish_reason -> Anthropic stop_reason (eos becomes tool_use when the reply called a tool)
@@ -70,6 +72,7 @@ async def create_message(request: Request) -> Response:
         StepChannel(asyncio.get_running_loop()),
         request_id,
         tenant=tenant_of(request),
+        thinking=thinking_budget(req, prompt),
     )
     reply = Reply(model.llm.id, prompt, req, job, server.settings.ping_interval)
     model.worker.submit(job)  # 529 when the queue is full
@@ -150,6 +153,14 @@ def sampling_params(req: MessagesRequest) -> SamplingParams:
         raise InvalidRequestError(str(e)) from None
 
 
+def thinking_budget(req: MessagesRequest, prompt: Prompt) -> ThinkingBudget | None:
+    """`budget_tokens` of enabled thinking, counted from where the reply starts (inside a <think> the
+    template opened, or after an assistant prefill)."""
+    if not isinstance(req.thinking, ThinkingEnabled):
+        return None
+    return ThinkingBudget(req.thinking.budget_tokens, (THINK_OPEN if prompt.in_thinking else "") + prompt.seed)
+
+
 class EventStreamResponse(StreamingResponse):
     """SSE that cancels its job however the response ends (also if the client left before the first
     frame, when the event generator never ran)."""
@@ -191,7 +202,9 @@ class Reply:
             parse_tools=prompt.parse_tools, tool_names=prompt.tool_names, in_thinking=prompt.in_thinking
         )
         self.parser.prime(prompt.seed)
-        self.assembler = MessageAssembler()
+        self.show_thinking = req.thinking_on  # a model that thinks unasked: its thinking is not shown
+        display = getattr(req.thinking, "display", None)
+        self.assembler = MessageAssembler(omit_thinking=display == "omitted")
         self.stop_reason: str | None = None
         self.stop_sequence: str | None = None
         self.usage = Usage(input_tokens=len(prompt.ids), output_tokens=0)
@@ -259,10 +272,12 @@ class Reply:
             parsed = parsed[: end + 1]
             self._stopped_after_tool = True
             self.job.cancel.set()
-        if step.finish_reason is not None:
-            reason = step.finish_reason
-            if not self._stopped_after_tool:
-                parsed += self.parser.finish(cut=reason in CUT_REASONS)
+        reason = step.finish_reason
+        if reason is not None and not self._stopped_after_tool:
+            parsed += self.parser.finish(cut=reason in CUT_REASONS)
+        if not self.show_thinking:
+            parsed = [e for e in parsed if not isinstance(e, (ThinkingDelta, ThinkingEnd))]
+        if reason is not None:
             if self._stopped_after_tool or (reason == "eos" and self.parser.tool_calls):
                 self.stop_reason = "tool_use"
             else:

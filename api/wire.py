@@ -146,9 +146,13 @@ ToolChoice = Annotated[
 ]
 
 
+ThinkingDisplay = Literal["summarized", "omitted"]  # omitted: thinking blocks come back empty, signed
+
+
 class ThinkingEnabled(_In):
     type: Literal["enabled"]
     budget_tokens: Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS_LIMIT)]
+    display: ThinkingDisplay | None = None
 
 
 class ThinkingDisabled(_In):
@@ -157,6 +161,7 @@ class ThinkingDisabled(_In):
 
 class ThinkingAdaptive(_In):
     type: Literal["adaptive"]
+    display: ThinkingDisplay | None = None
 
 
 Thinking = Annotated[Union[ThinkingEnabled, ThinkingDisabled, ThinkingAdaptive], Field(discriminator="type")]

@@ -36,7 +36,7 @@ from kawai.api.errors import OverloadedError, RateLimitError, UnavailableError
 from kawai.api.metrics import TPOT_BUCKETS, TTFT_BUCKETS, Metrics
 from kawai.engine.batch import forward_batch
 from kawai.engine.errors import KawaiError
-from kawai.engine.generate import Generation, SequenceState, Step
+from kawai.engine.generate import Generation, SequenceState, Step, ThinkingBudget
 from kawai.engine.prefix_cache import Lease, PrefixCache
 from kawai.engine.sampling import SamplingParams
 
@@ -102,6 +102,7 @@ class Job:
     channel: StepChannel
     request_id: str
     tenant: str | None = None  # API token id; prefix caches are never shared across tenants
+    thinking: ThinkingBudget | None = None  # closes the reply's <think> block after its budget
     cancel: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.monotonic)
 
@@ -291,7 +292,7 @@ class Worker:
             if seq is None:
                 return
         else:
-            state = SequenceState(list(prompt), job.params, lease.cache, self.llm.tokenizer)
+            state = SequenceState(list(prompt), job.params, lease.cache, self.llm.tokenizer, job.thinking)
             todo = state.start()
             cached = len(prompt) - len(todo)
             self.pool.count_hit(cached)
@@ -343,7 +344,7 @@ class Worker:
                 chunk, seq.todo = seq.todo[:budget], seq.todo[budget:]
                 budget -= len(chunk)
             else:
-                chunk = [seq.state.next_token]
+                chunk = seq.state.pending
             batch.append((seq, chunk))
         if not batch:
             return

@@ -10,6 +10,10 @@ Stop rules, checked in this order for every token:
   max_tokens     `params.max_tokens` tokens were sampled
   context_full   the cache cannot take the sampled token
 
+A thinking budget (`ThinkingBudget`) ends a `<think>` block after its number of tokens: the close text
+is forced, i.e. fed to the model after the sampled token and shown as part of the output, and the
+answer follows. `SequenceState.pending` is what the model reads next: the sampled token, then any forced.
+
 `SequenceState` holds everything one sequence carries between steps (cache, sampler, decoder, stop
 matcher, counters). `Generation` drives one of them with one forward call per step; a batching scheduler
 can drive many by batching the forward calls instead.
@@ -103,6 +107,51 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+class ThinkingBudget:
+    """Counts the tokens of a reply's <think> block; `observe` says when the block must be closed.
+
+    Watches the decoded text (a model may spell the tags as one token or several). `start_text` is
+    what precedes the reply in the prompt (a template that opens the block, an assistant prefill)."""
+
+    CLOSE = "\n" + THINK_CLOSE + "\n\n"
+
+    def __init__(self, budget: int, start_text: str = ""):
+        self.budget = budget
+        self.used = 0
+        self.done = False
+        self._text = ""  # text seen since the block opened (or so far, before it opened)
+        self._inside = False
+        self._see(start_text)
+
+    def observe(self, text: str) -> bool:
+        """One generated token and its text; True when the budget is spent inside the block."""
+        if self.done:
+            return False
+        was_inside = self._inside
+        self._see(text)
+        if not (was_inside and self._inside):
+            return False
+        self.used += 1
+        if self.used >= self.budget:
+            self.done = True
+            return True
+        return False
+
+    def _see(self, text: str) -> None:
+        self._text += text
+        if not self._inside:
+            head = self._text.lstrip()
+            if head.startswith(THINK_OPEN):
+                self._inside, self._text = True, head[len(THINK_OPEN):]
+            elif head and not THINK_OPEN.startswith(head):
+                self.done = True  # the reply began without thinking
+        if self._inside and THINK_CLOSE in self._text:
+            self._inside, self.done = False, True
+
+
 class SequenceState:
     """Per-sequence state between steps: the batching seam.
 
@@ -112,8 +161,14 @@ class SequenceState:
     the model must see next. The caller owns the forward calls, so a scheduler can batch them.
     """
 
-    def __init__(self, prompt: list[int], params: SamplingParams, cache: Cache, tokenizer):
+    def __init__(
+        self, prompt: list[int], params: SamplingParams, cache: Cache, tokenizer,
+        thinking: ThinkingBudget | None = None,
+    ):
         self.prompt = prompt
+        self.tokenizer = tokenizer
+        self.thinking = thinking
+        self.forced: list[int] = []  # ids the model reads after next_token (a closed think block)
         self.params = params
         self.cache = cache
         self.sampler = Sampler(params)
@@ -136,6 +191,12 @@ class SequenceState:
     def fed(self, ids: Sequence[int]) -> None:
         """Record ids just run through the model (their keys and values are in the cache)."""
         self.cache.tokens.extend(ids)
+        self.forced = []
+
+    @property
+    def pending(self) -> list[int]:
+        """What the model reads next: the sampled token, then any forced ones."""
+        return [self.next_token] + self.forced
 
     @property
     def finished(self) -> bool:
@@ -149,13 +210,17 @@ class SequenceState:
         self.n_generated += 1
         if token in self.stop_ids:
             return self.finish("eos", token)
-        text, matched = self.stops.push(self.decoder.push(token))
+        raw = self.decoder.push(token)
+        if self.thinking is not None and self.thinking.observe(raw):
+            self.forced = self.tokenizer.encode(ThinkingBudget.CLOSE)
+            raw += "".join(self.decoder.push(t) for t in self.forced)
+        text, matched = self.stops.push(raw)
         if matched is not None:
             self.finish_reason = "stop_sequence"
             return Step(token, text, "stop_sequence", matched)
         if self.n_generated >= self.params.max_tokens:
             return self.finish("max_tokens", token, text)
-        if self.cache.length + 1 > self.cache.max_seq:
+        if self.cache.length + 1 + len(self.forced) > self.cache.max_seq:
             return self.finish("context_full", token, text)
         self.next_token = token
         return Step(token, text)
@@ -242,8 +307,9 @@ class Generation:
                 return
             yield step
             t0 = time.perf_counter()
-            logits = self.forward([state.next_token], cache)
-            state.fed([state.next_token])
+            ids = state.pending
+            logits = self.forward(ids, cache)
+            state.fed(ids)
             stats.decode_seconds += time.perf_counter() - t0
             stats.decode_steps += 1
 
