@@ -65,7 +65,7 @@ def test_run_raw_prompt_from_stdin_with_a_stop_string(smollm_model_path):
         (("run", "-m", "no-such-model", "hi"), "model 'no-such-model' not found"),
         (("run", "-m", "/nonexistent/dir/model.gguf", "hi"), "'/nonexistent/dir/model.gguf'"),
         (("run", "--temperature", "5", "hi"), "temperature"),
-        (("run", "--max-tokens", "0", "hi"), "max_tokens"),
+        (("run", "--max-tokens", "-1", "hi"), "max_tokens"),
         (("run", "--raw", "--system", "x", "hi"), "--system"),
         (("run", "   "), "empty"),
         (("chat", "-m", "no-such-model"), "not found"),
