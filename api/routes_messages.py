@@ -53,6 +53,7 @@ CUT_REASONS = ("stop_sequence", "max_tokens", "context_full", "cancelled")
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 0.8
 DEFAULT_TOP_K = 20
+KEEPALIVE_SECONDS = 60.0  # silence after which a stream gets a message_delta keepalive instead of a ping
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 VOLATILE_SYSTEM_PREFIXES = ("x-anthropic-billing-header:",)  # per-request client metadata, not instructions
 
@@ -188,8 +189,12 @@ async def _cancel_on_disconnect(request: Request, job: Job) -> None:
 class Reply:
     """One assistant reply: engine Steps -> parser events -> Anthropic stream events + final message."""
 
-    def __init__(self, model_id: str, prompt: Prompt, req: MessagesRequest, job: Job, ping_interval: float):
+    def __init__(
+        self, model_id: str, prompt: Prompt, req: MessagesRequest, job: Job, ping_interval: float,
+        keepalive_interval: float = KEEPALIVE_SECONDS,
+    ):
         self.id = new_message_id()
+        self.keepalive_interval = keepalive_interval
         self.model_id = model_id
         self.prompt = prompt
         self.job = job
@@ -223,18 +228,23 @@ class Reply:
         return message
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
-        """message_start, content block events, message_delta, message_stop; pings in silences."""
+        """message_start, content block events, message_delta, message_stop; pings in silences, and
+        every `keepalive_interval` of silence a `message_delta` without a stop reason (see below)."""
         loop = asyncio.get_running_loop()
         try:
             await self._admitted()
             yield {"type": "message_start", "message": {**self.message(), "content": []}}
-            last_sent = loop.time()
+            last_sent = last_event = loop.time()
             while True:
                 wait = max(0.0, last_sent + self.ping_interval - loop.time())
                 item = await self.job.channel.get(timeout=wait)
                 if item is None:
-                    yield PING
                     last_sent = loop.time()
+                    if last_sent - last_event >= self.keepalive_interval:
+                        last_event = last_sent
+                        yield self._keepalive()
+                    else:
+                        yield PING
                     continue
                 if isinstance(item, Failed):
                     raise InternalError("Generation failed. The request id is in the `request-id` header.")
@@ -243,7 +253,7 @@ class Reply:
                     break
                 for event in self._on_step(item):
                     yield event
-                    last_sent = loop.time()
+                    last_sent = last_event = loop.time()
             for event in self.assembler.close():
                 yield event
             yield {
@@ -254,6 +264,13 @@ class Reply:
             yield {"type": "message_stop"}
         finally:
             self.job.cancel.set()  # a client that went away stops the engine within one token
+
+    def _keepalive(self) -> dict[str, Any]:
+        """A `message_delta` that changes nothing (no stop reason yet, the usage so far). The SDKs drop
+        `ping` events before their callers see them, so a client that aborts a stream after minutes without
+        an event (Claude Code: 300 s) would abort a long CPU prefill; the API allows several message_delta."""
+        return {"type": "message_delta", "delta": {"stop_reason": None, "stop_sequence": None},
+                "usage": self.usage.model_dump(exclude_none=True)}
 
     async def _admitted(self) -> None:
         """Wait until the engine has taken the job (its prefix-cache hit is known then), so that

@@ -4,6 +4,9 @@ The model owns no runtime state: `engine.model.forward(cfg, weights, tokens, cac
 positions' keys and values here and advances `length`. A server can hold one cache per conversation and
 reuse a shared prefix with `truncate`.
 
+Memory is committed as positions are written, 4 KiB page by page (`lazy_zeros`), so a cache as long as the
+model's trained context costs only what its prompts use.
+
 Layout (per layer), chosen for the attention kernel in kernels/ops.py:
     k  (n_layers, n_kv_heads, head_dim, max_seq)  keys transposed: a key dimension is contiguous over
                                                    positions, so q.k streams over positions
@@ -12,10 +15,22 @@ Layout (per layer), chosen for the attention kernel in kernels/ops.py:
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from kawai.engine.config import ModelConfig
 from kawai.engine.errors import KawaiError
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zero array on an anonymous memory mapping: the OS commits a 4 KiB page when it is first written.
+
+    Not np.zeros: numpy asks for 2 MiB transparent huge pages on large arrays, and a key row of a long
+    context is only 128 KiB (32768 positions), so writing position 0 of every row would commit the whole
+    key array (384 MiB for Qwen2.5-0.5B at 32768 tokens) on the first request."""
+    nbytes = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
 
 class KVCache:
@@ -25,8 +40,8 @@ class KVCache:
         self.max_seq = int(max_seq)
         shape_k = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, self.max_seq)
         shape_v = (cfg.n_layers, cfg.n_kv_heads, self.max_seq, cfg.head_dim)
-        self.k = np.zeros(shape_k, dtype=np.float32)  # (n_layers, Hkv, hd, S)
-        self.v = np.zeros(shape_v, dtype=np.float32)  # (n_layers, Hkv, S, hd)
+        self.k = lazy_zeros(shape_k, np.float32)  # (n_layers, Hkv, hd, S)
+        self.v = lazy_zeros(shape_v, np.float32)  # (n_layers, Hkv, S, hd)
         self.length = 0  # positions 0..length-1 are filled
 
     @property

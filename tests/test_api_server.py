@@ -512,6 +512,47 @@ def test_pings_fill_silences_before_and_between_events():
     assert message["content"] == [{"type": "text", "text": "Hi!"}] and message["stop_reason"] == "end_turn"
 
 
+def test_long_silences_get_a_message_delta_the_sdk_passes_on():
+    """The SDKs drop pings before their callers see them; Claude Code aborts a stream after 300 s without
+    an event. A long prefill therefore gets `message_delta` keepalives, which the SDK's own accumulator
+    takes without changing the final message."""
+    from anthropic.lib.streaming._messages import accumulate_event
+    from anthropic.types import RawMessageStreamEvent
+    from pydantic import TypeAdapter
+
+    async def scenario():
+        channel = StepChannel(asyncio.get_running_loop())
+        job = Job([1, 2], SamplingParams(max_tokens=2), channel, "req_test")
+        prompt = Prompt("x", [1, 2], "", parse_tools=False, tool_names=frozenset(), in_thinking=False)
+        reply = Reply("m", prompt, parse_request(MessagesRequest, body()), job, ping_interval=0.02,
+                      keepalive_interval=0.1)
+
+        async def engine_thread():
+            channel.put(Started(cached_tokens=1))
+            await asyncio.sleep(0.5)  # a long "prefill"
+            channel.put(Step(5, "Hi", None))
+            channel.put(Step(6, "!", "eos"))
+            channel.put(Finished(prompt_tokens=2, cached_tokens=1, generated_tokens=2))
+
+        producer = asyncio.create_task(engine_thread())
+        events = [e async for e in reply.events()]
+        await producer
+        return events
+
+    events = asyncio.run(scenario())
+    kinds = [e["type"] for e in events]
+    prefill = kinds[1:kinds.index("content_block_start")]
+    assert prefill.count("message_delta") >= 3 and "ping" in prefill
+    assert all(e["delta"]["stop_reason"] is None for e in events[1:kinds.index("content_block_start")]
+               if e["type"] == "message_delta")
+    snapshot, parse = None, TypeAdapter(RawMessageStreamEvent).validate_python
+    for e in events:
+        if e["type"] != "ping":
+            snapshot = accumulate_event(event=parse(e), current_snapshot=snapshot, json_bufs={})
+    assert snapshot.stop_reason == "end_turn" and snapshot.content[0].text == "Hi!"
+    assert (snapshot.usage.input_tokens, snapshot.usage.cache_read_input_tokens, snapshot.usage.output_tokens) == (1, 1, 2)
+
+
 def test_lifespan_loads_models_by_path_and_logs_compile_time_then_address(tiny_llm, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="kawai.server"):
         with LiveServer(create_app(ServerSettings(home=tmp_path, auth=False), [str(tiny_llm.path)])) as s:

@@ -116,7 +116,7 @@ def test_claude_code_print_mode_completes_a_file_task(npm_dir, served, tmp_path)
     work.mkdir()
     (work / "app.py").write_text("print('hello')\n")
     env = client_env(tmp_path / "home", ANTHROPIC_BASE_URL=url, ANTHROPIC_API_KEY=token, IS_SANDBOX="1",
-                     API_TIMEOUT_MS=str(CLAUDE_CODE_SECONDS * 1000), DISABLE_AUTOUPDATER="1",
+                     DISABLE_AUTOUPDATER="1",
                      CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1")
     (tmp_path / "home").mkdir()
     started = time.monotonic()
