@@ -2,8 +2,8 @@
 SDK (@anthropic-ai/sdk) under node, and Claude Code (@anthropic-ai/claude-code) in print mode.
 
 Both npm packages are installed into a temporary folder from the npm registry. Slow (`make test-slow`):
-Claude Code's first request is ~12,000 tokens of system prompt and tool definitions, minutes of CPU
-prefill; the TypeScript SDK run takes about a minute.
+Claude Code's first request is ~19,000 tokens of system prompt and tool definitions (2.1.197), minutes
+of CPU prefill on a quiet machine; the TypeScript SDK run takes about a minute.
 """
 
 from __future__ import annotations
