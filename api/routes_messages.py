@@ -232,7 +232,13 @@ class Reply:
         every `keepalive_interval` of silence a `message_delta` without a stop reason (see below)."""
         loop = asyncio.get_running_loop()
         try:
-            await self._admitted()
+            # Admission (a sequence slot) is immediate unless every slot is busy; message_start waits for
+            # it, so it carries the prefix-cache split, but no longer than a keepalive interval.
+            admitted = await self.job.channel.get(timeout=self.keepalive_interval)
+            if isinstance(admitted, Failed):  # cancelled while waiting, or no cache slot
+                raise InternalError("Generation failed. The request id is in the `request-id` header.")
+            if isinstance(admitted, Started):
+                self._admitted(admitted)
             yield {"type": "message_start", "message": {**self.message(), "content": []}}
             last_sent = last_event = loop.time()
             while True:
@@ -248,6 +254,9 @@ class Reply:
                     continue
                 if isinstance(item, Failed):
                     raise InternalError("Generation failed. The request id is in the `request-id` header.")
+                if isinstance(item, Started):  # admitted after a long wait in the queue
+                    self._admitted(item)
+                    continue
                 if isinstance(item, Finished):
                     self._count(item)
                     break
@@ -272,15 +281,11 @@ class Reply:
         return {"type": "message_delta", "delta": {"stop_reason": None, "stop_sequence": None},
                 "usage": self.usage.model_dump(exclude_none=True)}
 
-    async def _admitted(self) -> None:
-        """Wait until the engine has taken the job (its prefix-cache hit is known then), so that
-        message_start carries the same input / cache-read split as message_delta."""
-        item = await self.job.channel.get()
-        if not isinstance(item, Started):  # Failed: cancelled while waiting, or no cache slot
-            raise InternalError("Generation failed. The request id is in the `request-id` header.")
+    def _admitted(self, started: Started) -> None:
+        """The engine took the job: its prefix-cache hit is known, and the usage split with it."""
         n = len(self.prompt.ids)
-        self.usage = Usage(input_tokens=n - item.cached_tokens, output_tokens=0,
-                           cache_creation_input_tokens=0, cache_read_input_tokens=item.cached_tokens)
+        self.usage = Usage(input_tokens=n - started.cached_tokens, output_tokens=0,
+                           cache_creation_input_tokens=0, cache_read_input_tokens=started.cached_tokens)
 
     def _on_step(self, step) -> list[dict[str, Any]]:
         parsed = [] if self._stopped_after_tool else self.parser.feed(step.text)

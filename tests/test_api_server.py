@@ -553,6 +553,36 @@ def test_long_silences_get_a_message_delta_the_sdk_passes_on():
     assert (snapshot.usage.input_tokens, snapshot.usage.cache_read_input_tokens, snapshot.usage.output_tokens) == (1, 1, 2)
 
 
+def test_a_request_queued_for_long_starts_its_stream_before_admission():
+    """Every slot busy: message_start goes out after a keepalive interval (without the cache split, not
+    yet known), keepalives follow, and the final message_delta carries the real split."""
+    async def scenario():
+        channel = StepChannel(asyncio.get_running_loop())
+        job = Job([1, 2, 3], SamplingParams(max_tokens=1), channel, "req_test")
+        prompt = Prompt("x", [1, 2, 3], "", parse_tools=False, tool_names=frozenset(), in_thinking=False)
+        reply = Reply("m", prompt, parse_request(MessagesRequest, body()), job, ping_interval=0.02,
+                      keepalive_interval=0.1)
+
+        async def engine_thread():
+            await asyncio.sleep(0.4)  # queued
+            channel.put(Started(cached_tokens=2))
+            channel.put(Step(5, "Hi", "max_tokens"))
+            channel.put(Finished(prompt_tokens=3, cached_tokens=2, generated_tokens=1))
+
+        producer = asyncio.create_task(engine_thread())
+        events = [e async for e in reply.events()]
+        await producer
+        return events
+
+    events = asyncio.run(scenario())
+    assert events[0]["type"] == "message_start" and events[0]["message"]["usage"]["input_tokens"] == 3
+    assert "cache_read_input_tokens" not in events[0]["message"]["usage"]  # not known yet
+    assert any(e["type"] == "message_delta" and e["delta"]["stop_reason"] is None for e in events)
+    final = [e for e in events if e["type"] == "message_delta"][-1]
+    assert final["delta"]["stop_reason"] == "max_tokens"
+    assert (final["usage"]["input_tokens"], final["usage"]["cache_read_input_tokens"]) == (1, 2)
+
+
 def test_lifespan_loads_models_by_path_and_logs_compile_time_then_address(tiny_llm, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="kawai.server"):
         with LiveServer(create_app(ServerSettings(home=tmp_path, auth=False), [str(tiny_llm.path)])) as s:
