@@ -47,12 +47,21 @@ def test_first_start_creates_one_token_and_prints_it_once(tmp_path, capsys):
         (["serve", "-m", "no-such-model-id"], "not found"),
         (["serve", "--port", "0"], "--port"),
         (["serve", "--queue-size", "0"], "--queue-size"),
+        (["serve", "--alias", "claude-*"], "--alias must be PATTERN=ID"),
     ],
 )
 def test_bad_arguments_are_one_clear_line(tmp_path, args, message):
     p = kawai(*args, home=tmp_path)
     out, err = p.communicate(timeout=60)
     assert p.returncode != 0 and message in err and "Traceback" not in err
+
+
+def test_an_alias_to_a_model_not_served_is_one_clear_line(tmp_path):
+    model = write_tiny_model(tmp_path, "qwen2", n_ctx=64)
+    p = kawai("serve", "--no-auth", "-m", str(model), "--alias", "claude-*=qwen-elsewhere", home=tmp_path / "home")
+    out, err = p.communicate(timeout=180)
+    assert p.returncode != 0 and "--alias claude-*=qwen-elsewhere: no model 'qwen-elsewhere'" in err
+    assert "Traceback" not in err
 
 
 def test_serve_prints_token_serves_and_drains_on_sigterm(tmp_path):
