@@ -100,7 +100,7 @@ def measure_read_bandwidth(threads: int, n_bytes: int = BANDWIDTH_BYTES, repeats
 
 def measure_read_bandwidth_isolated(threads: int) -> float:
     """`measure_read_bandwidth` in a child process, so its 512 MB array never counts in our peak RSS."""
-    code = f"from engine.bench import measure_read_bandwidth as m; print(m({int(threads)}))"
+    code = f"from kawai.engine.bench import measure_read_bandwidth as m; print(m({int(threads)}))"
     return float(_run_probe(code, dict(os.environ)))
 
 
@@ -132,7 +132,7 @@ def measure_compile_times(path: Path, threads: int) -> tuple[float, float]:
     """
     with tempfile.TemporaryDirectory(prefix="kawai-bench-numba-") as cache_dir:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
-        code = f"from engine.bench import _compile_probe; _compile_probe({str(path)!r}, {int(threads)})"
+        code = f"from kawai.engine.bench import _compile_probe; _compile_probe({str(path)!r}, {int(threads)})"
         return float(_run_probe(code, env)), float(_run_probe(code, env))
 
 

@@ -108,7 +108,8 @@ ISA = _select(_HOST_FEATURES)  # what this process uses
 
 
 def cpu_model() -> str:
-    """The CPU's marketing name (/proc/cpuinfo "model name"), or LLVM's name for it."""
+    """The CPU's name from /proc/cpuinfo ("model name"; a VM may report a generic one), else LLVM's name
+    for the host (which guesses from the model number, so a VM can mislead it too)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
