@@ -106,7 +106,8 @@ def markdown_table(reports: list[dict]) -> str:
                 continue
             rss = e.get("serving_peak_rss_mb")
             rows.append(
-                f"| {r['model']} | {r['threads']} | {r['prompt_tokens']} | {engine} | {e['prefill_tok_s']:.1f} | {e['decode_tok_s']:.2f} "
+                f"| {r['model']} | {r['threads']} | {r['prompt_tokens']} | {engine} | {e['prefill_tok_s']:.1f} "
+                f"| {e['decode_tok_s']:.2f} "
                 f"| {e['ttft_s']:.2f} | {e['weight_gb_s']:.2f} ({r['machine']['mem_read_gb_s']:.1f}) "
                 f"| {f'{rss:.0f}' if rss else '-'} | {vs if engine == 'kawai' else ''} |"
             )

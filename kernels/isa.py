@@ -3,7 +3,7 @@
     ISA            integer block dot (kernels/matmul_simd.py)             vector   CPUs (examples)
     avx512vnni     vpdpbusd: u8 x s8, 4 products summed into each i32      512-bit  Ice Lake, Sapphire Rapids, Zen 4
     avx512bw       vpmaddubsw -> i16 pairs, vpmaddwd -> i32                512-bit  Skylake-X
-    avxvnni        vpdpbusd, VEX-encoded                                  256-bit  Alder Lake, Zen 5 (client)
+    avxvnni        vpdpbusd, VEX-encoded                                  256-bit  Alder Lake, Arrow Lake
     avx2           vpmaddubsw, vpmaddwd                                   256-bit  Haswell and later, Zen 1-3
     portable       plain loops (`dot_portable`), no intrinsics            -        anything; NUMBA_DISABLE_JIT=1
 

@@ -18,9 +18,9 @@ quantized x per group: the result is exactly W @ (quantized x), so the error sca
 not with the stored quants. Both terms come from the dot products of kernels/matmul_simd.py (SIMD
 intrinsics of the instruction set kernels/isa.py chose, or their portable plain-loop definition). Work is
 split over chunks of ROW_CHUNK output rows (`prange`); prefill sweeps a chunk once per tile of TOKEN_TILE
-tokens, reading and decoding each weight row once per tile; single tokens read the rows in order (one sequential stream: interleaving several rows halved
-the DRAM bandwidth in measurements). Every (token, row) output goes through the same float operations
-whatever n is.
+tokens, reading and decoding each weight row once per tile; single tokens read the rows in order (one
+sequential stream: interleaving several rows halved the DRAM bandwidth in measurements). Every (token,
+row) output goes through the same float operations whatever n is.
 """
 
 from __future__ import annotations
