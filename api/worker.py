@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from kawai.api.errors import OverloadedError, RateLimitError, UnavailableError
 from kawai.api.metrics import TPOT_BUCKETS, TTFT_BUCKETS, Metrics
-from kawai.engine.batch import forward_batch
+from kawai.engine.batch import PREFILL_CHUNK, forward_batch
 from kawai.engine.errors import KawaiError
 from kawai.engine.generate import Generation, SequenceState, Step, ThinkingBudget
 from kawai.engine.prefix_cache import Lease, PrefixCache
@@ -44,7 +44,6 @@ log = logging.getLogger("kawai.worker")
 access_log = logging.getLogger("kawai.access")
 
 MAX_SEQUENCES = 4
-PREFILL_CHUNK = 128  # prompt tokens per step across all prefilling sequences
 IDLE_TICK = 0.5  # seconds between heartbeats when idle
 WEDGE_SECONDS = 60.0
 DEFAULT_KV_MEMORY_FRACTION = 0.5  # of physical memory, per model, when no KV memory budget is given

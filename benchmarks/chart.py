@@ -4,7 +4,7 @@
 
 Also prints the Markdown results table of docs/benchmarks.md.
 
-For each (model, threads) the newest result file is used (file names start with the date). Three panels:
+For each (model, threads, prompt tokens) the newest result file is used (file names start with the date). Three panels:
 prefill tok/s and decode tok/s (one group of bars per model and thread count, log scale so the fp32
 transformers bars stay readable), and the kawai / llama.cpp ratios. matplotlib is in .venv-bench only.
 """
@@ -21,11 +21,11 @@ ENGINE_COLORS = {"kawai": "#d1495b", "llama.cpp": "#00798c", "transformers": "#a
 
 
 def newest_per_config(paths: list[Path]) -> list[dict]:
-    """One report per (model, threads), the newest by file name; sorted by model then threads."""
-    chosen: dict[tuple[str, int], tuple[str, dict]] = {}
+    """One report per (model, threads, prompt tokens), the newest by file name; sorted by those."""
+    chosen: dict[tuple[str, int, int], tuple[str, dict]] = {}
     for path in sorted(paths):
         report = json.loads(path.read_text())
-        chosen[(report["model"], report["threads"])] = (path.name, report)
+        chosen[(report["model"], report["threads"], report["prompt_tokens"])] = (path.name, report)
     return [chosen[key][1] for key in sorted(chosen)]
 
 
@@ -36,7 +36,8 @@ def draw(reports: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    labels = [f"{short_name(r['model'])}\n{r['threads']} thread{'s' * (r['threads'] > 1)}" for r in reports]
+    labels = [f"{short_name(r['model'])}\n{r['threads']} thread{'s' * (r['threads'] > 1)}, {r['prompt_tokens']} prompt"
+              for r in reports]
     engines = [e for e in ENGINE_COLORS if any(e in r["engines"] for r in reports)]
     width = 0.8 / len(engines)
     fig, axes = plt.subplots(3, 1, figsize=(max(8, 1.6 * len(reports) + 2), 13))
@@ -59,8 +60,9 @@ def draw(reports: list[dict], out: Path) -> None:
     axes[0].legend(fontsize=8)
     draw_ratios(axes[2], reports, labels)
     first = reports[0]
-    fig.suptitle(f"kawai vs llama.cpp on {first['machine']['cpu']}: "
-                 f"{first['prompt_tokens']} prompt tokens, {first['gen_tokens']} generated")
+    isa = first["machine"].get("kawai_isa")
+    fig.suptitle(f"kawai{f' ({isa})' if isa else ''} vs llama.cpp on {first['machine']['cpu']}: "
+                 f"{first['gen_tokens']} tokens generated")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -91,9 +93,9 @@ def draw_ratios(ax, reports: list[dict], labels: list[str]) -> None:
 
 def markdown_table(reports: list[dict]) -> str:
     """The results table of docs/benchmarks.md: one row per (model, threads, engine)."""
-    rows = ["| model | threads | engine | prefill tok/s | decode tok/s | ttft s | weight GB/s (of read BW) "
+    rows = ["| model | threads | prompt | engine | prefill tok/s | decode tok/s | ttft s | weight GB/s (of read BW) "
             "| serving RSS MB | kawai/llama.cpp prefill, decode |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         ratios = r["ratios"]
         vs = (f"{ratios['prefill_tok_s_vs_llama_cpp']:.2f}x, {ratios['decode_tok_s_vs_llama_cpp']:.2f}x"
@@ -104,7 +106,8 @@ def markdown_table(reports: list[dict]) -> str:
                 continue
             rss = e.get("serving_peak_rss_mb")
             rows.append(
-                f"| {r['model']} | {r['threads']} | {engine} | {e['prefill_tok_s']:.1f} | {e['decode_tok_s']:.2f} "
+                f"| {r['model']} | {r['threads']} | {r['prompt_tokens']} | {engine} | {e['prefill_tok_s']:.1f} "
+                f"| {e['decode_tok_s']:.2f} "
                 f"| {e['ttft_s']:.2f} | {e['weight_gb_s']:.2f} ({r['machine']['mem_read_gb_s']:.1f}) "
                 f"| {f'{rss:.0f}' if rss else '-'} | {vs if engine == 'kawai' else ''} |"
             )

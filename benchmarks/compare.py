@@ -2,6 +2,9 @@
 
     .venv-bench/bin/python benchmarks/compare.py -m qwen2.5-coder-0.5b-instruct-q4_k_m --threads 2
 
+Our engine runs the server's path (engine.batch.forward_batch, the prompt in the server's chunks; see
+engine/bench.py). Long prompts: --prompt-tokens 12000 --n-ctx 12200 --no-serving-rss.
+
 Same GGUF file, same prompt token ids (P random normal tokens, fixed seed), same thread count and n_ctx.
 Each engine lives in its own worker process (benchmarks/worker.py), loaded once; kawai and llama.cpp
 runs alternate (kawai first, then llama.cpp first, ...) so a noisy neighbour hurts both alike, and the
@@ -16,8 +19,8 @@ reported figures are medians over the repeats. Every engine first does one untim
   one request (P prompt tokens, 16 generated), for kawai and llama.cpp each in its own process
 - transformers (fp32 weights dequantized from the same GGUF) decodes only a few tokens: it is slow.
 
-Prints a table and the ratios, writes benchmarks/results/<date>-<model>-<threads>t.json, and ends with
-one JSON line.
+Prints a table and the ratios, writes benchmarks/results/<date>-<model>-<threads>t-<prompt>p.json,
+and ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pathlib import Path
 from kawai.engine.bench import (
     DECODE_WARMUP_STEPS,
     PROMPT_SEED,
+    machine_info,
     median_step_s,
     measure_read_bandwidth_isolated,
     prompt_token_ids,
@@ -203,16 +207,6 @@ def resolve_model(id_or_path: str) -> tuple[str, Path]:
     return path.name.removesuffix(".gguf"), path.resolve()
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="kawai vs llama.cpp vs transformers, side by side.")
     p.add_argument("-m", "--model", default="qwen2.5-coder-0.5b-instruct-q4_k_m", help="catalog id or .gguf path")
@@ -233,8 +227,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.threads < 1 or args.prompt_tokens < 1 or args.gen_tokens < DECODE_WARMUP_STEPS + 2:
         p.error("need --threads >= 1, --prompt-tokens >= 1, --gen-tokens >= 4")
-    if args.prompt_tokens + max(args.gen_tokens, SERVING_GEN) > min(args.n_ctx, SERVING_CTX):
-        p.error("prompt + generated tokens must fit the context")
+    context = args.n_ctx if args.no_serving_rss else min(args.n_ctx, SERVING_CTX)
+    if args.prompt_tokens + max(args.gen_tokens, SERVING_GEN) > context:
+        p.error("prompt + generated tokens must fit the context (and the serving check's 4096 unless --no-serving-rss)")
     return args
 
 
@@ -251,6 +246,8 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"compare: unknown engine(s) {sorted(unknown)}")
 
+    machine = machine_info()
+    log(f"CPU: {machine['cpu']}; kawai kernels: {machine['isa']}; load average {machine['load_avg']}")
     read_gb_s = measure_read_bandwidth_isolated(args.threads)  # keeps this process small
     log(f"memory read bandwidth ({args.threads} threads): {read_gb_s:.1f} GB/s")
     raw = speed_phase(engines, args, model, ids, log)
@@ -272,18 +269,19 @@ def main(argv=None) -> int:
             log(f"serving RSS of {engine} ({SERVING_CTX} ctx) ...")
             results[engine]["serving_peak_rss_mb"] = serving_rss_mb(engine, python, args, model, ids)
 
-    report = build_report(args, model_id, model, bytes_per_token, read_gb_s, raw, results)
+    machine["load_avg_after"] = machine_info()["load_avg"]
+    report = build_report(args, model_id, model, bytes_per_token, read_gb_s, raw, results, machine)
     print_table(report)
     if not args.no_save:
         args.results_dir.mkdir(parents=True, exist_ok=True)
-        out = args.results_dir / f"{report['date']}-{model_id}-{args.threads}t.json"
+        out = args.results_dir / f"{report['date']}-{model_id}-{args.threads}t-{args.prompt_tokens}p.json"
         out.write_text(json.dumps(report, indent=2) + "\n")
         log(f"wrote {out}")
     print(json.dumps(report["summary"]))
     return 0
 
 
-def build_report(args, model_id, model, bytes_per_token, read_gb_s, raw, results) -> dict:
+def build_report(args, model_id, model, bytes_per_token, read_gb_s, raw, results, machine) -> dict:
     ratios = {}
     ours = results.get("kawai")
     for peer, tag in (("llama.cpp", "llama_cpp"), ("transformers", "transformers")):
@@ -295,8 +293,9 @@ def build_report(args, model_id, model, bytes_per_token, read_gb_s, raw, results
     agreement = None
     if "kawai" in raw and "llama.cpp" in raw:
         agreement = leading_agreement(raw["kawai"]["runs"][0]["tokens"], raw["llama.cpp"]["runs"][0]["tokens"])
-    summary = {"model": model_id, "threads": args.threads, "prompt_tokens": args.prompt_tokens,
-               "gen_tokens": args.gen_tokens, "mem_read_gb_s": round(read_gb_s, 2)}
+    summary = {"model": model_id, "cpu": machine["cpu"], "kawai_isa": machine["isa"], "threads": args.threads,
+               "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
+               "mem_read_gb_s": round(read_gb_s, 2), "load_avg_before": machine["load_avg"]}
     for engine, r in results.items():
         tag = engine.replace(".", "_")
         for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "load_s", "serving_peak_rss_mb"):
@@ -313,8 +312,9 @@ def build_report(args, model_id, model, bytes_per_token, read_gb_s, raw, results
         "gen_tokens": args.gen_tokens,
         "repeats": args.repeats,
         "n_ctx": args.n_ctx,
-        "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "python": platform.python_version(),
-                    "mem_read_gb_s": read_gb_s},
+        "machine": {"cpu": machine["cpu"], "kawai_isa": machine["isa"], "logical_cpus": os.cpu_count(),
+                    "python": platform.python_version(), "mem_read_gb_s": read_gb_s,
+                    "load_avg_before": machine["load_avg"], "load_avg_after": machine["load_avg_after"]},
         "weight_bytes_per_token": bytes_per_token,
         "engines": results,
         "ratios": ratios,
@@ -326,6 +326,9 @@ def build_report(args, model_id, model, bytes_per_token, read_gb_s, raw, results
 def print_table(report: dict) -> None:
     print(f"model {report['model']}  threads {report['threads']}  prompt {report['prompt_tokens']}  "
           f"gen {report['gen_tokens']}  repeats {report['repeats']}  n_ctx {report['n_ctx']}")
+    m = report["machine"]
+    print(f"CPU {m['cpu']}  kawai kernels {m['kawai_isa']}  load average {m['load_avg_before']} -> "
+          f"{m['load_avg_after']}")
     read = report["machine"]["mem_read_gb_s"]
     per_token = report["weight_bytes_per_token"]
     print(f"memory read {read:.1f} GB/s; weights read per token {per_token / 1e6:.0f} MB "

@@ -26,6 +26,8 @@ from kawai.engine.weights import Weights
 from kawai.kernels import ops
 from kawai.kernels.matmul import matmul
 
+PREFILL_CHUNK = 128  # the server's prompt tokens per batched step, across all prefilling sequences
+
 
 def forward_batch(
     cfg: ModelConfig, weights: Weights, tokens: Sequence[Sequence[int]], caches: Sequence[KVCache]

@@ -1,5 +1,8 @@
 """Measuring the engine: compile, load, prefill, decode, memory bandwidth and peak RSS.
 
+Our engine is timed on the path the server runs: `engine.batch.forward_batch`, prompts in chunks of the
+server's PREFILL_CHUNK. Every result names the CPU, the kernels' instruction set and the load average.
+
 Used by `kawai bench` (our engine alone) and by `benchmarks/compare.py` (side by side with llama.cpp and
 transformers). The rules (house style, lesson 11): warm up first, time prefill and decode separately,
 report medians, never count prompt tokens as generated tokens, and state the bandwidth ceiling.
@@ -97,7 +100,7 @@ def measure_read_bandwidth(threads: int, n_bytes: int = BANDWIDTH_BYTES, repeats
 
 def measure_read_bandwidth_isolated(threads: int) -> float:
     """`measure_read_bandwidth` in a child process, so its 512 MB array never counts in our peak RSS."""
-    code = f"from engine.bench import measure_read_bandwidth as m; print(m({int(threads)}))"
+    code = f"from kawai.engine.bench import measure_read_bandwidth as m; print(m({int(threads)}))"
     return float(_run_probe(code, dict(os.environ)))
 
 
@@ -129,7 +132,7 @@ def measure_compile_times(path: Path, threads: int) -> tuple[float, float]:
     """
     with tempfile.TemporaryDirectory(prefix="kawai-bench-numba-") as cache_dir:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
-        code = f"from engine.bench import _compile_probe; _compile_probe({str(path)!r}, {int(threads)})"
+        code = f"from kawai.engine.bench import _compile_probe; _compile_probe({str(path)!r}, {int(threads)})"
         return float(_run_probe(code, env)), float(_run_probe(code, env))
 
 
@@ -178,7 +181,8 @@ def timed_run(runner, ids: list[int], gen: int) -> TimedRun:
 
 
 class KawaiRunner:
-    """Our engine behind the runner interface of benchmarks/peers.py (greedy, no stop rules).
+    """Our engine behind the runner interface of benchmarks/peers.py (greedy, no stop rules), on the path
+    the server runs (api/worker.py): `forward_batch`, the prompt in chunks of the server's PREFILL_CHUNK.
 
     `engine.load` also warms the kernels up; `llm.load_seconds` excludes that, `llm.compile_seconds` is it.
     """
@@ -189,15 +193,34 @@ class KawaiRunner:
         from kawai.engine.llm import load
 
         self.version = _kawai_version()
+        self.info = machine_info()
         self.llm = load(path, threads=threads, n_ctx=n_ctx)
         self._cache = None
 
+    def _step(self, ids: list[int]) -> int:
+        from kawai.engine.batch import forward_batch
+
+        logits = forward_batch(self.llm.config, self.llm.weights, [ids], [self._cache])  # (1, V)
+        return int(np.argmax(logits[0]))
+
     def prefill(self, ids: list[int]) -> int:
+        from kawai.engine.batch import PREFILL_CHUNK
+
         self._cache = self.llm.new_cache()
-        return int(np.argmax(self.llm.forward(ids, self._cache)))  # logits (V,) of the last position
+        for lo in range(0, len(ids), PREFILL_CHUNK):
+            token = self._step(ids[lo : lo + PREFILL_CHUNK])
+        return token
 
     def decode_step(self, token: int) -> int:
-        return int(np.argmax(self.llm.forward([token], self._cache)))
+        return self._step([token])
+
+
+def machine_info() -> dict:
+    """The CPU, the kernels' instruction set (kernels/isa.py) and the load average: what a number depends on."""
+    from kawai.kernels import isa
+
+    return {"cpu": isa.cpu_model(), "isa": isa.ISA, "isa_best": isa.BEST,
+            "load_avg": [round(v, 2) for v in os.getloadavg()]}
 
 
 def _kawai_version() -> str:
@@ -225,6 +248,10 @@ class BenchSettings:
 @dataclass(frozen=True)
 class BenchResult:
     model: str
+    cpu: str
+    isa: str  # the kernels' instruction set (kernels/isa.py)
+    load_avg_before: list[float]  # 1, 5, 15 minutes: a shared machine's noise
+    load_avg_after: list[float]
     threads: int
     prompt_tokens: int
     gen_tokens: int
@@ -246,6 +273,9 @@ class BenchResult:
 def run_bench(settings: BenchSettings, log=lambda msg: None) -> BenchResult:
     """Compile (cold and cached, in child processes), memory bandwidth (child process), then in this
     process: load, one warm-up run, one measured run."""
+    before = machine_info()
+    log(f"CPU: {before['cpu']}; kernels: {before['isa']} (best here: {before['isa_best']}); "
+        f"load average {before['load_avg']}")
     gguf = GGUFFile(settings.model_path)  # a bad file fails here, before the slow probes
     ids = prompt_token_ids(gguf, settings.prompt_tokens)
     bytes_per_token = weight_bytes_per_token(gguf)
@@ -267,6 +297,10 @@ def run_bench(settings: BenchSettings, log=lambda msg: None) -> BenchResult:
     weight_gb_s = bytes_per_token * decode_tok_s / 1e9
     result = BenchResult(
         model=settings.model_id,
+        cpu=before["cpu"],
+        isa=before["isa"],
+        load_avg_before=before["load_avg"],
+        load_avg_after=machine_info()["load_avg"],
         threads=settings.threads,
         prompt_tokens=settings.prompt_tokens,
         gen_tokens=settings.gen_tokens,

@@ -15,12 +15,12 @@ Activations are quantized once per call to int8 per block of 32 (Q8_0-like: d = 
 
 where isum is the int32 dot product of a group's quants with the quantized x and xqsum the sums of the
 quantized x per group: the result is exactly W @ (quantized x), so the error scales with the weights,
-not with the stored quants. Both terms come from the dot products of kernels/matmul_simd.py (AVX2
-intrinsics, or their portable plain-loop definition elsewhere). Work is split over chunks of ROW_CHUNK
-output rows (`prange`); prefill sweeps a chunk once per tile of 4 tokens, reading each weight row once
-per tile; single tokens read the rows in order (one sequential stream: interleaving several rows halved
-the DRAM bandwidth in measurements). Every (token, row) output goes through the same float operations
-whatever n is.
+not with the stored quants. Both terms come from the dot products of kernels/matmul_simd.py (SIMD
+intrinsics of the instruction set kernels/isa.py chose, or their portable plain-loop definition). Work is
+split over chunks of ROW_CHUNK output rows (`prange`); prefill sweeps a chunk once per tile of TOKEN_TILE
+tokens, reading and decoding each weight row once per tile; single tokens read the rows in order (one
+sequential stream: interleaving several rows halved the DRAM bandwidth in measurements). Every (token,
+row) output goes through the same float operations whatever n is.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ ROW_CHUNK = 16  # output rows per parallel work item
 DENSE_TOKEN_TILE = 8  # tokens per sweep over a chunk of dense weight rows
 
 FMT_S8, FMT_U8, FMT_U4, FMT_U5 = simd.FMT_S8, simd.FMT_U8, simd.FMT_U4, simd.FMT_U5
+TOKEN_TILE = simd.TOKEN_TILE  # tokens per prefill tile: 8 on the 512-bit paths, else 4
 
 
 @njit(cache=True)
@@ -81,11 +82,10 @@ def quantize_activations_parallel(x, xq, xd, xqsum16, xqsum32):
 
 
 @njit(cache=True)
-def _store4(y, t0, r, o):
-    y[t0, r] = o[0]
-    y[t0 + 1, r] = o[1]
-    y[t0 + 2, r] = o[2]
-    y[t0 + 3, r] = o[3]
+def _store_tile(y, t0, r, o):
+    """y[t0 + i, r] = o[i] for the TOKEN_TILE outputs of one row."""
+    for i in range(TOKEN_TILE):
+        y[t0 + i, r] = o[i]
 
 
 @njit(cache=True)
@@ -107,24 +107,24 @@ def _rows_t1(fmt, w, row_bytes, s, m, n_groups, x, xd, xqsum, t, n_blocks, bias_
 
 
 @njit(cache=True)
-def _rows_t4(fmt, w, row_bytes, s, m, n_groups, x, xd, xqsum, t0, n_blocks, bias_factor, r_lo, r_hi, y):
-    """y[t0:t0+4, r_lo:r_hi]: a tile of 4 tokens, each weight row read once for the four."""
+def _rows_tile(fmt, w, row_bytes, s, m, n_groups, x, xd, xqsum, t0, n_blocks, bias_factor, r_lo, r_hi, y):
+    """y[t0:t0+TOKEN_TILE, r_lo:r_hi]: a tile of tokens, each weight row read and decoded once for all of them."""
     if fmt == FMT_S8:
         for r in range(r_lo, r_hi):
-            _store4(y, t0, r, simd.dot_s8_t4(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t0, n_blocks,
-                                             bias_factor))
+            _store_tile(y, t0, r, simd.dot_s8_tile(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t0, n_blocks,
+                                                   bias_factor))
     elif fmt == FMT_U8:
         for r in range(r_lo, r_hi):
-            _store4(y, t0, r, simd.dot_u8_t4(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t0, n_blocks,
-                                             bias_factor))
+            _store_tile(y, t0, r, simd.dot_u8_tile(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t0, n_blocks,
+                                                   bias_factor))
     elif fmt == FMT_U4:
         for r in range(r_lo, r_hi):
-            _store4(y, t0, r, simd.dot_u4_t4(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t0, n_blocks,
-                                             bias_factor))
+            _store_tile(y, t0, r, simd.dot_u4_tile(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t0, n_blocks,
+                                                   bias_factor))
     else:
         for r in range(r_lo, r_hi):
-            _store4(y, t0, r, simd.dot_u5_t4(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t0, n_blocks,
-                                             bias_factor))
+            _store_tile(y, t0, r, simd.dot_u5_tile(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t0, n_blocks,
+                                                   bias_factor))
 
 
 @njit(parallel=True, cache=True)
@@ -144,9 +144,9 @@ def gemm_quant(fmt, w, s, m, bias_factor, xq, xd, xqsum, y):
         r_lo = c * ROW_CHUNK
         r_hi = min(rows, r_lo + ROW_CHUNK)
         t0 = 0
-        while t0 + 4 <= n:  # prefill: tiles of 4 tokens, each weight row read once per tile
-            _rows_t4(fmt, wf, row_bytes, sf, mf, n_groups, xq, xd, xqsum, t0, n_blocks, bias_factor, r_lo, r_hi, y)
-            t0 += 4
+        while t0 + TOKEN_TILE <= n:  # prefill: tiles of tokens, each weight row decoded once per tile
+            _rows_tile(fmt, wf, row_bytes, sf, mf, n_groups, xq, xd, xqsum, t0, n_blocks, bias_factor, r_lo, r_hi, y)
+            t0 += TOKEN_TILE
         for t in range(t0, n):  # single tokens: row after row, one sequential stream through the weights
             _rows_t1(fmt, wf, row_bytes, sf, mf, n_groups, xq, xd, xqsum, t, n_blocks, bias_factor, r_lo, r_hi, y)
 

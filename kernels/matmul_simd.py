@@ -1,19 +1,32 @@
-"""AVX2 dot products of packed weight blocks with int8 activations, as Numba intrinsics in LLVM IR.
+"""Dot products of packed weight blocks with int8 activations, as Numba intrinsics in LLVM IR, one per
+instruction set (kernels/isa.py chooses which at start-up), next to their portable definition.
 
 Numba's default pipeline leaves the 32-element block loops of a quantized dot product scalar (its SLP
-vectorizer is off), so the innermost work is emitted here directly. Per block of 32 weights:
+vectorizer is off), so the innermost work is emitted here directly. Per block of 32 weights, the integer
+dot product of the quants q (unsigned) with the int8 activations x is 8 partial sums of 4 products:
 
-    vpmaddubsw(u8 weights, i8 activations) -> 16 x i16 pair sums   (|pair| <= 2 * 128 * 127: no saturation)
-    vpmaddwd(.., 1)                        -> 8 x i32
-    vcvtdq2ps, vfmadd by (block scale * activation scale) into an 8-lane float accumulator
+    avx2, avx512bw      vpmaddubsw(q, x) -> i16 pair sums, vpmaddwd(.., 1) -> i32 sums of 4
+    avxvnni, avx512vnni vpdpbusd(0, q, x) -> i32 sums of 4, in one instruction
 
-and one horizontal sum per output. Signed weights ("s8", Q8_0) use the sign trick: |w| as the unsigned
-operand, x with w's sign as the signed one. The call
+(|pair| <= 2 * 128 * 127 fits an i16: both give the same integers.) The 512-bit paths (avx512bw,
+avx512vnni) take two blocks per instruction; the 256-bit ones one. Each partial sum then goes to float:
 
-    dot_<fmt>_t<NT>(w, w_off, s, m, g_off, x, xd, xqsum, t0, B, bias_factor)
+    vcvtdq2ps, vfmadd by (block scale * activation scale) into a float accumulator lane
+
+Every path accumulates into the same 16 float lanes: lanes 0-7 take the even blocks, lanes 8-15 the odd
+ones (the 256-bit paths hold them as two 8-lane registers; the 512-bit paths as one register, with an odd
+last block added to lanes 0-7 only). Then lanes 0-7 plus lanes 8-15, and one horizontal sum in a fixed
+tree. So all SIMD paths do the same float operations on the same integers: their results are identical,
+bit for bit. Signed weights ("s8", Q8_0) use the sign trick: |w| as the unsigned operand, x with w's sign
+as the signed one (vpsignb at 256 bits; a compare and a masked negation at 512 bits, which has no vpsignb).
+
+The call
+
+    dot_<fmt>_t1(w, w_off, s, m, g_off, x, xd, xqsum, t0, B, bias_factor)      one token: a float
+    dot_<fmt>_tile(...)                                                           TOKEN_TILE tokens: a tuple
 
 computes, for one weight row (its B blocks from byte w_off of the flat uint8 w, its groups from g_off of
-the flat float32 s and m) and NT tokens t = t0 + i (NT = 1: a float, NT = 4: a tuple),
+the flat float32 s and m) and the tokens t = t0 + i,
 
     out[i] = sum_b sum_g s[b*G + g] * xd[t*B + b] * isum(t, b, g)  +  bias_factor * sum_bg m * xqsum
     isum   = sum over the weights k of group g of block b: q[b, k] * x[t*B*32 + b*32 + k]
@@ -28,12 +41,13 @@ decoded from each block by format:
     "u5"  20 bytes: the "u4" nibbles, then a little-endian u32 with the 5th bit of element j at bit j
 
 "s8" has no bias term (its m and bias_factor are ignored). The other formats' bias term is a dot product
-of the row's m with xqsum, computed after the blocks, 8 groups per vector FMA.
+of the row's m with xqsum, computed after the blocks, 8 groups per 256-bit FMA on every path.
 
-Each token's output goes through the same operations whatever NT is, so a prefill row equals the same
-token computed alone, bit for bit. The intrinsics exist where `AVAILABLE` (x86-64 with
-AVX2 and FMA, JIT on). Elsewhere, and with NUMBA_DISABLE_JIT=1, the same names are plain-loop Numba
-functions over `dot_portable`, which is also the definition the intrinsics are tested against.
+Each token's output goes through the same operations whatever the tile is, so a prefill row equals the
+same token computed alone, bit for bit. With ISA "portable" (no AVX2, NUMBA_DISABLE_JIT=1, or forced)
+the same names are plain-loop Numba functions over `dot_portable`, the definition the intrinsics are
+tested against: it adds the same products in another order (per block, not per lane), so it agrees with
+the SIMD paths to float rounding (relative ~1e-6 of the sum of |terms|), not bit for bit.
 
 Numba caches the kernels that call these intrinsics by their own source file only: after editing this
 file, clear kernels/__pycache__/*.nbi and *.nbc.
@@ -41,7 +55,6 @@ file, clear kernels/__pycache__/*.nbi and *.nbc.
 
 from __future__ import annotations
 
-import llvmlite.binding as llvm_binding
 import numba
 import numpy as np
 from llvmlite import ir
@@ -49,19 +62,20 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from kawai.kernels.isa import ISA
+
 BLOCK_BYTES = {"s8": 32, "u8": 32, "u4": 16, "u5": 20}
 GROUPS = {"s8": 1, "u8": 2, "u4": 1, "u5": 1}  # scales per block of 32
 SIGNED_FORMATS = frozenset({"s8"})  # signed quants: no bias term
 FMT_S8, FMT_U8, FMT_U4, FMT_U5 = 0, 1, 2, 3  # format codes passed to the Numba kernels
 FORMAT_CODES = {"s8": FMT_S8, "u8": FMT_U8, "u4": FMT_U4, "u5": FMT_U5}
 
-
-def _host_has_avx2_fma() -> bool:
-    features = llvm_binding.get_host_cpu_features()
-    return bool(features.get("avx2", False) and features.get("fma", False))
-
-
-AVAILABLE = not numba.config.DISABLE_JIT and _host_has_avx2_fma()
+WIDE_ISAS = frozenset({"avx512bw", "avx512vnni"})  # 512-bit vectors: two blocks per instruction
+VNNI_ISAS = frozenset({"avxvnni", "avx512vnni"})  # vpdpbusd
+AVAILABLE = ISA != "portable"  # the intrinsics are in use
+# Tokens per prefill tile (each weight row is decoded once per tile; measured in docs/benchmarks.md). The
+# 256-bit paths hold two 8-lane accumulators per token in 16 registers; the 512-bit ones one in 32.
+TOKEN_TILE = 8 if ISA in WIDE_ISAS else 4
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _F32 = ir.FloatType()
@@ -79,14 +93,15 @@ def _shuffle(builder: ir.IRBuilder, a, b, indices):
     return builder.shuffle_vector(a, b, _consts(_I32, list(indices)))
 
 
-def _splat(builder: ir.IRBuilder, value, n: int):
-    v = builder.insert_element(ir.Constant(_vec(value.type, n), None), value, ir.Constant(_I32, 0))
-    return _shuffle(builder, v, v, [0] * n)
-
-
 def _load(builder: ir.IRBuilder, base_ptr, offset, ty: ir.Type):
     """Load a value of type `ty` from base_ptr + offset elements (unaligned)."""
     return builder.load(builder.bitcast(builder.gep(base_ptr, [offset]), ty.as_pointer()), align=1)
+
+
+def _load_spread(builder: ir.IRBuilder, base_ptr, offset, n: int, lanes: int):
+    """n floats from base_ptr + offset, each repeated over lanes // n consecutive lanes: <lanes x float>."""
+    v = _load(builder, base_ptr, offset, _vec(_F32, n))
+    return _shuffle(builder, v, v, [j * n // lanes for j in range(lanes)])
 
 
 def _call(builder: ir.IRBuilder, name: str, ret: ir.Type, args):
@@ -111,6 +126,31 @@ def _decode_block(builder: ir.IRBuilder, wp, w_off, fmt: str):
     return q
 
 
+def _integer_dot(builder: ir.IRBuilder, isa: str, q, x, signed: bool):
+    """<n x i8> quants q and activations x (n = 32 or 64) -> <n/4 x i32>, lane j = sum of products 4j..4j+3.
+
+    q is unsigned, or signed for the "s8" format (then the sign trick: |q| times x with q's sign)."""
+    n = q.type.count
+    bits = 8 * n
+    if signed:
+        if n == 32:
+            x = _call(builder, "llvm.x86.avx2.psign.b", q.type, [x, q])
+        else:  # no vpsignb at 512 bits; where q is 0 the product is 0 either way
+            negative = builder.icmp_signed("<", q, ir.Constant(q.type, None))
+            x = builder.select(negative, builder.sub(ir.Constant(x.type, None), x), x)
+        q = _call(builder, f"llvm.abs.v{n}i8", q.type, [q, ir.Constant(ir.IntType(1), 0)])
+    v_i32 = _vec(_I32, n // 4)
+    if isa in VNNI_ISAS:  # vpdpbusd(acc, u8, s8): acc + sums of 4 u8*s8 products, exact in i32
+        return _call(builder, f"llvm.x86.avx512.vpdpbusd.{bits}", v_i32,
+                     [ir.Constant(v_i32, None), builder.bitcast(q, v_i32), builder.bitcast(x, v_i32)])
+    v_i16 = _vec(_I16, n // 2)
+    if n == 32:
+        pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", v_i16, [q, x])
+        return _call(builder, "llvm.x86.avx2.pmadd.wd", v_i32, [pairs, _consts(_I16, [1] * 16)])
+    pairs = _call(builder, "llvm.x86.avx512.pmaddubs.w.512", v_i16, [q, x])
+    return _call(builder, "llvm.x86.avx512.pmaddw.d.512", v_i32, [pairs, _consts(_I16, [1] * 32)])
+
+
 def _hsum8(builder: ir.IRBuilder, v):
     """Sum of a <8 x float> in a fixed tree order."""
     v = builder.fadd(_shuffle(builder, v, v, range(4)), _shuffle(builder, v, v, range(4, 8)))
@@ -119,46 +159,65 @@ def _hsum8(builder: ir.IRBuilder, v):
                         builder.extract_element(v, ir.Constant(_I32, 1)))
 
 
-def _emit_dot(context, builder, sig, args, fmt: str, nt: int):
-    """IR for one weight row x NT tokens (see the module docstring); returns the NT outputs.
+def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
+    """IR for one weight row x nt tokens (see the module docstring); returns the nt outputs.
 
-    Each token has its own accumulators and sees the same operations whatever NT is."""
+    Each token has its own accumulator (16 float lanes: even blocks in 0-7, odd blocks in 8-15) and sees
+    the same operations whatever nt and the vector width are."""
     wp, sp, mp, xp, xdp, xqp = (cgutils.create_struct_proxy(sig.args[i])(context, builder, value=args[i]).data
                                 for i in (0, 2, 3, 5, 6, 7))
     w_off, g_off, t0, n_blocks = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 4, 8, 9))
     bias_factor = context.cast(builder, args[10], sig.args[10], types.float32)
     i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
-    v32i8, v16i16, v8i32, v8f32 = _vec(_I8, 32), _vec(_I16, 16), _vec(_I32, 8), _vec(_F32, 8)
-    ones16 = _consts(_I16, [1] * 16)
+    v8f32, v16f32 = _vec(_F32, 8), _vec(_F32, 16)
     n_groups = GROUPS[fmt]
     signed = fmt in SIGNED_FORMATS
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f32, None)) for _ in range(nt)]
+    wide = isa in WIDE_ISAS
+    # accs[i]: token i's 16 lanes, as one <16 x float> (wide) or [even, odd] <8 x float> halves
+    if wide:
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f32, None)) for _ in range(nt)]
+    else:
+        accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8f32, None)) for _ in range(2)] for _ in range(nt)]
     biases = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(nt)]
 
-    def block(b):
-        q = _decode_block(builder, wp, builder.add(w_off, builder.mul(b, i64(BLOCK_BYTES[fmt]))), fmt)
-        if signed:
-            q_abs = _call(builder, "llvm.abs.v32i8", v32i8, [q, ir.Constant(ir.IntType(1), 0)])
-        g_at = builder.add(g_off, builder.mul(b, i64(n_groups)))
-        group_scales = [_load(builder, sp, builder.add(g_at, i64(g)), _F32) for g in range(n_groups)]
-        if n_groups == 1:
-            scale = _splat(builder, group_scales[0], 8)
-        else:  # lanes 0-3 sum elements 0-15, lanes 4-7 elements 16-31
-            pair = builder.insert_element(_splat(builder, group_scales[0], 2), group_scales[1], ir.Constant(_I32, 1))
-            scale = _shuffle(builder, pair, pair, [0, 0, 0, 0, 1, 1, 1, 1])
+    def quants(b):
+        return _decode_block(builder, wp, builder.add(w_off, builder.mul(b, i64(BLOCK_BYTES[fmt]))), fmt)
+
+    def token_block(i, b):
+        return builder.add(builder.mul(n_blocks, builder.add(t0, i64(i))), b)  # token t0+i, block b
+
+    def accumulate(acc, isums, scale, dx):
+        """acc + float(isums) * (scale * dx), one rounding per lane (FMA)."""
+        return _call(builder, f"llvm.fma.v{isums.type.count}f32", acc.type,
+                     [builder.sitofp(isums, acc.type), builder.fmul(scale, dx), acc])
+
+    def narrow_block(b, half):
+        """Block b into lanes 0-7 (half 0) or 8-15 (half 1) of every token's accumulator, 256 bits."""
+        q = quants(b)
+        scale = _load_spread(builder, sp, builder.add(g_off, builder.mul(b, i64(n_groups))), n_groups, 8)
+        isa_256 = "avxvnni" if isa in VNNI_ISAS else "avx2"  # the same integers at 256 bits
         for i in range(nt):
-            blk = builder.add(builder.mul(n_blocks, builder.add(t0, i64(i))), b)  # token t0+i, block b
-            x = _load(builder, xp, builder.mul(blk, i64(32)), v32i8)
-            dx = _splat(builder, _load(builder, xdp, blk, _F32), 8)
-            if signed:  # sign trick: |q| (unsigned) times x with q's sign
-                signed_x = _call(builder, "llvm.x86.avx2.psign.b", v32i8, [x, q])
-                pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", v16i16, [q_abs, signed_x])
+            blk = token_block(i, b)
+            isums = _integer_dot(builder, isa_256, q, _load(builder, xp, builder.mul(blk, i64(32)), _vec(_I8, 32)),
+                                 signed)
+            dx = _load_spread(builder, xdp, blk, 1, 8)
+            if wide:  # only lanes 0-7 change (the last, odd-numbered block)
+                acc = builder.load(accs[i])
+                low = accumulate(_shuffle(builder, acc, acc, range(8)), isums, scale, dx)
+                builder.store(_shuffle(builder, low, _shuffle(builder, acc, acc, range(8, 16)), range(16)), accs[i])
             else:
-                pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", v16i16, [q, x])
-            quads = _call(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [pairs, ones16])
-            total = _call(builder, "llvm.fma.v8f32", v8f32,
-                          [builder.sitofp(quads, v8f32), builder.fmul(scale, dx), builder.load(accs[i])])
-            builder.store(total, accs[i])
+                builder.store(accumulate(builder.load(accs[i][half]), isums, scale, dx), accs[i][half])
+
+    def wide_pair(b):
+        """Blocks b (lanes 0-7) and b + 1 (lanes 8-15) of every token, in 512-bit instructions."""
+        q = _shuffle(builder, quants(b), quants(builder.add(b, i64(1))), range(64))
+        scale = _load_spread(builder, sp, builder.add(g_off, builder.mul(b, i64(n_groups))), 2 * n_groups, 16)
+        for i in range(nt):
+            blk = token_block(i, b)
+            x = _load(builder, xp, builder.mul(blk, i64(32)), _vec(_I8, 64))
+            dx = _load_spread(builder, xdp, blk, 2, 16)
+            isums = _integer_dot(builder, isa, q, x, signed)
+            builder.store(accumulate(builder.load(accs[i]), isums, scale, dx), accs[i])
 
     def bias_terms():
         """sum over the row's groups of m * xqsum, per token: 8 groups per vector FMA, then the tail."""
@@ -181,20 +240,32 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int):
                 builder.store(_call(builder, "llvm.fma.f32", _F32, [coef, xq_sum, builder.load(biases[i])]),
                               biases[i])
 
-    with cgutils.for_range(builder, n_blocks) as loop:
-        block(loop.index)
+    with cgutils.for_range(builder, builder.sdiv(n_blocks, i64(2))) as loop:  # pairs of blocks
+        b = builder.mul(loop.index, i64(2))
+        if wide:
+            wide_pair(b)
+        else:
+            narrow_block(b, 0)
+            narrow_block(builder.add(b, i64(1)), 1)
+    with builder.if_then(builder.icmp_signed("!=", builder.srem(n_blocks, i64(2)), i64(0))):  # an odd last block
+        narrow_block(builder.sub(n_blocks, i64(1)), 0)
     if not signed:
         bias_terms()
     outs = []
-    for k, acc in enumerate(accs):
-        out = _hsum8(builder, builder.load(acc))
+    for i in range(nt):
+        if wide:
+            acc = builder.load(accs[i])
+            even, odd = _shuffle(builder, acc, acc, range(8)), _shuffle(builder, acc, acc, range(8, 16))
+        else:
+            even, odd = builder.load(accs[i][0]), builder.load(accs[i][1])
+        out = _hsum8(builder, builder.fadd(even, odd))
         if not signed:
-            out = builder.fadd(out, builder.fmul(bias_factor, builder.load(biases[k])))
+            out = builder.fadd(out, builder.fmul(bias_factor, builder.load(biases[i])))
         outs.append(out)
     return outs[0] if nt == 1 else context.make_tuple(builder, sig.return_type, outs)
 
 
-def _make_intrinsic(fmt: str, nt: int):
+def _make_intrinsic(fmt: str, nt: int, isa: str):
     @intrinsic
     def dot(typingctx, w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
         # The IR reads raw data pointers: only flat C-contiguous arrays of the expected dtypes type-check.
@@ -207,7 +278,7 @@ def _make_intrinsic(fmt: str, nt: int):
         sig = ret(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
 
         def codegen(context, builder, signature, args):
-            return _emit_dot(context, builder, signature, args, fmt, nt)
+            return _emit_dot(context, builder, signature, args, fmt, nt, isa)
 
         return sig, codegen
 
@@ -262,7 +333,7 @@ def _make_portable(fmt: str, nt: int):
         @numba.njit(cache=True)
         def dot(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
             return dot_portable(code, w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
-    else:  # NT == 4
+    else:  # a tile of 4 tokens
         @numba.njit(cache=True)
         def dot(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
             return (dot_portable(code, w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor),
@@ -273,15 +344,15 @@ def _make_portable(fmt: str, nt: int):
 
 
 def _make(fmt: str, nt: int):
-    return _make_intrinsic(fmt, nt) if AVAILABLE else _make_portable(fmt, nt)
+    return _make_intrinsic(fmt, nt, ISA) if AVAILABLE else _make_portable(fmt, nt)
 
 
-# Dot products dot_<fmt>_t<NT>: one weight row with one token (decode) or with 4 tokens (prefill).
+# Dot products dot_<fmt>_t1 (one weight row with one token: decode) and dot_<fmt>_tile (with TOKEN_TILE).
 dot_s8_t1 = _make("s8", 1)
-dot_s8_t4 = _make("s8", 4)
+dot_s8_tile = _make("s8", TOKEN_TILE)
 dot_u8_t1 = _make("u8", 1)
-dot_u8_t4 = _make("u8", 4)
+dot_u8_tile = _make("u8", TOKEN_TILE)
 dot_u4_t1 = _make("u4", 1)
-dot_u4_t4 = _make("u4", 4)
+dot_u4_tile = _make("u4", TOKEN_TILE)
 dot_u5_t1 = _make("u5", 1)
-dot_u5_t4 = _make("u5", 4)
+dot_u5_tile = _make("u5", TOKEN_TILE)

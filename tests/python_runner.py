@@ -11,11 +11,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_python(script: str, *args: str, jit: bool = True, timeout: float = 300) -> str:
+def run_python(script: str, *args: str, jit: bool = True, env: dict[str, str] | None = None,
+               timeout: float = 300) -> str:
     """stdout of `python -c script args...` (stripped); the run must succeed. jit=False sets
-    NUMBA_DISABLE_JIT=1, so the kernels run as plain Python."""
-    env = dict(os.environ, NUMBA_DISABLE_JIT="0" if jit else "1")
-    done = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    NUMBA_DISABLE_JIT=1, so the kernels run as plain Python; `env` adds environment variables."""
+    done = _run(script, args, jit, env, timeout)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.strip()
+
+
+def run_python_failing(script: str, *args: str, jit: bool = True, env: dict[str, str] | None = None,
+                       timeout: float = 300) -> str:
+    """The last line of stderr of a run of `script` that must fail (as `run_python` otherwise)."""
+    done = _run(script, args, jit, env, timeout)
+    assert done.returncode != 0, done.stdout[-2000:]
+    return done.stderr.strip().splitlines()[-1]
+
+
+def _run(script: str, args, jit: bool, env: dict[str, str] | None, timeout: float) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, NUMBA_DISABLE_JIT="0" if jit else "1", **(env or {}))
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)

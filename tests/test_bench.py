@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from kawai.api.cli import main
+from kawai.engine.batch import PREFILL_CHUNK
 from kawai.engine.bench import (
+    KawaiRunner,
     TimedRun,
     measure_read_bandwidth,
     median_step_s,
@@ -25,6 +27,7 @@ from kawai.engine.bench import (
 )
 from kawai.engine.errors import KawaiError
 from kawai.engine.gguf import open_gguf
+from kawai.kernels import isa
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -172,6 +175,8 @@ def test_bench_end_to_end_json(smollm_model_path, capsys):
     for key in ("load_s", "prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb", "mem_read_gb_s"):
         assert result[key] > 0, key
     assert result["compile_s"] is None  # --no-compile
+    assert result["isa"] == isa.ISA and result["cpu"] == isa.cpu_model()
+    assert len(result["load_avg_before"]) == len(result["load_avg_after"]) == 3
     assert result["prefill_tok_s"] == pytest.approx(16 / result["ttft_s"], rel=1e-3)
     assert result["weight_gb_s"] == pytest.approx(result["weight_bytes_per_token"] * result["decode_tok_s"] / 1e9,
                                                   rel=1e-3)
@@ -180,6 +185,20 @@ def test_bench_end_to_end_json(smollm_model_path, capsys):
     file_mb = result["weight_bytes_per_token"] / 2**20
     assert file_mb < result["packed_weight_mb"] < 1.5 * file_mb
     assert len(lines) > 1  # human lines came first
+
+
+def test_bench_runner_runs_the_server_path(smollm_model_path):
+    """KawaiRunner prefills through forward_batch in the server's chunks (more than one here) and decodes
+    one token per batched step: its greedy tokens are those of llm.forward on the whole prompt."""
+    runner = KawaiRunner(smollm_model_path, 1, 2 * PREFILL_CHUNK)
+    ids = prompt_token_ids(open_gguf(smollm_model_path), PREFILL_CHUNK + 40)
+    run = timed_run(runner, ids, 4)
+    cache = runner.llm.new_cache()
+    expected = [int(np.argmax(runner.llm.forward(ids, cache)))]
+    for _ in range(3):
+        expected.append(int(np.argmax(runner.llm.forward([expected[-1]], cache))))
+    assert run.tokens == expected
+    assert runner._cache.length == len(ids) + 3
 
 
 @pytest.mark.slow
@@ -216,14 +235,17 @@ def test_compare_agreement_and_ratios():
     assert compare.ratio({"x": 3.0}, {}, "x") is None
 
 
-def test_chart_picks_the_newest_result_per_model_and_threads(tmp_path):
+def test_chart_picks_the_newest_result_per_model_threads_and_prompt(tmp_path):
     chart = _load_script("chart")
-    for name, model, threads, value in (
-        ("2026-01-01-a-1t.json", "a", 1, 1.0),
-        ("2026-02-01-a-1t.json", "a", 1, 2.0),  # newer: wins
-        ("2026-01-15-a-2t.json", "a", 2, 3.0),
-        ("2026-01-01-b-1t.json", "b", 1, 4.0),
+    for name, model, threads, prompt, value in (
+        ("2026-01-01-a-1t-512p.json", "a", 1, 512, 1.0),
+        ("2026-02-01-a-1t-512p.json", "a", 1, 512, 2.0),  # newer: wins
+        ("2026-01-01-a-1t-12000p.json", "a", 1, 12000, 5.0),  # another prompt length: kept
+        ("2026-01-15-a-2t-512p.json", "a", 2, 512, 3.0),
+        ("2026-01-01-b-1t-512p.json", "b", 1, 512, 4.0),
     ):
-        (tmp_path / name).write_text(json.dumps({"model": model, "threads": threads, "value": value}))
+        (tmp_path / name).write_text(json.dumps({"model": model, "threads": threads, "prompt_tokens": prompt,
+                                                 "value": value}))
     reports = chart.newest_per_config(sorted(tmp_path.glob("*.json"), reverse=True))
-    assert [(r["model"], r["threads"], r["value"]) for r in reports] == [("a", 1, 2.0), ("a", 2, 3.0), ("b", 1, 4.0)]
+    assert [(r["model"], r["threads"], r["prompt_tokens"], r["value"]) for r in reports] == [
+        ("a", 1, 512, 2.0), ("a", 1, 12000, 5.0), ("a", 2, 512, 3.0), ("b", 1, 512, 4.0)]

