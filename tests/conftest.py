@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,13 @@ def smollm_meta(smollm_model_path) -> dict:
     from kawai.engine.gguf import open_gguf
 
     return open_gguf(smollm_model_path).metadata
+
+
+@pytest.fixture(autouse=True)
+def _event_streams_follow_the_grammar():
+    """Every Anthropic event stream a test's LiveServer sent follows tests/sse_grammar.py."""
+    yield
+    harness = sys.modules.get("api_harness")  # only tests that started a server imported it
+    for server in list(harness.LiveServer.running) if harness else []:
+        failures, server.sse.failures = server.sse.failures, []
+        assert not failures, "broken event stream:\n" + "\n\n".join(failures)

@@ -18,10 +18,13 @@ import time
 
 import anthropic
 import httpx
+import numpy as np
 import pytest
 
 from kawai import engine
 from api_harness import home, live_server, parse_sse, tokens  # noqa: F401 (home, tokens: fixtures)
+from sse_grammar import check_stream
+from test_model_reference import REFERENCE
 
 GREEDY = {"temperature": 0}  # this SDK version has no sampling kwargs; they go in the body
 
@@ -115,6 +118,18 @@ def test_sdk_count_tokens_matches_usage(client, model):
     counted = client.messages.count_tokens(**kw).input_tokens
     m = client.messages.create(max_tokens=1, **kw)
     assert counted == m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0) > 100  # tools in the prompt
+
+
+def test_usage_counts_the_prompt_as_transformers_does(client, model):
+    """usage.input_tokens and count_tokens are the length of transformers' apply_chat_template for the same
+    messages (stored by tests/make_reference.py with transformers' own GGUF tokenizer)."""
+    with np.load(REFERENCE) as data:
+        chats = json.loads(str(data["meta"]))["chats"]
+        expected = [len(data[f"chat_ids_{j}"]) for j in range(len(chats))]
+    for chat, n_tokens in zip(chats, expected):
+        counted = client.messages.count_tokens(model=model, **chat).input_tokens
+        m = client.messages.create(model=model, max_tokens=1, **chat)
+        assert counted == m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0) == n_tokens, chat
 
 
 def test_sdk_models_list_and_retrieve(client, model):
@@ -213,15 +228,16 @@ def test_streamed_forced_tool_call_sends_arguments_as_they_are_written(server, t
             "messages": [{"role": "user", "content": "Weather in Tokyo?"}]}
     r = httpx.post(server.url + "/v1/messages", json=body, headers={"x-api-key": tokens.all}, timeout=120)
     frames = parse_sse(r.text)
+    message = check_stream(frames)
     starts = [d for e, d in frames if e == "content_block_start"]
     assert starts[0]["index"] == 0 and starts[0]["content_block"]["type"] == "tool_use"
     assert starts[0]["content_block"]["name"] == "get_weather" and starts[0]["content_block"]["input"] == {}
     fragments = [d["delta"]["partial_json"] for e, d in frames
                  if e == "content_block_delta" and d["delta"]["type"] == "input_json_delta"]
     assert len(fragments) >= 3  # streamed token by token, not one piece at the end
-    assert "tokyo" in json.loads("".join(fragments))["location"].lower()
-    delta = [d for e, d in frames if e == "message_delta"][0]
-    assert delta["delta"]["stop_reason"] == "tool_use"
+    assert "tokyo" in message["content"][0]["input"]["location"].lower()
+    assert message["content"][0]["input"] == json.loads("".join(fragments))
+    assert message["stop_reason"] == "tool_use"
 
 
 def test_sdk_stream_accumulates_tool_input(client, model):
@@ -259,8 +275,10 @@ def test_ping_arrives_during_a_long_prefill(server, tokens, model):
     body = {"model": model, "max_tokens": 1, "stream": True,
             "messages": [{"role": "user", "content": "Summarize: " + "The quick brown fox jumps. " * 40}]}
     r = httpx.post(server.url + "/v1/messages", json=body, headers={"x-api-key": tokens.all}, timeout=300)
-    kinds = [e for e, _ in parse_sse(r.text)]
-    assert kinds[0] == "message_start" and "ping" in kinds[: kinds.index("message_delta")]
+    frames = parse_sse(r.text)
+    check_stream(frames)
+    kinds = [e for e, _ in frames]
+    assert "ping" in kinds[: kinds.index("message_delta")]
 
 
 # ---- the seed's examples, verbatim bodies ------------------------------------------------------------------
@@ -333,35 +351,6 @@ def check_message(m: dict, model: str) -> None:
         assert m["stop_reason"] in ("tool_use", "max_tokens")
 
 
-def collect_stream(raw: str) -> dict:
-    """Rebuild the message from the documented event sequence, checking the sequence on the way."""
-    frames = [(e, d) for e, d in parse_sse(raw) if e != "ping"]
-    assert all(e == d["type"] for e, d in frames)
-    kinds = [e for e, _ in frames]
-    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
-    message = frames[0][1]["message"]
-    assert message["content"] == [] and message["stop_reason"] is None
-    partial: dict[int, str] = {}
-    for e, d in frames[1:-2]:
-        if e == "content_block_start":
-            assert d["index"] == len(message["content"])
-            message["content"].append(d["content_block"])
-        elif e == "content_block_delta":
-            block = message["content"][d["index"]]
-            if d["delta"]["type"] == "text_delta":
-                block["text"] += d["delta"]["text"]
-            else:
-                assert d["delta"]["type"] == "input_json_delta" and block["type"] == "tool_use"
-                partial[d["index"]] = partial.get(d["index"], "") + d["delta"]["partial_json"]
-        else:
-            assert e == "content_block_stop"
-    for index, text in partial.items():
-        message["content"][index]["input"] = json.loads(text)
-    message["stop_reason"] = frames[-2][1]["delta"]["stop_reason"]
-    message["usage"].update(frames[-2][1]["usage"])
-    return message
-
-
 @pytest.mark.parametrize("name", sorted(SEED_EXAMPLES))
 @pytest.mark.parametrize("stream, style", [(False, "x-api-key"), (True, "bearer")])
 def test_seed_example(server, tokens, model, name, stream, style):
@@ -371,7 +360,7 @@ def test_seed_example(server, tokens, model, name, stream, style):
     assert r.headers["anthropic-request-id"] == r.headers["request-id"]
     if stream:
         assert r.headers["content-type"].startswith("text/event-stream")
-        check_message(collect_stream(r.text), model)
+        check_message(check_stream(parse_sse(r.text)), model)
     else:
         check_message(r.json(), model)
 

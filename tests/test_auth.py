@@ -5,6 +5,7 @@ routed path (Host header and path tricks), tokens never logged, CR/LF escaped in
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import time
 
@@ -14,6 +15,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from kawai import engine
+from kawai.api.app import GRANTS
 from kawai.api.tokens import TokenStore
 from api_harness import home, live_server, tokens  # noqa: F401 (home, tokens: fixtures)
 from tiny_models import write_tiny_model
@@ -99,6 +101,47 @@ def test_used_up_limit_is_429_with_retry_after(server, tokens):
     r = call(server, "POST", "/v1/messages", limited, json=MESSAGE)
     assert r.status_code == 429 and error_type(r) == "rate_limit_error"
     assert 1 <= int(r.headers["retry-after"]) <= 86_401
+
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def route_matrix(server) -> list[tuple[str, str, bool]]:
+    """(method, path, allowed) for every declared route of the live router and every method; path
+    parameters filled in. New routes are covered as they are added."""
+    cells = []
+    for route in server.app.router.routes:
+        if route.name not in GRANTS:
+            continue  # /v1/undeclared: test_route_without_a_declared_grant_is_denied
+        path = re.sub(r"\{[^}]+\}", "tiny-qwen2-f32", route.path)
+        cells += [(method, path, method in route.methods) for method in METHODS]
+    return cells
+
+
+def test_every_route_and_method_without_a_token_is_401(server):
+    """Only GET/HEAD /health answer without a token; every other route, whatever the method, is 401 —
+    a wrong method included (its 405 would tell a stranger the route exists)."""
+    cells = route_matrix(server)
+    assert {path for _, path, _ in cells} >= {"/v1/messages", "/v1/models", "/health", "/metrics"}
+    for method, path, allowed in cells:
+        r = call(server, method, path)
+        if path == "/health":
+            assert r.status_code == (200 if allowed else 405), (method, path)
+        else:
+            assert r.status_code == 401, (method, path, r.status_code)
+            if method != "HEAD":
+                assert error_type(r) == "authentication_error"
+
+
+def test_every_route_with_a_valid_token_and_a_wrong_method_is_405(server, tokens):
+    for method, path, allowed in route_matrix(server):
+        r = call(server, method, path, {"x-api-key": tokens.all}, json=MESSAGE if method == "POST" else None)
+        if allowed:
+            assert r.status_code not in (401, 403, 405), (method, path, r.status_code)
+        else:
+            assert r.status_code == 405, (method, path, r.status_code)
+            assert method == "HEAD" or error_type(r) == "invalid_request_error"
+            assert r.headers["allow"], (method, path)
 
 
 def test_health_is_the_only_open_route(server):

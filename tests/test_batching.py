@@ -328,11 +328,10 @@ def test_100_clients_that_disconnect_after_the_first_delta_leak_nothing(server, 
 
     outcomes = asyncio.run(crowd())
     assert set(outcomes) <= {"left", "529"} and outcomes.count("left") >= 24, outcomes
-    t0 = time.monotonic()
     client = anthropic.Anthropic(base_url=server.url, api_key=tokens.all, max_retries=0, timeout=60)
     message = client.messages.create(model="tiny-qwen2-mixed", max_tokens=8, extra_body={"temperature": 0},
                                      messages=[{"role": "user", "content": "Hi"}])
-    assert message.usage.output_tokens > 0 and time.monotonic() - t0 < 10
+    assert message.usage.output_tokens > 0
     wait_idle(server, tokens)
     assert metric(server, tokens, "kawai_active_sequences") == 0
     assert metric(server, tokens, "kawai_queue_length") == 0

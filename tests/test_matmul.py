@@ -38,8 +38,11 @@ from kawai.kernels.qtypes import GGMLType
 from kawai.kernels.threads import ThreadingError, configure_threads, max_threads
 from python_runner import run_python
 
+# Relative error bounds vs a float64 product, near the measured ones: int8 activations give 3.3e-3..7.0e-3
+# on the random weights here (every quant type, 1 and 7 tokens; about 1e-2 on real tensors with Gaussian
+# activations); float32 accumulation of dense weights 9.6e-8..1.4e-7.
 QUANT_BOUND = 1e-2
-DENSE_BOUND = 1e-5
+DENSE_BOUND = 3e-7
 QUANT_TYPES = sorted(t for t in MATMUL_TYPES if t.block_size > 1)
 DENSE_TYPES = [GGMLType.F32, GGMLType.F16, GGMLType.BF16]
 # Byte offsets of the f16 scale fields in each block: random bytes elsewhere, sane halves here.

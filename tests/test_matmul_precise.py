@@ -28,8 +28,12 @@ from kawai.kernels.qtypes import GGMLType
 from kawai.kernels.threads import configure_threads
 from python_runner import run_python
 
+# Measured (random Gaussian weights of every gguf-quantizable type, and the first 256 rows of each real
+# tensor kind of both catalog models): relative error 3.2e-5..6.4e-5 (1.5e-4 for SmolLM2's attn_q with
+# the activations test_real_smollm_tensors draws), 190..370 times closer to float64 than the
+# int8-activation matmul.
 PRECISE_BOUND = 3e-4
-MIN_GAIN = 50  # how many times closer to float64 than the plain matmul
+MIN_GAIN = 100  # how many times closer to float64 than the plain matmul
 GGUF_QUANTIZABLE = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0]
 
 

@@ -1,8 +1,9 @@
 """The forward pass against transformers (float32, same GGUF, weights dequantized by gguf-py).
 
-(a) tiny random qwen2 / qwen3 / llama models, float and quantized storage: exact mode within 1e-3,
-    fast kernels within a small KL;
-(c) decoding token by token with the cache equals a full recompute, and a truncated cache is reusable;
+(a) tiny random qwen2 / qwen3 / llama models, float and quantized storage: exact mode within a few
+    float32 roundings, fast kernels within a KL and top-1 agreement close to the measured ones;
+(c) decoding token by token with the cache equals a full recompute bit for bit, and a truncated cache is
+    reusable (also bit for bit);
     plus config / weights / input errors (tests/test_model_real.py holds the real-model comparisons).
 """
 
@@ -87,6 +88,17 @@ def mean_kl(ref: np.ndarray, ours: np.ndarray) -> float:
 # A prompt longer than one CHUNK, so the chunk boundary is crossed.
 TOKENS = np.random.default_rng(1).integers(0, N_VOCAB, CHUNK + 44)
 
+# Bounds, about twice the measured error (tests/test_model.py on this machine, numpy 2.4, torch 2.13 CPU).
+# Exact mode, max |logit diff| vs transformers: 2.6e-6..4.3e-6 (qwen2), 8.5e-6..1.9e-5 (qwen3, llama:
+# larger logits, max |logit| 10-21); linear RoPE scaling 2.5e-6 (qwen2), 8.3e-6 (llama).
+EXACT_ATOL = 4e-5
+# Fast kernels (int8 activations per 32, q/k/v at ~15 bits, top logits recomputed exactly), mean KL and
+# top-1 agreement over the 300 positions. Measured per arch over q8_0 / q4_1 / mixed:
+#   qwen2 KL 6.2e-5..6.6e-5, top-1 0.970..0.977;  qwen3 KL 4.8e-4..5.8e-4, top-1 0.973..0.993;
+#   llama KL 4.7e-4..5.4e-4, top-1 0.977..0.993.
+FAST_MAX_KL = {"qwen2": 1.3e-4, "qwen3": 1.1e-3, "llama": 1.1e-3}
+FAST_MIN_TOP1 = 0.96  # 12 flips of 300; measured at most 9
+
 
 # --- (a) tiny models vs transformers ------------------------------------------------------------------
 
@@ -97,13 +109,13 @@ def test_tiny_model_matches_transformers(tiny, arch, qtype):
     path = tiny(arch, qtype)
     ref = reference(path, TOKENS)
     exact = run(path, TOKENS, exact=True)
-    assert np.abs(exact - ref).max() < 1e-3
+    assert np.abs(exact - ref).max() < EXACT_ATOL
     if qtype in ("f32", "f16"):
         return  # float weights: the fast path is the exact path
     # Fast kernels quantize activations to int8 per 32: close, not equal.
     fast = run(path, TOKENS, exact=False)
-    assert mean_kl(ref, fast) < 5e-3
-    assert (fast.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+    assert mean_kl(ref, fast) < FAST_MAX_KL[arch]
+    assert (fast.argmax(-1) == ref.argmax(-1)).mean() >= FAST_MIN_TOP1
 
 
 def test_config_flags_follow_the_architecture(tiny):
@@ -123,7 +135,7 @@ def test_linear_rope_scaling_matches_transformers(tiny, arch):
     cfg = ModelConfig.from_gguf(open_gguf(path))
     assert (cfg.rope_scaling, cfg.rope_scaling_factor) == ("linear", 4.0)
     tokens = TOKENS[:100]
-    assert np.abs(run(path, tokens, exact=True) - reference(path, tokens)).max() < 1e-3
+    assert np.abs(run(path, tokens, exact=True) - reference(path, tokens)).max() < EXACT_ATOL
 
 
 def test_llama3_rope_freqs_divide_the_frequencies(tiny):
@@ -132,7 +144,7 @@ def test_llama3_rope_freqs_divide_the_frequencies(tiny):
     with_freqs = run(tiny("llama", rope_freqs=(4.0,) * (head_dim // 2)), TOKENS[:64], exact=True)
     scaled = run(tiny("llama", rope_scaling_factor=4.0), TOKENS[:64], exact=True)
     plain = run(tiny("llama"), TOKENS[:64], exact=True)
-    np.testing.assert_allclose(with_freqs, scaled, atol=1e-5)
+    np.testing.assert_array_equal(with_freqs, scaled)  # the same float32 frequencies either way
     assert np.abs(with_freqs - plain).max() > 0.1
 
 
@@ -151,7 +163,8 @@ def test_cached_decode_equals_full_recompute(tiny, arch, exact):
     steps += [forward(cfg, weights, tokens[i : i + 1], cache) for i in range(25, 40)]
     assert cache.length == 40
     assert all(s.shape == (1, cfg.n_vocab) for s in steps)
-    np.testing.assert_allclose(np.concatenate(steps), full[24:], atol=1e-4, rtol=0)
+    # Bit for bit: a row's arithmetic does not depend on how many rows share the call (measured: 0.0).
+    np.testing.assert_array_equal(np.concatenate(steps), full[24:])
 
 
 def test_truncated_cache_reuses_the_prefix(tiny):
@@ -163,7 +176,7 @@ def test_truncated_cache_reuses_the_prefix(tiny):
     cache.truncate(len(a))
     reused = forward(cfg, weights, b, cache, all_logits=True)
     fresh = forward(cfg, weights, np.concatenate([a, b]), KVCache(cfg, 64), all_logits=True)[len(a) :]
-    np.testing.assert_allclose(reused, fresh, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(reused, fresh)
     assert cache.length == 50
     with pytest.raises(KawaiError):
         cache.truncate(51)

@@ -2,9 +2,9 @@
 
 transformers dequantizes the GGUF with gguf-py and runs in float32: an independent oracle.
 (b) teacher-forced logits on 4 prompts (>= 300 tokens): with the fast kernels (int8 activations, the top
-    logits recomputed exactly, q/k/v at ~15 bits) mean KL(ref || ours) < 0.02 and top-1 agreement >= 98%,
-    every flip a near-tie; in exact mode (float32 weights) max |logit diff| < 1e-2;
-(c) the cache: prefill + token-by-token decode equals the teacher-forced logits;
+    logits recomputed exactly, q/k/v at ~15 bits) mean KL(ref || ours) and top-1 agreement near the measured
+    values, every flip a near-tie; in exact mode (float32 weights) max |logit diff| near the measured one;
+(c) the cache: prefill + token-by-token decode equals the teacher-forced logits bit for bit;
 (d) greedy decoding of 64 tokens in exact mode equals transformers' greedy output.
 Each model is loaded once per module; the 0.5B (transformers needs ~2 GB and minutes) is marked slow.
 """
@@ -49,11 +49,16 @@ GREEDY_PROMPT = (
     "that returns True when a number is prime.<|im_end|>\n<|im_start|>assistant\n"
 )
 MODELS = {"smollm2": "smollm_model_path", "qwen2.5-coder": "default_model_path"}
-# Fast-kernel top-1 agreement required per model (the issue's bar: 98%). q/k/v get ~15-bit activations
+# Bounds per model, near the measured values (this machine, 1 kernel thread). q/k/v get ~15-bit activations
 # and the logits near the top are recomputed exactly (kernels/matmul_precise.py); attn_output and the MLP
-# keep int8 activations, which still flip a few near-ties. Measured on these prompts: SmolLM2 Q4_1 99.2%
-# (3 flips of 362; llama.cpp 0.3.36 on the same file and ids: 97.0%), Qwen2.5-Coder Q4_K_M 99.4%.
-MIN_TOP1 = {"smollm2": 0.98, "qwen2.5-coder": 0.98}
+# keep int8 activations, which still flip a few near-ties. Measured on these prompts:
+#   SmolLM2 Q4_1: top-1 99.17% (3 flips of 362; llama.cpp 0.3.36 on the same file and ids: 97.0%),
+#     mean KL 0.00148, exact mode max |logit diff| 7.5e-5. Without the precise q/k/v and exact top logits
+#     top-1 drops to 98.07% (7 flips).
+#   Qwen2.5-Coder Q4_K_M: top-1 99.4% (2 flips of 333), mean KL 0.00032, exact mode max |logit diff| 7.3e-5.
+MIN_TOP1 = {"smollm2": 357 / 362, "qwen2.5-coder": 329 / 333}  # at most 5 and 4 flips
+MAX_KL = {"smollm2": 0.003, "qwen2.5-coder": 0.0007}
+EXACT_ATOL = {"smollm2": 1.5e-4, "qwen2.5-coder": 1.5e-4}
 NEAR_TIE = 0.5  # a disagreement is only allowed where the reference's top-2 margin is below this
 
 
@@ -111,7 +116,7 @@ def test_fast_kernels_agree_with_transformers(model):
     flipped_margins = (top2[:, 1] - top2[:, 0])[ours.argmax(-1) != ref.argmax(-1)]
     print(f"{model.name}: top-1 agreement {top1:.4f}, mean KL {kl:.5f} over {len(ref)} positions")
     assert top1 >= MIN_TOP1[model.name]
-    assert kl < 0.02
+    assert kl < MAX_KL[model.name]
     assert np.all(flipped_margins < NEAR_TIE), flipped_margins
 
 
@@ -120,7 +125,7 @@ def test_exact_mode_matches_transformers(model):
         float(np.abs(model.logits(ids, exact=True) - ref).max()) for ids, ref in zip(model.prompts, model.ref)
     )
     print(f"{model.name}: exact mode max |logit diff| {worst:.2e}")
-    assert worst < 1e-2
+    assert worst < EXACT_ATOL[model.name]
 
 
 def test_decode_with_cache_equals_teacher_forcing(model):
@@ -129,7 +134,7 @@ def test_decode_with_cache_equals_teacher_forcing(model):
     cache = KVCache(model.cfg, len(ids))
     steps = [forward(model.cfg, model.fast, ids[:-10], cache)]
     steps += [forward(model.cfg, model.fast, ids[i : i + 1], cache) for i in range(len(ids) - 10, len(ids))]
-    np.testing.assert_allclose(np.concatenate(steps), full[-11:], atol=1e-3, rtol=0)
+    np.testing.assert_array_equal(np.concatenate(steps), full[-11:])  # bit for bit, as on the tiny models
 
 
 def test_greedy_decoding_matches_transformers(model):

@@ -21,7 +21,7 @@ def test_rms_norm_matches_formula_and_allows_in_place():
     expected = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * w
     out = np.empty_like(x)
     ops.rms_norm(x, w, 1e-6, out)
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=5e-7)  # measured max |diff| 2.6e-7
     ops.rms_norm(x, w, 1e-6, x)  # the model normalizes q/k heads in place
     np.testing.assert_array_equal(x, out)
 
@@ -52,7 +52,8 @@ def test_rope_matches_reference(neox):
     out = x.copy()
     ops.rope(out, positions, inv_freq, neox)
     # float32 angles at position 4095 carry ~2e-4 rad of rounding, as in transformers and llama.cpp
-    np.testing.assert_allclose(out, expected, atol=2e-3)
+    # (measured max |diff| 1.9e-4 neox, 2.1e-4 normal, at position 4095; 2.5e-5 at 1000)
+    np.testing.assert_allclose(out, expected, atol=4e-4)
     np.testing.assert_array_equal(out[0], x[0])  # position 0 is the identity
 
 
@@ -62,7 +63,7 @@ def test_silu_mul_matches_torch():
     out = np.empty_like(gate)
     ops.silu_mul(gate, up, out)
     expected = (F.silu(torch.from_numpy(gate)) * torch.from_numpy(up)).numpy()
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)  # measured: 5.5e-7 relative
 
 
 def test_softmax_matches_torch_and_survives_large_logits():
@@ -107,7 +108,8 @@ def test_attention_matches_sdpa(n, start, heads, kv_heads):
 
     out = np.empty_like(q)
     ops.attention(q, k_cache, v_cache, start, np.float32(hd**-0.5), out)
-    np.testing.assert_allclose(out, _attention_reference(q, k_all, v_all, start), atol=2e-5)
+    # measured max |diff| 0 .. 4.2e-7 over these cases
+    np.testing.assert_allclose(out, _attention_reference(q, k_all, v_all, start), atol=1e-6, rtol=0)
 
 
 def test_attention_ignores_positions_past_the_query():

@@ -67,7 +67,7 @@ ids = [1, 2, 3, 4]
 with torch.no_grad():
     ref = hf(torch.tensor([ids])).logits[0].numpy()
 ours = llm.logits(ids)
-err = abs(ref - ours).max(); print("max abs logit error", err); assert err < 1e-3, err
+err = abs(ref - ours).max(); print("max abs logit error", err); assert err < 4e-5, err  # measured <= 3.2e-6
 assert "site-packages" in kernels.__file__, kernels.__file__
 """ % str(tmp_path)
     result = subprocess.run([sys.executable, "-P", "-c", code], cwd=ROOT, capture_output=True, text=True,

@@ -5,11 +5,10 @@ The oracle for support sets and probabilities is a plain float64 full sort + sof
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from kawai.engine.errors import KawaiError
@@ -129,7 +128,26 @@ def test_sampler_never_touches_the_global_generator():
 # ---- support sets -------------------------------------------------------------------------------
 
 
-@settings(max_examples=60, deadline=None)
+def _ambiguous(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rel: float = 1e-5) -> bool:
+    """True when float32 rounding could decide the support: a near-tie at the top-k or top-p cut, or a
+    cumulative mass within `rel` of top_p. (The sampler exponentiates in float32; the oracle in float64.)"""
+    probs = np.sort(oracle_probs(logits, temperature))[::-1]
+    if 0 < top_k < len(probs):
+        if probs[top_k - 1] - probs[top_k] <= rel * probs[top_k - 1]:
+            return True
+        probs = probs[:top_k]
+    probs = probs / probs.sum()
+    if top_p < 1.0:
+        cdf = np.cumsum(probs)
+        if np.any(np.abs(cdf - top_p) <= rel):
+            return True
+        n = int(np.searchsorted(cdf, top_p, side="left")) + 1
+        if n < len(probs) and probs[n - 1] - probs[n] <= rel * probs[n - 1]:
+            return True
+    return False
+
+
+@settings(max_examples=100, deadline=None)
 @given(
     st.lists(st.floats(-20, 20, width=32), min_size=2, max_size=400),
     st.floats(0.05, 2.0),
@@ -141,19 +159,22 @@ def test_candidates_match_full_sort_oracle(values, temperature, top_k, top_p):
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     ids, probs = Sampler(params).candidates(logits)
     assert np.all(np.diff(ids) > 0) and abs(probs.sum() - 1.0) < 1e-9 and np.all(probs >= 0)
-    expected = oracle_support(logits, temperature, top_k, top_p)
-    if set(ids.tolist()) == expected:
-        return
-    # Only rounding may differ (the sampler exponentiates in float32): the kept set must still be a
-    # most-likely set of the right size under the float64 oracle, up to a tolerance.
-    eps = 1e-5
-    oracle = oracle_probs(logits, temperature)
-    if 0 < top_k < len(logits):
-        assert len(ids) <= top_k
+    assume(not _ambiguous(logits, temperature, top_k, top_p))  # skip what rounding decides; never loosen
+    assert set(ids.tolist()) == oracle_support(logits, temperature, top_k, top_p)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(-20, 20, width=32), min_size=1, max_size=400), st.floats(0.05, 2.0), st.integers(1, 450))
+def test_top_k_keeps_exactly_k_of_the_most_likely(values, temperature, top_k):
+    """Ties included: exactly min(k, V) tokens, none less likely than a dropped one (up to the float32
+    rounding of logits / temperature, which can tie two neighbours)."""
+    logits = np.array(values, dtype=np.float32)
+    ids, _ = Sampler(SamplingParams(temperature=temperature, top_k=top_k)).candidates(logits)
+    assert len(ids) == min(top_k, len(logits))
     dropped = np.setdiff1d(np.arange(len(logits)), ids)
     if dropped.size:
-        assert oracle[ids].min() >= oracle[dropped].max() * (1 - eps) - 1e-12
-    assert abs(len(ids) - len(expected)) <= 1
+        oracle = oracle_probs(logits, temperature)
+        assert oracle[ids].min() >= oracle[dropped].max() * (1 - 1e-6)
 
 
 def test_top_k_support_and_draws_on_a_full_vocab():
@@ -169,8 +190,7 @@ def test_top_p_wide_support_grows_past_the_first_window():
     logits = np.random.default_rng(4).uniform(0, 0.01, 5000).astype(np.float32)
     ids, _ = Sampler(SamplingParams(top_p=0.9)).candidates(logits)
     expected = oracle_support(logits, top_p=0.9)
-    assert 4400 < len(ids) < 4600 and abs(len(ids) - len(expected)) <= 1
-    assert set(ids.tolist()) == set(np.argsort(-logits, kind="stable")[: len(ids)].tolist())
+    assert len(ids) == 4498 and set(ids.tolist()) == expected  # far past the first window of 64
 
 
 def test_top_p_keeps_the_token_that_crosses_the_threshold():
@@ -213,7 +233,7 @@ def test_empirical_frequencies_follow_the_distribution():
     assert np.all(np.abs(freq - probs) < 5 * np.sqrt(probs * (1 - probs) / n))
 
 
-# ---- bad logits and speed -----------------------------------------------------------------------
+# ---- bad logits -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -223,19 +243,3 @@ def test_non_finite_logits_are_a_clear_error(bad):
     for params in (SamplingParams(temperature=0), SamplingParams()):
         with pytest.raises(KawaiError, match="non-finite"):
             Sampler(params).sample(logits)
-
-
-def test_sampling_a_qwen_sized_vocab_is_fast():
-    # Peaked like real LM logits: a few likely tokens over a long tail.
-    rng = np.random.default_rng(8)
-    logits = rng.standard_normal(QWEN_VOCAB).astype(np.float32) * 2
-    logits[rng.integers(0, QWEN_VOCAB, 20)] += 12
-    for params in (SamplingParams(top_p=0.95, top_k=40), SamplingParams(top_p=0.95), SamplingParams()):
-        sampler = Sampler(params)
-        sampler.sample(logits)
-        t0 = time.perf_counter()
-        for _ in range(20):
-            sampler.sample(logits)
-        per_token = (time.perf_counter() - t0) / 20
-        # Generous for a shared 2-core machine; a full sort of 151936 floats alone costs ~15-30 ms.
-        assert per_token < 0.02, (params, per_token)

@@ -17,6 +17,7 @@ from kawai.api.commands.serve import _first_token
 from kawai.api.state import ServerSettings
 from kawai.api.tokens import TokenStore
 from api_harness import free_port, parse_sse
+from sse_grammar import check_stream
 from tiny_models import write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,10 +101,8 @@ def test_serve_prints_token_serves_and_drains_on_sigterm(tmp_path):
         p.send_signal(signal.SIGTERM)
         client.join(timeout=120)
         assert p.wait(timeout=60) == 0
-        kinds = [e for e, _ in result["frames"]]
-        assert kinds[-1] == "message_stop"  # drained: the in-flight stream finished
-        delta = [d for e, d in result["frames"] if e == "message_delta"][0]
-        assert delta["usage"]["output_tokens"] == 300
+        message = check_stream(result["frames"])  # drained: the in-flight stream finished
+        assert message["usage"]["output_tokens"] == 300
         logs = p.stderr.read()
         assert "kernels warmed" in logs and "serving " + model.stem in logs
         assert token not in logs

@@ -65,7 +65,8 @@ def test_encoder_matches_transformers(models, kind, size):
     expected = hf_image_features(model, patches, grid)
     ours = encode(projector, patches, grid)
     assert ours.shape == expected.shape == (grid[1] * grid[2] // 4, 64)
-    np.testing.assert_allclose(ours, expected, atol=2e-5 * np.abs(expected).max(), rtol=0)
+    # measured: max |diff| 5.9e-7..1.0e-6 of max |expected| over both kinds and the three sizes
+    np.testing.assert_allclose(ours, expected, atol=2e-6 * np.abs(expected).max(), rtol=0)
 
 
 def test_window_attention_matters(models):
@@ -102,7 +103,7 @@ def test_quantized_projector_is_close(models, tmp_path):
     expected = encode(f16, patches, grid)
     ours = encode(q8, patches, grid)
     rel = np.linalg.norm(ours - expected) / np.linalg.norm(expected)
-    assert rel < 3e-2
+    assert rel < 3e-2  # measured 0.0142 (int8 activations on Q8_0 weights vs F16 float products)
 
 
 def _requantize(src, dst):

@@ -75,7 +75,8 @@ def tiny(tmp_path_factory):
 
 
 def _close(ours, expected):
-    np.testing.assert_allclose(ours, expected, atol=1e-4 * max(1.0, np.abs(expected).max()), rtol=0)
+    # measured: max |diff| 3.1e-7..1.03e-6 of max(1, max |expected|) over every comparison in this file
+    np.testing.assert_allclose(ours, expected, atol=2e-6 * max(1.0, np.abs(expected).max()), rtol=0)
 
 
 @pytest.mark.parametrize("kind", KINDS)

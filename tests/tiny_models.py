@@ -326,37 +326,36 @@ def write_tiny_model(
     return path
 
 
-def tiny_hf_overrides(path: str | Path) -> dict:
-    """Config overrides transformers needs to read a GGUF faithfully.
+def tiny_hf_overrides(fields: dict) -> dict:
+    """Config overrides transformers needs to read a GGUF faithfully, from its metadata `fields` as
+    gguf-py reads them ({key: value}).
 
     transformers' GGUF loader ignores `qwen3.attention.key_length` (Qwen3Config then defaults head_dim
     to 128) and every `rope.scaling.*` key; they are passed explicitly.
     """
-    from kawai.engine.gguf import open_gguf
-
-    meta = open_gguf(path).metadata
-    arch = meta["general.architecture"]
+    arch = fields["general.architecture"]
     overrides: dict = {}
-    if f"{arch}.attention.key_length" in meta:
-        overrides["head_dim"] = int(meta[f"{arch}.attention.key_length"])
-    if meta.get(f"{arch}.rope.scaling.type") == "linear":
+    if f"{arch}.attention.key_length" in fields:
+        overrides["head_dim"] = int(fields[f"{arch}.attention.key_length"])
+    if fields.get(f"{arch}.rope.scaling.type") == "linear":
         overrides["rope_parameters"] = {
             "rope_type": "linear",
-            "factor": float(meta[f"{arch}.rope.scaling.factor"]),
-            "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+            "factor": float(fields[f"{arch}.rope.scaling.factor"]),
+            "rope_theta": float(fields.get(f"{arch}.rope.freq_base", 10000.0)),
         }
     return overrides
 
 
 def load_hf_model(path: str | Path):
     """The same GGUF loaded by transformers (weights dequantized by gguf-py, float32, eval mode):
-    an independent oracle for the engine.
+    an independent oracle for the engine. Nothing here uses Kawai's own GGUF reader, so a reader bug
+    cannot reach the oracle's input.
 
-    Loading a real model this way spends most of a minute in two pure-Python hot spots of the oracle's
-    loader that do not touch the weights: gguf-py parsing every vocabulary string, and transformers
-    rebuilding gguf-py's tensor-name table once per module. So transformers reads a copy of the file
-    with identical tensor bytes but without the vocabulary arrays (`{arch}.vocab_size` stands in for
-    them), with the name table cached.
+    transformers' loader spends most of a minute on a real model in pure-Python work that does not touch
+    the weights: converting every vocabulary string (twice), and rebuilding gguf-py's tensor-name table
+    once per module. So transformers reads a copy made by gguf-py's own reader and writer, with identical
+    metadata and tensor bytes but without the vocabulary arrays (`{arch}.vocab_size` stands in for
+    them), and with the name table cached.
     """
     import tempfile
 
@@ -365,9 +364,9 @@ def load_hf_model(path: str | Path):
 
     path = Path(path)
     with tempfile.TemporaryDirectory() as tmp, _cached_tensor_name_maps():
-        light = _copy_without_vocabulary(path, Path(tmp) / path.name)
+        light, fields = _copy_without_vocabulary(path, Path(tmp) / path.name)
         model = AutoModelForCausalLM.from_pretrained(
-            tmp, gguf_file=light.name, dtype=torch.float32, **tiny_hf_overrides(path)
+            tmp, gguf_file=light.name, dtype=torch.float32, **tiny_hf_overrides(fields)
         )
     return model.eval()
 
@@ -376,34 +375,34 @@ VOCABULARY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokeni
                    "tokenizer.ggml.scores")
 
 
-def _copy_without_vocabulary(src: Path, dst: Path) -> Path:
-    """Copy a GGUF (read with our reader, written with gguf-py) minus the vocabulary string arrays."""
-    from gguf import GGUFValueType
+def _copy_without_vocabulary(src: Path, dst: Path) -> tuple[Path, dict]:
+    """Copy a GGUF minus the vocabulary string arrays, read and written with gguf-py (GGUFReader and
+    GGUFWriter). Returns (dst, {key: value} of the kept metadata)."""
+    from gguf import GGUFReader, GGUFValueType
 
-    from kawai.engine.gguf import open_gguf
-
-    reader = open_gguf(src)
-    arch = reader.metadata["general.architecture"]
+    reader = GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
     writer = GGUFWriter(dst, arch)
+    kept = {"general.architecture": arch}
     for key, field in reader.fields.items():
-        if key == "general.architecture" or key in VOCABULARY_KEYS:
-            continue
+        if key.startswith("GGUF.") or key == "general.architecture" or key in VOCABULARY_KEYS:
+            continue  # GGUF.*: gguf-py's header pseudo-fields
+        value = kept[key] = field.contents()
         if key == "general.alignment":
-            writer.add_custom_alignment(int(field.value))
+            writer.add_custom_alignment(int(value))
             continue
-        value = field.value.tolist() if isinstance(field.value, np.ndarray) else field.value
-        sub_type = None if field.element_type is None else GGUFValueType(int(field.element_type))
-        writer.add_key_value(key, value, GGUFValueType(int(field.value_type)), sub_type=sub_type)
-    if f"{arch}.vocab_size" not in reader.metadata:
-        writer.add_vocab_size(reader.tensors["token_embd.weight"].shape[0])
-    for name, info in reader.tensors.items():
-        raw = reader.tensor_data(name).reshape(*info.shape[:-1], -1)  # byte shape: rows..., row_bytes
-        writer.add_tensor(name, raw, raw_dtype=QT(int(info.ggml_type)))
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, value_type, sub_type=sub_type)
+    if f"{arch}.vocab_size" not in reader.fields:
+        writer.add_vocab_size(len(reader.fields["tokenizer.ggml.tokens"].data))
+    for t in reader.tensors:  # quantized data comes as bytes (rows..., row_bytes); the writer rebuilds the shape
+        writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return dst
+    return dst, kept
 
 
 class _cached_tensor_name_maps:
