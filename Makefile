@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-test lock serve test test-slow bench
+.PHONY: install install-test install-ray lock serve test test-slow bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,16 @@ $(VENV)/.installed-test: requirements/test.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip check
 	touch $@ $(VENV)/.installed
 
+# Ray Serve (the `ray` extra) on top of the test set: `kawai serve --ray` and the Ray tests in the slow suite.
+$(VENV)/.installed-ray: requirements/ray.txt pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --require-hashes -r requirements/ray.txt
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip check
+	touch $@ $(VENV)/.installed-test $(VENV)/.installed
+
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
+install-ray: $(VENV)/.installed-ray
 
 # uv resolves both locks; /opt/wheels holds the CPU build of torch on this project's machines.
 UV_COMPILE = $(BIN)/uv pip compile pyproject.toml -q --generate-hashes --python-version 3.11 --no-header \
@@ -33,6 +41,8 @@ lock: | $(BIN)/python
 	$(UV_COMPILE) --universal -o requirements/runtime.txt
 	$(UV_COMPILE) --extra test --override requirements/overrides.txt \
 		--python-platform x86_64-manylinux_2_28 -o requirements/test.txt
+	$(UV_COMPILE) --extra test --extra ray --override requirements/overrides.txt \
+		--python-platform x86_64-manylinux_2_28 -o requirements/ray.txt
 
 serve: install
 	$(BIN)/kawai serve

@@ -1,12 +1,15 @@
 """`kawai serve [-m ID|PATH ...] [--host H] [--port P] [--no-auth] [--queue-size N] [--ctx N]
              [--max-sequences N] [--kv-memory SIZE] [--max-per-token N] [--drain-seconds S]
              [--mmproj FILE] [--allow-private-image-urls] [--alias PATTERN=ID ...] [--strict-model-ids]
-             [--refuse-images] [--cors-origin ORIGIN ...]`.
+             [--refuse-images] [--cors-origin ORIGIN ...]
+             [--ray [--replicas N] [--replica-threads N] [--ray-address ADDR]]`.
 
 Serves the Messages API. With no -m, the catalog's default model (pulled if missing). With auth on and
 no token in $KAWAI_HOME/tokens.json, one token with every grant is created and printed once.
 SIGTERM or Ctrl-C stops admitting requests (503), lets in-flight responses finish for up to
 --drain-seconds, then cancels what is left and joins the engine threads (docs/serving.md).
+With --ray (the `kawai[ray]` extra), N replicas of the same server run on a Ray cluster behind Ray
+Serve's HTTP proxy, routed by prompt prefix (api/ray_app.py, docs/scale-out.md).
 """
 
 from __future__ import annotations
@@ -57,6 +60,13 @@ def register(sub) -> None:
     p.add_argument("--cors-origin", dest="cors_origins", action="append", default=[], metavar="ORIGIN",
                    help="let browser pages from ORIGIN call the API, e.g. http://localhost:3000 (repeatable; "
                         "'*' for any origin; default: none)")
+    p.add_argument("--ray", action="store_true",
+                   help="serve N replicas on Ray Serve, routed by prompt prefix (needs `pip install kawai[ray]`)")
+    p.add_argument("--replicas", type=int, default=2, metavar="N", help="with --ray: engine replicas (default: 2)")
+    p.add_argument("--replica-threads", type=int, default=1, metavar="N",
+                   help="with --ray: kernel threads (and Ray CPUs) per replica (default: 1)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --ray: the Ray cluster to join (default: the local one `ray start` left, else a new one)")
     p.set_defaults(handler=_run)
 
 
@@ -107,6 +117,8 @@ def _run(args) -> int:
         _first_token(settings)
     elif not _is_loopback(args.host):
         logging.getLogger("kawai.server").warning("--no-auth on a non-loopback address: the API is open to the network")
+    if args.ray:
+        return _serve_on_ray(args, settings, specs)
     llms = _load(specs, settings, args.mmproj)
     check_aliases(settings.aliases, [llm.id for llm in llms])
     _check_kv_memory(settings, llms)
@@ -118,6 +130,19 @@ def _parse_alias(text: str) -> tuple[str, str]:
     if not sep or not pattern.strip() or not target.strip():
         raise KawaiError(f"--alias must be PATTERN=ID (e.g. 'claude-*=qwen2.5-coder-1.5b-instruct-q4_k_m'), got {text!r}")
     return pattern.strip(), target.strip()
+
+
+def _serve_on_ray(args, settings, specs: list[str]) -> int:
+    if not 1 <= args.replicas <= 1024:
+        raise KawaiError(f"--replicas must be in 1..1024, got {args.replicas}")
+    if not 1 <= args.replica_threads <= 1024:
+        raise KawaiError(f"--replica-threads must be in 1..1024, got {args.replica_threads}")
+    try:
+        from kawai.api.ray_app import serve_on_ray
+    except ImportError:
+        raise KawaiError("--ray needs Ray Serve: pip install 'kawai[ray]'") from None
+    return serve_on_ray(settings, specs, replicas=args.replicas, threads=args.replica_threads,
+                        address=args.ray_address, mmproj=args.mmproj)
 
 
 def _check_kv_memory(settings, llms: list) -> None:
