@@ -13,9 +13,9 @@
   It writes a response of its own only when no replica produced one: 529 when every replica's queue is
   full, 503 when the replica was lost before answering (the SDKs retry both), and an `event: error`
   (`api_error`) frame when a replica is lost in the middle of a stream.
-- `PrefixAffinityRouter` is Ray Serve's request-router extension point (`RequestRouter`): it sends a
-  request to the replica that served the longest prefix of its chain, unless that replica already has
-  `max_load` requests in flight; otherwise to the least-loaded replica.
+- `PrefixAffinityRouter` plugs into Ray Serve's request-router extension point (`RequestRouter`): a later
+  turn of a conversation goes to the replica that served its earlier turns, unless that replica already
+  has `max_load` requests in flight; everything else to the least-loaded replica.
 
 Run it with `kawai serve --ray [--replicas N]`, or `serve run kawai.api.ray_app:build_app models=ID
 replicas=2`, or a Serve config / KubeRay RayService whose import_path is `kawai.api.ray_app:build_app`.
@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
 import random
 import signal
 import threading
@@ -126,7 +128,8 @@ class Engine:
             await lifespan.__aexit__(None, None, None)
 
     def _gauges(self):
-        yield "kawai_replica_info", (("replica", self.replica),), 1, "The Ray Serve replica that answered."
+        labels = (("replica", self.replica), ("pid", str(os.getpid())))
+        yield "kawai_replica_info", labels, 1, "The Ray Serve replica that answered (its id and process)."
 
 
 # ---- the gateway -------------------------------------------------------------------------------------
@@ -154,13 +157,17 @@ class Relay:
         stream = self.engine.remote(request)
         watcher = asyncio.create_task(_cancel_on_disconnect(receive, stream))
         started: dict | None = None  # the replica's response start, once sent
+        finished = False  # the response's last body message is sent
         try:
             async for message in stream:
                 if message["type"] == "http.response.start":
                     started = message
                 await send(message)
-        except (asyncio.CancelledError, RequestCancelledError):
-            raise  # the client left: Ray cancels the replica's generator
+                if message["type"] == "http.response.body" and not message.get("more_body", False):
+                    finished = True  # stop here: the client may close before the generator reports its end
+                    break
+        except RequestCancelledError:
+            pass  # the client left and the watcher cancelled the replica's generator
         except BackPressureError:
             await _send_error(OverloadedError("Overloaded: every replica's queue is full. Retry later."), send)
         except Exception:
@@ -174,6 +181,8 @@ class Relay:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             watcher.cancel()
+            if not finished:
+                stream.cancel()  # no-op when the replica is gone or already done
 
 
 class Gateway:
@@ -248,61 +257,86 @@ def _request_id(start: dict) -> str:
 
 
 class PrefixAffinityRouter(RequestRouter):
-    """Ray Serve request router: the replica that served the longest prefix of the request's chain,
-    while it has fewer than `max_load` requests in flight; otherwise the least-loaded replica.
+    """Ray Serve request router keyed by (tenant, prompt prefix).
 
-    One router lives in each caller of the Engine deployment (the gateway replica), so its table is that
-    gateway's view; requests without a chain (count_tokens, models, metrics) only balance load."""
+    - A request whose chain shares at least one message with an earlier request's (a later turn of a
+      conversation) goes to the replica that served the longest such prefix, while that replica has
+      fewer than `max_load` requests in flight.
+    - Anything else — a new conversation, one whose replica is busy or gone, a request without a chain
+      (count_tokens, models, metrics) — goes to the least-loaded replica; among equals, a conversation
+      goes to the one that least recently started one (conversations take turns over the replicas'
+      caches), anything else to a random one.
+
+    A match on the head alone (the same system prompt and tools, no message in common) does not pin a
+    new conversation: piling every conversation with a popular system prompt onto one replica would
+    overflow that replica's cache while the others sit empty. Each replica pays the head's prefill once.
+
+    One router lives in each caller of the Engine deployment (the gateway replica), so the table is that
+    gateway's view of where prefixes went."""
 
     def initialize_state(self, max_load: int = 4, max_entries: int = 200_000):
         self.max_load = max_load
         self.table = PrefixTable(max_entries)
-        self.hits = 0  # requests sent to the replica holding a prefix of their chain
-        self.routed = 0
+        self.started: dict[ReplicaID, int] = {}  # replica -> when it last started a conversation
+        self.clock = 0
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
-        """Ranks of replicas, best first; Ray takes the least-loaded of the first rank with room."""
-        shuffled = random.sample(candidate_replicas, len(candidate_replicas))  # ties go anywhere
+        """One replica per rank, best first; Ray sends to the first with room (fewer requests in flight
+        than its max_ongoing_requests)."""
+        loads = await self._loads(candidate_replicas)
         chain = _chain_of(pending_request)
-        if not chain:
-            return [shuffled]
-        by_id = {r.replica_id: r for r in shuffled}
-        owner, _ = self.table.lookup(chain, by_id)
-        if owner is None or self._load(owner) >= self.max_load:
-            return [shuffled]
-        return [[by_id[owner]], [r for r in shuffled if r.replica_id != owner]]
+        order = sorted(random.sample(candidate_replicas, len(candidate_replicas)),  # random among equals
+                       key=lambda r: (loads[r.replica_id], self.started.get(r.replica_id, 0) if chain else 0))
+        owner = self._owner(pending_request, loads)
+        if owner is not None and loads[owner] < self.max_load:
+            order.sort(key=lambda r: r.replica_id != owner)  # stable: the rest stay least-loaded first
+        return [[r] for r in order]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         chain = _chain_of(pending_request)
         if chain:
-            owner, _ = self.table.lookup(chain, [replica_id])
-            self.routed += 1
-            self.hits += owner == replica_id
+            if self._owner(pending_request, [replica_id]) is None:  # a conversation starts here
+                self.clock += 1
+                self.started[replica_id] = self.clock
             self.table.record(chain, replica_id)
+
+    def _owner(self, pending_request: PendingRequest | None, replicas) -> ReplicaID | None:
+        """The replica among `replicas` holding at least the first message of the request's chain."""
+        owner, matched = self.table.lookup(_chain_of(pending_request), replicas)
+        return owner if matched >= 2 else None
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self.table.forget(replica_id)
+        self.started.pop(replica_id, None)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         gone = set(self.curr_replicas) - {r.replica_id for r in replicas}
         super().update_replicas(replicas)
         for replica_id in gone:
             self.table.forget(replica_id)
+            self.started.pop(replica_id, None)
 
-    def _load(self, replica_id: ReplicaID) -> int:
-        """Requests in flight at the replica, as Ray's queue-length cache knows them (0 if unknown)."""
-        return self.replica_queue_len_cache.get(replica_id) or 0
+    async def _loads(self, replicas: list[RunningReplica]) -> dict[ReplicaID, float]:
+        """Requests in flight per replica: Ray's queue-length cache, probing the replicas it has no fresh
+        entry for (a replica that does not answer counts as full)."""
+        loads = {r.replica_id: self.replica_queue_len_cache.get(r.replica_id) for r in replicas}
+        unknown = [r for r in replicas if loads[r.replica_id] is None]
+        if unknown:
+            for r, n in await self._probe_queue_lens(unknown, 0):
+                loads[r.replica_id] = math.inf if n is None else n
+        return loads
 
 
 def _chain_of(pending_request: PendingRequest | None) -> tuple[str, ...]:
-    if pending_request is None:
-        return ()
-    for arg in pending_request.args:
-        if isinstance(arg, RelayedRequest):
-            return arg.chain
+    """The RelayedRequest's chain. Looked up by attribute, not isinstance: Ray may unpickle the router
+    and the gateway with separate copies of this module's classes."""
+    for arg in pending_request.args if pending_request is not None else ():
+        chain = getattr(arg, "chain", None)
+        if isinstance(chain, tuple):
+            return chain
     return ()
 
 

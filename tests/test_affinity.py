@@ -89,3 +89,4 @@ def test_table_is_bounded_least_recently_used_first():
     assert len(table) == 4
     assert table.lookup(b, ["B"]) == (None, 0)  # b's links were the oldest
     assert table.lookup(c, ["C"]) == ("C", 2)
+
