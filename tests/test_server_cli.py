@@ -49,6 +49,8 @@ def test_first_start_creates_one_token_and_prints_it_once(tmp_path, capsys):
         (["serve", "--port", "0"], "--port"),
         (["serve", "--queue-size", "0"], "--queue-size"),
         (["serve", "--alias", "claude-*"], "--alias must be PATTERN=ID"),
+        (["serve", "--ray", "--replicas", "0"], "--replicas"),
+        (["serve", "--ray", "--replica-threads", "0"], "--replica-threads"),
     ],
 )
 def test_bad_arguments_are_one_clear_line(tmp_path, args, message):
@@ -63,6 +65,16 @@ def test_an_alias_to_a_model_not_served_is_one_clear_line(tmp_path):
     out, err = p.communicate(timeout=180)
     assert p.returncode != 0 and "--alias claude-*=qwen-elsewhere: no model 'qwen-elsewhere'" in err
     assert "Traceback" not in err
+
+
+def test_ray_without_the_extra_is_one_clear_line(tmp_path):
+    """`--ray` where Ray is not installed (hidden here, installed or not): the fix, not a traceback."""
+    model = write_tiny_model(tmp_path / "tiny.gguf", "qwen2")
+    env = {**os.environ, "KAWAI_HOME": str(tmp_path), "KAWAI_THREADS": "1"}
+    code = "import sys; sys.modules['ray'] = None; from kawai.api.cli import main; sys.exit(main(sys.argv[1:]))"
+    p = subprocess.run([sys.executable, "-P", "-c", code, "serve", "--ray", "--no-auth", "-m", str(model)],
+                       cwd=ROOT, env=env, text=True, capture_output=True, timeout=120)
+    assert p.returncode != 0 and "pip install 'kawai[ray]'" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_serve_prints_token_serves_and_drains_on_sigterm(tmp_path):

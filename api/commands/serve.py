@@ -85,6 +85,10 @@ def _run(args) -> int:
         raise KawaiError(f"--max-per-token must be at least 1, got {args.max_per_token}")
     if not 0 <= args.drain_seconds <= 3600:
         raise KawaiError(f"--drain-seconds must be in 0..3600, got {args.drain_seconds}")
+    if not 1 <= args.replicas <= 1024:
+        raise KawaiError(f"--replicas must be in 1..1024, got {args.replicas}")
+    if not 1 <= args.replica_threads <= 1024:
+        raise KawaiError(f"--replica-threads must be in 1..1024, got {args.replica_threads}")
     kv_memory = None
     if args.kv_memory is not None:
         from kawai.api.worker import parse_bytes
@@ -133,10 +137,6 @@ def _parse_alias(text: str) -> tuple[str, str]:
 
 
 def _serve_on_ray(args, settings, specs: list[str]) -> int:
-    if not 1 <= args.replicas <= 1024:
-        raise KawaiError(f"--replicas must be in 1..1024, got {args.replicas}")
-    if not 1 <= args.replica_threads <= 1024:
-        raise KawaiError(f"--replica-threads must be in 1..1024, got {args.replica_threads}")
     try:
         from kawai.api.ray_app import serve_on_ray
     except ImportError:

@@ -1,0 +1,225 @@
+"""Scale-out benchmark: kawai on Ray Serve (api/ray_app.py), a local Ray cluster, loopback HTTP only.
+
+    .venv/bin/python -P benchmarks/bench_scaleout.py [--model ID] [--streams 8] [--tokens 64]
+                                                     [--conversations 16] [--rounds 1]
+
+Needs the `ray` extra (`make install-ray`). Starts Ray with 2 CPUs and a 200 MB object store, then:
+
+1. Throughput: aggregate decode tokens/s of `--streams` concurrent SSE streams through the proxy, one
+   replica (one kernel thread, all streams batched in it) against two replicas (one thread each, the
+   streams split between them). Greedy counting prompts (no early end of turn). Each stream's
+   `content_block_delta` arrival times are recorded; the rate is the deltas that arrived while every
+   stream was decoding (after the last first token, before the first finish) over that window. Prompt
+   tokens are never counted. `--rounds` alternates the two layouts that many times.
+2. Affinity: `--conversations` two-turn conversations sharing one system prompt over two replicas;
+   a hit is a second turn whose `cache_read_input_tokens` is at least 90% of its first turn's prompt.
+   Once with the prefix-affinity router, once with Ray Serve's default (power of two choices).
+3. Recovery: `--streams` streams over two replicas, one replica's process SIGKILLed once every stream
+   has its first token: streams completed, ended with an `error` event, lost (neither), and the
+   seconds until a new request succeeds and until two replicas answer again.
+
+Prints the machine load first; the last line is one JSON object, also written to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import statistics
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+import httpx
+import ray
+from ray import serve
+
+from kawai.api.ray_app import APP_NAME, build
+from kawai.api.state import ServerSettings
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SYSTEM = "You are a helpful assistant. Answer in one short sentence, plainly and without lists."
+SLOT_BYTES_0_5B_1K = 24 * 2**20  # one 1024-token KV cache of the 0.5B (api/worker.py: kv_cache_bytes)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deploy(url: str, model: str, *, replicas: int, max_sequences: int, routing: str = "affinity",
+           kv_slots: int | None = None) -> None:
+    settings = ServerSettings(auth=False, max_sequences=max_sequences, queue_size=16, n_ctx=1024,
+                              kv_memory=kv_slots * SLOT_BYTES_0_5B_1K if kv_slots else None)
+    started = time.monotonic()
+    serve.run(build(settings, [model], replicas=replicas, routing=routing), name=APP_NAME, route_prefix="/")
+    print(f"deployed {replicas} replica(s), routing {routing}, in {time.monotonic() - started:.0f} s", flush=True)
+
+
+def stream(url: str, body: dict, out: dict) -> None:
+    """One SSE request; records delta arrival times, the last event, and the usage."""
+    out.setdefault("first", threading.Event())
+    out.update(times=[], last=None, error=None)
+    try:
+        with httpx.stream("POST", url + "/v1/messages", json={**body, "stream": True}, timeout=600) as r:
+            event = None
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                    out["last"] = event
+                    if event == "content_block_delta":
+                        out["times"].append(time.perf_counter())
+                        out["first"].set()
+    except httpx.HTTPError as e:
+        out["error"] = type(e).__name__
+
+
+def counting_body(model: str, i: int, tokens: int) -> dict:
+    return {"model": model, "max_tokens": tokens, "temperature": 0,
+            "messages": [{"role": "user", "content": f"Count from {i * 1000} upwards, one number per line."}]}
+
+
+def decode_rate(url: str, model: str, streams: int, tokens: int) -> dict:
+    outs = [{} for _ in range(streams)]
+    threads = [threading.Thread(target=stream, args=(url, counting_body(model, i, tokens), o))
+               for i, o in enumerate(outs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=900)
+    starts = [o["times"][0] for o in outs if o["times"]]
+    ends = [o["times"][-1] for o in outs if o["times"]]
+    lo, hi = max(starts), min(ends)
+    n = sum(sum(lo <= t <= hi for t in o["times"]) for o in outs)
+    return {"streams": streams, "deltas_in_window": n, "window_s": round(hi - lo, 3),
+            "decode_tok_s": round(n / (hi - lo), 2) if hi > lo else None}
+
+
+def affinity(url: str, model: str, conversations: int) -> dict:
+    client = httpx.Client(base_url=url, timeout=600)
+    firsts, hits, reads = [], 0, []
+    for i in range(conversations):
+        q = {"role": "user", "content": f"Question {i}: name one animal whose name starts with {chr(65 + i % 26)}."}
+        r = client.post("/v1/messages", json={"model": model, "max_tokens": 8, "temperature": 0, "system": SYSTEM,
+                                              "messages": [q]}).json()
+        firsts.append((q, r, r["usage"]["input_tokens"] + r["usage"].get("cache_read_input_tokens", 0)))
+    for q, first, prompt in firsts:
+        second = client.post("/v1/messages", json={
+            "model": model, "max_tokens": 4, "temperature": 0, "system": SYSTEM,
+            "messages": [q, {"role": "assistant", "content": first["content"]},
+                         {"role": "user", "content": "Another one?"}]}).json()
+        read = second["usage"].get("cache_read_input_tokens", 0)
+        reads.append(read / prompt)
+        hits += read >= 0.9 * prompt
+    return {"conversations": conversations, "hits": hits, "hit_rate": round(hits / conversations, 3),
+            "median_turn2_read_fraction": round(statistics.median(reads), 3)}
+
+
+def replicas_seen(url: str, want: int, deadline_s: float) -> dict[str, dict]:
+    """replica id -> {"pid", "active"} from /metrics polls, until `want` replicas answered."""
+    found: dict[str, dict] = {}
+    deadline = time.monotonic() + deadline_s
+    while len(found) < want and time.monotonic() < deadline:
+        try:
+            text = httpx.get(url + "/metrics", timeout=10).text
+        except httpx.HTTPError:
+            time.sleep(0.5)
+            continue
+        info = re.search(r'kawai_replica_info\{replica="([^"]+)",pid="(\d+)"\} 1', text)
+        active = re.search(r"kawai_active_sequences\{[^}]*\} (\d+)", text)
+        if info and active:
+            found[info.group(1)] = {"pid": int(info.group(2)), "active": int(active.group(1))}
+    return found
+
+
+def recovery(url: str, model: str, streams: int) -> dict:
+    outs = [{"first": threading.Event()} for _ in range(streams)]  # created before the threads read them
+    threads = [threading.Thread(target=stream, args=(url, counting_body(model, i, 200), o))
+               for i, o in enumerate(outs)]
+    for t in threads:
+        t.start()
+    for o in outs:
+        o["first"].wait(timeout=600)
+    busy = [(rid, r) for rid, r in replicas_seen(url, 2, 60).items() if r["active"] > 0]
+    victim, info = busy[0]
+    os.kill(info["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    back = None
+    while back is None and time.monotonic() - killed < 300:  # bounded: one short request a second
+        try:
+            r = httpx.post(url + "/v1/messages", timeout=60, json={
+                "model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
+            if r.status_code == 200:
+                back = time.monotonic() - killed
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    for t in threads:
+        t.join(timeout=900)
+    replaced = replicas_seen(url, 2, 300)
+    both = time.monotonic() - killed if len(replaced) == 2 and victim not in replaced else None
+    return {
+        "streams": streams,
+        "streams_on_victim": busy[0][1]["active"],
+        "completed": sum(o["last"] == "message_stop" for o in outs),
+        "ended_with_error_event": sum(o["last"] == "error" for o in outs),
+        "lost": sum(o["last"] not in ("message_stop", "error") for o in outs),
+        "first_success_after_kill_s": round(back, 1) if back is not None else None,
+        "two_replicas_again_after_s": round(both, 1) if both is not None else None,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct-q4_k_m")
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--conversations", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=1)
+    args = ap.parse_args()
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}", flush=True)
+    results = {"model": args.model, "threads_per_replica": 1, "load_avg_1m": round(os.getloadavg()[0], 2),
+               "throughput": [], "affinity": {}, "recovery": None}
+    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, logging_level=logging.ERROR,
+             log_to_driver=False)
+    try:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+        for _ in range(args.rounds):
+            for replicas in (1, 2):
+                deploy(url, args.model, replicas=replicas, max_sequences=args.streams // replicas)
+                decode_rate(url, args.model, args.streams, 8)  # warm-up
+                r = {"replicas": replicas, **decode_rate(url, args.model, args.streams, args.tokens)}
+                print(json.dumps(r), flush=True)
+                results["throughput"].append(r)
+        for routing in ("affinity", "pow2"):
+            deploy(url, args.model, replicas=2, max_sequences=4, routing=routing, kv_slots=args.conversations + 8)
+            results["affinity"][routing] = affinity(url, args.model, args.conversations)
+            print(routing, json.dumps(results["affinity"][routing]), flush=True)
+        deploy(url, args.model, replicas=2, max_sequences=args.streams // 2)
+        results["recovery"] = recovery(url, args.model, args.streams)
+        print(json.dumps(results["recovery"]), flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    one = [r["decode_tok_s"] for r in results["throughput"] if r["replicas"] == 1 and r["decode_tok_s"]]
+    two = [r["decode_tok_s"] for r in results["throughput"] if r["replicas"] == 2 and r["decode_tok_s"]]
+    if one and two:
+        results["speedup_two_vs_one"] = round(statistics.median(two) / statistics.median(one), 2)
+    results["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{date.today()}-scaleout-{args.model}.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
