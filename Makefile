@@ -33,7 +33,8 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 install-ray: $(VENV)/.installed-ray
 
-# uv resolves both locks; /opt/wheels holds the CPU build of torch on this project's machines.
+# uv resolves the locks (runtime; test; test + the ray extra); /opt/wheels holds the CPU build of torch on
+# this project's machines.
 UV_COMPILE = $(BIN)/uv pip compile pyproject.toml -q --generate-hashes --python-version 3.11 --no-header \
 	$(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 lock: | $(BIN)/python

@@ -50,6 +50,7 @@ from kawai.api.state import ServerSettings
 log = logging.getLogger("kawai.ray")
 
 APP_NAME = "kawai"
+RECENT_S = 1.0  # how long the router counts a choice of its own as load (see PrefixAffinityRouter.recent)
 ROUTINGS = ("affinity", "pow2")  # pow2: Ray Serve's default power-of-two-choices router, for comparison
 REPLICA_LOST = "The replica serving this request stopped; retry the request."
 # the ASGI scope keys a replica needs (the proxy's scope also carries objects that do not pickle)
@@ -80,7 +81,6 @@ class Engine:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
         llms = await asyncio.to_thread(_load, models, settings, mmproj)
         _check_kv_memory(settings, llms)
-        self.settings = settings
         self.app = create_app(settings, llms)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.state = self.app.state.server
@@ -279,6 +279,10 @@ class PrefixAffinityRouter(RequestRouter):
         self.table = PrefixTable(max_entries)
         self.started: dict[ReplicaID, int] = {}  # replica -> when it last started a conversation
         self.clock = 0
+        # Requests this router just chose a replica for. Ray counts a request in its queue-length cache
+        # only once it is sent, after this method returns; a burst of arrivals would all see the same
+        # loads and pick the same replica. Each choice counts here for RECENT_S seconds.
+        self.recent: dict[ReplicaID, int] = {}
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -292,6 +296,7 @@ class PrefixAffinityRouter(RequestRouter):
         owner = self._owner(pending_request, loads)
         if owner is not None and loads[owner] < self.max_load:
             order.sort(key=lambda r: r.replica_id != owner)  # stable: the rest stay least-loaded first
+        self._count_recent(order[0].replica_id)
         return [[r] for r in order]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
@@ -327,7 +332,17 @@ class PrefixAffinityRouter(RequestRouter):
         if unknown:
             for r, n in await self._probe_queue_lens(unknown, 0):
                 loads[r.replica_id] = math.inf if n is None else n
-        return loads
+        return {rid: n + self.recent.get(rid, 0) for rid, n in loads.items()}
+
+    def _count_recent(self, replica_id: ReplicaID) -> None:
+        self.recent[replica_id] = self.recent.get(replica_id, 0) + 1
+
+        def expire() -> None:
+            self.recent[replica_id] -= 1
+            if self.recent[replica_id] <= 0:
+                del self.recent[replica_id]
+
+        asyncio.get_running_loop().call_later(RECENT_S, expire)
 
 
 def _chain_of(pending_request: PendingRequest | None) -> tuple[str, ...]:
@@ -355,12 +370,13 @@ def build(
     """The Serve application: `replicas` Engine replicas of `threads` CPUs each behind one Gateway."""
     if routing not in ROUTINGS:
         raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
-    capacity = settings.max_sequences + settings.queue_size  # what one replica admits before 529
     engine_options: dict[str, Any] = dict(
         name="Engine",
         num_replicas=replicas,
-        max_ongoing_requests=capacity,
-        max_queued_requests=capacity * replicas,  # beyond: BackPressureError -> 529 at the gateway
+        # what one replica admits (running + its queue); beyond it on every replica, requests wait in the
+        # gateway, up to queue_size per replica, then 529 there
+        max_ongoing_requests=settings.max_sequences + settings.queue_size,
+        max_queued_requests=settings.queue_size * replicas,
         graceful_shutdown_timeout_s=settings.drain_seconds,
         graceful_shutdown_wait_loop_s=0.5,
         health_check_period_s=5,

@@ -14,9 +14,10 @@ Needs the `ray` extra (`make install-ray`). Starts Ray with 2 CPUs and a 200 MB 
 2. Affinity: `--conversations` two-turn conversations sharing one system prompt over two replicas;
    a hit is a second turn whose `cache_read_input_tokens` is at least 90% of its first turn's prompt.
    Once with the prefix-affinity router, once with Ray Serve's default (power of two choices).
-3. Recovery: `--streams` streams over two replicas, one replica's process SIGKILLed once every stream
-   has its first token: streams completed, ended with an `error` event, lost (neither), and the
-   seconds until a new request succeeds and until two replicas answer again.
+3. Recovery: `--streams` streams over two replicas (each with one spare sequence slot), one replica's
+   process SIGKILLed once every stream has its first token: streams completed, ended with an `error`
+   event, lost (neither), and the seconds until a new request succeeds (served by the survivor) and
+   until two replicas answer again (Ray started a replacement and it loaded the model).
 
 Prints the machine load first; the last line is one JSON object, also written to benchmarks/results/.
 """
@@ -152,7 +153,7 @@ def recovery(url: str, model: str, streams: int) -> dict:
     os.kill(info["pid"], signal.SIGKILL)
     killed = time.monotonic()
     back = None
-    while back is None and time.monotonic() - killed < 300:  # bounded: one short request a second
+    while back is None and time.monotonic() - killed < 300:  # bounded: one short request at a time
         try:
             r = httpx.post(url + "/v1/messages", timeout=60, json={
                 "model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
@@ -160,7 +161,7 @@ def recovery(url: str, model: str, streams: int) -> dict:
                 back = time.monotonic() - killed
         except httpx.HTTPError:
             pass
-        time.sleep(1)
+        time.sleep(0.5)
     for t in threads:
         t.join(timeout=900)
     replaced = replicas_seen(url, 2, 300)
@@ -188,7 +189,7 @@ def main() -> int:
     results = {"model": args.model, "threads_per_replica": 1, "load_avg_1m": round(os.getloadavg()[0], 2),
                "throughput": [], "affinity": {}, "recovery": None}
     ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, logging_level=logging.ERROR,
-             log_to_driver=False)
+             log_to_driver=False, _node_ip_address="127.0.0.1")  # all of Ray's traffic on loopback
     try:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -204,7 +205,8 @@ def main() -> int:
             deploy(url, args.model, replicas=2, max_sequences=4, routing=routing, kv_slots=args.conversations + 8)
             results["affinity"][routing] = affinity(url, args.model, args.conversations)
             print(routing, json.dumps(results["affinity"][routing]), flush=True)
-        deploy(url, args.model, replicas=2, max_sequences=args.streams // 2)
+        # one spare slot per replica: the survivor can take a new request while it finishes its streams
+        deploy(url, args.model, replicas=2, max_sequences=args.streams // 2 + 1)
         results["recovery"] = recovery(url, args.model, args.streams)
         print(json.dumps(results["recovery"]), flush=True)
     finally:

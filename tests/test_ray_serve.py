@@ -45,8 +45,7 @@ TOPICS = ["the moon", "tea", "rivers", "owls", "bicycles", "snow"]
 def endpoint(home, tokens, default_model_path):
     """The Ray Serve proxy's URL, with two Engine replicas (max 2 sequences each) behind the Gateway."""
     ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, logging_level=logging.WARNING,
-             runtime_env={"env_vars": {"KAWAI_HOME": os.environ.get("KAWAI_HOME", "")}} if "KAWAI_HOME" in os.environ
-             else None)
+             _node_ip_address="127.0.0.1")  # all of Ray's traffic on loopback
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -246,3 +245,36 @@ def test_killed_replica_ends_its_streams_with_an_error_and_is_replaced(endpoint,
     m = anthropic.Anthropic(base_url=endpoint, api_key=tokens.all, max_retries=2, timeout=180).messages.create(
         model=DEFAULT_MODEL, max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
     assert m.stop_reason in ("end_turn", "max_tokens")
+
+
+# ---- shutdown (last: it removes the application) -------------------------------------------------------
+
+
+def test_deleting_the_application_lets_running_streams_finish(endpoint, tokens):
+    """A stream running when the application is deleted finishes normally: Ray stops routing to the
+    replicas and waits for their in-flight requests (up to drain_seconds) before stopping them."""
+    body = {"model": DEFAULT_MODEL, "max_tokens": 24, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": "Count from 1 to 30, separated by commas."}]}
+    first, out = threading.Event(), {}
+
+    def run() -> None:
+        raw = ""
+        with httpx.stream("POST", endpoint + "/v1/messages", json=body, headers={"x-api-key": tokens.all},
+                          timeout=300) as r:
+            for chunk in r.iter_text():
+                raw += chunk
+                if "content_block_delta" in raw:
+                    first.set()
+        out["raw"] = raw
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert first.wait(timeout=300)
+    serve.delete(APP_NAME)  # returns once the replicas are stopped
+    t.join(timeout=300)
+    frames = parse_sse(out["raw"])
+    assert frames[-1][0] == "message_stop", frames[-3:]
+    usage = [d for e, d in frames if e == "message_delta"][0]["usage"]
+    assert usage["output_tokens"] >= 1
+    assert httpx.post(endpoint + "/v1/messages", json=body, headers={"x-api-key": tokens.all},
+                      timeout=30).status_code != 200  # nothing serves it any more
