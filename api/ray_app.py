@@ -430,6 +430,7 @@ def serve_on_ray(settings: ServerSettings, models: list[str], *, replicas: int, 
         log.info("draining (up to %.0f s)", settings.drain_seconds)
         serve.delete(APP_NAME)
         serve.shutdown()
+        ray.shutdown()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
