@@ -4,8 +4,8 @@
 
 The lifespan loads each model (engine.load compiles/warms the kernels), starts one engine thread per
 model, logs load and compile times on their own lines and then the address, and on shutdown stops the
-engine threads. Middleware, outermost first: CORS (with `cors_origins`), request ids + last-resort 500 +
-access log, metrics, then auth.
+engine threads. Middleware, outermost first: CORS (with `cors_origins`), OpenAI error shapes (under
+/v1/chat/ only), request ids + last-resort 500 + access log, metrics, then auth.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from kawai.api.metrics import MetricsMiddleware
 from kawai.api.middleware import RequestContextMiddleware
 from kawai.api.routes_messages import count_tokens, create_message
 from kawai.api.routes_models import get_model, health, list_models
+from kawai.api.routes_openai import OpenAIErrors, create_chat_completion
 from kawai.api.state import LoadedModel, check_aliases, ServerSettings, ServerState, model_created_at, request_id_of, server_state
 from kawai.api.tokens import TokenStore
 from kawai.api.worker import Worker
@@ -40,6 +41,7 @@ log = logging.getLogger("kawai.server")
 # route name -> the endpoint grant a token needs (see api/auth.py)
 GRANTS = {
     "messages": "messages",
+    "chat_completions": "chat_completions",
     "count_tokens": "count_tokens",
     "list_models": "models",
     "get_model": "models",
@@ -58,6 +60,7 @@ def build_routes() -> list[Route]:
     return [
         Route("/v1/messages", create_message, methods=["POST"], name="messages"),
         Route("/v1/messages/count_tokens", count_tokens, methods=["POST"], name="count_tokens"),
+        Route("/v1/chat/completions", create_chat_completion, methods=["POST"], name="chat_completions"),
         Route("/v1/models", list_models, methods=["GET"], name="list_models"),
         Route("/v1/models/{model_id}", get_model, methods=["GET"], name="get_model"),
         Route("/health", health, methods=["GET"], name="health"),
@@ -100,6 +103,7 @@ def create_app(settings: ServerSettings, models: Sequence[str | Path | object]) 
     app.add_middleware(AuthMiddleware, store=store, routes=app.router.routes, grants=GRANTS)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(OpenAIErrors)  # reshapes every error under /v1/chat/, 500s included
     if settings.cors_origins:  # outermost: a preflight (OPTIONS, no token) is answered before auth
         app.add_middleware(
             CORSMiddleware,

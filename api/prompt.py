@@ -60,6 +60,7 @@ class Prompt:
     parse_tools: bool  # tools offered: parse <tool_call> in the output
     tool_names: frozenset[str]  # the offered tools (calls written without tags must name one)
     in_thinking: bool  # the prompt leaves the model inside <think>
+    fenced_calls: bool = True  # a call in a ```json fence counts (False when a grammar shapes the reply)
 
 
 def build_prompt(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -22,6 +23,7 @@ from kawai.api.ids import new_message_id
 from kawai.api.prompt import Prompt, build_prompt, check_context
 from kawai.api.sse import PING, sse_frames
 from kawai.api.state import request_id_of, server_state, tenant_of
+from kawai.api.structured import reply_grammar
 from kawai.api.toolcalls import OutputParser, ThinkingDelta, ThinkingEnd, ToolCallEnd
 from kawai.api.wire import (
     CountTokensRequest,
@@ -60,33 +62,49 @@ VOLATILE_SYSTEM_PREFIXES = ("x-anthropic-billing-header:",)  # per-request clien
 
 async def create_message(request: Request) -> Response:
     server = server_state(request)
-    request_id = request_id_of(request)
     req = without_volatile_system(await read_request(request, MessagesRequest, server.settings.max_body_bytes))
+    reply = await start_reply(request, req, sampling_params(req))
+    if req.stream:
+        return EventStreamResponse(sse_frames(reply.events(), request_id_of(request)), reply.job)
+    await collect(request, reply)
+    return JSONResponse(reply.message())
+
+
+async def start_reply(request: Request, req: MessagesRequest, params: SamplingParams) -> Reply:
+    """Prompt, grammar (api/structured.py), job: everything up to the engine's queue (529 when full).
+    Shared with the OpenAI-compatible route, which translates its requests into MessagesRequest."""
+    server = server_state(request)
     model = server.model(req.model)
     prompt = await run_in_threadpool(
         build_prompt, model.llm, req, server.settings.image_policy, server.settings.refuse_images
     )
     check_context(model.llm, prompt)
+    grammar = await run_in_threadpool(reply_grammar, model.llm, req, prompt)
+    if grammar is not None:
+        params = replace(params, grammar=grammar)
+        prompt = replace(prompt, fenced_calls=False)  # the grammar checks tagged and bare calls only
     job = Job(
         prompt.ids,
-        sampling_params(req),
+        params,
         StepChannel(asyncio.get_running_loop()),
-        request_id,
+        request_id_of(request),
         tenant=tenant_of(request),
         thinking=thinking_budget(req, prompt),
     )
     reply = Reply(model.llm.id, prompt, req, job, server.settings.ping_interval)
-    model.worker.submit(job)  # 529 when the queue is full
-    if req.stream:
-        return EventStreamResponse(sse_frames(reply.events(), request_id), job)
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+    model.worker.submit(job)
+    return reply
+
+
+async def collect(request: Request, reply: Reply) -> None:
+    """Run a non-streaming reply to its end; a client that leaves cancels it."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, reply.job))
     try:
         async for _ in reply.events():
             pass
     finally:
         watcher.cancel()
-        job.cancel.set()  # no-op when done; stops the engine if this handler was cancelled
-    return JSONResponse(reply.message())
+        reply.job.cancel.set()  # no-op when done; stops the engine if this handler was cancelled
 
 
 async def count_tokens(request: Request) -> Response:
@@ -204,7 +222,10 @@ class Reply:
             choice.disable_parallel_tool_use
         )
         self.parser = OutputParser(
-            parse_tools=prompt.parse_tools, tool_names=prompt.tool_names, in_thinking=prompt.in_thinking
+            parse_tools=prompt.parse_tools,
+            tool_names=prompt.tool_names,
+            in_thinking=prompt.in_thinking,
+            fenced_calls=prompt.fenced_calls,
         )
         self.parser.prime(prompt.seed)
         self.show_thinking = req.thinking_on  # a model that thinks unasked: its thinking is not shown

@@ -1,4 +1,5 @@
-"""GET /v1/models, GET /v1/models/{model_id} (Anthropic list/retrieve shapes) and GET /health."""
+"""GET /v1/models, GET /v1/models/{model_id} (Anthropic's and OpenAI's list/retrieve shapes in one: see
+wire.ModelInfo) and GET /health."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ def model_info(m: LoadedModel) -> ModelInfo:
         id=m.id,
         display_name=m.display_name,
         created_at=m.created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),  # RFC 3339, UTC
+        created=int(m.created_at.timestamp()),
         max_input_tokens=m.llm.n_ctx,
         max_tokens=m.llm.n_ctx,
     )

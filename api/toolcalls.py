@@ -107,12 +107,15 @@ class OutputParser:
         tool_names: frozenset[str] = frozenset(),
         parse_thinking: bool = True,
         in_thinking: bool = False,
+        fenced_calls: bool = True,
         new_id: Callable[[], str] = new_tool_use_id,
     ):
-        """tool_names: the offered tools; calls without <tool_call> tags must name one of them."""
+        """tool_names: the offered tools; calls without <tool_call> tags must name one of them.
+        fenced_calls: False = a call in a code fence stays text (a grammar checks only the other forms)."""
         self.parse_tools = parse_tools
         self.tool_names = frozenset(tool_names) if parse_tools else frozenset()
         self.parse_thinking = parse_thinking
+        self.fenced_calls = fenced_calls
         self.new_id = new_id
         self.tool_calls = 0  # completed tool_use blocks
         self._state = _State.THINK if in_thinking else _State.TEXT
@@ -170,7 +173,7 @@ class OutputParser:
 
     def _text_tags(self) -> tuple[str, ...]:
         tags = (TOOL_OPEN,) if self.parse_tools else ()
-        if self.tool_names:
+        if self.tool_names and self.fenced_calls:
             tags += FENCE_OPENS
         if not self._seen_text:
             tags += (THINK_OPEN,) if self.parse_thinking else ()

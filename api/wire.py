@@ -118,6 +118,7 @@ class Tool(_In):
     description: str | None = None
     input_schema: dict[str, Any]
     type: Literal["custom"] | None = None
+    strict: StrictBool | None = None  # true: arguments always valid against input_schema (api/structured.py)
 
 
 class _ToolChoiceBase(_In):
@@ -167,6 +168,18 @@ class ThinkingAdaptive(_In):
 Thinking = Annotated[Union[ThinkingEnabled, ThinkingDisabled, ThinkingAdaptive], Field(discriminator="type")]
 
 
+class JsonSchemaFormat(_In):
+    """Structured output: the reply's text is JSON valid against `schema` (api/structured.py)."""
+
+    type: Literal["json_schema"]
+    schema_: Annotated[dict[str, Any], Field(alias="schema")]
+
+
+class OutputConfig(_In):
+    format: JsonSchemaFormat | None = None
+    effort: str | None = None  # accepted, ignored
+
+
 class Metadata(_In):
     user_id: Annotated[str, Field(max_length=MAX_ID_CHARS)] | None = None
 
@@ -199,6 +212,12 @@ class MessagesRequest(CountTokensRequest):
         list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP_SEQUENCES)
     ] = []
     metadata: Metadata | None = None
+    output_config: OutputConfig | None = None
+    output_format: JsonSchemaFormat | None = None  # the beta spelling of output_config.format
+
+    @property
+    def response_format(self) -> JsonSchemaFormat | None:
+        return self.output_config.format if self.output_config and self.output_config.format else self.output_format
 
 
 def parse_request(model_cls: type[_In], data: Any) -> Any:
@@ -281,6 +300,9 @@ class TokenCount(_Out):
 
 
 class ModelInfo(_Out):
+    """Anthropic's ModelInfo and OpenAI's Model in one object (their field names do not overlap), so
+    GET /v1/models answers both SDKs."""
+
     type: Literal["model"] = "model"
     id: str
     display_name: str
@@ -288,9 +310,13 @@ class ModelInfo(_Out):
     lifecycle: Literal["active"] = "active"
     max_input_tokens: int
     max_tokens: int
+    object: Literal["model"] = "model"  # OpenAI
+    created: int  # OpenAI: the same time, in Unix seconds
+    owned_by: str = "kawai"  # OpenAI
 
 
 class ModelList(_Out):
+    object: Literal["list"] = "list"  # OpenAI
     data: list[ModelInfo]
     has_more: bool
     first_id: str | None

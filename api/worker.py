@@ -364,7 +364,13 @@ class Worker:
                 prefilled += len(chunk)
             if seq.todo:
                 continue  # still prefilling: these logits are not needed
-            self._emit(seq, seq.state.accept(logits[b]))
+            try:
+                step = seq.state.accept(logits[b])
+            except Exception:  # e.g. a grammar that allows no next token: this sequence fails, not the thread
+                log.exception("request %s: sampling failed", seq.job.request_id)
+                self._retire(seq, Failed(), reusable=False)
+                continue
+            self._emit(seq, step)
         if prefilled:
             self._count("kawai_prompt_tokens_total", "Prompt tokens run through the model.", prefilled)
 

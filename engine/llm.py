@@ -19,6 +19,7 @@ import numpy as np
 from kawai.engine import catalog
 from kawai.engine.chat_template import ChatTemplate
 from kawai.engine.config import ModelConfig
+from kawai.engine.constraint import GrammarCompiler
 from kawai.engine.errors import ContextLengthError, KawaiError
 from kawai.engine.generate import Generation, cached_tokens, common_prefix_length
 from kawai.engine.gguf import GGUFFile, open_gguf
@@ -80,6 +81,7 @@ class LLM:
         self.threads: int | None = None
         self.projector = None  # engine.vision.projector.Projector when the model takes images
         self.vision_tokens = None  # engine.vision.multimodal.VisionTokens, with a projector
+        self.grammars = GrammarCompiler(tokenizer)  # constrained decoding (built on first compile)
 
     @property
     def has_vision(self) -> bool:

@@ -43,6 +43,9 @@ def call(server, method, path, headers=None, **kw) -> httpx.Response:
 
 def error_type(r: httpx.Response) -> str:
     data = r.json()
+    if r.url.path.startswith("/v1/chat/"):  # OpenAI's shape (api/routes_openai.py): a 401 is typed by its code
+        error = data["error"]
+        return "authentication_error" if error["code"] == "invalid_api_key" else error["type"]
     assert data["type"] == "error" and data["request_id"] == r.headers["request-id"]
     return data["error"]["type"]
 
