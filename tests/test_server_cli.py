@@ -35,7 +35,7 @@ def test_first_start_creates_one_token_and_prints_it_once(tmp_path, capsys):
     printed = capsys.readouterr().out
     secret = next(word for word in printed.split() if word.startswith("kawai-"))
     (rec,) = TokenStore(tmp_path).list()
-    assert set(rec.endpoints) == {"messages", "count_tokens", "models"}
+    assert set(rec.endpoints) == {"messages", "count_tokens", "models", "chat_completions"}
     assert TokenStore(tmp_path).authenticate(secret).id == rec.id
     _first_token(settings)
     assert capsys.readouterr().out == "" and len(TokenStore(tmp_path).list()) == 1
