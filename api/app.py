@@ -134,10 +134,13 @@ async def _load_models(state: ServerState, models: Sequence[str | Path | object]
             settings.queue_size,
             max_sequences=settings.max_sequences,
             kv_memory=settings.kv_memory,
+            kv_dir=_kv_dir(settings),
+            kv_disk=settings.kv_disk,
             max_per_tenant=settings.max_per_token,
             metrics=state.metrics,
         )
         state.metrics.add_gauges(worker.gauges)
+        state.metrics.add_gauges(worker.counters, kind="counter")
         worker.start()
         name = llm.gguf.metadata.get("general.name") if hasattr(llm, "gguf") else None
         state.models[llm.id] = LoadedModel(
@@ -146,6 +149,13 @@ async def _load_models(state: ServerState, models: Sequence[str | Path | object]
             created_at=model_created_at(Path(llm.path)),
             display_name=name if isinstance(name, str) and name else llm.id,
         )
+
+
+def _kv_dir(settings: ServerSettings) -> Path:
+    """The disk tier of the prefix cache: $KAWAI_HOME/kv (docs/serving.md)."""
+    from kawai.engine.catalog import kawai_home
+
+    return Path(settings.home or kawai_home()) / "kv"
 
 
 def _host(host: str) -> str:

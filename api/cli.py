@@ -14,7 +14,7 @@ import sys
 from kawai.engine.errors import KawaiError
 from kawai.engine.gguf import GGUFError
 
-COMMANDS = ("pull", "models", "inspect", "run", "chat", "serve", "tokens", "bench")
+COMMANDS = ("pull", "models", "inspect", "run", "chat", "serve", "tokens", "bench", "cache")
 
 
 def build_parser() -> argparse.ArgumentParser:

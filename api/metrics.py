@@ -12,7 +12,11 @@ read from the workers when the page is rendered. `MetricsMiddleware` counts ever
     kawai_generated_tokens_total{model}                    tokens sampled
     kawai_time_to_first_token_seconds{model}               histogram: request queued -> first token
     kawai_time_per_output_token_seconds{model}             histogram: gap between a stream's tokens
-    kawai_prefix_cache_slots / _idle_tokens / _bytes{model}  the KV pool
+    kawai_prefix_cache_leased / _idle_tokens / _blocks{model}  the prefix cache
+    kawai_kv_memory_bytes / _budget_bytes{model}           KV memory accounted, and its bound
+    kawai_kv_memory_hit_tokens_total / kawai_kv_disk_hit_tokens_total / kawai_kv_created_tokens_total{model}
+    kawai_kv_disk_bytes, _read_bytes_total, _load_seconds_total, _written_bytes_total,
+        _rejected_files_total, _dropped_writes_total, _evicted_files_total{model}   the disk tier
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ class Metrics:
         self._counters: dict[str, dict[Labels, float]] = {}
         self._histograms: dict[str, dict[Labels, Histogram]] = {}
         self._help: dict[str, str] = {}
-        self._gauge_sources: list[Callable[[], Iterable[tuple[str, Labels, float, str]]]] = []
+        self._gauge_sources: list[tuple[Callable[[], Iterable[tuple[str, Labels, float, str]]], str]] = []
 
     def inc(self, name: str, help_text: str, value: float = 1.0, **labels: str) -> None:
         key = tuple(sorted(labels.items()))
@@ -72,20 +76,22 @@ class Metrics:
         with self._lock:
             return self._counters.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
 
-    def add_gauges(self, source: Callable[[], Iterable[tuple[str, Labels, float, str]]]) -> None:
-        """source() yields (name, labels, value, help) when the page is rendered."""
-        self._gauge_sources.append(source)
+    def add_gauges(self, source: Callable[[], Iterable[tuple[str, Labels, float, str]]], kind: str = "gauge") -> None:
+        """source() yields (name, labels, value, help) when the page is rendered; `kind` "counter" for
+        running totals kept elsewhere (the prefix cache's)."""
+        self._gauge_sources.append((source, kind))
 
     def render(self) -> str:
         lines: list[str] = []
         gauges: dict[str, list[tuple[Labels, float]]] = {}
-        gauge_help: dict[str, str] = {}
-        for source in self._gauge_sources:
+        gauge_help: dict[str, tuple[str, str]] = {}
+        for source, kind in self._gauge_sources:
             for name, labels, value, help_text in source():
                 gauges.setdefault(name, []).append((labels, value))
-                gauge_help.setdefault(name, help_text)
+                gauge_help.setdefault(name, (help_text, kind))
         for name in sorted(gauges):
-            lines += [f"# HELP {name} {gauge_help[name]}", f"# TYPE {name} gauge"]
+            help_text, kind = gauge_help[name]
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
             lines += [f"{name}{_labels(labels)} {_num(v)}" for labels, v in gauges[name]]
         with self._lock:
             for name in sorted(self._counters):

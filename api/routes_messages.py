@@ -330,8 +330,8 @@ class Reply:
 
     def _count(self, done: Finished) -> None:
         self.usage = Usage(
-            input_tokens=done.prompt_tokens - done.cached_tokens,
+            input_tokens=done.prompt_tokens - done.cached_tokens - done.created_tokens,
             output_tokens=done.generated_tokens,
-            cache_creation_input_tokens=0,
+            cache_creation_input_tokens=done.created_tokens,
             cache_read_input_tokens=done.cached_tokens,
         )

@@ -40,6 +40,7 @@ class ServerSettings:
     # continuous batching (api/worker.py); the CLI runs 4 sequences at once, the library default is 1
     max_sequences: int = 1  # sequences decoded together per model; more wait in the queue
     kv_memory: int | None = None  # bytes of KV caches per model (None: api/worker.default_kv_memory)
+    kv_disk: int | None = None  # bytes of KV blocks kept in $KAWAI_HOME/kv across restarts (None: no disk tier)
     max_per_token: int | None = None  # in-flight requests per API token; more -> 429 (None: no limit)
     allow_private_image_urls: bool = False  # image URLs may reach loopback/private hosts (api/images.py)
     # model ids clients send (docs/clients.md): (glob pattern, served model id) pairs, tried in order

@@ -7,11 +7,14 @@ in-flight requests of one API token with 429. While draining (SIGTERM) new jobs 
 
 Each loop iteration is one step:
   1. finish cancelled sequences (a client that left frees its slot within one step), admit waiting jobs
-     while slots are free (each takes a KV cache from the prefix cache, engine/prefix_cache.py);
+     in order while slots are free and the KV memory holds their prompt (each takes a KV cache from the
+     prefix cache, engine/prefix_cache.py; a job whose blocks are being read from disk waits for them);
   2. build one batch: every decoding sequence contributes its next token, prefilling sequences
      contribute prompt chunks up to `prefill_chunk` tokens in all, so long prompts are interleaved with
      the running streams instead of stalling them;
-  3. one `engine.batch.forward_batch` call (weights read once for the whole batch);
+  3. one `engine.batch.forward_batch` call (weights read once for the whole batch), after each sequence
+     reserved KV memory for its new positions (a decoding one that gets none stops as `context_full`);
+     the prompt blocks it fills are published to the prefix cache;
   4. each sequence whose prompt is done samples with its own SamplingParams/seed and stop rules
      (engine.generate.SequenceState) and its Step goes to its `StepChannel`.
 
@@ -37,7 +40,7 @@ from kawai.api.metrics import TPOT_BUCKETS, TTFT_BUCKETS, Metrics
 from kawai.engine.batch import PREFILL_CHUNK, forward_batch
 from kawai.engine.errors import KawaiError
 from kawai.engine.generate import Generation, SequenceState, Step, ThinkingBudget
-from kawai.engine.prefix_cache import Lease, PrefixCache
+from kawai.engine.prefix_cache import Lease, open_prefix_cache
 from kawai.engine.sampling import SamplingParams
 
 log = logging.getLogger("kawai.worker")
@@ -62,8 +65,9 @@ class Finished:
     """Last item of a channel: the generation's counts."""
 
     prompt_tokens: int
-    cached_tokens: int
+    cached_tokens: int  # prompt tokens read from the prefix cache
     generated_tokens: int
+    created_tokens: int = 0  # prompt tokens this request added to the prefix cache
 
 
 @dataclass(frozen=True)
@@ -128,30 +132,29 @@ class Worker:
         *,
         max_sequences: int = MAX_SEQUENCES,
         kv_memory: int | None = None,
+        kv_dir=None,
+        kv_disk: int | None = None,
         max_per_tenant: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
         metrics: Metrics | None = None,
         wedge_seconds: float = WEDGE_SECONDS,
     ):
-        """kv_memory: bytes for KV caches (running sequences and the prefix cache); default: two
-        full-context caches per sequence slot (one running, one kept for its conversation's next turn),
-        as many as fit in DEFAULT_KV_MEMORY_FRACTION of the memory, at least one."""
+        """kv_memory: bytes of KV memory (running sequences and the prefix cache); default: two full
+        contexts per sequence (one running, one kept for its conversation's next turn), within
+        DEFAULT_KV_MEMORY_FRACTION of the memory, at least one. kv_dir, kv_disk: the disk tier's
+        directory and size bound (none without both)."""
         self.llm = llm
         self.queue_size = max(0, queue_size)
-        slot_bytes = kv_cache_bytes(llm.config, llm.n_ctx)
         if kv_memory is None:
-            slots = max(1, min(2 * max_sequences, default_kv_memory() // slot_bytes))
-        else:
-            slots = kv_memory // slot_bytes
-        if slots < 1:
-            raise KawaiError(
-                f"a KV memory budget of {format_bytes(kv_memory)} holds no cache: one context of "
-                f"{llm.n_ctx} tokens needs {format_bytes(slot_bytes)} (raise --kv-memory or lower --ctx)"
-            )
-        self.max_sequences = max(1, min(max_sequences, slots))
+            context = kv_cache_bytes(llm)
+            kv_memory = max(context, min(2 * max_sequences * context, default_kv_memory()))
+        try:
+            self.pool = open_prefix_cache(llm, kv_memory, disk_dir=kv_dir, disk_bytes=kv_disk, on_ready=self._wake)
+        except KawaiError as e:
+            raise KawaiError(f"{e} (raise --kv-memory or lower --ctx)") from None
+        self.max_sequences = max(1, max_sequences)
         self.max_per_tenant = max_per_tenant
         self.prefill_chunk = max(1, prefill_chunk)
-        self.pool = PrefixCache(llm.new_cache, slots)
         self.metrics = metrics or Metrics()
         self.wedge_seconds = wedge_seconds
         self._cond = threading.Condition()
@@ -162,6 +165,7 @@ class Worker:
         self._n_active = 0
         self._admitting = True
         self._stopping = False
+        self._woken = False  # a disk look-up ended since the engine last checked
         self._heartbeat = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"engine-{llm.id}", daemon=True)
 
@@ -201,6 +205,11 @@ class Worker:
                     f"Too many concurrent requests for this token (limit {self.max_per_tenant}); retry shortly.",
                     headers={"retry-after": "1"},
                 )
+            if not self.pool.fits(len(job.prompt_ids)):
+                raise OverloadedError(
+                    f"Overloaded: a prompt of {len(job.prompt_ids)} tokens does not fit the KV memory of model "
+                    f"{self.llm.id!r}."
+                )
             if self._pending >= self.max_sequences + self.queue_size:
                 raise OverloadedError(
                     f"Overloaded: {self.max_sequences} sequences are running and {len(self._waiting)} requests "
@@ -228,6 +237,13 @@ class Worker:
             self._cond.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        self.pool.close(timeout)
+
+    def _wake(self) -> None:
+        """A disk look-up ended: the job waiting for it may start."""
+        with self._cond:
+            self._woken = True
+            self._cond.notify()
 
     # ---- the engine thread --------------------------------------------------------------------
 
@@ -239,6 +255,8 @@ class Worker:
                 self._admit()
                 if self._active:
                     self._step()
+                else:
+                    self._wait_for_admission()
         except Exception:
             log.exception("engine thread for %s died", self.llm.id)
             raise
@@ -256,6 +274,13 @@ class Worker:
                     return False
                 self._cond.wait(min(IDLE_TICK, self.wedge_seconds / 4))
 
+    def _wait_for_admission(self) -> None:
+        """Nothing runs and the next job waits (its blocks are being read from disk): sleep until woken."""
+        with self._cond:
+            if self._waiting and not self._stopping and not self._woken:
+                self._cond.wait(min(IDLE_TICK, self.wedge_seconds / 4))
+            self._woken = False
+
     def _drop_cancelled(self) -> None:
         with self._cond:
             gone = [job for job in self._waiting if job.cancel.is_set()]
@@ -268,21 +293,27 @@ class Worker:
             self._emit(seq, seq.state.finish("cancelled"))
 
     def _admit(self) -> None:
+        """Start waiting jobs in order while a slot is free and the prefix cache lends each a cache."""
         while True:
             with self._cond:
                 if not self._waiting or len(self._active) >= self.max_sequences:
                     return
-                job = self._waiting.popleft()
-            self._start(job)
+                job = self._waiting[0]
+            prompt = job.prompt_ids
+            has_images = bool(getattr(prompt, "images", ()))
+            lease = self.pool.acquire(job.tenant, prompt, reuse=not has_images) if prompt else None
+            if lease is None and prompt:
+                return  # memory is full or its blocks are on their way from disk: it stays first in line
+            with self._cond:
+                self._waiting.popleft()
+            self._start(job, lease, has_images)
 
-    def _start(self, job: Job) -> None:
+    def _start(self, job: Job, lease: Lease | None, has_images: bool) -> None:
         prompt = job.prompt_ids
-        has_images = bool(getattr(prompt, "images", ()))
-        lease = self.pool.acquire(job.tenant, () if has_images else prompt)
-        if lease is None or not prompt or len(prompt) > lease.cache.max_seq:
-            log.error("request %s: no cache slot or a prompt of %d tokens", job.request_id, len(prompt))
+        if lease is None or len(prompt) > lease.cache.max_seq:
+            log.error("request %s: a prompt of %d tokens cannot run", job.request_id, len(prompt))
             if lease is not None:
-                self.pool.release(lease)
+                self.pool.release(lease, reusable=False)
             job.channel.put(Failed())
             self._done(job)
             return
@@ -294,7 +325,6 @@ class Worker:
             state = SequenceState(list(prompt), job.params, lease.cache, self.llm.tokenizer, job.thinking)
             todo = state.start()
             cached = len(prompt) - len(todo)
-            self.pool.count_hit(cached)
             self._count("kawai_prefix_cache_hit_tokens_total", "Prompt tokens reused from the prefix cache.", cached)
             seq = _Sequence(job, state, lease, todo, cached)
         job.channel.put(Started(seq.cached))  # an image prompt's cache starts empty: 0
@@ -317,6 +347,9 @@ class Worker:
         return _Sequence(job, gen.state, lease, [], 0, solo=gen)
 
     def _step_solo(self, seq: _Sequence) -> None:
+        if not self.pool.reserve(seq.lease, max(len(seq.job.prompt_ids), seq.lease.cache.length + 1)):
+            self._emit(seq, seq.state.finish("context_full"))
+            return
         try:
             step = next(seq.solo)
         except Exception:
@@ -334,7 +367,7 @@ class Worker:
             self._step_solo(seq)
         batch: list[tuple[_Sequence, list[int]]] = []
         budget = self.prefill_chunk
-        for seq in self._active:
+        for seq in list(self._active):  # a sequence out of KV memory leaves the list
             if seq.solo is not None:
                 continue
             if seq.todo:
@@ -344,6 +377,9 @@ class Worker:
                 budget -= len(chunk)
             else:
                 chunk = seq.state.pending
+                if not self.pool.reserve(seq.lease, seq.lease.cache.length + len(chunk)):
+                    self._emit(seq, seq.state.finish("context_full"))  # the KV memory has no block left
+                    continue
             batch.append((seq, chunk))
         if not batch:
             return
@@ -362,6 +398,7 @@ class Worker:
             seq.state.fed(chunk)
             if seq.first_token_at is None:
                 prefilled += len(chunk)
+                self.pool.publish(seq.lease)
             if seq.todo:
                 continue  # still prefilling: these logits are not needed
             try:
@@ -390,7 +427,7 @@ class Worker:
             seq.job.cancel.set()
         if step.finish_reason is not None:
             state = seq.state
-            done = Finished(len(state.prompt), seq.cached, state.n_generated)
+            done = Finished(len(state.prompt), seq.cached, state.n_generated, seq.lease.created)
             self._access_log(seq, done, step.finish_reason, now)  # before the client can see the end
             self._retire(seq, done, reusable=True)
 
@@ -435,10 +472,11 @@ class Worker:
         job = seq.job
         ttft = (seq.first_token_at or now) - job.submitted_at
         access_log.info(
-            "generation request_id=%s token_id=%s model=%s input_tokens=%d cached_tokens=%d output_tokens=%d "
-            "finish=%s ttft_s=%.3f total_s=%.3f",
-            job.request_id, job.tenant or "-", self.llm.id, done.prompt_tokens - done.cached_tokens,
-            done.cached_tokens, done.generated_tokens, finish_reason, ttft, now - job.submitted_at,
+            "generation request_id=%s token_id=%s model=%s input_tokens=%d cached_tokens=%d created_tokens=%d "
+            "output_tokens=%d finish=%s ttft_s=%.3f total_s=%.3f",
+            job.request_id, job.tenant or "-", self.llm.id,
+            done.prompt_tokens - done.cached_tokens - done.created_tokens, done.cached_tokens,
+            done.created_tokens, done.generated_tokens, finish_reason, ttft, now - job.submitted_at,
         )
 
     def gauges(self):
@@ -448,16 +486,37 @@ class Worker:
         yield "kawai_queue_length", labels, self.queue_length, "Requests waiting for a sequence slot."
         yield "kawai_active_sequences", labels, self.active_sequences, "Sequences being prefilled or decoded."
         yield "kawai_max_sequences", labels, self.max_sequences, "Sequences run together at most."
-        yield "kawai_prefix_cache_slots", labels, pool.slots, "KV caches the memory budget allows."
         yield "kawai_prefix_cache_leased", labels, pool.leased, "KV caches used by running sequences."
         yield "kawai_prefix_cache_idle_tokens", labels, pool.idle_tokens, "Tokens held by reusable KV caches."
-        yield "kawai_prefix_cache_bytes", labels, pool.nbytes, "Bytes of allocated KV caches."
+        yield "kawai_prefix_cache_blocks", labels, pool.blocks, "Prompt blocks findable in KV memory."
+        yield "kawai_kv_memory_bytes", labels, pool.used_bytes, "KV memory accounted to caches (whole blocks)."
+        yield "kawai_kv_memory_budget_bytes", labels, pool.budget_bytes, "KV memory bound (--kv-memory)."
+        if self.pool.disk is not None:
+            yield "kawai_kv_disk_bytes", labels, self.pool.disk.stats().bytes, "Bytes of KV block files on disk."
         yield "kawai_engine_up", labels, int(self.alive), "1 while the engine thread runs and beats."
 
 
-def kv_cache_bytes(cfg, n_ctx: int) -> int:
-    """Bytes of one full-context KVCache (float32 keys and values for every layer)."""
-    return 2 * 4 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * n_ctx
+    def counters(self):
+        """(name, labels, value, help) of the prefix cache's running totals, for /metrics."""
+        labels = (("model", self.llm.id),)
+        pool = self.pool.stats()
+        yield "kawai_kv_memory_hit_tokens_total", labels, pool.memory_hit_tokens, "Prompt tokens reused from KV memory."
+        yield "kawai_kv_disk_hit_tokens_total", labels, pool.disk_hit_tokens, "Prompt tokens reused from disk blocks."
+        yield "kawai_kv_created_tokens_total", labels, pool.created_tokens, "Prompt tokens newly cached."
+        yield "kawai_kv_evictions_total", labels, pool.evictions, "Idle KV caches evicted for memory."
+        if self.pool.disk is not None:
+            disk = self.pool.disk.stats()
+            yield "kawai_kv_disk_read_bytes_total", labels, disk.read_bytes, "Bytes of KV blocks read from disk."
+            yield "kawai_kv_disk_load_seconds_total", labels, disk.load_seconds, "Seconds reading and verifying them."
+            yield "kawai_kv_disk_written_bytes_total", labels, disk.written_bytes, "Bytes of KV blocks written."
+            yield "kawai_kv_disk_rejected_files_total", labels, disk.rejected_files, "Bad block files deleted."
+            yield "kawai_kv_disk_dropped_writes_total", labels, disk.dropped_writes, "Blocks not written (backlog)."
+            yield "kawai_kv_disk_evicted_files_total", labels, disk.evicted_files, "Block files removed for --kv-disk."
+
+
+def kv_cache_bytes(llm, n_ctx: int | None = None) -> int:
+    """Bytes of keys and values for n_ctx positions (default: the model's context), in the cache's dtype."""
+    return llm.new_cache(1).nbytes * (llm.n_ctx if n_ctx is None else n_ctx)
 
 
 def default_kv_memory() -> int:

@@ -516,6 +516,34 @@ def _verified(path: Path, sha256: str, size: int | None, *, progress: bool) -> b
     return True
 
 
+def model_sha256(path: Path) -> str:
+    """The SHA-256 of a model file: from its `.verified` marker when size and mtime still match (catalog
+    models have one from the pull), else hashed now and recorded (best effort)."""
+    path = Path(path)
+    st = path.stat()
+    try:
+        marker = json.loads(_marker_path(path).read_text())
+        if marker.get("size") == st.st_size and marker.get("mtime_ns") == st.st_mtime_ns:
+            if SHA256_PATTERN.fullmatch(str(marker.get("sha256", ""))):
+                return marker["sha256"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    digest = file_sha256(path, progress=False)
+    _write_marker(path, digest)
+    return digest
+
+
+def local_model_ids_by_sha256() -> dict[str, str]:
+    """sha256 -> id of the local models whose checksum is recorded (for naming caches keyed by it)."""
+    out = {}
+    for model in _local_files():
+        try:
+            out[json.loads(_marker_path(model.path).read_text())["sha256"]] = model.id
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
 def _write_marker(path: Path, sha256: str) -> None:
     """Record a verified checksum; best effort (a read-only models directory just re-hashes)."""
     st = path.stat()

@@ -30,7 +30,10 @@ def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     context is only 128 KiB (32768 positions), so writing position 0 of every row would commit the whole
     key array (384 MiB for Qwen2.5-0.5B at 32768 tokens) on the first request."""
     nbytes = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
-    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+    buf = mmap.mmap(-1, nbytes)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # also where the kernel gives huge pages unasked (THP "always")
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
 
 class KVCache:
@@ -52,6 +55,10 @@ class KVCache:
     def free(self) -> int:
         """Positions still available."""
         return self.max_seq - self.length
+
+    def positions(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Views of positions start..stop-1: k (n_layers, Hkv, hd, n), v (n_layers, Hkv, n, hd)."""
+        return self.k[:, :, :, start:stop], self.v[:, :, start:stop, :]
 
     def truncate(self, n: int) -> None:
         """Keep the first n positions (for prefix reuse); later ones are overwritten by the next forward."""

@@ -109,7 +109,7 @@ def test_sdk_async_create_and_stream(server, tokens, model):
 
     m, final, count = asyncio.run(run())
     assert text_of(m) == text_of(final)  # greedy: same text either way
-    assert count.input_tokens == final.usage.input_tokens + (final.usage.cache_read_input_tokens or 0)
+    assert count.input_tokens == prompt_tokens(final.usage)
 
 
 def test_sdk_count_tokens_matches_usage(client, model):
@@ -117,7 +117,12 @@ def test_sdk_count_tokens_matches_usage(client, model):
               messages=[{"role": "user", "content": "What is the weather in Paris?"}])
     counted = client.messages.count_tokens(**kw).input_tokens
     m = client.messages.create(max_tokens=1, **kw)
-    assert counted == m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0) > 100  # tools in the prompt
+    assert counted == prompt_tokens(m.usage) > 100  # tools in the prompt
+
+
+def prompt_tokens(usage) -> int:
+    """The whole prompt: tokens run, written to the prefix cache, and read from it."""
+    return usage.input_tokens + (usage.cache_creation_input_tokens or 0) + (usage.cache_read_input_tokens or 0)
 
 
 def test_usage_counts_the_prompt_as_transformers_does(client, model):

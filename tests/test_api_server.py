@@ -154,7 +154,8 @@ def test_count_tokens_is_exactly_what_messages_counts(client):
         counted = client.post("/v1/messages/count_tokens", json={k: v for k, v in b.items() if k != "max_tokens"})
         assert counted.status_code == 200 and set(counted.json()) == {"input_tokens"}
         usage = client.post("/v1/messages", json=b).json()["usage"]
-        assert counted.json()["input_tokens"] == usage["input_tokens"] + usage["cache_read_input_tokens"]
+        assert counted.json()["input_tokens"] == (
+            usage["input_tokens"] + usage["cache_creation_input_tokens"] + usage["cache_read_input_tokens"])
 
 
 def test_stream_usage_is_the_same_at_start_and_end(client):

@@ -8,6 +8,7 @@ assertions are about scheduling, and the 2-core test machine is shared.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -21,7 +22,7 @@ from kawai.api.app import create_app
 from kawai.api.errors import OverloadedError, RateLimitError, UnavailableError
 from kawai.api.state import ServerSettings
 from kawai.api.worker import Failed, Finished, Job, Worker
-from api_harness import LiveServer, home, live_server, tokens  # noqa: F401 (home, tokens: fixtures)
+from api_harness import LiveServer, home, live_server, parse_sse, tokens  # noqa: F401 (home, tokens: fixtures)
 from kawai.engine.batch import forward_batch
 from kawai.engine.errors import KawaiError
 from kawai.engine.sampling import SamplingParams
@@ -198,6 +199,20 @@ def test_submit_refuses_past_capacity_tenant_limit_and_while_draining(tiny_llm):
         limited.stop(timeout=10)
 
 
+def test_a_prompt_longer_than_the_kv_memory_is_refused_with_529_before_it_starts(tiny_llm):
+    worker = Worker(tiny_llm, queue_size=4, kv_memory=2 * 64 * tiny_llm.new_cache(1).nbytes)  # two blocks
+    worker.start()
+    try:
+        with pytest.raises(OverloadedError, match="does not fit the KV memory"):
+            worker.submit(Job(list(range(1, 130)), SamplingParams(max_tokens=4), Collector(), "r1"))
+        fits = Collector()
+        worker.submit(Job(list(range(1, 128)), SamplingParams(temperature=0, max_tokens=4), fits, "r2"))
+        assert fits.done.wait(60) and isinstance(fits.items[-1], Finished)
+        assert fits.items[-2].finish_reason == "context_full"  # 127 + 1 fit the two blocks, the next did not
+    finally:
+        worker.stop(timeout=10)
+
+
 def test_idle_engine_keeps_its_heartbeat_and_a_too_small_kv_budget_is_one_clear_error(tiny_llm):
     worker = Worker(tiny_llm, queue_size=1, wedge_seconds=1.0)
     worker.start()
@@ -302,6 +317,42 @@ def test_32_concurrent_streaming_sdk_clients(server, tokens):
         model="tiny-qwen2-mixed", max_tokens=24, messages=prompt, extra_body={"temperature": 0})
     assert alone.usage.cache_read_input_tokens == 0 and texts == {alone.content[0].text}  # run alone, cold
     assert metric(server, tokens, 'kawai_requests_total{status="529"}') == len(refused)
+
+
+def test_32_concurrent_streams_under_a_small_kv_memory_finish_or_fail_cleanly(tiny_llm, tmp_path):
+    """KV memory for 3 blocks of 64 positions, 8 sequences, replies up to 100 tokens: admission waits for
+    memory, a sequence that finds no block for its next token stops (model_context_window_exceeded), the
+    rest are refused with 529. Nothing crashes and all memory comes back."""
+    budget = 3 * 64 * tiny_llm.new_cache(1).nbytes
+    app = create_app(ServerSettings(home=tmp_path, auth=False, queue_size=16, max_sequences=8, kv_memory=budget,
+                                    ping_interval=5.0), [tiny_llm])
+    body = {"model": "tiny-qwen2-mixed", "max_tokens": 100, "temperature": 0.9, "stream": True}
+
+    async def one(c: httpx.AsyncClient, i: int):
+        messages = [{"role": "user", "content": f"Story number {i}"}]
+        async with c.stream("POST", "/v1/messages", json={**body, "messages": messages}) as r:
+            if r.status_code != 200:
+                return r.status_code, json.loads(await r.aread())["error"]["type"]
+            frames = parse_sse((await r.aread()).decode())
+        kinds = [event for event, _ in frames]
+        assert kinds[0] == "message_start" and kinds[-1] == "message_stop", kinds
+        return 200, next(d["delta"]["stop_reason"] for e, d in frames if e == "message_delta")
+
+    async def crowd():
+        async with httpx.AsyncClient(base_url=s.url, timeout=120, limits=httpx.Limits(max_connections=64)) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(32)))
+
+    with LiveServer(app) as s:
+        outcomes = asyncio.run(crowd())
+        worker = s.state.models["tiny-qwen2-mixed"].worker
+        while worker.busy:
+            time.sleep(0.02)
+        stats = worker.pool.stats()
+    ok = [reason for status, reason in outcomes if status == 200]
+    assert len(ok) >= 24 and set(ok) <= {"end_turn", "max_tokens", "model_context_window_exceeded"}, outcomes
+    assert "model_context_window_exceeded" in ok  # 3 blocks cannot hold 8 replies of 100 tokens
+    assert all(o == (529, "overloaded_error") for o in outcomes if o[0] != 200), outcomes
+    assert stats.leased == 0 and stats.used_bytes <= stats.budget_bytes == budget
 
 
 def test_100_clients_that_disconnect_after_the_first_delta_leak_nothing(server, tokens):

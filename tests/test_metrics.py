@@ -83,8 +83,10 @@ def test_requests_tokens_and_latencies_are_counted_and_logged(setup, caplog):
     model = '{model="tiny-qwen2-f32"}'
     assert grew('kawai_requests_total{status="200"}') >= 2 and grew('kawai_requests_total{status="404"}') == 1
     assert grew("kawai_generated_tokens_total" + model) == usage["output_tokens"]
-    assert grew("kawai_prompt_tokens_total" + model) == usage["input_tokens"]
+    assert grew("kawai_prompt_tokens_total" + model) == usage["input_tokens"] + usage["cache_creation_input_tokens"]
     assert grew("kawai_prefix_cache_hit_tokens_total" + model) == usage["cache_read_input_tokens"]
+    assert grew("kawai_kv_memory_hit_tokens_total" + model) == usage["cache_read_input_tokens"]
+    assert grew("kawai_kv_created_tokens_total" + model) == usage["cache_creation_input_tokens"]
     assert grew("kawai_time_to_first_token_seconds_count" + model) == 1
     assert grew("kawai_time_per_output_token_seconds_count" + model) == usage["output_tokens"] - 1
     assert after["kawai_active_sequences" + model] == 0 and after["kawai_engine_up" + model] == 1
@@ -94,4 +96,5 @@ def test_requests_tokens_and_latencies_are_counted_and_logged(setup, caplog):
     assert fields["request_id"] == r.headers["request-id"] and fields["token_id"] == tokens.all_id
     assert fields["model"] == "tiny-qwen2-f32" and int(fields["output_tokens"]) == usage["output_tokens"]
     assert int(fields["input_tokens"]) == usage["input_tokens"] and float(fields["ttft_s"]) > 0
+    assert int(fields["created_tokens"]) == usage["cache_creation_input_tokens"]
     assert all(tokens.all not in rec.getMessage() for rec in caplog.records)  # never the secret

@@ -3,6 +3,8 @@ SmolLM2 model and the official SDK, multi-turn reuse reported as `cache_read_inp
 
 from __future__ import annotations
 
+import time
+
 import anthropic
 import httpx
 import numpy as np
@@ -12,7 +14,8 @@ from kawai import engine
 from kawai.api.app import create_app
 from kawai.api.state import ServerSettings
 from api_harness import LiveServer, make_tokens
-from kawai.engine.prefix_cache import PrefixCache
+from kawai.engine.kv_disk import DiskCache, clear_blocks, list_blocks
+from kawai.engine.prefix_cache import BLOCK_TOKENS, PrefixCache, block_hashes, chain_root
 from kawai.engine.sampling import SamplingParams
 from tiny_models import write_tiny_model
 
@@ -22,20 +25,50 @@ def tiny_llm(tmp_path_factory):
     return engine.load(write_tiny_model(tmp_path_factory.mktemp("tiny"), "qwen2", n_ctx=64), threads=1)
 
 
-def fill(llm, pool: PrefixCache, tenant, prompt):
-    """Acquire, run the prompt through the model as the scheduler would, release; returns the lease."""
-    lease = pool.acquire(tenant, prompt)
+B = 4  # tokens per block in these tests
+
+
+def make_pool(llm, blocks: int, block_tokens: int = B) -> PrefixCache:
+    """A pool whose KV memory holds `blocks` blocks."""
+    per_block = llm.new_cache(1).nbytes * block_tokens
+    return PrefixCache(llm.new_cache, blocks * per_block, root=lambda tenant: chain_root("tiny", "f32", tenant),
+                       block_tokens=block_tokens)
+
+
+def run(llm, pool: PrefixCache, lease, release=True):
+    """Prefill the rest of the lease's prompt as the scheduler does (then publish, release)."""
     cache = lease.cache
-    todo = prompt[cache.length:]
-    if todo:
-        llm.forward(todo, cache)
-        cache.tokens.extend(todo)
-    pool.release(lease)
+    todo = lease.prompt[lease.reused:]
+    assert cache.length >= lease.reused
+    cache.truncate(lease.reused)
+    cache.tokens = lease.prompt[: lease.reused]
+    assert pool.reserve(lease, len(lease.prompt))
+    logits = llm.forward(todo, cache)
+    cache.tokens.extend(todo)
+    pool.publish(lease)
+    if release:
+        pool.release(lease)
+    return logits
+
+
+def fill(llm, pool: PrefixCache, tenant, prompt):
+    lease = pool.acquire(tenant, prompt)
+    run(llm, pool, lease)
     return lease
 
 
+def test_block_hashes_chain_every_token_before_them_and_the_tenant():
+    root_a, root_b = chain_root("m", "f32", "a"), chain_root("m", "f32", "b")
+    h = block_hashes(root_a, [1, 2, 3, 4, 5, 6, 7, 8, 9], 4)
+    assert len(h) == 2 and h == block_hashes(root_a, [1, 2, 3, 4, 5, 6, 7, 8], 4)  # a partial block has none
+    assert block_hashes(root_a, [1, 2, 3, 4, 5, 6, 7, 9], 4)[0] == h[0]
+    assert block_hashes(root_a, [9, 2, 3, 4, 5, 6, 7, 8], 4)[1] != h[1]  # block 1 depends on block 0's tokens
+    assert block_hashes(root_b, [1, 2, 3, 4], 4)[0] != h[0]  # another tenant: other names
+    assert chain_root("m", "f16", "a") != root_a and chain_root("n", "f32", "a") != root_a
+
+
 def test_longest_prefix_of_the_same_tenant_only(tiny_llm):
-    pool = PrefixCache(tiny_llm.new_cache, slots=3)
+    pool = make_pool(tiny_llm, blocks=12)
     fill(tiny_llm, pool, "a", [1, 2, 3, 4, 5])
     fill(tiny_llm, pool, "a", [1, 2, 9, 9])
     assert pool.acquire("b", [1, 2, 3, 4, 5, 6]).reused == 0  # another tenant never sees a's caches
@@ -45,33 +78,174 @@ def test_longest_prefix_of_the_same_tenant_only(tiny_llm):
 
 
 def test_reused_keys_and_values_equal_a_fresh_prefill(tiny_llm):
-    """A conversation extended from the cache (moved) and one sharing part of it (copied into a free
-    slot) both produce exactly the logits of a fresh run."""
-    pool = PrefixCache(tiny_llm.new_cache, slots=4)
+    """A conversation extended from the cache (handed over), one sharing part of it (copied), and one
+    sharing whole blocks with a running sequence all produce exactly the logits of a fresh run."""
+    pool = make_pool(tiny_llm, blocks=12)
     fill(tiny_llm, pool, None, [5, 6, 7, 8, 9, 10])
-    for prompt in ([5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7, 30, 31]):
+    for prompt, reused in (([5, 6, 7, 8, 9, 10, 11, 12], 6), ([5, 6, 7, 30, 31], 3), ([5, 6, 7, 8, 40, 41], 4)):
         lease = pool.acquire(None, prompt)
-        reused = lease.reused
-        assert reused in (6, 3)
-        got = tiny_llm.forward(prompt[reused:], lease.cache)
-        want = tiny_llm.forward(prompt, tiny_llm.new_cache())
-        assert np.array_equal(got, want)
-        lease.cache.tokens.extend(prompt[reused:])
-        pool.release(lease)
-    assert pool.stats().allocated == 2  # the partial match was copied: the original entry stayed
+        assert lease.reused == reused
+        got = run(tiny_llm, pool, lease)
+        assert np.array_equal(got, tiny_llm.forward(prompt, tiny_llm.new_cache()))
 
 
-def test_bounded_by_slots_with_lru_eviction(tiny_llm):
-    pool = PrefixCache(tiny_llm.new_cache, slots=2)
+def test_blocks_are_shared_by_hash_and_creation_counts_only_new_blocks(tiny_llm):
+    pool = make_pool(tiny_llm, blocks=20)
+    system = list(range(10, 18))  # two blocks
+    first = pool.acquire("t", system + [1, 2, 3])
+    run(tiny_llm, pool, first, release=False)  # still running: its blocks are readable by others
+    assert first.reused == 0 and first.created == 8
+    second = pool.acquire("t", system + [7, 7])
+    assert second.reused == 8 and second.cache is not first.cache  # copied from the running sequence
+    run(tiny_llm, pool, second)
+    assert second.created == 0  # nothing new: its prompt's only full blocks were already cached
+    third = pool.acquire("t", system + [7, 7, 7, 7, 7])
+    assert third.reused == 10  # the finished conversation, token-exact
+    assert pool.stats().memory_hit_tokens == 18 and pool.stats().created_tokens == 8
+
+
+def test_a_shared_block_stays_until_its_last_holder_is_gone(tiny_llm):
+    """Two live sequences hold the same prompt blocks: the blocks stay findable while either holds
+    them, and are gone (their memory returned) only when both have been dropped."""
+    pool = make_pool(tiny_llm, blocks=20)
+    prompt = list(range(20, 29))  # two full blocks and one token
+    a = pool.acquire("t", prompt)
+    run(tiny_llm, pool, a, release=False)
+    b = pool.acquire("t", prompt)
+    run(tiny_llm, pool, b, release=False)
+    assert a.cache is not b.cache and pool.stats().blocks == 2
+    pool.release(a, reusable=False)  # dropped: b still holds the blocks
+    other = pool.acquire("u", prompt)
+    assert pool.stats().blocks == 2 and other.reused == 0  # and only for its tenant
+    pool.release(other)  # never ran: nothing to keep
+    c = pool.acquire("t", prompt[:8] + [1])
+    assert c.reused == 8
+    pool.release(c, reusable=False)
+    pool.release(b, reusable=False)
+    stats = pool.stats()
+    assert stats.blocks == 0 and stats.used_bytes == 0 and stats.leased == stats.idle == 0
+    assert pool.acquire("t", prompt).reused == 0
+
+
+def test_memory_is_bounded_in_blocks_with_lru_eviction_and_a_wait_when_full(tiny_llm):
+    pool = make_pool(tiny_llm, blocks=4)
+    per_block = pool.bytes_per_token * B
     fill(tiny_llm, pool, "a", [1, 1, 1])
     fill(tiny_llm, pool, "b", [2, 2, 2])
-    fill(tiny_llm, pool, "a", [1, 1, 1, 4])  # touches a's entry: b's is now the least recently used
-    fill(tiny_llm, pool, "c", [3, 3, 3])  # evicts b
+    fill(tiny_llm, pool, "a", [1, 1, 1, 4])  # a's conversation, extended: b's is now least recently used
+    fill(tiny_llm, pool, "c", [3] * 9)  # three blocks: evicts b's
     stats = pool.stats()
-    assert stats.allocated == 2 and stats.evictions == 1 and stats.nbytes == 2 * tiny_llm.new_cache().nbytes
-    assert pool.acquire("a", [1, 1, 1, 4, 5]).reused == 4
-    assert pool.acquire("b", [2, 2, 2, 2]).reused == 0  # b's cache was evicted; c's is emptied for it
-    assert pool.acquire("c", [3, 3, 3]) is None  # both slots leased
+    assert stats.used_bytes == 4 * per_block and stats.evictions == 1
+    b = pool.acquire("b", [2, 2, 2, 2])  # evicts a's (c's is more recent)
+    assert b.reused == 0 and pool.stats().evictions == 2
+    held = pool.acquire("c", [3] * 10)
+    assert held.reused == 9
+    assert pool.acquire("d", [9] * 9) is None  # three blocks, but four are leased: wait
+    assert pool.fits(16) and not pool.fits(17)
+    assert pool.reserve(held, 12) and not pool.reserve(held, 13)  # a decoding sequence finds no block left
+    assert pool.stats().used_bytes <= pool.stats().budget_bytes
+
+
+# ---- the disk tier -----------------------------------------------------------------------------------------
+
+
+def disk_pool(llm, root, model_sha="0" * 64, max_bytes=1 << 30, blocks=40) -> PrefixCache:
+    k, v = llm.new_cache(B).positions(0, B)
+    disk = DiskCache(root, model_sha256=model_sha, kv_format="f32", dtype=k.dtype, k_shape=k.shape,
+                     v_shape=v.shape, block_tokens=B, max_bytes=max_bytes)
+    per_block = llm.new_cache(1).nbytes * B
+    return PrefixCache(llm.new_cache, blocks * per_block, root=lambda tenant: chain_root(model_sha, "f32", tenant),
+                       block_tokens=B, disk=disk)
+
+
+def acquire_waiting(pool, tenant, prompt, timeout=30.0):
+    """acquire, waiting out a disk look-up."""
+    t0 = time.monotonic()
+    while (lease := pool.acquire(tenant, prompt)) is None:
+        assert time.monotonic() - t0 < timeout
+        time.sleep(0.005)
+    return lease
+
+
+PROMPT = [int(t) for t in np.random.default_rng(3).integers(0, 200, 23)]  # five full blocks and three tokens
+
+
+def write_prompt(llm, root, **kwargs):
+    pool = disk_pool(llm, root, **kwargs)
+    want = run(llm, pool, acquire_waiting(pool, "t", PROMPT))
+    pool.close(30)
+    return want
+
+
+def block_files(root) -> list:
+    return sorted((root / ("0" * 64)).glob("*.kvb"))
+
+
+def test_blocks_written_to_disk_are_read_back_by_a_new_pool_bit_for_bit(tiny_llm, tmp_path):
+    want = write_prompt(tiny_llm, tmp_path)
+    assert len(block_files(tmp_path)) == 5
+    pool = disk_pool(tiny_llm, tmp_path)
+    assert acquire_waiting(pool, "other", PROMPT).reused == 0  # another tenant: no hit
+    lease = acquire_waiting(pool, "t", PROMPT)
+    assert lease.reused == 20 and lease.disk_tokens == 20
+    assert np.array_equal(run(tiny_llm, pool, lease), want)
+    assert pool.stats().disk_hit_tokens == 20 and pool.disk.stats().read_blocks == 5
+    pool.close(10)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "garbage", "wrong_model"])
+def test_damaged_or_foreign_block_files_are_ignored_and_deleted(tiny_llm, tmp_path, damage):
+    write_prompt(tiny_llm, tmp_path)
+    files = block_files(tmp_path)
+    third = files_in_chain_order(files)[2]
+    if damage == "corrupt":  # one payload byte flipped
+        data = bytearray(third.read_bytes())
+        data[-10] ^= 0x40
+        third.write_bytes(bytes(data))
+    elif damage == "truncated":
+        third.write_bytes(third.read_bytes()[:-100])
+    elif damage == "garbage":
+        third.write_bytes(b"not a block at all")
+    model_sha = "1" * 64 if damage == "wrong_model" else "0" * 64
+    if damage == "wrong_model":  # another model's files copied into this model's directory
+        (tmp_path / model_sha).mkdir()
+        for f in files:
+            (tmp_path / model_sha / f.name).write_bytes(f.read_bytes())
+    pool = disk_pool(tiny_llm, tmp_path, model_sha=model_sha)
+    lease = acquire_waiting(pool, "t", PROMPT)
+    if damage == "wrong_model":
+        # the chain names differ per model, so its files are never even looked up; read one as if they were
+        root = chain_root(model_sha, "f32", "t")
+        assert list(pool.disk.read_chain("t", chain_root("0" * 64, "f32", "t"), PROMPT, block_hashes(
+            chain_root("0" * 64, "f32", "t"), PROMPT, B))) == []
+        assert lease.reused == 0 and root != chain_root("0" * 64, "f32", "t")
+        assert pool.disk.stats().rejected_files == 1 and len(list((tmp_path / model_sha).glob("*.kvb"))) == 4
+    else:
+        assert lease.reused == 8  # blocks 0 and 1; block 2 is bad, so nothing after it is used
+        assert pool.disk.stats().rejected_files == 1 and not third.exists()
+        want = tiny_llm.forward(PROMPT, tiny_llm.new_cache())
+        assert np.array_equal(run(tiny_llm, pool, lease), want)
+    pool.close(10)
+
+
+def files_in_chain_order(files) -> list:
+    from kawai.engine.kv_disk import read_header
+
+    return sorted(files, key=lambda f: read_header(f)["index"])
+
+
+def test_the_disk_bound_is_respected_least_recently_used_first(tiny_llm, tmp_path):
+    write_prompt(tiny_llm, tmp_path)
+    size = block_files(tmp_path)[0].stat().st_size
+    pool = disk_pool(tiny_llm, tmp_path, max_bytes=7 * size)
+    for i in range(3):
+        run(tiny_llm, pool, acquire_waiting(pool, "t", [100 + i] * 16))  # 4 blocks each
+    pool.close(30)
+    files = block_files(tmp_path)
+    assert sum(f.stat().st_size for f in files) <= 7 * size and len(files) == 7
+    assert pool.disk.stats().evicted_files == 5 + 12 - 7
+    assert list_blocks(tmp_path)[0].files == 7 and list_blocks(tmp_path)[0].tenants == ("t",)
+    assert clear_blocks(tmp_path) == (7, 7 * size) and block_files(tmp_path) == []
 
 
 # ---- multi-turn on a real server ------------------------------------------------------------------------
@@ -110,7 +284,8 @@ def test_second_turn_reads_the_first_turn_from_the_cache_per_tenant(server, smol
     read = second.usage.cache_read_input_tokens
     # the cache holds the first prompt and every answer token but the last (sampled, never fed back)
     assert read >= first.usage.input_tokens + first.usage.output_tokens - 1
-    assert second.usage.input_tokens + read == len(smollm.encode_chat(turn2))
+    usage = second.usage
+    assert usage.input_tokens + usage.cache_creation_input_tokens + read == len(smollm.encode_chat(turn2))
     steps = smollm.generate(smollm.encode_chat(turn2), SamplingParams(temperature=0, max_tokens=4))
     alone = "".join(step.text for step in steps)
     # reused keys/values change nothing (the API drops a reply's trailing whitespace: api/toolcalls.py)
@@ -141,5 +316,74 @@ def test_a_per_request_billing_header_does_not_defeat_the_cache(server, smollm):
     first = ask("a1b2c", "Hi")
     second = ask("f9e8d", "Hello")
     assert second.usage.cache_read_input_tokens > len(smollm.tokenizer.encode(rules)) - 2
-    assert first.usage.input_tokens + first.usage.cache_read_input_tokens == len(
-        smollm.encode_chat([{"role": "system", "content": rules}, {"role": "user", "content": "Hi"}]))
+    n = len(smollm.encode_chat([{"role": "system", "content": rules}, {"role": "user", "content": "Hi"}]))
+    usage = first.usage
+    assert usage.input_tokens + usage.cache_creation_input_tokens + usage.cache_read_input_tokens == n
+    # creation: the prompt's whole blocks of BLOCK_TOKENS that no cache held before, minus tokens read
+    assert usage.cache_creation_input_tokens + usage.cache_read_input_tokens == n // BLOCK_TOKENS * BLOCK_TOKENS
+    assert second.usage.cache_creation_input_tokens == 0
+
+
+def test_a_restarted_server_reads_the_prompt_from_disk_per_tenant(smollm, tmp_path):
+    """A server writes a prompt's blocks to $KAWAI_HOME/kv; a new server on the same home (nothing in
+    memory) reads them back: cache_read_input_tokens is the cached prefix, the greedy output is the
+    uncached one, and another tenant gets no hit."""
+    tokens = make_tokens(tmp_path)
+    settings = ServerSettings(home=tmp_path, queue_size=4, max_sequences=2, kv_disk=64 << 20)
+    rules = "You are a careful assistant. " + " ".join(f"Rule {i}: answer in one short line." for i in range(25))
+    messages = [{"role": "system", "content": rules}, {"role": "user", "content": "Name one color."}]
+    n = len(smollm.encode_chat(messages))
+    cached = min(n // BLOCK_TOKENS * BLOCK_TOKENS, n - 1)
+    assert cached >= 2 * BLOCK_TOKENS
+
+    def ask(server, key):
+        client = anthropic.Anthropic(base_url=server.url, api_key=key, max_retries=0, timeout=120)
+        return client.messages.create(model=smollm.id, max_tokens=6, system=rules, messages=messages[1:],
+                                      extra_body={"temperature": 0})
+
+    with LiveServer(create_app(settings, [smollm])) as s:
+        cold = ask(s, tokens.all)
+    assert cold.usage.cache_read_input_tokens == 0 and cold.usage.cache_creation_input_tokens == cached
+    files = list((tmp_path / "kv").glob("*/*.kvb"))
+    assert len(files) == cached // BLOCK_TOKENS
+
+    with LiveServer(create_app(settings, [smollm])) as s:
+        other = ask(s, tokens.messages_only)
+        warm = ask(s, tokens.all)
+        page = httpx.get(s.url + "/metrics", headers={"x-api-key": tokens.all}).text
+    assert other.usage.cache_read_input_tokens == 0  # another tenant: no hit, from disk either
+    assert warm.usage.cache_read_input_tokens == cached and warm.usage.cache_creation_input_tokens == 0
+    steps = smollm.generate(smollm.encode_chat(messages), SamplingParams(temperature=0, max_tokens=6))
+    alone = "".join(step.text for step in steps).rstrip()
+    assert warm.content[0].text == cold.content[0].text == other.content[0].text == alone
+    assert f'kawai_kv_disk_hit_tokens_total{{model="{smollm.id}"}} {cached}' in page
+    assert "# TYPE kawai_kv_disk_read_bytes_total counter" in page
+
+
+def test_kawai_cache_lists_and_clears_the_disk_tier(tiny_llm, tmp_path, monkeypatch, capsys):
+    from kawai.api.cli import main
+
+    monkeypatch.setenv("KAWAI_HOME", str(tmp_path))
+    write_prompt(tiny_llm, tmp_path / "kv")
+    assert main(["cache"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["MODEL", "BLOCKS", "SIZE", "TENANTS", "LAST", "USED"]
+    assert out[1].split()[1] == "5" and " t " in out[1]  # five blocks of tenant "t"
+    assert main(["cache", "clear", "-m", "0" * 64]) == 0
+    assert capsys.readouterr().out.startswith("removed 5 block files")
+    assert main(["cache"]) == 0 and capsys.readouterr().out.startswith("no cached prompt blocks")
+    assert main(["cache", "clear", "-m", "no-such-model"]) == 1
+
+
+def test_a_next_turn_held_in_memory_reads_nothing_from_disk(tiny_llm, tmp_path):
+    """The conversation is in memory and its first prompt's blocks are on disk: the next turn takes the
+    conversation from memory and reads no file (the disk offers nothing beyond it)."""
+    pool = disk_pool(tiny_llm, tmp_path)
+    run(tiny_llm, pool, acquire_waiting(pool, "t", PROMPT))
+    t0 = time.monotonic()
+    while pool.disk.stats().written_blocks < 5:
+        assert time.monotonic() - t0 < 30
+        time.sleep(0.01)
+    lease = acquire_waiting(pool, "t", PROMPT + [7] * 30)
+    assert lease.reused == len(PROMPT) and lease.disk_tokens == 0 and pool.disk.stats().read_blocks == 0
+    pool.close(10)

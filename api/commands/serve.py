@@ -1,5 +1,5 @@
 """`kawai serve [-m ID|PATH ...] [--host H] [--port P] [--no-auth] [--queue-size N] [--ctx N]
-             [--max-sequences N] [--kv-memory SIZE] [--max-per-token N] [--drain-seconds S]
+             [--max-sequences N] [--kv-memory SIZE] [--kv-disk SIZE] [--max-per-token N] [--drain-seconds S]
              [--mmproj FILE] [--allow-private-image-urls] [--alias PATTERN=ID ...] [--strict-model-ids]
              [--refuse-images] [--cors-origin ORIGIN ...]
              [--ray [--replicas N] [--replica-threads N] [--ray-address ADDR]]`.
@@ -22,6 +22,7 @@ import sys
 from kawai.engine.errors import KawaiError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+DEFAULT_KV_DISK = "8GB"
 
 
 def register(sub) -> None:
@@ -40,6 +41,9 @@ def register(sub) -> None:
     p.add_argument("--kv-memory", default=None, metavar="SIZE",
                    help="KV cache memory per model, running sequences and prefix cache, e.g. 2GB "
                         "(default: two full-context caches per sequence, within half the memory)")
+    p.add_argument("--kv-disk", default=DEFAULT_KV_DISK, metavar="SIZE",
+                   help=f"prompt blocks kept in $KAWAI_HOME/kv across restarts, e.g. 20GB; 0 turns the disk tier "
+                        f"off (default: {DEFAULT_KV_DISK})")
     p.add_argument("--max-per-token", type=int, default=None, metavar="N",
                    help="in-flight requests per API token before 429 rate_limit_error (default: no limit)")
     p.add_argument("--drain-seconds", type=float, default=30.0, metavar="S",
@@ -89,14 +93,21 @@ def _run(args) -> int:
         raise KawaiError(f"--replicas must be in 1..1024, got {args.replicas}")
     if not 1 <= args.replica_threads <= 1024:
         raise KawaiError(f"--replica-threads must be in 1..1024, got {args.replica_threads}")
+
+    from kawai.api.worker import parse_bytes
+
     kv_memory = None
     if args.kv_memory is not None:
-        from kawai.api.worker import parse_bytes
-
         try:
             kv_memory = parse_bytes(args.kv_memory)
         except ValueError as e:
             raise KawaiError(f"--kv-memory: {e}") from None
+    kv_disk = None
+    if args.kv_disk.strip() not in ("0", "off"):
+        try:
+            kv_disk = parse_bytes(args.kv_disk)
+        except ValueError as e:
+            raise KawaiError(f"--kv-disk: {e}") from None
     aliases = tuple(_parse_alias(a) for a in args.aliases)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
 
@@ -104,7 +115,7 @@ def _run(args) -> int:
 
     settings = ServerSettings(
         host=args.host, port=args.port, auth=not args.no_auth, queue_size=args.queue_size, n_ctx=args.ctx,
-        max_sequences=args.max_sequences, kv_memory=kv_memory, max_per_token=args.max_per_token,
+        max_sequences=args.max_sequences, kv_memory=kv_memory, kv_disk=kv_disk, max_per_token=args.max_per_token,
         drain_seconds=args.drain_seconds, allow_private_image_urls=args.allow_private_image_urls,
         aliases=aliases, strict_model_ids=args.strict_model_ids, refuse_images=args.refuse_images,
         cors_origins=tuple(args.cors_origins),
@@ -146,15 +157,17 @@ def _serve_on_ray(args, settings, specs: list[str]) -> int:
 
 
 def _check_kv_memory(settings, llms: list) -> None:
-    """--kv-memory must hold at least one full-context KV cache of every model."""
+    """--kv-memory must hold at least one block of KV memory of every model (prompts longer than it
+    holds are refused with 529)."""
     from kawai.api.worker import format_bytes, kv_cache_bytes
+    from kawai.engine.prefix_cache import BLOCK_TOKENS
 
     for llm in llms:
-        need = kv_cache_bytes(llm.config, llm.n_ctx)
+        need = kv_cache_bytes(llm, BLOCK_TOKENS)
         if settings.kv_memory is not None and settings.kv_memory < need:
             raise KawaiError(
-                f"--kv-memory {format_bytes(settings.kv_memory)} holds no KV cache of {llm.id}: one context of "
-                f"{llm.n_ctx} tokens needs {format_bytes(need)} (raise --kv-memory or lower --ctx)"
+                f"--kv-memory {format_bytes(settings.kv_memory)} holds no KV block of {llm.id}: {BLOCK_TOKENS} "
+                f"positions need {format_bytes(need)} (raise --kv-memory)"
             )
 
 
