@@ -134,7 +134,7 @@ def test_usage_counts_the_prompt_as_transformers_does(client, model):
     for chat, n_tokens in zip(chats, expected):
         counted = client.messages.count_tokens(model=model, **chat).input_tokens
         m = client.messages.create(model=model, max_tokens=1, **chat)
-        assert counted == m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0) == n_tokens, chat
+        assert counted == prompt_tokens(m.usage) == n_tokens, chat
 
 
 def test_sdk_models_list_and_retrieve(client, model):

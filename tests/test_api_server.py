@@ -212,7 +212,7 @@ def test_max_tokens_is_a_ceiling_the_context_ends_the_reply(client):
         else:
             stop_reason, usage = r.json()["stop_reason"], r.json()["usage"]
         assert stop_reason == "model_context_window_exceeded"
-        assert usage["input_tokens"] + usage["cache_read_input_tokens"] == n
+        assert usage["input_tokens"] + usage.get("cache_creation_input_tokens", 0) + usage["cache_read_input_tokens"] == n
         assert usage["output_tokens"] == N_CTX - n + 1  # the last token is sampled from a full context
 
 
