@@ -211,7 +211,8 @@ def main(argv=None) -> int:
         "load_avg_1m_end": round(os.getloadavg()[0], 2),
     }
     RESULTS.mkdir(exist_ok=True)
-    name = f"{result['date']}-prompt-cache-{Path(args.model).stem}-{args.threads}t.json"
+    model_name = Path(args.model).name.removesuffix(".gguf")  # an id, or a file's name
+    name = f"{result['date']}-prompt-cache-{model_name}-{args.threads}t.json"
     (RESULTS / name).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
     return 0
