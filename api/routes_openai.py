@@ -208,7 +208,7 @@ class Completion:
     def _usage(self) -> CompletionUsage:
         u = self.reply.usage
         cached = u.cache_read_input_tokens or 0
-        prompt = u.input_tokens + cached
+        prompt = u.input_tokens + (u.cache_creation_input_tokens or 0) + cached  # the whole prompt
         return CompletionUsage(
             prompt_tokens=prompt,
             completion_tokens=u.output_tokens,
