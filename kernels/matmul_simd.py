@@ -201,7 +201,7 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
             isums = _integer_dot(builder, isa_256, q, _load(builder, xp, builder.mul(blk, i64(32)), _vec(_I8, 32)),
                                  signed)
             dx = _load_spread(builder, xdp, blk, 1, 8)
-            if wide:  # only lanes 0-7 change (the last, odd-numbered block)
+            if wide:  # the last block of an odd count: only lanes 0-7 change
                 acc = builder.load(accs[i])
                 low = accumulate(_shuffle(builder, acc, acc, range(8)), isums, scale, dx)
                 builder.store(_shuffle(builder, low, _shuffle(builder, acc, acc, range(8, 16)), range(16)), accs[i])
