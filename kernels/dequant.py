@@ -23,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit, prange
 
+from kawai.kernels import isa  # noqa: F401  (before any @njit: it fixes Numba's target, kernels/isa.py)
 from kawai.kernels.qtypes import GGMLType
 from kawai.kernels.reference import as_blocks
 

@@ -16,9 +16,9 @@ features (numba.config.CPU_FEATURES) are set from the host's with the higher ext
 LLVM cannot slip AVX-512 instructions into the `avx2` path's code. The features are part of the key of
 Numba's on-disk cache (codegen.magic_tuple()), so kernels cached for one path are never loaded for another.
 Numba fixes its target features when it creates its compiler, at the first `@njit` of the process: this
-module must run before that. The package kawai.kernels imports it first (kernels/__init__.py), so any
-kernel import does; modules elsewhere that use `@njit` import kawai.kernels first. It checks that it ran
-in time and raises IsaError otherwise.
+module must run before that: every module that uses `@njit` imports it before its first kernel (pure
+Python modules such as qtypes.py do not, so light commands never load Numba). It checks that it ran in
+time and raises IsaError otherwise.
 
 All four SIMD paths give bit-identical results (kernels/matmul_simd.py: the integer sums are exact, and the
 float accumulation order is the same 16 lanes on every width); the portable path adds the same terms in

@@ -17,6 +17,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from kawai.kernels import isa  # noqa: F401  (before any @njit: it fixes Numba's target, kernels/isa.py)
+
 
 @njit(cache=True)
 def rms_norm(x, weight, eps, out):

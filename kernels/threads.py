@@ -21,6 +21,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from kawai.kernels import isa  # noqa: F401  (before any @njit: it fixes Numba's target, kernels/isa.py)
+
 THREADING_LAYER = "omp"
 SPIN_COUNT = "30000"  # libgomp busy-wait iterations before an idle thread sleeps
 

@@ -11,7 +11,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-import kawai.kernels  # noqa: F401  (before any @njit: it fixes Numba's target, kernels/isa.py)
+from kawai.kernels import isa  # noqa: F401  (before any @njit: it fixes Numba's target, kernels/isa.py)
 
 ATTENTION_BLOCK = 256  # query rows per score block: bounds the (H, block, n) score matrix
 
