@@ -138,7 +138,7 @@ class Worker:
         as many as fit in DEFAULT_KV_MEMORY_FRACTION of the memory, at least one."""
         self.llm = llm
         self.queue_size = max(0, queue_size)
-        slot_bytes = kv_cache_bytes(llm.config, llm.n_ctx)
+        slot_bytes = llm.cache_bytes
         if kv_memory is None:
             slots = max(1, min(2 * max_sequences, default_kv_memory() // slot_bytes))
         else:
@@ -453,11 +453,6 @@ class Worker:
         yield "kawai_prefix_cache_idle_tokens", labels, pool.idle_tokens, "Tokens held by reusable KV caches."
         yield "kawai_prefix_cache_bytes", labels, pool.nbytes, "Bytes of allocated KV caches."
         yield "kawai_engine_up", labels, int(self.alive), "1 while the engine thread runs and beats."
-
-
-def kv_cache_bytes(cfg, n_ctx: int) -> int:
-    """Bytes of one full-context KVCache (float32 keys and values for every layer)."""
-    return 2 * 4 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * n_ctx
 
 
 def default_kv_memory() -> int:

@@ -79,7 +79,8 @@ class RealModel:
 
     def logits(self, tokens, exact: bool) -> np.ndarray:
         weights = self.exact if exact else self.fast
-        return forward(self.cfg, weights, tokens, KVCache(self.cfg, len(tokens)), all_logits=True)
+        cache = KVCache(self.cfg, len(tokens), "f32" if exact else "f16")  # exact mode: float32 throughout
+        return forward(self.cfg, weights, tokens, cache, all_logits=True)
 
 
 @pytest.fixture(
@@ -151,7 +152,7 @@ def test_greedy_decoding_matches_transformers(model):
     expected = out[0, len(prompt) :].tolist()
 
     cfg, weights = model.cfg, model.exact
-    cache = KVCache(cfg, len(prompt) + n_new)
+    cache = KVCache(cfg, len(prompt) + n_new, "f32")
     eos = model.hf.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     logits = forward(cfg, weights, prompt, cache)
