@@ -201,7 +201,7 @@ def _attend_tiles(q, k_cache, v_cache, start, scale, kv, r0, r1, t_lo, t_hi, o_o
         qrow = q[r0 + u // group, kv * group + u % group]
         for j in range(head_dim):
             qs[u, j] = qrow[j] * scale
-    acc = np.zeros((mq, head_dim), np.float32)  # (G R, hd) o
+    acc = np.zeros((qs.shape[0], head_dim), np.float32)  # (G R padded, hd) o
     m = np.full(mq, -np.inf, np.float32)  # (G R,)
     total = np.zeros(mq, np.float32)  # (G R,) l
     kt = np.zeros((KV_TILE, head_dim), np.float32)  # (T, hd) keys of the tile
@@ -213,6 +213,7 @@ def _attend_tiles(q, k_cache, v_cache, start, scale, kv, r0, r1, t_lo, t_hi, o_o
     for t in range(t_lo, min(t_hi, (start + r1 + KV_TILE - 1) // KV_TILE)):
         p0 = t * KV_TILE
         count = min(KV_TILE, start + r1 - p0)  # positions of the tile that the last row sees
+        end = (count + 7) // 8 * 8  # <= T: `_accumulate` takes 8 positions at a time
         # Widen to float32; keys to position-major. Rows past `count` keep finite older values.
         for j in range(head_dim):
             src = keys[j, p0 : p0 + count]
@@ -224,34 +225,50 @@ def _attend_tiles(q, k_cache, v_cache, start, scale, kv, r0, r1, t_lo, t_hi, o_o
             for j in range(head_dim):
                 dst[j] = as_float32(src[j])
         _scores(qs, kt, scores)  # (G R padded, T) over the whole tile; row u uses [:valid]
-        for u in range(mq):
-            valid = min(count, start + r0 + u // group + 1 - p0)  # causal limit of this row
-            if valid <= 0:
-                continue
+        for u in range(qs.shape[0]):
+            # scores[u] -> weights exp(s - m_new) for p < valid, 0 for valid <= p < end
+            valid = min(count, start + r0 + u // group + 1 - p0) if u < mq else 0  # causal limit
             s = scores[u]
-            m_new = m[u]
-            for p in range(valid):
-                m_new = max(m_new, s[p])
+            if valid <= 0:  # a row that does not reach this tile, or padding
+                s[:end] = 0.0
+                continue
+            m_new = max(m[u], _max(s, valid))
             for p in range(valid):
                 s[p] -= m_new
             exp_inplace(s, valid, bits)
+            s[valid:end] = 0.0
             alpha = np.float32(math.exp(m[u] - m_new))  # 0 on the first tile (m = -inf)
-            tile_sum = np.float32(0.0)
-            for p in range(valid):
-                tile_sum += s[p]
-            total[u] = total[u] * alpha + tile_sum
+            total[u] = total[u] * alpha + _sum(s, valid)
             m[u] = m_new
-            a = acc[u]
             if alpha != 1.0:
+                a = acc[u]
                 for j in range(head_dim):
                     a[j] *= alpha
-            _accumulate(s, valid, vt, a)
+        _accumulate(scores, end, vt, acc)
     for u in range(mq):
         i = r0 + u // group
         h = kv * group + u % group
         o_out[i, h, :] = acc[u]
         m_out[i, h] = m[u]
         l_out[i, h] = total[u]
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def _max(x, n):
+    """max(x[:n]), n >= 1, in vector lanes (a chain of scalar max would wait on each one's latency)."""
+    m = x[0]
+    for p in range(1, n):
+        m = max(m, x[p])
+    return m
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def _sum(x, n):
+    """sum(x[:n]) in float32 vector lanes (reassociated: a fixed order for a given n)."""
+    total = np.float32(0.0)
+    for p in range(n):
+        total += x[p]
+    return total
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"})
@@ -275,19 +292,26 @@ def _scores(qs, kt, scores):
 
 
 @njit(cache=True, fastmath={"contract"})
-def _accumulate(w, valid, vt, a):
-    """a += sum_p w[p] vt[p] over p < valid. w (T,) (w[valid:] is overwritten with zeros); vt (T, hd);
-    a (hd,). Eight value rows per pass, so each accumulator load and store serves 8 products."""
-    head_dim = a.shape[0]
-    end = (valid + 7) // 8 * 8  # <= T; rows valid..end-1 get weight 0 (their values are finite)
-    for p in range(valid, end):
-        w[p] = 0.0
-    for p in range(0, end, 8):
-        w0, w1, w2, w3, w4, w5, w6, w7 = w[p], w[p + 1], w[p + 2], w[p + 3], w[p + 4], w[p + 5], w[p + 6], w[p + 7]
-        v0, v1, v2, v3, v4, v5, v6, v7 = vt[p], vt[p + 1], vt[p + 2], vt[p + 3], vt[p + 4], vt[p + 5], vt[p + 6], vt[p + 7]
-        for j in range(head_dim):
-            a[j] += (w0 * v0[j] + w1 * v1[j] + w2 * v2[j] + w3 * v3[j]
-                     + w4 * v4[j] + w5 * v5[j] + w6 * v6[j] + w7 * v7[j])
+def _accumulate(w, end, vt, acc):
+    """acc[u] += sum_p w[u, p] vt[p] over p < end. w (M, T) weights, M a multiple of 4, end a multiple
+    of 8; vt (T, hd); acc (M, hd). Four queries and four value rows per pass: each accumulator load and
+    store serves four products, each value load four queries."""
+    head_dim = acc.shape[1]
+    for u in range(0, acc.shape[0], 4):
+        a0, a1, a2, a3 = acc[u], acc[u + 1], acc[u + 2], acc[u + 3]
+        x0, x1, x2, x3 = w[u], w[u + 1], w[u + 2], w[u + 3]
+        for p in range(0, end, 4):
+            v0, v1, v2, v3 = vt[p], vt[p + 1], vt[p + 2], vt[p + 3]
+            w00, w01, w02, w03 = x0[p], x0[p + 1], x0[p + 2], x0[p + 3]
+            w10, w11, w12, w13 = x1[p], x1[p + 1], x1[p + 2], x1[p + 3]
+            w20, w21, w22, w23 = x2[p], x2[p + 1], x2[p + 2], x2[p + 3]
+            w30, w31, w32, w33 = x3[p], x3[p + 1], x3[p + 2], x3[p + 3]
+            for j in range(head_dim):
+                y0, y1, y2, y3 = v0[j], v1[j], v2[j], v3[j]
+                a0[j] += w00 * y0 + w01 * y1 + w02 * y2 + w03 * y3
+                a1[j] += w10 * y0 + w11 * y1 + w12 * y2 + w13 * y3
+                a2[j] += w20 * y0 + w21 * y1 + w22 * y2 + w23 * y3
+                a3[j] += w30 * y0 + w31 * y1 + w32 * y2 + w33 * y3
 
 
 @njit(cache=True)
