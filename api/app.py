@@ -122,7 +122,8 @@ async def _load_models(state: ServerState, models: Sequence[str | Path | object]
 
     for spec in models:
         if isinstance(spec, (str, Path)):
-            llm = await run_in_threadpool(engine.load, spec, n_ctx=state.settings.n_ctx)
+            llm = await run_in_threadpool(engine.load, spec, n_ctx=state.settings.n_ctx,
+                                         kv_dtype=state.settings.kv_dtype)
             log.info("%s", llm.load_summary())
         else:
             llm = spec

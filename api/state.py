@@ -21,6 +21,7 @@ from kawai.api.metrics import Metrics
 from kawai.api.tokens import TokenStore
 from kawai.api.worker import Worker
 from kawai.engine.errors import KawaiError
+from kawai.engine.kv_cache import DEFAULT_KV_DTYPE
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # the Anthropic API's limit
 PING_INTERVAL_SECONDS = 10.0
@@ -33,6 +34,7 @@ class ServerSettings:
     auth: bool = True  # False: every route is open (local use, `--no-auth`)
     queue_size: int = 8  # jobs waiting per model; more -> 529
     n_ctx: int | None = None  # context window per model (None: the engine's default)
+    kv_dtype: str = DEFAULT_KV_DTYPE  # KV cache storage, "f16" or "f32" (engine.kv_cache)
     home: Path | None = None  # where tokens.json lives (None: $KAWAI_HOME)
     max_body_bytes: int = MAX_BODY_BYTES
     ping_interval: float = PING_INTERVAL_SECONDS

@@ -40,6 +40,7 @@ from kawai.api.metrics import TPOT_BUCKETS, TTFT_BUCKETS, Metrics
 from kawai.engine.batch import PREFILL_CHUNK, forward_batch
 from kawai.engine.errors import KawaiError
 from kawai.engine.generate import Generation, SequenceState, Step, ThinkingBudget
+from kawai.engine.kv_cache import KVCache
 from kawai.engine.prefix_cache import Lease, open_prefix_cache
 from kawai.engine.sampling import SamplingParams
 
@@ -516,7 +517,7 @@ class Worker:
 
 def kv_cache_bytes(llm, n_ctx: int | None = None) -> int:
     """Bytes of keys and values for n_ctx positions (default: the model's context), in the cache's dtype."""
-    return llm.new_cache(1).nbytes * (llm.n_ctx if n_ctx is None else n_ctx)
+    return KVCache.bytes_for(llm.config, llm.n_ctx if n_ctx is None else n_ctx, llm.kv_dtype)
 
 
 def default_kv_memory() -> int:

@@ -24,6 +24,7 @@ from kawai.engine.kv_cache import KVCache
 from kawai.engine.model import mlp, output_logits, qkv, rope_inv_freq
 from kawai.engine.weights import Weights
 from kawai.kernels import ops
+from kawai.kernels.attention import attention
 from kawai.kernels.matmul import matmul
 
 PREFILL_CHUNK = 128  # the server's prompt tokens per batched step, across all prefilling sequences
@@ -80,6 +81,6 @@ def _attention(cfg, layer, h, positions, inv_freq, caches, starts, offsets, i) -
     scale = np.float32(cfg.head_dim**-0.5)
     for b, cache in enumerate(caches):
         lo, hi = offsets[b], offsets[b + 1]
-        ops.store_kv(k[lo:hi], v[lo:hi], cache.k[i], cache.v[i], starts[b])
-        ops.attention(q[lo:hi], cache.k[i], cache.v[i], starts[b], scale, out[lo:hi])
+        cache.store(i, starts[b], k[lo:hi], v[lo:hi])
+        attention(q[lo:hi], cache.k[i], cache.v[i], starts[b], scale, out[lo:hi])
     return matmul(layer.attn_output, out.reshape(n, cfg.q_dim))  # (N, d)

@@ -7,10 +7,15 @@ reuse a shared prefix with `truncate`.
 Memory is committed as positions are written, 4 KiB page by page (`lazy_zeros`), so a cache as long as the
 model's trained context costs only what its prompts use.
 
-Layout (per layer), chosen for the attention kernel in kernels/ops.py:
+Layout (per layer), chosen for the attention kernel in kernels/attention.py:
     k  (n_layers, n_kv_heads, head_dim, max_seq)  keys transposed: a key dimension is contiguous over
-                                                   positions, so q.k streams over positions
+                                                   positions
     v  (n_layers, n_kv_heads, max_seq, head_dim)  values: a position's value vector is contiguous
+
+Storage `dtype`: "f16" (default, IEEE half, as llama.cpp keeps its cache) or "f32". Keys and values are
+computed in float32 and rounded to the cache's type when stored; the attention kernel widens each tile
+back to float32. Half the bytes halves what decoding at depth reads per token; the rounding (11
+significant bits) moves the model's outputs far less than its int8 activations do (docs/engine.md).
 """
 
 from __future__ import annotations
@@ -21,6 +26,15 @@ import numpy as np
 
 from kawai.engine.config import ModelConfig
 from kawai.engine.errors import KawaiError
+
+KV_DTYPES = {"f16": np.float16, "f32": np.float32}  # setting name -> storage type
+DEFAULT_KV_DTYPE = "f16"
+
+
+def check_kv_dtype(dtype: str) -> str:
+    if dtype not in KV_DTYPES:
+        raise KawaiError(f"KV cache dtype must be one of {', '.join(KV_DTYPES)}, got {dtype!r}")
+    return dtype
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -37,15 +51,22 @@ def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, max_seq: int):
+    def __init__(self, cfg: ModelConfig, max_seq: int, dtype: str = DEFAULT_KV_DTYPE):
         if isinstance(max_seq, bool) or not isinstance(max_seq, (int, np.integer)) or max_seq < 1:
             raise KawaiError(f"KV cache size must be a positive integer, got {max_seq!r}")
         self.max_seq = int(max_seq)
+        self.dtype = check_kv_dtype(dtype)
         shape_k = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, self.max_seq)
         shape_v = (cfg.n_layers, cfg.n_kv_heads, self.max_seq, cfg.head_dim)
-        self.k = lazy_zeros(shape_k, np.float32)  # (n_layers, Hkv, hd, S)
-        self.v = lazy_zeros(shape_v, np.float32)  # (n_layers, Hkv, S, hd)
+        self.k = lazy_zeros(shape_k, KV_DTYPES[dtype])  # (n_layers, Hkv, hd, S)
+        self.v = lazy_zeros(shape_v, KV_DTYPES[dtype])  # (n_layers, Hkv, S, hd)
         self.length = 0  # positions 0..length-1 are filled
+
+    @staticmethod
+    def bytes_for(cfg: ModelConfig, max_seq: int, dtype: str = DEFAULT_KV_DTYPE) -> int:
+        """Bytes of a cache of max_seq positions, without allocating it."""
+        itemsize = np.dtype(KV_DTYPES[check_kv_dtype(dtype)]).itemsize
+        return 2 * itemsize * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * max_seq
 
     @property
     def nbytes(self) -> int:
@@ -60,6 +81,13 @@ class KVCache:
         """Views of positions start..stop-1: k (n_layers, Hkv, hd, n), v (n_layers, Hkv, n, hd)."""
         return self.k[:, :, :, start:stop], self.v[:, :, start:stop, :]
 
+    def store(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Write n new keys and values, k and v (n, Hkv, hd) float32, at positions start..start+n-1 of
+        one layer (rounded to the cache's dtype, to nearest even)."""
+        n = k.shape[0]
+        self.k[layer, :, :, start : start + n] = k.transpose(1, 2, 0)  # (Hkv, hd, n)
+        self.v[layer, :, start : start + n, :] = v.transpose(1, 0, 2)  # (Hkv, n, hd)
+
     def truncate(self, n: int) -> None:
         """Keep the first n positions (for prefix reuse); later ones are overwritten by the next forward."""
         if not 0 <= n <= self.length:
@@ -67,4 +95,5 @@ class KVCache:
         self.length = int(n)
 
     def __repr__(self) -> str:
-        return f"KVCache(length={self.length}, max_seq={self.max_seq}, {self.nbytes / 2**20:.1f} MiB)"
+        return (f"KVCache(length={self.length}, max_seq={self.max_seq}, dtype={self.dtype}, "
+                f"{self.nbytes / 2**20:.1f} MiB)")

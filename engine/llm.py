@@ -23,7 +23,7 @@ from kawai.engine.constraint import GrammarCompiler
 from kawai.engine.errors import ContextLengthError, KawaiError
 from kawai.engine.generate import Generation, cached_tokens, common_prefix_length
 from kawai.engine.gguf import GGUFFile, open_gguf
-from kawai.engine.kv_cache import KVCache
+from kawai.engine.kv_cache import DEFAULT_KV_DTYPE, KVCache, check_kv_dtype
 from kawai.engine.model import forward
 from kawai.engine.sampling import SamplingParams
 from kawai.engine.threads import configure_threads
@@ -54,8 +54,9 @@ class PromptIds(list):
 
 
 class LLM:
-    """A loaded model. Attributes: id, path, config, n_ctx, tokenizer, chat_template, weights,
-    load_seconds (file, weights, tokenizer), compile_seconds (kernel warm-up), threads."""
+    """A loaded model. Attributes: id, path, config, n_ctx, kv_dtype (the KV caches' storage type),
+    tokenizer, chat_template, weights, load_seconds (file, weights, tokenizer), compile_seconds (kernel
+    warm-up), threads."""
 
     def __init__(
         self,
@@ -67,6 +68,7 @@ class LLM:
         tokenizer: Tokenizer,
         chat_template: ChatTemplate,
         n_ctx: int,
+        kv_dtype: str = DEFAULT_KV_DTYPE,
     ):
         self.id = model_id
         self.path = path
@@ -76,6 +78,7 @@ class LLM:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.n_ctx = n_ctx
+        self.kv_dtype = check_kv_dtype(kv_dtype)
         self.load_seconds = 0.0
         self.compile_seconds = 0.0
         self.threads: int | None = None
@@ -96,7 +99,7 @@ class LLM:
     def load_summary(self) -> str:
         """The line the server logs: load time (file, weights, tokenizer) and kernel warm-up, separately."""
         return (f"loaded {self.id} in {self.load_seconds:.1f} s, kernels warmed in {self.compile_seconds:.1f} s "
-                f"(n_ctx {self.n_ctx})")
+                f"(n_ctx {self.n_ctx}, KV cache {self.kv_dtype})")
 
     # ---- chat formatting and counting ---------------------------------------------------------
 
@@ -193,7 +196,12 @@ class LLM:
         max_seq = self.n_ctx if max_seq is None else max_seq
         if isinstance(max_seq, bool) or not isinstance(max_seq, int) or not 1 <= max_seq <= self.n_ctx:
             raise KawaiError(f"cache size must be an integer in 1..{self.n_ctx}, got {max_seq!r}")
-        return KVCache(self.config, max_seq)
+        return KVCache(self.config, max_seq, self.kv_dtype)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of one full-context KV cache (`new_cache()`)."""
+        return KVCache.bytes_for(self.config, self.n_ctx, self.kv_dtype)
 
     def forward(self, token_ids: Sequence[int], cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
         """Run token_ids (T,) after the cache's contents; logits (V,) of the last one, or (T, V)."""
@@ -207,7 +215,7 @@ class LLM:
             raise KawaiError("logits() needs at least one token")
         if len(ids) > self.n_ctx:
             raise ContextLengthError(f"{len(ids)} tokens do not fit the context window of {self.n_ctx}")
-        cache = KVCache(self.config, len(ids))
+        cache = KVCache(self.config, len(ids), self.kv_dtype)
         return np.asarray(self.forward(ids, cache, all_logits=True), dtype=np.float32)
 
     def generate(
@@ -372,14 +380,17 @@ def load(
     exact: bool = False,
     threads: int | None = None,
     mmproj: str | Path | None = None,
+    kv_dtype: str | None = None,
 ) -> LLM:
     """Load a catalog model id (already pulled) or a .gguf path.
 
     n_ctx: context window (default: the trained context; at most that). A KV cache's pages are committed
         by the OS as positions are written, so a long window costs memory only when a prompt uses it.
-    exact: keep weights in a bit-exact layout instead of the fastest one (see engine.weights).
+    exact: keep weights in a bit-exact layout instead of the fastest one (see engine.weights), and the
+        KV cache in float32.
     threads: kernel threads (default: all cores).
     mmproj: vision projector GGUF for a qwen2vl model (default: `find_projector` next to the model).
+    kv_dtype: storage of the KV caches, "f16" or "f32" (engine.kv_cache); default f16, f32 when exact.
     """
     t0 = time.perf_counter()
     # Everything that can be wrong with the request or the file fails before the kernels are set up.
@@ -387,12 +398,13 @@ def load(
     gguf = open_gguf(path)
     config = ModelConfig.from_gguf(gguf)
     n_ctx = _context_size(n_ctx, config)
+    kv_dtype = check_kv_dtype(kv_dtype or ("f32" if exact else DEFAULT_KV_DTYPE))
     tokenizer = Tokenizer.from_gguf(gguf.metadata)
     template = ChatTemplate.from_gguf(gguf.metadata, tokenizer)  # ChatML when the file has none
     n_threads = configure_threads(threads)
     projector, vision_tokens = _load_projector(path, gguf, config, mmproj, exact)
     weights = load_weights(gguf, config, exact=exact)
-    llm = LLM(_model_id(id_or_path, path), path, gguf, config, weights, tokenizer, template, n_ctx)
+    llm = LLM(_model_id(id_or_path, path), path, gguf, config, weights, tokenizer, template, n_ctx, kv_dtype)
     llm.projector, llm.vision_tokens = projector, vision_tokens
     llm.threads = n_threads
     llm.load_seconds = time.perf_counter() - t0
@@ -430,7 +442,7 @@ def _warm_up(llm: LLM) -> float:
     prefill of two tokens and one decode step of this model. Returns the seconds taken."""
     t0 = time.perf_counter()
     matmul.warmup()
-    cache = KVCache(llm.config, 3)
+    cache = KVCache(llm.config, 3, llm.kv_dtype)
     llm.forward([0, 0], cache)
     llm.forward([0], cache)
     return time.perf_counter() - t0

@@ -23,10 +23,11 @@ from kawai.engine.kv_cache import KVCache
 from kawai.engine.vision.mrope import rope_multi
 from kawai.engine.weights import LayerWeights, Weights
 from kawai.kernels import ops
+from kawai.kernels.attention import attention as causal_attention
 from kawai.kernels.matmul import matmul, matmul_stacked
 from kawai.kernels.matmul_precise import matmul_top_exact, precise
 
-CHUNK = 256  # prompt tokens processed at once: bounds activation memory and the attention scores
+CHUNK = 256  # prompt tokens processed at once: bounds activation memory
 
 
 def forward(
@@ -115,9 +116,9 @@ def attention(
     q, k, v = qkv(cfg, layer, h, positions, inv_freq)  # (n, H, hd), (n, Hkv, hd) x2
 
     start = cache.length
-    ops.store_kv(k, v, cache.k[i], cache.v[i], start)
+    cache.store(i, start, k, v)
     out = np.empty_like(q)  # (n, H, hd)
-    ops.attention(q, cache.k[i], cache.v[i], start, np.float32(cfg.head_dim**-0.5), out)
+    causal_attention(q, cache.k[i], cache.v[i], start, np.float32(cfg.head_dim**-0.5), out)
     return matmul(layer.attn_output, out.reshape(n, cfg.q_dim))  # (n, d)
 
 

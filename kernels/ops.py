@@ -1,10 +1,10 @@
-"""The transformer's element-wise and attention kernels (everything but the matmuls), in Numba.
+"""The transformer's element-wise kernels (everything but the matmuls and attention), in Numba.
+
+Attention over the KV cache is kernels/attention.py.
 
 Letters used in shape comments:
-    n   query rows (tokens) in this call          d    model width (or any row width)
-    H   query heads        Hkv  key/value heads    hd   head dimension
-    S   cache capacity (max positions)             L    positions attended to (start + i + 1)
-    f   SwiGLU hidden width
+    n   rows (tokens) in this call     d   model width (or any row width)
+    H   heads      hd   head dimension     f   SwiGLU hidden width
 
 Every kernel writes into an output array the caller passes (no hidden allocation of big buffers), takes
 C-contiguous float32 arrays, and runs unchanged with NUMBA_DISABLE_JIT=1.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from kawai.kernels import isa  # noqa: F401  (before any @njit: it fixes Numba's target, kernels/isa.py)
 
@@ -130,65 +130,3 @@ def _softmax_row(row, length, bits):
     inv = np.float32(1.0 / total)
     for p in range(length):
         row[p] = row[p] * inv
-
-
-@njit(cache=True)
-def store_kv(k, v, k_cache, v_cache, start):
-    """Append n new keys/values at positions start..start+n-1 of one layer's cache.
-    k, v (n, Hkv, hd); k_cache (Hkv, hd, S) (keys transposed); v_cache (Hkv, S, hd)."""
-    n, n_kv, head_dim = k.shape
-    for i in range(n):
-        p = start + i
-        for h in range(n_kv):
-            for j in range(head_dim):
-                k_cache[h, j, p] = k[i, h, j]
-                v_cache[h, p, j] = v[i, h, j]
-
-
-@njit(cache=True, parallel=True)
-def attention(q, k_cache, v_cache, start, scale, out):
-    """Grouped-query causal attention over one layer's cache.
-
-    q (n, H, hd): queries at positions start..start+n-1 (RoPE applied); k_cache (Hkv, hd, S) and
-    v_cache (Hkv, S, hd) already hold positions 0..start+n-1; out (n, H, hd).
-    Query row i sees positions 0..start+i. All query heads of one key/value head are handled together
-    so each key row is loaded once for the whole group. Rows are paired (i, n-1-i) so the causal work is
-    balanced across threads.
-    """
-    n, n_heads, head_dim = q.shape
-    n_kv = k_cache.shape[0]
-    group = n_heads // n_kv
-    n_pairs = (n + 1) // 2
-    for job in prange(n_pairs * n_kv):
-        pair = job // n_kv
-        kv = job % n_kv
-        _attend_row(q, k_cache, v_cache, start, scale, out, pair, kv, group)
-        if n - 1 - pair != pair:
-            _attend_row(q, k_cache, v_cache, start, scale, out, n - 1 - pair, kv, group)
-
-
-@njit(cache=True)
-def _attend_row(q, k_cache, v_cache, start, scale, out, i, kv, group):
-    """Attention of query row i, query heads kv*group..(kv+1)*group-1, over positions 0..start+i."""
-    head_dim = q.shape[2]
-    length = start + i + 1
-    scores = np.zeros((group, length), np.float32)  # (group, L)
-    bits = np.empty(length, np.int32)
-    # scores[g, p] = scale * q[g] . k[p], streaming each transposed key row over positions.
-    for j in range(head_dim):
-        keys = k_cache[kv, j]  # (S,)
-        for g in range(group):
-            qj = q[i, kv * group + g, j] * scale
-            s = scores[g]
-            for p in range(length):
-                s[p] += qj * keys[p]
-    for g in range(group):
-        _softmax_row(scores[g], length, bits)
-        o = out[i, kv * group + g]
-        o[:] = 0.0
-        s = scores[g]
-        for p in range(length):
-            w = s[p]
-            values = v_cache[kv, p]  # (hd,)
-            for j in range(head_dim):
-                o[j] += w * values[j]

@@ -65,7 +65,8 @@ def load(path, exact: bool):
 
 def run(path, tokens, exact: bool) -> np.ndarray:
     cfg, weights = load(path, exact)
-    return forward(cfg, weights, tokens, KVCache(cfg, len(tokens)), all_logits=True)
+    cache = KVCache(cfg, len(tokens), "f32" if exact else "f16")  # exact mode: float32 throughout
+    return forward(cfg, weights, tokens, cache, all_logits=True)
 
 
 def reference(path, tokens) -> np.ndarray:
@@ -182,15 +183,44 @@ def test_truncated_cache_reuses_the_prefix(tiny):
         cache.truncate(51)
 
 
-def test_kv_cache_layout_and_size(tiny):
+@pytest.mark.parametrize("dtype, itemsize", [("f16", 2), ("f32", 4)])
+def test_kv_cache_layout_and_size(tiny, dtype, itemsize):
     cfg = ModelConfig.from_gguf(open_gguf(tiny("qwen3")))
-    cache = KVCache(cfg, 100)
+    cache = KVCache(cfg, 100, dtype)
     assert cache.k.shape == (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 100)
     assert cache.v.shape == (cfg.n_layers, cfg.n_kv_heads, 100, cfg.head_dim)
-    assert cache.nbytes == 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 100 * 4
+    assert cache.k.dtype == cache.v.dtype == np.dtype(f"float{8 * itemsize}")
+    assert cache.nbytes == 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 100 * itemsize
+    assert cache.nbytes == KVCache.bytes_for(cfg, 100, dtype)
     assert (cache.length, cache.free) == (0, 100)
     with pytest.raises(KawaiError):
-        KVCache(cfg, 0)
+        KVCache(cfg, 0, dtype)
+
+
+def test_kv_cache_stores_rounded_to_its_dtype(tiny):
+    cfg = ModelConfig.from_gguf(open_gguf(tiny("qwen2")))
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((3, cfg.n_kv_heads, cfg.head_dim)).astype(np.float32) * 100
+    v = rng.standard_normal((3, cfg.n_kv_heads, cfg.head_dim)).astype(np.float32)
+    for dtype, rounded in (("f16", np.float16), ("f32", np.float32)):
+        cache = KVCache(cfg, 10, dtype)
+        cache.store(1, 4, k, v)  # positions 4, 5, 6 of layer 1
+        np.testing.assert_array_equal(cache.k[1, :, :, 4:7], k.astype(rounded).transpose(1, 2, 0))
+        np.testing.assert_array_equal(cache.v[1, :, 4:7], v.astype(rounded).transpose(1, 0, 2))
+        assert not cache.k[0].any() and not cache.v[1, :, :4].any()
+    with pytest.raises(KawaiError, match="f16, f32"):
+        KVCache(cfg, 10, "bf16")
+
+
+def test_float16_cache_barely_moves_the_logits(tiny):
+    """The same forward pass over a float16 and a float32 cache: logits within a few 1e-3."""
+    cfg, weights = load(tiny("qwen2", "q8_0"), exact=True)
+    tokens = TOKENS[:48]
+    f32 = forward(cfg, weights, tokens, KVCache(cfg, 48, "f32"), all_logits=True)
+    f16 = forward(cfg, weights, tokens, KVCache(cfg, 48, "f16"), all_logits=True)
+    diff = np.abs(f16 - f32).max()
+    print(f"max |logit diff| f16 vs f32 cache: {diff:.2e}")
+    assert 0 < diff < 5e-3
 
 
 # --- bad input: one clear error -------------------------------------------------------------------

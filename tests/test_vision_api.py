@@ -86,7 +86,7 @@ def test_generate_with_images_matches_prefill_and_mrope_decoding(llm):
     assert gen.stats.prefill_seconds >= gen.stats.vision_seconds
 
     # the same with the vision engine's own prefill + decode at cache.length + rope_delta
-    cache = KVCache(llm.config, 256)
+    cache = KVCache(llm.config, 256, llm.kv_dtype)
     embedded = [encode_image(llm.projector, im) for im in (PHOTO, PHOTO2)]
     out = prefill(llm.config, llm.weights, list(ids), embedded, cache, image_pad=llm.vision_tokens.image_pad,
                   merge_size=2)

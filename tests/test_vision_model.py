@@ -60,7 +60,7 @@ class Tiny:
     def run(self, ids, images, cache=None, **kw):
         embedded = [encode_image(self.projector, im) for im in images]
         ids = expand_image_placeholders(ids, self.tokens.image_pad, [e.n_tokens for e in embedded])
-        cache = cache or KVCache(self.cfg, 512)
+        cache = cache or KVCache(self.cfg, 512, "f32")
         out = prefill(
             self.cfg, self.weights, ids, embedded, cache, image_pad=self.tokens.image_pad, merge_size=2,
             all_logits=True, **kw,
@@ -135,7 +135,7 @@ def test_decoding_after_an_image_uses_the_rope_delta(tiny, kind):
 def test_text_only_prompt_on_a_vision_model(tiny):
     model = tiny["qwen2vl"]
     ids = model.prompt(0, text=(30, 0, 0))
-    ours = forward(model.cfg, model.weights, np.array(ids), KVCache(model.cfg, 64), all_logits=True)
+    ours = forward(model.cfg, model.weights, np.array(ids), KVCache(model.cfg, 64, "f32"), all_logits=True)
     _close(ours, model.reference(ids, []))
     _, out, _ = model.run(ids, [])  # the multimodal prefill with no image is the same thing
     _close(out.logits, ours)
@@ -149,7 +149,7 @@ def test_prefill_after_cached_text_continues_positions(tiny):
     second = model.prompt(1, seed=4)
     expanded, _, _ = model.run(first + second, IMAGES[:1])
     expected = model.reference(expanded, IMAGES[:1])
-    cache = KVCache(model.cfg, 512)
+    cache = KVCache(model.cfg, 512, "f32")
     forward(model.cfg, model.weights, np.array(first), cache)
     _, out, _ = model.run(second, IMAGES[:1], cache=cache)
     _close(out.logits, expected[len(first):])
@@ -170,24 +170,24 @@ def test_prefill_errors(tiny, tmp_path):
     args = dict(image_pad=model.tokens.image_pad, merge_size=2)
     first_pad = ids.index(model.tokens.image_pad)
     with pytest.raises(KawaiError, match="placeholder"):  # one pad short
-        prefill(model.cfg, model.weights, ids[:first_pad] + ids[first_pad + 1 :], [image], KVCache(model.cfg, 64), **args)
+        prefill(model.cfg, model.weights, ids[:first_pad] + ids[first_pad + 1 :], [image], KVCache(model.cfg, 64, "f32"), **args)
     with pytest.raises(KawaiError, match="2 image"):  # an image without a placeholder
-        prefill(model.cfg, model.weights, ids, [image, image], KVCache(model.cfg, 64), **args)
+        prefill(model.cfg, model.weights, ids, [image, image], KVCache(model.cfg, 64, "f32"), **args)
     narrow = type(image)(image.embeddings[:, :32], image.grid, 0.0)
     with pytest.raises(KawaiError, match="does not belong to this model"):
-        prefill(model.cfg, model.weights, ids, [narrow], KVCache(model.cfg, 64), **args)
+        prefill(model.cfg, model.weights, ids, [narrow], KVCache(model.cfg, 64, "f32"), **args)
     text_path = write_tiny_model(tmp_path, "qwen2")
     text_gguf = open_gguf(text_path)
     text_cfg = ModelConfig.from_gguf(text_gguf)
     with pytest.raises(KawaiError, match="does not take images"):
-        prefill(text_cfg, load_weights(text_gguf, text_cfg), [1, 2], [], KVCache(text_cfg, 8), **args)
+        prefill(text_cfg, load_weights(text_gguf, text_cfg), [1, 2], [], KVCache(text_cfg, 8, "f32"), **args)
     with pytest.raises(KawaiError, match="no <\\|vision_start\\|>"):
         vision_token_ids(text_gguf.metadata["tokenizer.ggml.tokens"])
 
 
 def test_forward_checks_embeddings_and_positions(tiny):
     model = tiny["qwen2vl"]
-    cache = KVCache(model.cfg, 16)
+    cache = KVCache(model.cfg, 16, "f32")
     with pytest.raises(KawaiError, match="embeddings must have shape"):
         forward(model.cfg, model.weights, None, cache, embeddings=np.zeros((2, 5), np.float32))
     with pytest.raises(KawaiError, match="NaN"):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from kawai.engine.errors import KawaiError
+from kawai.engine.kv_cache import DEFAULT_KV_DTYPE, KV_DTYPES
 
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_TEMPERATURE = 0.7
@@ -40,6 +41,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=int, metavar="N", help="kernel threads (default: KAWAI_THREADS or all cores)")
     p.add_argument("--n-ctx", type=int, metavar="N", help="context window in tokens (default: the trained context)")
+    p.add_argument("--kv-dtype", choices=list(KV_DTYPES), default=DEFAULT_KV_DTYPE,
+                   help=f"KV cache storage: f16 (half the memory of f32) or f32 (default: {DEFAULT_KV_DTYPE})")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,10 +83,10 @@ def load_model(args: argparse.Namespace, err: TextIO | None = None):
         catalog.ensure_model(model)  # downloads (with a progress bar on stderr) only when missing
     else:
         catalog.resolve_model(model)  # an unknown model fails here, before the kernels are set up
-    llm = engine.load(model, n_ctx=args.n_ctx, threads=args.threads)
+    llm = engine.load(model, n_ctx=args.n_ctx, threads=args.threads, kv_dtype=args.kv_dtype)
     cfg = llm.config
     threads = f"{llm.threads} thread{'s' if llm.threads != 1 else ''}"
-    print(f"model: {llm.id} ({cfg.arch}, {cfg.n_layers} layers, n_ctx {llm.n_ctx}, {threads})", file=err)
+    print(f"model: {llm.id} ({cfg.arch}, {cfg.n_layers} layers, n_ctx {llm.n_ctx}, KV cache {llm.kv_dtype}, {threads})", file=err)
     print(f"load time: {llm.load_seconds:.2f} s", file=err)
     print(f"kernel compile time: {llm.compile_seconds:.2f} s", file=err)
     return llm

@@ -1,5 +1,6 @@
 """`kawai serve [-m ID|PATH ...] [--host H] [--port P] [--no-auth] [--queue-size N] [--ctx N]
-             [--max-sequences N] [--kv-memory SIZE] [--kv-disk SIZE] [--max-per-token N] [--drain-seconds S]
+             [--max-sequences N] [--kv-dtype f16|f32] [--kv-memory SIZE] [--kv-disk SIZE] [--max-per-token N]
+             [--drain-seconds S]
              [--mmproj FILE] [--allow-private-image-urls] [--alias PATTERN=ID ...] [--strict-model-ids]
              [--refuse-images] [--cors-origin ORIGIN ...]
              [--ray [--replicas N] [--replica-threads N] [--ray-address ADDR]]`.
@@ -20,6 +21,7 @@ import signal
 import sys
 
 from kawai.engine.errors import KawaiError
+from kawai.engine.kv_cache import DEFAULT_KV_DTYPE, KV_DTYPES
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DEFAULT_KV_DISK = "8GB"
@@ -38,6 +40,8 @@ def register(sub) -> None:
                    help="context window in tokens (default: the model's trained context)")
     p.add_argument("--max-sequences", type=int, default=4, metavar="N",
                    help="sequences decoded together per model (continuous batching; default: 4)")
+    p.add_argument("--kv-dtype", choices=list(KV_DTYPES), default=DEFAULT_KV_DTYPE,
+                   help=f"KV cache storage: f16 (half the memory of f32) or f32 (default: {DEFAULT_KV_DTYPE})")
     p.add_argument("--kv-memory", default=None, metavar="SIZE",
                    help="KV cache memory per model, running sequences and prefix cache, e.g. 2GB "
                         "(default: two full-context caches per sequence, within half the memory)")
@@ -115,6 +119,7 @@ def _run(args) -> int:
 
     settings = ServerSettings(
         host=args.host, port=args.port, auth=not args.no_auth, queue_size=args.queue_size, n_ctx=args.ctx,
+        kv_dtype=args.kv_dtype,
         max_sequences=args.max_sequences, kv_memory=kv_memory, kv_disk=kv_disk, max_per_token=args.max_per_token,
         drain_seconds=args.drain_seconds, allow_private_image_urls=args.allow_private_image_urls,
         aliases=aliases, strict_model_ids=args.strict_model_ids, refuse_images=args.refuse_images,
@@ -178,7 +183,7 @@ def _load(specs: list[str], settings, mmproj: str | None = None) -> list:
     log = logging.getLogger("kawai.server")
     llms = []
     for spec in specs:
-        llm = engine.load(spec, n_ctx=settings.n_ctx, mmproj=mmproj)
+        llm = engine.load(spec, n_ctx=settings.n_ctx, mmproj=mmproj, kv_dtype=settings.kv_dtype)
         if llm.has_vision:
             log.info("vision projector %s: images accepted", llm.projector.path.name)
         log.info("%s", llm.load_summary())
