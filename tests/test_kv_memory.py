@@ -21,7 +21,7 @@ def resident_mib() -> float:
 def test_a_long_context_cache_takes_memory_only_for_the_positions_written():
     cfg = SimpleNamespace(n_layers=24, n_kv_heads=2, head_dim=64)  # Qwen2.5-0.5B: 24 KiB per position in float32
     before = resident_mib()
-    cache = KVCache(cfg, 32768)  # 768 MiB of address space
+    cache = KVCache(cfg, 32768, dtype="f32")  # 768 MiB of address space
     assert cache.nbytes == 768 * 2**20 and resident_mib() - before < 8
     k, v = cache.positions(0, 1024)
     k[...], v[...] = 1.0, 2.0  # 24 MiB of keys and values
