@@ -17,6 +17,7 @@ api_harness.LiveServer runs this on every stream it serves; tests that read raw 
 
 from __future__ import annotations
 
+import copy
 import json
 
 DELTA_TYPES = {  # content block type -> the delta types it takes
@@ -36,7 +37,7 @@ def check_stream(frames: list[tuple[str | None, dict]]) -> dict:
         assert event == data["type"], f"frame {i}: event {event!r} but data type {data['type']!r}"
     kinds = [data["type"] for _, data in frames]
     assert kinds[0] == "message_start", f"the stream starts with {kinds[0]!r}, not message_start"
-    message = json.loads(json.dumps(frames[0][1]["message"]))  # a copy to fill in
+    message = copy.deepcopy(frames[0][1]["message"])  # filled in as the stream goes
     assert message["type"] == "message" and message["role"] == "assistant", message
     assert message["content"] == [] and message["stop_reason"] is None, "message_start carries no content"
     assert isinstance(message["usage"]["input_tokens"], int), message
@@ -59,11 +60,11 @@ def check_stream(frames: list[tuple[str | None, dict]]) -> dict:
             assert finished, f"{where}: message_stop before message_delta"
             assert i == len(frames) - 1, f"{where}: frames after message_stop"
             return message
-        assert not finished or kind == "message_stop", f"{where}: after message_delta"
+        assert not finished, f"{where}: after message_delta"
         if kind == "content_block_start":
             assert open_index is None, f"{where}: block {open_index} is still open"
             assert data["index"] == len(message["content"]), f"{where}: index {data['index']}"
-            block = json.loads(json.dumps(data["content_block"]))
+            block = copy.deepcopy(data["content_block"])
             assert block["type"] in DELTA_TYPES, f"{where}: unknown block type {block['type']!r}"
             if block["type"] == "tool_use":
                 assert block["id"] and block["name"] and block["input"] == {}, f"{where}: {block}"

@@ -1,6 +1,11 @@
 """tests/sse_grammar.py, the checker every streaming test relies on: it accepts the documented Anthropic
-stream (tests/data/anthropic_stream_golden.sse: thinking, text with a ping, a tool call) and rebuilds its
-message, and it rejects each way a stream can break."""
+stream and rebuilds its message, and it rejects each way a stream can break.
+
+The golden transcript, tests/data/anthropic_stream_golden.sse, follows the examples of Anthropic's
+"Streaming Messages" documentation (a thinking block with its signature_delta, a text block with a ping
+inside, a tool_use block whose input arrives as input_json_delta fragments starting with "", then
+message_delta with stop_reason tool_use) and shared/docs/messages-api.md.
+"""
 
 from __future__ import annotations
 
