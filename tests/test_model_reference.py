@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from kawai import engine
+from make_reference import hf_messages, hf_tools
 
 REFERENCE = Path(__file__).parent / "data" / "qwen2.5-coder-reference.npz"
 
@@ -75,6 +76,8 @@ def test_served_model_logits_match_the_stored_reference(reference, llm):
 
 def test_chat_prompts_tokenize_like_transformers(reference, llm):
     """Our template + tokenizer give transformers' apply_chat_template ids (the API's usage counts them)."""
-    for j, chat in enumerate(reference["meta"]["chats"]):
-        system = [{"role": "system", "content": chat["system"]}] if "system" in chat else []
-        assert llm.encode_chat(system + chat["messages"]) == reference[f"chat_ids_{j}"].tolist()
+    chats = reference["meta"]["chats"]
+    assert any("tools" in chat for chat in chats)
+    for j, chat in enumerate(chats):
+        ids = llm.encode_chat(hf_messages(chat), tools=hf_tools(chat))
+        assert ids == reference[f"chat_ids_{j}"].tolist(), chat
