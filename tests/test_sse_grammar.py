@@ -95,6 +95,17 @@ def test_each_broken_stream_is_rejected(name):
         check_stream(_broken()[name])
 
 
+def test_keepalive_message_deltas_may_come_anywhere_before_the_final_one():
+    """A message_delta without a stop reason (the server's keepalive in long silences) only updates usage."""
+    keepalive = ("message_delta", {"type": "message_delta", "delta": {"stop_reason": None, "stop_sequence": None},
+                                   "usage": {"input_tokens": 472, "output_tokens": 0}})
+    inside_a_block = GOLDEN[:2] + [keepalive] + GOLDEN[2:]
+    before_any_block = GOLDEN[:1] + [keepalive, keepalive] + GOLDEN[1:]
+    assert check_stream(inside_a_block) == check_stream(before_any_block) == check_stream(GOLDEN)
+    with pytest.raises(AssertionError):
+        check_stream(GOLDEN[:-1] + [keepalive] + GOLDEN[-1:])  # after the final message_delta
+
+
 def test_an_error_event_may_end_a_started_stream():
     error = ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
     assert check_stream(GOLDEN[:5] + [error])["error"]["type"] == "overloaded_error"
