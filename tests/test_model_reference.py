@@ -21,13 +21,15 @@ from make_reference import hf_messages, hf_tools
 
 REFERENCE = Path(__file__).parent / "data" / "qwen2.5-coder-reference.npz"
 
-# Measured (tests/test_model_reference.py -s, 1 kernel thread, 2-core x86-64): top-1 agreement 331/333, the
-# flips at reference margins 0.026 and 0.007; |logit diff| at the reference top-8: max 0.459, mean 0.0368;
-# |log-probability diff| of the reference's top token: max 0.235, mean 0.0094. The means (over 2664 and
-# 333 values) are stable, so their bounds sit ~12% above them: without the ~15-bit q/k/v activations and
-# the exact top logits (kernels/matmul_precise.py) they rise to 0.0434 and 0.0110.
-MIN_TOP1 = 330 / 333
-NEAR_TIE = 0.1  # a flip is only allowed where the reference's top-2 margin is below this
+# Measured (tests/test_model_reference.py -s, 1 kernel thread, 2-core x86-64, the kernels' one 16-lane
+# accumulation order): top-1 agreement 328/333, every flip at a reference margin <= 0.026 (near-ties: an
+# accumulation-order change flips some and fixes others); |logit diff| at the reference top-8: max 0.460,
+# mean 0.0360; |log-probability diff| of the reference's top token: max 0.236, mean 0.0089. The means
+# (over 2664 and 333 values) are stable, so their bounds sit ~15% above them: without the ~15-bit q/k/v
+# activations and the exact top logits (kernels/matmul_precise.py) they rise to 0.0443 and 0.0127, and
+# flips appear at margins up to 0.14.
+MIN_TOP1 = 326 / 333
+NEAR_TIE = 0.05  # a flip is only allowed where the reference's top-2 margin is below this
 MAX_TOP_LOGIT_ERR, MEAN_TOP_LOGIT_ERR = 0.6, 0.041
 MAX_LOGPROB_ERR, MEAN_LOGPROB_ERR = 0.3, 0.0105
 
