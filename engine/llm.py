@@ -158,17 +158,26 @@ class LLM:
         marked = _mark_messages(messages, nonce, contents)
         marked_text = self.chat_template.render(marked, **kwargs)
         pieces = _align(text, re.split(_sentinel_pattern(nonce), marked_text), contents)
+        # Runs between control tokens are tokenized whole, content and markup together, so the ids are
+        # those of the whole text (as transformers' apply_chat_template gives them): "Be brief." then the
+        # template's "\n\n# Tools" make the token ".\n\n", not "." + "\n\n".
+        runs: list = []  # plain text (str), a control token id (int), or an image
+        for is_content, piece in pieces + [(True, suffix)]:
+            for part in ([piece] if is_content else self.tokenizer.split_special(piece)):
+                if isinstance(part, str) and runs and isinstance(runs[-1], str):
+                    runs[-1] += part
+                elif not isinstance(part, str) or part:
+                    runs.append(part)
         ids: list[int] = []
         images: list = []
-        for is_content, piece in pieces:
-            if not is_content:
-                ids += self.tokenizer.encode(piece, special=True)
-            elif isinstance(piece, str):
-                ids += self.tokenizer.encode(piece, special=False)
+        for run in runs:
+            if isinstance(run, str):
+                ids += self.tokenizer.encode(run, special=False)
+            elif isinstance(run, int):
+                ids.append(run)
             else:
-                ids += self._image_ids(piece)
-                images.append(piece)
-        ids += self.tokenizer.encode(suffix, special=False) if suffix else []
+                ids += self._image_ids(run)
+                images.append(run)
         bos = self.tokenizer.bos_id
         if self.tokenizer.add_bos and bos is not None and (not ids or ids[0] != bos):
             ids.insert(0, bos)

@@ -368,6 +368,27 @@ class Tokenizer:
         except TypeError:  # the Rust side refuses a str it cannot convert, e.g. one with a lone surrogate
             raise KawaiError("cannot tokenize this text: it is not valid Unicode (lone surrogate?)") from None
 
+    def split_special(self, text: str) -> list[str | int]:
+        """text -> its plain-text runs and the control tokens written in it, in order:
+        "<|im_start|>user\n" -> [151644, "user\n"]."""
+        if not isinstance(text, str):
+            raise KawaiError(f"text to encode must be a string, got {type(text).__name__}")
+        try:
+            encoding = self._hf.encode(text, add_special_tokens=False)
+        except TypeError:
+            raise KawaiError("cannot tokenize this text: it is not valid Unicode (lone surrogate?)") from None
+        parts: list[str | int] = []
+        at = 0  # characters of text consumed
+        for token_id, (start, end) in zip(encoding.ids, encoding.offsets):
+            if token_id in self._special_ids:
+                if start > at:
+                    parts.append(text[at:start])
+                parts.append(token_id)
+                at = end
+        if at < len(text):
+            parts.append(text[at:])
+        return parts
+
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
         """Text for ids: their bytes joined and read as UTF-8 (U+FFFD where the bytes are not valid)."""
         return b"".join(self._bytes_of(ids, skip_special)).decode("utf-8", errors="replace")

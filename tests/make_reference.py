@@ -11,7 +11,7 @@ the logits are transformers' float32 forward pass, the token ids are transformer
     top_ids          (P, K) int32     reference token ids at each position, highest logit first
     top_logits       (P, K) float32   their logits
     logsumexp        (P,)   float64   log-sum-exp of the whole logit row (for log-probabilities)
-    chat_ids_{j}     (N_j,) int32     apply_chat_template(CHATS[j], add_generation_prompt=True)
+    chat_ids_{j}     (N_j,) int32     apply_chat_template(CHATS[j] (+ its tools), add_generation_prompt=True)
     meta             ()     str       JSON: model id, file size, transformers and torch versions, CHATS
 """
 
@@ -35,6 +35,11 @@ CHATS = [
      "messages": [{"role": "user", "content": "Review: def add(a, b): return a - b"},
                   {"role": "assistant", "content": "The function subtracts; it should add."},
                   {"role": "user", "content": "Fix it, and explain in one line. Ünïcödé: 日本語 ✓"}]},
+    {"system": "Be brief.",
+     "tools": [{"name": "get_weather", "description": "Get the current weather for a location",
+                "input_schema": {"type": "object", "required": ["location"],
+                                 "properties": {"location": {"type": "string", "description": "City name"}}}}],
+     "messages": [{"role": "user", "content": "What is the weather in Paris?"}]},
 ]
 
 
@@ -42,6 +47,13 @@ def hf_messages(chat: dict) -> list[dict]:
     """An Anthropic-shaped chat as the chat template's messages: the system prompt becomes the first turn."""
     system = [{"role": "system", "content": chat["system"]}] if "system" in chat else []
     return system + chat["messages"]
+
+
+def hf_tools(chat: dict) -> list[dict] | None:
+    """Anthropic tools as the OpenAI function format chat templates take (the documented mapping)."""
+    return [{"type": "function", "function": {"name": t["name"], "description": t["description"],
+                                              "parameters": t["input_schema"]}}
+            for t in chat["tools"]] if "tools" in chat else None
 
 
 def main() -> None:
@@ -73,7 +85,8 @@ def main() -> None:
     arrays["top_logits"] = np.concatenate(top_logits)
     arrays["logsumexp"] = np.concatenate(lses)
     for j, chat in enumerate(CHATS):
-        ids = tokenizer.apply_chat_template(hf_messages(chat), add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(hf_messages(chat), tools=hf_tools(chat), add_generation_prompt=True,
+                                            tokenize=True)
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         arrays[f"chat_ids_{j}"] = np.array(ids, np.int32)
     meta = {"model": MODEL_ID, "file_size": path.stat().st_size, "top_k": TOP_K, "chats": CHATS,

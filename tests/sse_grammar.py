@@ -1,13 +1,17 @@
 """The grammar of an Anthropic Messages event stream, checked, and the message it builds.
 
-    stream  := message_start  ping*  block*  message_delta  ping*  message_stop
+    stream  := message_start  block*  final  message_stop       (pings, keepalives anywhere in between)
              | message_start  ...  error                      (an error ends a started stream)
-    block   := content_block_start(index = number of blocks so far)  (ping | delta)*  content_block_stop(index)
+    block   := content_block_start(index = number of blocks so far)  delta*  content_block_stop(index)
+    final   := message_delta with a stop_reason
 
-Pings may come anywhere after message_start (never before it). Each delta names the open block's index and
-has the type that block takes: text -> text_delta; tool_use -> input_json_delta (the fragments join to the
-input's JSON); thinking -> thinking_delta, then signature_delta last. Exactly one message_delta, after every
-block has stopped. Each frame's `event:` name equals its data's `type` (the SDK drops frames otherwise).
+Pings may come anywhere after message_start (never before it), and so may keepalives: message_deltas
+without a stop_reason, which only update the usage (the API allows several message_delta; the server sends
+one after a long silence, as the SDKs drop pings). Each delta names the open block's index and has the type
+that block takes: text -> text_delta; tool_use -> input_json_delta (the fragments join to the input's
+JSON); thinking -> thinking_delta, then signature_delta last. Exactly one final message_delta, after every
+block has stopped; then only pings before message_stop. Each frame's `event:` name equals its data's
+`type` (the SDK drops frames otherwise).
 See shared/docs/messages-api.md "Streaming" and tests/data/anthropic_stream_golden.sse.
 
     message = check_stream(parse_sse(response.text))   # AssertionError naming the broken rule
@@ -17,6 +21,7 @@ api_harness.LiveServer runs this on every stream it serves; tests that read raw 
 
 from __future__ import annotations
 
+import copy
 import json
 
 DELTA_TYPES = {  # content block type -> the delta types it takes
@@ -36,7 +41,7 @@ def check_stream(frames: list[tuple[str | None, dict]]) -> dict:
         assert event == data["type"], f"frame {i}: event {event!r} but data type {data['type']!r}"
     kinds = [data["type"] for _, data in frames]
     assert kinds[0] == "message_start", f"the stream starts with {kinds[0]!r}, not message_start"
-    message = json.loads(json.dumps(frames[0][1]["message"]))  # a copy to fill in
+    message = copy.deepcopy(frames[0][1]["message"])  # filled in as the stream goes
     assert message["type"] == "message" and message["role"] == "assistant", message
     assert message["content"] == [] and message["stop_reason"] is None, "message_start carries no content"
     assert isinstance(message["usage"]["input_tokens"], int), message
@@ -44,7 +49,7 @@ def check_stream(frames: list[tuple[str | None, dict]]) -> dict:
     open_index: int | None = None
     partial_json: dict[int, str] = {}
     signed: set[int] = set()  # thinking blocks whose signature_delta came
-    finished = False  # message_delta seen
+    finished = False  # the final message_delta seen
     for i, (_, data) in enumerate(frames[1:], start=1):
         kind = data["type"]
         where = f"frame {i} ({kind})"
@@ -56,14 +61,18 @@ def check_stream(frames: list[tuple[str | None, dict]]) -> dict:
         if kind == "ping":
             continue
         if kind == "message_stop":
-            assert finished, f"{where}: message_stop before message_delta"
+            assert finished, f"{where}: message_stop before the final message_delta"
             assert i == len(frames) - 1, f"{where}: frames after message_stop"
             return message
-        assert not finished or kind == "message_stop", f"{where}: after message_delta"
+        assert not finished, f"{where}: after the final message_delta"
+        if kind == "message_delta" and data["delta"]["stop_reason"] is None:  # a keepalive
+            assert isinstance(data["usage"]["output_tokens"], int), f"{where}: no usage.output_tokens"
+            message["usage"].update(data["usage"])
+            continue
         if kind == "content_block_start":
             assert open_index is None, f"{where}: block {open_index} is still open"
             assert data["index"] == len(message["content"]), f"{where}: index {data['index']}"
-            block = json.loads(json.dumps(data["content_block"]))
+            block = copy.deepcopy(data["content_block"])
             assert block["type"] in DELTA_TYPES, f"{where}: unknown block type {block['type']!r}"
             if block["type"] == "tool_use":
                 assert block["id"] and block["name"] and block["input"] == {}, f"{where}: {block}"

@@ -555,6 +555,7 @@ def test_long_silences_get_a_message_delta_the_sdk_passes_on():
         return events
 
     events = asyncio.run(scenario())
+    check_stream([(e["type"], e) for e in events])
     kinds = [e["type"] for e in events]
     prefill = kinds[1:kinds.index("content_block_start")]
     assert prefill.count("message_delta") >= 3 and "ping" in prefill
@@ -590,6 +591,7 @@ def test_a_request_queued_for_long_starts_its_stream_before_admission():
         return events
 
     events = asyncio.run(scenario())
+    assert check_stream([(e["type"], e) for e in events])["usage"]["cache_read_input_tokens"] == 2
     assert events[0]["type"] == "message_start" and events[0]["message"]["usage"]["input_tokens"] == 3
     assert "cache_read_input_tokens" not in events[0]["message"]["usage"]  # not known yet
     assert any(e["type"] == "message_delta" and e["delta"]["stop_reason"] is None for e in events)

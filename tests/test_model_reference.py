@@ -17,16 +17,19 @@ import numpy as np
 import pytest
 
 from kawai import engine
+from make_reference import hf_messages, hf_tools
 
 REFERENCE = Path(__file__).parent / "data" / "qwen2.5-coder-reference.npz"
 
-# Measured (tests/test_model_reference.py -s, 1 kernel thread, 2-core x86-64): top-1 agreement 331/333, the
-# flips at reference margins 0.026 and 0.007; |logit diff| at the reference top-8: max 0.459, mean 0.0368;
-# |log-probability diff| of the reference's top token: max 0.235, mean 0.0094. The means (over 2664 and
-# 333 values) are stable, so their bounds sit ~12% above them: without the ~15-bit q/k/v activations and
-# the exact top logits (kernels/matmul_precise.py) they rise to 0.0434 and 0.0110.
-MIN_TOP1 = 330 / 333
-NEAR_TIE = 0.1  # a flip is only allowed where the reference's top-2 margin is below this
+# Measured (tests/test_model_reference.py -s, 1 kernel thread, 2-core x86-64, the kernels' one 16-lane
+# accumulation order): top-1 agreement 328/333, every flip at a reference margin <= 0.026 (near-ties: an
+# accumulation-order change flips some and fixes others); |logit diff| at the reference top-8: max 0.460,
+# mean 0.0360; |log-probability diff| of the reference's top token: max 0.236, mean 0.0089. The means
+# (over 2664 and 333 values) are stable, so their bounds sit ~15% above them: without the ~15-bit q/k/v
+# activations and the exact top logits (kernels/matmul_precise.py) they rise to 0.0443 and 0.0127, and
+# flips appear at margins up to 0.14.
+MIN_TOP1 = 326 / 333
+NEAR_TIE = 0.05  # a flip is only allowed where the reference's top-2 margin is below this
 MAX_TOP_LOGIT_ERR, MEAN_TOP_LOGIT_ERR = 0.6, 0.041
 MAX_LOGPROB_ERR, MEAN_LOGPROB_ERR = 0.3, 0.0105
 
@@ -75,6 +78,8 @@ def test_served_model_logits_match_the_stored_reference(reference, llm):
 
 def test_chat_prompts_tokenize_like_transformers(reference, llm):
     """Our template + tokenizer give transformers' apply_chat_template ids (the API's usage counts them)."""
-    for j, chat in enumerate(reference["meta"]["chats"]):
-        system = [{"role": "system", "content": chat["system"]}] if "system" in chat else []
-        assert llm.encode_chat(system + chat["messages"]) == reference[f"chat_ids_{j}"].tolist()
+    chats = reference["meta"]["chats"]
+    assert any("tools" in chat for chat in chats)
+    for j, chat in enumerate(chats):
+        ids = llm.encode_chat(hf_messages(chat), tools=hf_tools(chat))
+        assert ids == reference[f"chat_ids_{j}"].tolist(), chat

@@ -1,6 +1,11 @@
 """tests/sse_grammar.py, the checker every streaming test relies on: it accepts the documented Anthropic
-stream (tests/data/anthropic_stream_golden.sse: thinking, text with a ping, a tool call) and rebuilds its
-message, and it rejects each way a stream can break."""
+stream and rebuilds its message, and it rejects each way a stream can break.
+
+The golden transcript, tests/data/anthropic_stream_golden.sse, follows the examples of Anthropic's
+"Streaming Messages" documentation (a thinking block with its signature_delta, a text block with a ping
+inside, a tool_use block whose input arrives as input_json_delta fragments starting with "", then
+message_delta with stop_reason tool_use) and shared/docs/messages-api.md.
+"""
 
 from __future__ import annotations
 
@@ -88,6 +93,17 @@ def _broken() -> dict[str, list]:
 def test_each_broken_stream_is_rejected(name):
     with pytest.raises((AssertionError, ValueError)):
         check_stream(_broken()[name])
+
+
+def test_keepalive_message_deltas_may_come_anywhere_before_the_final_one():
+    """A message_delta without a stop reason (the server's keepalive in long silences) only updates usage."""
+    keepalive = ("message_delta", {"type": "message_delta", "delta": {"stop_reason": None, "stop_sequence": None},
+                                   "usage": {"input_tokens": 472, "output_tokens": 0}})
+    inside_a_block = GOLDEN[:2] + [keepalive] + GOLDEN[2:]
+    before_any_block = GOLDEN[:1] + [keepalive, keepalive] + GOLDEN[1:]
+    assert check_stream(inside_a_block) == check_stream(before_any_block) == check_stream(GOLDEN)
+    with pytest.raises(AssertionError):
+        check_stream(GOLDEN[:-1] + [keepalive] + GOLDEN[-1:])  # after the final message_delta
 
 
 def test_an_error_event_may_end_a_started_stream():
