@@ -22,6 +22,13 @@ A Job carries the StepChannel (thread-safe, via `loop.call_soon_threadsafe`) and
 first item of a channel is `Started` (the prefix-cache hit, once admitted), the last `Finished` (counts)
 or `Failed`. `alive` is False when the thread died or its
 heartbeat (refreshed every step and every idle second) is older than `wedge_seconds`.
+
+One bad request never hurts another (docs/security.md):
+  - errors are contained per sequence: a sequence whose admission, sampling or solo step raises (the
+    sampler raises on NaN/Inf logits) ends alone with `Failed`; when a batched forward raises, each
+    sequence of the batch is rerun alone, so only the one that fails again ends;
+  - a supervisor (`_run`) restarts the loop when anything else escapes it: the running sequences end
+    with `Failed` (their state is unknown), the waiting jobs stay queued, `alive` stays True.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ MAX_SEQUENCES = 4
 IDLE_TICK = 0.5  # seconds between heartbeats when idle
 WEDGE_SECONDS = 60.0
 DEFAULT_KV_MEMORY_FRACTION = 0.5  # of physical memory, per model, when no KV memory budget is given
+RESTART_BACKOFF = (0.05, 2.0)  # seconds before restarting a loop that died: first, doubling up to the last
 
 
 @dataclass(frozen=True)
@@ -168,6 +176,7 @@ class Worker:
         self._stopping = False
         self._woken = False  # a disk look-up ended since the engine last checked
         self._heartbeat = time.monotonic()
+        self.restarts = 0  # times the supervisor restarted a loop that died
         self._thread = threading.Thread(target=self._run, name=f"engine-{llm.id}", daemon=True)
 
     # ---- the event loop's side ------------------------------------------------------------------
@@ -249,20 +258,34 @@ class Worker:
     # ---- the engine thread --------------------------------------------------------------------
 
     def _run(self) -> None:
+        """The supervisor: run the loop; when it dies, fail the running sequences and restart it."""
         _use_engine_threads(self.llm)
+        backoff = RESTART_BACKOFF[0]
         try:
-            while self._wait_for_work():
-                self._drop_cancelled()
-                self._admit()
-                if self._active:
-                    self._step()
-                else:
-                    self._wait_for_admission()
-        except Exception:
-            log.exception("engine thread for %s died", self.llm.id)
-            raise
+            while True:
+                started = time.monotonic()
+                try:
+                    self._loop()
+                    return  # stopping, nothing left
+                except Exception:
+                    log.exception("engine loop for %s died; restarting it in %.2f s", self.llm.id, backoff)
+                    self.restarts += 1
+                    self._fail_active()
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stopping, backoff)
+                healthy_for = time.monotonic() - started
+                backoff = RESTART_BACKOFF[0] if healthy_for > 60 else min(2 * backoff, RESTART_BACKOFF[1])
         finally:
             self._fail_everything()
+
+    def _loop(self) -> None:
+        while self._wait_for_work():
+            self._drop_cancelled()
+            self._admit()
+            if self._active:
+                self._step()
+            else:
+                self._wait_for_admission()
 
     def _wait_for_work(self) -> bool:
         """Block (with heartbeats) until a job waits or runs; False once stopping with nothing left."""
@@ -288,8 +311,7 @@ class Worker:
             for job in gone:
                 self._waiting.remove(job)
         for job in gone:
-            self._done(job)
-            job.channel.put(Failed())
+            self._fail_job(job)
         for seq in [s for s in self._active if s.job.cancel.is_set()]:
             self._emit(seq, seq.state.finish("cancelled"))
 
@@ -307,7 +329,11 @@ class Worker:
                 return  # memory is full or its blocks are on their way from disk: it stays first in line
             with self._cond:
                 self._waiting.popleft()
-            self._start(job, lease, has_images)
+            try:
+                self._start(job, lease, has_images)
+            except Exception:
+                log.exception("request %s: could not start", job.request_id)
+                self._fail_job(job)
 
     def _start(self, job: Job, lease: Lease | None, has_images: bool) -> None:
         prompt = job.prompt_ids
@@ -315,16 +341,19 @@ class Worker:
             log.error("request %s: a prompt of %d tokens cannot run", job.request_id, len(prompt))
             if lease is not None:
                 self.pool.release(lease, reusable=False)
-            job.channel.put(Failed())
-            self._done(job)
+            self._fail_job(job)
             return
         if has_images:
             seq = self._start_solo(job, lease)
             if seq is None:
                 return
         else:
-            state = SequenceState(list(prompt), job.params, lease.cache, self.llm.tokenizer, job.thinking)
-            todo = state.start()
+            try:
+                state = SequenceState(list(prompt), job.params, lease.cache, self.llm.tokenizer, job.thinking)
+                todo = state.start()
+            except Exception:
+                self.pool.release(lease, reusable=False)
+                raise
             cached = len(prompt) - len(todo)
             self._count("kawai_prefix_cache_hit_tokens_total", "Prompt tokens reused from the prefix cache.", cached)
             seq = _Sequence(job, state, lease, todo, cached)
@@ -342,8 +371,7 @@ class Worker:
         except Exception:
             log.exception("request %s: could not start generation", job.request_id)
             self.pool.release(lease, reusable=False)
-            job.channel.put(Failed())
-            self._done(job)
+            self._fail_job(job)
             return None
         return _Sequence(job, gen.state, lease, [], 0, solo=gen)
 
@@ -384,33 +412,47 @@ class Worker:
             batch.append((seq, chunk))
         if not batch:
             return
-        try:
-            logits = forward_batch(
-                self.llm.config, self.llm.weights, [c for _, c in batch], [s.lease.cache for s, _ in batch]
-            )  # (B, V)
-        except Exception:
-            log.exception("batched step failed for %s", ", ".join(s.job.request_id for s, _ in batch))
-            for seq, _ in batch:
-                self._retire(seq, Failed(), reusable=False)
-            return
+        logits = self._forward(batch)  # (B, V); a row of None: that sequence failed and ended
         self._heartbeat = time.monotonic()
         prefilled = 0
         for b, (seq, chunk) in enumerate(batch):
-            seq.state.fed(chunk)
+            if logits[b] is None:
+                continue
             if seq.first_token_at is None:
                 prefilled += len(chunk)
-                self.pool.publish(seq.lease)
-            if seq.todo:
-                continue  # still prefilling: these logits are not needed
             try:
+                seq.state.fed(chunk)
+                if seq.first_token_at is None:
+                    self.pool.publish(seq.lease)
+                if seq.todo:
+                    continue  # still prefilling: these logits are not needed
                 step = seq.state.accept(logits[b])
-            except Exception:  # e.g. a grammar that allows no next token: this sequence fails, not the thread
+            except Exception:  # NaN logits, a grammar that allows no next token: this sequence fails, not the thread
                 log.exception("request %s: sampling failed", seq.job.request_id)
                 self._retire(seq, Failed(), reusable=False)
                 continue
             self._emit(seq, step)
         if prefilled:
             self._count("kawai_prompt_tokens_total", "Prompt tokens run through the model.", prefilled)
+
+    def _forward(self, batch: list[tuple[_Sequence, list[int]]]) -> list:
+        """Logits row per sequence. If the batched call raises, the caches are rewound and each sequence
+        runs alone: only one that fails again ends (Failed), with a None row."""
+        caches = [s.lease.cache for s, _ in batch]
+        lengths = [c.length for c in caches]
+        try:
+            return list(forward_batch(self.llm.config, self.llm.weights, [c for _, c in batch], caches))  # (B, V)
+        except Exception:
+            if len(batch) == 1:
+                seq = batch[0][0]
+                log.exception("request %s: forward step failed", seq.job.request_id)
+                self._retire(seq, Failed(), reusable=False)
+                return [None]
+            log.exception("batched step failed for %s; running each alone",
+                          ", ".join(s.job.request_id for s, _ in batch))
+        for cache, length in zip(caches, lengths):
+            cache.length = length  # keys/values past `length` are overwritten by the rerun
+        return [self._forward([one])[0] for one in batch]
 
     def _emit(self, seq: _Sequence, step: Step) -> None:
         now = time.monotonic()
@@ -448,6 +490,26 @@ class Worker:
             self._per_tenant[job.tenant] -= 1
             if self._per_tenant[job.tenant] <= 0:
                 del self._per_tenant[job.tenant]
+
+    def _fail_job(self, job: Job) -> None:
+        """A job that never became a sequence ends with Failed."""
+        self._done(job)
+        job.channel.put(Failed())
+
+    def _fail_active(self) -> None:
+        """The loop died: every running sequence ends with Failed; its cache is dropped, not reused."""
+        with self._cond:
+            active = list(self._active)
+        for seq in active:
+            try:
+                self._retire(seq, Failed(), reusable=False)
+            except Exception:  # its lease is lost; the slot must not be
+                log.exception("request %s: could not be retired", seq.job.request_id)
+                with self._cond:
+                    if seq in self._active:
+                        self._active.remove(seq)
+                    self._n_active = len(self._active)
+                self._fail_job(seq.job)
 
     def _fail_everything(self) -> None:
         """The thread is ending: every job still here gets Failed."""
