@@ -1,68 +1,160 @@
 """Image blocks -> decoded RGB images: base64 data, or an http(s) URL fetched under the rules of
-docs/security.md ("Image URLs and image bytes").
+docs/security.md ("Image URLs and image bytes"), with every request's images bounded together.
 
-    policy = ImagePolicy(allow_private=False)
-    image = load_image(block.source, policy)      # PIL.Image (RGB); InvalidRequestError on any failure
+    data = await gather_image_bytes(sources, policy)         # on the event loop: URLs fetched concurrently
+    images = decode_images(data, policy, count, max_tokens)  # in a worker thread: headers first, then pixels
+
+One request's images share one budget, so one request cannot take the server's memory or threads:
+- bytes: each image at most `max_bytes`, all of them at most `max_request_bytes`;
+- time: one deadline (`timeout`) covers every download of the request: DNS, connect, headers and body,
+  the URLs fetched concurrently (at most MAX_CONCURRENT_FETCHES at once) on the event loop, holding no
+  thread while they wait;
+- pixels: every image's size is read from its header before any is decoded; their sum is at most
+  `max_request_pixels`, and their image tokens (counted from those sizes) must fit in the context;
+- memory: each image is downscaled straight after decoding (engine.vision.preprocess.decode_image with
+  the encoder's max_pixels), so only one full-size image exists at a time.
 
 URL fetching: one parser (urllib.parse.urlsplit) for checking and fetching; only http and https; the
 host is resolved once and every address it resolves to must be public (loopback, private, link-local,
 multicast, reserved and unspecified refused, IPv4-mapped / 6to4 / Teredo IPv6 checked as the IPv4
 inside); the connection goes to the checked address (TLS still verifies the host name); redirects are
-refused; the body is streamed with a hard byte cap and an overall deadline, Content-Length is only a
-hint. `allow_private` (`kawai serve --allow-private-image-urls`) admits loopback and private networks,
-never link-local (cloud metadata), multicast or reserved addresses.
+refused; h11 parses the response; the body is read with a hard byte cap, Content-Length is only a hint.
+`allow_private` (`kawai serve --allow-private-image-urls`) admits loopback and private networks, never
+link-local (cloud metadata), multicast or reserved addresses.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import http.client
 import ipaddress
 import socket
 import ssl
-import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import h11
 from PIL import Image
 
 from kawai.api.errors import InvalidRequestError
-from kawai.engine.vision.preprocess import MAX_SIDE, ImageError, decode_image, sniff_format
+from kawai.engine.vision.preprocess import MAX_SIDE, ImageError, decode_image, probe_image, sniff_format
 
 MAX_IMAGES_PER_REQUEST = 100
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # one image, decoded base64 or downloaded
-FETCH_TIMEOUT_SECONDS = 10.0  # whole download: connect, headers and body
+MAX_REQUEST_IMAGE_BYTES = 64 * 1024 * 1024  # all images of one request
+MAX_REQUEST_PIXELS = 2 * MAX_SIDE * MAX_SIDE  # source pixels of all images of one request (128 megapixels)
+FETCH_TIMEOUT_SECONDS = 10.0  # one deadline for all downloads of a request: DNS, connect, headers and body
+MAX_CONCURRENT_FETCHES = 8  # downloads of one request at once
 USER_AGENT = "kawai-image-fetch/1"
+MB = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class ImagePolicy:
     allow_private: bool = False  # loopback and private addresses for image URLs (local deployments)
     max_bytes: int = MAX_IMAGE_BYTES
+    max_request_bytes: int = MAX_REQUEST_IMAGE_BYTES
+    max_request_pixels: int = MAX_REQUEST_PIXELS
     timeout: float = FETCH_TIMEOUT_SECONDS
     max_side: int = MAX_SIDE
 
 
-def load_image(source, policy: ImagePolicy) -> Image.Image:
-    """An image block's source (api.wire Base64ImageSource or UrlImageSource) -> RGB image."""
-    if source.type == "base64":
-        data = decode_base64(source.data, policy.max_bytes)
-        where = "image data"
-    else:
-        data = fetch_image(source.url, policy)
-        where = "image at the url"
+async def gather_image_bytes(sources: Sequence, policy: ImagePolicy) -> list[bytes]:
+    """The bytes of each image source (api.wire Base64ImageSource or UrlImageSource), in order: base64
+    decoded, URLs fetched concurrently under one deadline for all of them. InvalidRequestError on any
+    failure (the first one; the other downloads are cancelled)."""
+    data: list[bytes | None] = [
+        decode_base64(s.data, policy.max_bytes) if s.type == "base64" else None for s in sources
+    ]
+    budget = _ByteBudget(policy.max_request_bytes)
+    for d in data:
+        if d is not None:
+            budget.take(len(d))
+    urls = [(i, s.url) for i, s in enumerate(sources) if s.type != "base64"]
+    if urls:
+        gate = asyncio.Semaphore(MAX_CONCURRENT_FETCHES)
+
+        async def fetch(i: int, url: str) -> None:
+            async with gate:
+                data[i] = await _fetch(url, policy, budget)
+
+        try:
+            async with asyncio.timeout(policy.timeout), asyncio.TaskGroup() as group:
+                for i, url in urls:
+                    group.create_task(fetch(i, url))
+        except TimeoutError:
+            raise InvalidRequestError(
+                f"image url: the downloads took too long (at most {policy.timeout:g} s for all images of a request)"
+            ) from None
+        except BaseExceptionGroup as group_error:
+            raise _first_client_error(group_error) from None
+    return data  # type: ignore[return-value] - every slot is filled
+
+
+def decode_images(
+    data: Sequence[bytes],
+    policy: ImagePolicy,
+    count_tokens: Callable[[int, int], int] | None = None,
+    max_tokens: int | None = None,
+    max_pixels: int | None = None,
+) -> list[Image.Image]:
+    """Image bytes -> RGB images. Every header is read first: the pixels of all images are summed (at
+    most policy.max_request_pixels) and, with `count_tokens(width, height)`, their prompt tokens (at most
+    `max_tokens`, the context window), so a request that cannot fit is refused before any decoding.
+    Then each image is decoded and downscaled to about `max_pixels` (the encoder's) at once."""
+    pixels = tokens = 0
+    for i, d in enumerate(data):
+        width, height = _checked(d, lambda: probe_image(d, policy.max_side), i, len(data))
+        pixels += width * height
+        if pixels > policy.max_request_pixels:
+            raise InvalidRequestError(
+                f"images are too large together: at most {policy.max_request_pixels // 1_000_000} megapixels "
+                f"per request (image {i + 1} of {len(data)} passes it)"
+            )
+        if count_tokens is not None and max_tokens is not None:
+            tokens += count_tokens(width, height)
+            if tokens > max_tokens:
+                raise InvalidRequestError(
+                    f"prompt is too long: images 1..{i + 1} of {len(data)} already take {tokens} image tokens; "
+                    f"the model's context window is {max_tokens} tokens"
+                )
+    return [_checked(d, lambda d=d: decode_image(d, policy.max_side, max_pixels), i, len(data))
+            for i, d in enumerate(data)]
+
+
+def _checked(data: bytes, read: Callable, i: int, n: int):
+    where = "image data" if n == 1 else f"image {i + 1} of {n}"
     if sniff_format(data) is None:
         raise InvalidRequestError(f"{where} is not a JPEG, PNG, GIF or WebP image")
     try:
-        return decode_image(data, policy.max_side)
+        return read()
     except ImageError as e:
         raise InvalidRequestError(f"{where}: {e}") from None
 
 
+def load_image(source, policy: ImagePolicy) -> Image.Image:
+    """One image source -> RGB image, synchronously (outside an event loop: tools, tests)."""
+    return decode_images(asyncio.run(gather_image_bytes([source], policy)), policy)[0]
+
+
+def fetch_image(url: str, policy: ImagePolicy) -> bytes:
+    """GET one image URL synchronously (outside an event loop) under the rules above."""
+
+    async def one() -> bytes:
+        try:
+            async with asyncio.timeout(policy.timeout):
+                return await _fetch(url, policy, _ByteBudget(policy.max_request_bytes))
+        except TimeoutError:
+            raise InvalidRequestError("image url: the download took too long") from None
+
+    return asyncio.run(one())
+
+
 def decode_base64(text: str, max_bytes: int) -> bytes:
     if len(text) > (max_bytes * 4) // 3 + 4:
-        raise InvalidRequestError(f"image data is larger than {max_bytes // (1024 * 1024)} MB")
+        raise InvalidRequestError(f"image data is larger than {max_bytes // MB} MB")
     try:
         data = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
@@ -70,6 +162,30 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
     if not data:
         raise InvalidRequestError("image data is empty")
     return data
+
+
+class _ByteBudget:
+    """The bytes all images of one request may take together."""
+
+    def __init__(self, limit: int):
+        self.left = limit
+        self.limit = limit
+
+    def take(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise InvalidRequestError(f"images are larger than {self.limit // MB} MB together")
+
+
+def _first_client_error(group_error: BaseExceptionGroup) -> BaseException:
+    """The InvalidRequestError a failed download raised (any other error is re-raised as it is)."""
+    errors = group_error.exceptions
+    while len(errors) == 1 and isinstance(errors[0], BaseExceptionGroup):
+        errors = errors[0].exceptions
+    for e in errors:
+        if isinstance(e, InvalidRequestError):
+            return e
+    raise group_error
 
 
 # ---- URLs ----------------------------------------------------------------------------------------
@@ -100,8 +216,8 @@ def check_address(address: str, allow_private: bool) -> None:
     raise InvalidRequestError("image url: the host resolves to a non-public address")
 
 
-def fetch_image(url: str, policy: ImagePolicy) -> bytes:
-    """GET an image URL under the rules above; the body's bytes."""
+async def _fetch(url: str, policy: ImagePolicy, budget: _ByteBudget) -> bytes:
+    """GET an image URL under the rules above; the body's bytes. The caller bounds the time."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
@@ -114,29 +230,57 @@ def fetch_image(url: str, policy: ImagePolicy) -> bytes:
         raise InvalidRequestError("image url: no host")
     if parts.username is not None or parts.password is not None:
         raise InvalidRequestError("image url: credentials in URLs are not accepted")
-    deadline = time.monotonic() + policy.timeout
-    address = _resolve(host, port, policy.allow_private)
+    address = await _resolve(host, port, policy.allow_private)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    conn = _connection(scheme, host, port, address, _remaining(deadline))
+    tls = ssl.create_default_context() if scheme == "https" else None
     try:
-        try:
-            conn.request("GET", path, headers={"User-Agent": USER_AGENT, "Accept": "image/*", "Connection": "close"})
-            response = conn.getresponse()
-        except (OSError, http.client.HTTPException):
-            raise InvalidRequestError("image url: could not fetch the image (connection failed)") from None
-        if 300 <= response.status < 400:
-            raise InvalidRequestError("image url: redirects are not followed; send the final URL")
-        if response.status != 200:
-            raise InvalidRequestError(f"image url: the server answered HTTP {response.status}")
-        return _read_capped(conn, response, policy.max_bytes, deadline)
+        reader, writer = await asyncio.open_connection(address, port, ssl=tls, server_hostname=host if tls else None)
+    except (OSError, ssl.SSLError):
+        raise InvalidRequestError("image url: could not fetch the image (connection failed)") from None
+    try:
+        conn = h11.Connection(h11.CLIENT)
+        headers = [("Host", parts.netloc), ("User-Agent", USER_AGENT), ("Accept", "image/*"), ("Connection", "close")]
+        writer.write(conn.send(h11.Request(method="GET", target=path, headers=headers)))
+        writer.write(conn.send(h11.EndOfMessage()))
+        return await _read_response(conn, reader, policy.max_bytes, budget)
+    except (OSError, ssl.SSLError, h11.ProtocolError):
+        raise InvalidRequestError("image url: the download failed") from None
     finally:
-        conn.close()
+        writer.close()
 
 
-def _resolve(host: str, port: int, allow_private: bool) -> str:
+async def _read_response(conn: h11.Connection, reader: asyncio.StreamReader, max_bytes: int, budget: _ByteBudget) -> bytes:
+    too_large = InvalidRequestError(f"image url: the image is larger than {max_bytes // MB} MB")
+    chunks, total = [], 0
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await reader.read(65536))  # b"" (closed) ends the message or raises
+        elif isinstance(event, h11.Response):
+            if 300 <= event.status_code < 400:
+                raise InvalidRequestError("image url: redirects are not followed; send the final URL")
+            if event.status_code != 200:
+                raise InvalidRequestError(f"image url: the server answered HTTP {event.status_code}")
+            declared = dict(event.headers).get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > max_bytes:
+                raise too_large
+        elif isinstance(event, h11.Data):
+            total += len(event.data)
+            if total > max_bytes:
+                raise too_large
+            budget.take(len(event.data))
+            chunks.append(bytes(event.data))
+        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+            break
+    if not total:
+        raise InvalidRequestError("image url: the response is empty")
+    return b"".join(chunks)
+
+
+async def _resolve(host: str, port: int, allow_private: bool) -> str:
     """Resolve once; every address must pass; the first one is the one connected to."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
         raise InvalidRequestError("image url: the host name does not resolve") from None
     addresses = [info[4][0] for info in infos]
@@ -145,62 +289,3 @@ def _resolve(host: str, port: int, allow_private: bool) -> str:
     for address in addresses:
         check_address(address, allow_private)
     return addresses[0]
-
-
-def _remaining(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise InvalidRequestError("image url: the download took too long")
-    return left
-
-
-class _PinnedHTTP(http.client.HTTPConnection):
-    """HTTP to an already checked address (the Host header keeps the name)."""
-
-    def __init__(self, host: str, port: int, address: str, timeout: float):
-        super().__init__(host, port, timeout=timeout)
-        self.address = address
-
-    def connect(self) -> None:
-        self.sock = self.pinned_sock = socket.create_connection((self.address, self.port), self.timeout)
-
-
-class _PinnedHTTPS(http.client.HTTPSConnection):
-    """HTTPS to an already checked address; the certificate is verified for the host name."""
-
-    def __init__(self, host: str, port: int, address: str, timeout: float):
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
-        self.address = address
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self.address, self.port), self.timeout)
-        self.sock = self.pinned_sock = self._context.wrap_socket(sock, server_hostname=self.host)
-
-
-def _connection(scheme: str, host: str, port: int, address: str, timeout: float) -> http.client.HTTPConnection:
-    cls = _PinnedHTTPS if scheme == "https" else _PinnedHTTP
-    return cls(host, port, address, timeout)
-
-
-def _read_capped(conn, response, max_bytes: int, deadline: float) -> bytes:
-    declared = response.getheader("content-length", "")
-    too_large = InvalidRequestError(f"image url: the image is larger than {max_bytes // (1024 * 1024)} MB")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise too_large
-    chunks, total = [], 0
-    try:
-        while True:
-            conn.pinned_sock.settimeout(_remaining(deadline))  # conn.sock is None once the response holds it
-            chunk = response.read1(65536)
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > max_bytes:
-                raise too_large
-            chunks.append(chunk)
-            _remaining(deadline)
-    except (OSError, http.client.HTTPException):
-        raise InvalidRequestError("image url: the download failed or took too long") from None
-    if not total:
-        raise InvalidRequestError("image url: the response is empty")
-    return b"".join(chunks)

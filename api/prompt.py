@@ -17,7 +17,9 @@ Mapping:
 - a final assistant message is a prefill: the reply continues it.
 - thinking on/off -> `enable_thinking` (templates without it ignore the variable).
 
-`build_prompt` renders and tokenizes with `LLM.encode_chat`: message content and the seed are plain
+Images are fetched first, on the event loop (`fetch_images`: one deadline, concurrent downloads), then
+`build_prompt` runs in a worker thread: it counts every image from its header before decoding any
+(api/images.py), renders and tokenizes with `LLM.encode_chat`: message content and the seed are plain
 text (a user typing `<|im_start|>` gets characters, not a control token); image tokens are counted.
 It checks the prompt size (characters before tokenizing, tokens against the context window after).
 `count_tokens` returns exactly the prompt length /v1/messages uses, image tokens included.
@@ -25,12 +27,13 @@ It checks the prompt size (characters before tokenizing, tokens against the cont
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from collections.abc import Callable
 from typing import Any
 
 from kawai.api.errors import InvalidRequestError
-from kawai.api.images import MAX_IMAGES_PER_REQUEST, ImagePolicy, load_image
+from kawai.api.images import MAX_IMAGES_PER_REQUEST, ImagePolicy, decode_images, gather_image_bytes
 from kawai.api.wire import (
     CountTokensRequest,
     ImageBlock,
@@ -63,18 +66,34 @@ class Prompt:
     fenced_calls: bool = True  # a call in a ```json fence counts (False when a grammar shapes the reply)
 
 
+async def fetch_images(llm, req: CountTokensRequest, policy: ImagePolicy, refuse_images: bool = False) -> list[bytes]:
+    """The bytes of the request's images in order (checked: a vision model, at most 100 images), URLs
+    downloaded concurrently under the policy's one deadline. On the event loop: no thread waits."""
+    blocks = _image_blocks(llm, _for_model(llm, req, refuse_images))
+    return await gather_image_bytes([b.source for b in blocks], policy) if blocks else []
+
+
 def build_prompt(
-    llm, req: CountTokensRequest, images: ImagePolicy | None = None, refuse_images: bool = False
+    llm,
+    req: CountTokensRequest,
+    images: ImagePolicy | None = None,
+    refuse_images: bool = False,
+    image_bytes: Sequence[bytes] | None = None,
 ) -> Prompt:
     """Render and tokenize; InvalidRequestError for anything the client can fix. `images`: how image
     blocks are loaded (default: ImagePolicy(), private URLs refused); `refuse_images`: a 400 for images
-    sent to a model without vision instead of a placeholder. Runs off the event loop: it may fetch
-    image URLs."""
-    if _count_images(req) and not supports_images(llm) and not refuse_images:
-        req = _images_as_text(req)
-    _check_images(llm, req)
+    sent to a model without vision instead of a placeholder; `image_bytes`: what fetch_images gave
+    (without it, URLs are fetched here). Runs off the event loop: it decodes images."""
+    req = _for_model(llm, req, refuse_images)
+    blocks = _image_blocks(llm, req)
     policy = images or ImagePolicy()
-    messages, prefill = to_hf_messages(req, lambda block: load_image(block.source, policy))
+    decoded: dict[int, Any] = {}
+    if blocks:
+        if image_bytes is None:
+            image_bytes = asyncio.run(gather_image_bytes([b.source for b in blocks], policy))
+        pictures = decode_images(image_bytes, policy, *_image_budget(llm))
+        decoded = {id(b): p for b, p in zip(blocks, pictures)}
+    messages, prefill = to_hf_messages(req, lambda block: decoded[id(block)])
     tools = None if isinstance(req.tool_choice, ToolChoiceNone) or not req.tools else hf_tools(req)
     seed = prefill + _forced_call_opening(req)
     kwargs = dict(tools=tools, add_generation_prompt=True, enable_thinking=req.thinking_on)
@@ -112,17 +131,12 @@ def supports_images(llm) -> bool:
     return bool(getattr(llm, "has_vision", False))
 
 
-def _count_images(req: CountTokensRequest) -> int:
-    n = 0
-    for m in req.messages:
-        for block in m.content:
-            parts = block.content if isinstance(block, ToolResultBlock) else [block]
-            n += sum(isinstance(p, ImageBlock) for p in parts)
-    return n
+def _for_model(llm, req: CountTokensRequest, refuse_images: bool) -> CountTokensRequest:
+    """For a model without vision, every image block (tool results included) becomes the
+    IMAGE_PLACEHOLDER text, unless images are refused (then _image_blocks names the model)."""
+    if supports_images(llm) or refuse_images or not _all_image_blocks(req):
+        return req
 
-
-def _images_as_text(req: CountTokensRequest) -> CountTokensRequest:
-    """Every image block (tool results included) replaced by the IMAGE_PLACEHOLDER text."""
     def swap(blocks):
         return [TextBlock(type="text", text=IMAGE_PLACEHOLDER) if isinstance(b, ImageBlock) else b for b in blocks]
 
@@ -134,16 +148,36 @@ def _images_as_text(req: CountTokensRequest) -> CountTokensRequest:
     return req.model_copy(update={"messages": [message(m) for m in req.messages]})
 
 
-def _check_images(llm, req: CountTokensRequest) -> None:
-    """Images only for a vision model, at most MAX_IMAGES_PER_REQUEST (checked before any is loaded)."""
-    n = _count_images(req)
-    if n and not supports_images(llm):
+def _all_image_blocks(req: CountTokensRequest) -> list[ImageBlock]:
+    blocks = []
+    for m in req.messages:
+        for block in m.content:
+            parts = block.content if isinstance(block, ToolResultBlock) else [block]
+            blocks += [p for p in parts if isinstance(p, ImageBlock)]
+    return blocks
+
+
+def _image_blocks(llm, req: CountTokensRequest) -> list[ImageBlock]:
+    """The request's image blocks in order; images only for a vision model, at most
+    MAX_IMAGES_PER_REQUEST (checked before any is loaded)."""
+    blocks = _all_image_blocks(req)
+    if blocks and not supports_images(llm):
         raise InvalidRequestError(
             f"model {llm.id!r} does not support images (it has no vision encoder); "
             "send text only or use a vision model"
         )
-    if n > MAX_IMAGES_PER_REQUEST:
-        raise InvalidRequestError(f"too many images: {n}; at most {MAX_IMAGES_PER_REQUEST} per request")
+    if len(blocks) > MAX_IMAGES_PER_REQUEST:
+        raise InvalidRequestError(f"too many images: {len(blocks)}; at most {MAX_IMAGES_PER_REQUEST} per request")
+    return blocks
+
+
+def _image_budget(llm) -> tuple[Callable[[int, int], int], int, int]:
+    """(prompt tokens of an image of width x height, the context window, the encoder's max pixels)."""
+    from kawai.engine.vision.multimodal import image_token_count
+
+    projector = llm.projector
+    return (lambda w, h: image_token_count(projector, w, h) + 2,  # + <|vision_start|>, <|vision_end|>
+            llm.n_ctx, projector.config.image.max_pixels)
 
 
 def _forced_call_opening(req: CountTokensRequest) -> str:

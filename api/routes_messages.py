@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+import anyio
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -20,7 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from kawai.api.content import MessageAssembler
 from kawai.api.errors import InternalError, InvalidRequestError, RequestTooLargeError
 from kawai.api.ids import new_message_id
-from kawai.api.prompt import Prompt, build_prompt, check_context
+from kawai.api.prompt import Prompt, build_prompt, check_context, fetch_images
 from kawai.api.sse import PING, sse_frames
 from kawai.api.state import request_id_of, server_state, tenant_of
 from kawai.api.structured import reply_grammar
@@ -75,9 +76,7 @@ async def start_reply(request: Request, req: MessagesRequest, params: SamplingPa
     Shared with the OpenAI-compatible route, which translates its requests into MessagesRequest."""
     server = server_state(request)
     model = server.model(req.model)
-    prompt = await run_in_threadpool(
-        build_prompt, model.llm, req, server.settings.image_policy, server.settings.refuse_images
-    )
+    prompt = await prompt_of(server, model.llm, req)
     check_context(model.llm, prompt)
     grammar = await run_in_threadpool(reply_grammar, model.llm, req, prompt)
     if grammar is not None:
@@ -111,10 +110,17 @@ async def count_tokens(request: Request) -> Response:
     server = server_state(request)
     req = without_volatile_system(await read_request(request, CountTokensRequest, server.settings.max_body_bytes))
     model = server.model(req.model)
-    prompt = await run_in_threadpool(
-        build_prompt, model.llm, req, server.settings.image_policy, server.settings.refuse_images
-    )
+    prompt = await prompt_of(server, model.llm, req)
     return JSONResponse(TokenCount(input_tokens=len(prompt.ids)).model_dump())
+
+
+async def prompt_of(server, llm, req) -> Prompt:
+    """Images downloaded on the event loop, then decoding, rendering and tokenizing in a worker thread
+    under the server's own limiter (so slow image hosts or heavy prompts never hold Starlette's pool)."""
+    policy, refuse = server.settings.image_policy, server.settings.refuse_images
+    image_bytes = await fetch_images(llm, req, policy, refuse)
+    return await anyio.to_thread.run_sync(build_prompt, llm, req, policy, refuse, image_bytes,
+                                          limiter=server.prompt_builders)
 
 
 def without_volatile_system(req):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import anyio
 from starlette.requests import Request
 
 from kawai.api.errors import NotFoundError
@@ -24,6 +25,7 @@ from kawai.engine.errors import KawaiError
 from kawai.engine.kv_cache import DEFAULT_KV_DTYPE
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # the Anthropic API's limit
+PROMPT_BUILDERS = 4  # prompts decoded, rendered and tokenized at once (worker threads of their own)
 PING_INTERVAL_SECONDS = 10.0
 
 
@@ -74,6 +76,7 @@ class ServerState:
     tokens: TokenStore | None  # None when auth is off
     models: dict[str, LoadedModel] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)
+    prompt_builders: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(PROMPT_BUILDERS))
 
     def model(self, model_id: str) -> LoadedModel:
         """The model that serves a requested id: the model of that id, else the first alias whose glob

@@ -1,6 +1,8 @@
 """Image bytes -> the pixel patches a Qwen2-VL / Qwen2.5-VL vision encoder reads.
 
-    decode_image(data) -> PIL.Image (RGB)      JPEG, PNG, GIF (first frame), WebP; EXIF orientation applied
+    probe_image(data) -> (width, height)        from the header only: no pixel decoded
+    decode_image(data) -> PIL.Image (RGB)      JPEG, PNG, GIF (first frame), WebP; EXIF orientation applied;
+                                               with max_pixels, downscaled straight after decoding
     preprocess(image, spec) -> Pixels          smart_resize, bicubic, rescale 1/255, mean/std normalization
     to_patches(pixels, spec) -> (n, C*T*P*P)   the flattened patch layout of transformers' processor
 
@@ -19,7 +21,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from kawai.engine.errors import KawaiError
 
@@ -82,13 +84,67 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, max_side: int = MAX_SIDE) -> Image.Image:
+def probe_image(data: bytes, max_side: int = MAX_SIDE) -> tuple[int, int]:
+    """(width, height) of untrusted image bytes, read from the header: nothing is decoded, so a request's
+    images can be counted (pixels, image tokens) before any of them costs memory."""
+    with _open(data, max_side) as image:
+        return image.size
+
+
+def decode_image(data: bytes, max_side: int = MAX_SIDE, max_pixels: int | None = None) -> Image.Image:
     """Decode untrusted image bytes into an RGB image.
 
     The format is decided by magic bytes and only that decoder runs; the size is checked from the header
     before any pixel is decoded. GIF and animated WebP give their first frame. EXIF orientation is applied
     (a phone photo shows upright). Transparency is composited onto white, as transformers does.
+
+    max_pixels (the encoder's ImageSpec.max_pixels): a larger image is brought down right after decoding
+    to at most DOWNSCALE_MARGIN**2 times that many pixels (each side still at least the size
+    `smart_resize` will give, mostly about twice it, so its bicubic resize keeps its quality). A JPEG is decoded at the
+    reduced scale directly (draft mode: 1/2, 1/4 or 1/8), other formats are reduced by an integer
+    factor (box filter), so only one full-size image is ever held, and only briefly.
     """
+    try:
+        with _open(data, max_side) as image:
+            turn = EXIF_TURNS.get(image.getexif().get(EXIF_ORIENTATION, 1))  # read before any conversion
+            factor = _reduction(image.width * image.height, max_pixels)
+            if factor > 1 and image.format == "JPEG":
+                image.draft("RGB", (-(-image.width // factor), -(-image.height // factor)))
+            image.seek(0)  # the first frame of an animation
+            image.load()
+            factor = _reduction(image.width * image.height, max_pixels)
+            if factor > 1:
+                if image.mode not in ("L", "LA", "RGB", "RGBA"):  # the modes reduce() takes
+                    image = image.convert("L") if image.mode == "1" else to_rgb(image)
+                image = image.reduce(factor)
+            image = to_rgb(image)
+            return image if turn is None else image.transpose(turn)
+    except ImageError:
+        raise
+    except Exception:  # noqa: BLE001 - untrusted bytes: any decoder failure (struct.error, KeyError in
+        # EXIF parsing, MemoryError, ...) means a bad image, a client error, never a server crash
+        raise ImageError(f"corrupt or unreadable {sniff_format(data)} image") from None
+
+
+EXIF_ORIENTATION = 0x0112
+EXIF_TURNS = {  # EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose)
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+DOWNSCALE_MARGIN = 2  # a downscaled image keeps this many times each side the encoder needs
+
+
+def _reduction(pixels: int, max_pixels: int | None) -> int:
+    """The smallest integer factor that brings `pixels` to at most DOWNSCALE_MARGIN**2 * max_pixels (so at
+    least max_pixels remain: each side keeps at least the size smart_resize gives); 1 for none."""
+    if max_pixels is None:
+        return 1
+    return max(1, math.ceil(math.sqrt(pixels / (DOWNSCALE_MARGIN**2 * max_pixels))))
+
+
+def _open(data: bytes, max_side: int) -> Image.Image:
+    """Image.open with only the sniffed format's decoder, each side checked from the header."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ImageError(f"image data must be bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -99,20 +155,15 @@ def decode_image(data: bytes, max_side: int = MAX_SIDE) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=[fmt])
-            width, height = image.size
-            if not (1 <= width <= max_side and 1 <= height <= max_side):
-                raise ImageError(f"image is {width}x{height} pixels; each side must be at most {max_side}")
-            image.seek(0)  # the first frame of an animation
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
-    except ImageError:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own, larger limit
         raise ImageError(f"image is too large: each side must be at most {max_side} pixels") from None
-    except Exception:  # noqa: BLE001 - untrusted bytes: any decoder failure (struct.error, KeyError in
-        # EXIF parsing, MemoryError, ...) means a bad image, a client error, never a server crash
+    except Exception:  # noqa: BLE001 - see decode_image
         raise ImageError(f"corrupt or unreadable {fmt} image") from None
+    width, height = image.size
+    if not (1 <= width <= max_side and 1 <= height <= max_side):
+        image.close()
+        raise ImageError(f"image is {width}x{height} pixels; each side must be at most {max_side}")
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
