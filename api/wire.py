@@ -80,10 +80,13 @@ class ToolResultBlock(_In):
     is_error: StrictBool = False
 
 
+ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]  # the Anthropic API's rule
+
+
 class ToolUseBlock(_In):
     type: Literal["tool_use"]
     id: Id
-    name: Name
+    name: ToolName  # a call in the history names a tool like a definition does
     input: dict[str, Any]
 
 
@@ -114,7 +117,7 @@ class Message(_In):
 
 
 class Tool(_In):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+    name: ToolName
     description: str | None = None
     input_schema: dict[str, Any]
     type: Literal["custom"] | None = None

@@ -149,14 +149,14 @@ class LLM:
         start of the reply: an assistant prefill). The text is exactly render_chat(...) + suffix, but
         only the template's own markup may produce control tokens: message content and the suffix are
         tokenized as plain text, so a user writing `<|im_start|>` or `<|image_pad|>` gets those
-        characters, not the control tokens. Each image becomes <|vision_start|>, one <|image_pad|>
+        characters, not the control tokens; so are the strings of tools and tool calls. Each image becomes <|vision_start|>, one <|image_pad|>
         per image token, <|vision_end|>."""
         kwargs = dict(tools=tools, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking)
         text = self.render_chat(messages, **kwargs)
         nonce = secrets.token_hex(8)
         contents: list[list] = []  # per sentinel: its parts (str, or a PIL image)
         marked = _mark_messages(messages, nonce, contents)
-        marked_text = self.chat_template.render(marked, **kwargs)
+        marked_text = self.chat_template.render(marked, **{**kwargs, "tools": _mark_tools(tools, nonce, contents)})
         pieces = _align(text, re.split(_sentinel_pattern(nonce), marked_text), contents)
         # Runs between control tokens are tokenized whole, content and markup together, so the ids are
         # those of the whole text (as transformers' apply_chat_template gives them): "Be brief." then the
@@ -316,7 +316,9 @@ def _sentinel_pattern(nonce: str) -> str:
 
 
 def _mark_messages(messages: list[dict], nonce: str, contents: list[list]) -> list[dict]:
-    """Messages with each non-empty content field replaced by one sentinel; contents[i] = its parts."""
+    """Messages with every client string replaced by a sentinel; contents[i] = its parts. A content field
+    becomes one sentinel; so do a tool message's name and call id, and the strings of tool calls (id,
+    name, the keys and values of the arguments): templates write those as they are."""
     out = []
     for m in messages:
         m = dict(m)
@@ -326,8 +328,36 @@ def _mark_messages(messages: list[dict], nonce: str, contents: list[list]) -> li
                 if parts:
                     m[key] = _sentinel(nonce, len(contents))
                     contents.append(parts)
+        for key in ("name", "tool_call_id"):
+            if key in m:
+                m[key] = _mark_strings(m[key], nonce, contents)
+        if isinstance(m.get("tool_calls"), list):
+            m["tool_calls"] = _mark_strings(m["tool_calls"], nonce, contents)
         out.append(m)
     return out
+
+
+def _mark_tools(tools: list[dict] | None, nonce: str, contents: list[list]) -> list[dict] | None:
+    """Tool definitions with their client strings (name, description, JSON schema) marked."""
+    return None if tools is None else [_mark_strings(t, nonce, contents) for t in tools]
+
+
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9_]*")  # no control token is spelled like this
+
+
+def _mark_strings(value: Any, nonce: str, contents: list[list]) -> Any:
+    """Every string in a JSON value (object keys too) replaced by a sentinel, except plain words: those
+    cannot hold control-token text, and templates look some of them up ("type", "function", "name")."""
+    if isinstance(value, str):
+        if _PLAIN_WORD.fullmatch(value):
+            return value
+        contents.append([value])
+        return _sentinel(nonce, len(contents) - 1)
+    if isinstance(value, dict):
+        return {_mark_strings(k, nonce, contents): _mark_strings(v, nonce, contents) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_mark_strings(v, nonce, contents) for v in value]
+    return value
 
 
 def _align(text: str, split: list[str], contents: list[list]) -> list[tuple[bool, Any]]:
@@ -335,10 +365,10 @@ def _align(text: str, split: list[str], contents: list[list]) -> list[tuple[bool
 
     split: re.split of the rendering with sentinels: template text, sentinel index, template text, ...
     Usually the template copies content verbatim, so putting the content back gives `text`. A template
-    that edits content (`| trim`, Qwen3 cutting reasoning out of old replies) is handled by finding the
-    template's own text in `text` in order: content found verbatim is taken as is, otherwise whatever
-    lies before the next template text is that content (plain text). If even that fails, the pieces
-    with unedited content are used (safe: the content is still plain text)."""
+    that edits content (`| trim`, Qwen3 cutting reasoning out of old replies; `tojson` escaping a tool's
+    strings) is handled by finding the template's own text in `text` in order: what lies between two
+    template texts is content (plain text), when only one split is possible. If even that fails, the
+    pieces with unedited content are used (safe: the content is still plain text)."""
     template = split[0::2]
     order = [int(i) for i in split[1::2]]
     if any(i >= len(contents) for i in order):
@@ -352,34 +382,53 @@ def _align(text: str, split: list[str], contents: list[list]) -> list[tuple[bool
         return pieces
     aligned = None
     if all(isinstance(p, str) for i in order for p in contents[i]):
-        aligned = _find_content(text, template, ["".join(contents[i]) for i in order])
+        aligned = _find_content(text, template)
     if aligned is None:
         log.warning("chat template output does not match its messages; content tokenized unedited")
         return pieces
     return aligned
 
 
-def _find_content(text: str, template: list[str], contents: list[str]) -> list[tuple[bool, str]] | None:
-    """Split `text` into template[0], content 0, template[1], ... where the template edited content."""
-    if not text.startswith(template[0]):
+def _find_content(text: str, template: list[str]) -> list[tuple[bool, str]] | None:
+    """Split `text` into template[0], content 0, template[1], ..., content n-1, template[n] where the
+    template edited content; None unless exactly one such split exists. Content holding a copy of the
+    template's next text could otherwise pass a role boundary of its own for the template's (a forged
+    turn): the leftmost and the rightmost splits bound every split, so they must be the same."""
+    first = _leftmost_starts(text, template)
+    if first is None:
         return None
-    out = [(False, template[0])]
-    pos = len(template[0])
-    for k, content in enumerate(contents):
-        nxt, last = template[k + 1], k + 1 == len(contents)
-        if text.startswith(content, pos) and text.startswith(nxt, pos + len(content)) and (
-            not last or pos + len(content) + len(nxt) == len(text)
-        ):
-            end = pos + len(content)
-        elif last:
-            end = len(text) - len(nxt) if text.endswith(nxt) else -1
-        else:
-            end = text.find(nxt, pos)
-        if end < pos:
+    mirrored = _leftmost_starts(text[::-1], [t[::-1] for t in reversed(template)])  # the same pieces, from the end
+    if mirrored is None:
+        return None
+    last = [len(text) - i - len(t) for i, t in zip(reversed(mirrored), template)]
+    if first != last:
+        return None
+    out: list[tuple[bool, str]] = []
+    for k, (start, piece) in enumerate(zip(first, template)):
+        out.append((False, piece))
+        if k + 1 < len(template):
+            out.append((True, text[start + len(piece) : first[k + 1]]))
+    return [(c, p) for c, p in out if p]
+
+
+def _leftmost_starts(text: str, template: list[str]) -> list[int] | None:
+    """Where each template piece starts when each is matched as early as it can be: template[0] at 0,
+    template[-1] ending the text."""
+    if len(template) == 1:
+        return [0] if text == template[0] else None
+    if not text.startswith(template[0]) or not text.endswith(template[-1]):
+        return None
+    starts, pos = [0], len(template[0])
+    for piece in template[1:-1]:
+        at = text.find(piece, pos)
+        if at < 0:
             return None
-        out += [(True, text[pos:end]), (False, nxt)]
-        pos = end + len(nxt)
-    return [(c, p) for c, p in out if p] if pos == len(text) else None
+        starts.append(at)
+        pos = at + len(piece)
+    end = len(text) - len(template[-1])
+    if end < pos:
+        return None
+    return starts + [end]
 
 
 def load(
