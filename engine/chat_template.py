@@ -8,16 +8,20 @@ A GGUF carries the model's chat template (`tokenizer.chat_template`), written fo
     globals: raise_exception(msg), strftime_now(fmt), dict(...), namespace(...) (no "_" names)
     variables: messages, tools, documents, add_generation_prompt, bos_token, eos_token, enable_thinking, **extra
 
-A template is code from a file, so rendering is bounded (../shared/docs/security.md): every `for` loop is
-counted and timed, output and every intermediate string are capped, and any error -- including the
-template's own `raise_exception` -- becomes one KawaiError. Templates are never taken from requests.
+A template is code from a file, so rendering is bounded (../shared/docs/security.md): every `for`
+iteration, call, filter and binary operation is counted and timed (a recursive macro has no loop to
+count), output and every intermediate string are capped, and what would allocate past the cap is refused
+before it runs (`%` and `format` widths, `indent`, `join`); any error -- including the template's own
+`raise_exception` -- becomes one KawaiError. Templates are never taken from requests.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import math
+import re
 import time
 from collections.abc import Mapping
 from datetime import datetime
@@ -45,7 +49,6 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-_BUDGET_KEY = "kawai.render_budget"  # not a Jinja identifier, so a template cannot name or shadow it
 _LOOP_GUARD = "kawai.loop_guard"  # internal filters the parser wraps around loops and `~` joins
 _SIZE_GUARD = "kawai.size_guard"
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # HF's aliases, first one standard
@@ -57,7 +60,8 @@ class TemplateLimitError(KawaiError):
 
 
 class _RenderBudget:
-    """Per-render counters; reached only by the guard filters (a template sees no public attribute)."""
+    """Per-render counters, in a context variable the template cannot name: ticked by every loop
+    iteration, call, filter, binary operation and output chunk."""
 
     def __init__(self, max_iterations: int, seconds: float):
         self._left = max_iterations
@@ -69,6 +73,54 @@ class _RenderBudget:
             raise TemplateLimitError("chat template ran too many loop iterations")
         if time.monotonic() > self._deadline:
             raise TemplateLimitError("chat template took too long to render")
+
+
+_BUDGET: contextvars.ContextVar[_RenderBudget] = contextvars.ContextVar("kawai_render_budget")
+
+
+def _tick() -> None:
+    budget = _BUDGET.get(None)
+    if budget is not None:  # None: a filter used outside render (tests)
+        budget._tick()
+
+
+# A width or precision in a printf-style or str.format spec (`%400000000s`, `{:>400000000}`).
+_PRINTF_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\d+|\*)?(?:\.(\d+|\*))?")
+_FORMAT_SPEC = re.compile(r"\{[^{}]*:[^{}0-9]*(\d+)?(?:[,_])?(?:\.(\d+))?[^{}]*\}")
+
+
+def _check_format(fmt: Any, args: Any, max_chars: int) -> None:
+    """Refuse a format whose widths (or `*` arguments) would build a string past the cap."""
+    if not isinstance(fmt, str):
+        return
+    widths = [w for m in _PRINTF_SPEC.finditer(fmt) for w in m.groups()[-2:] if w and w != "*"]
+    widths += [w for m in _FORMAT_SPEC.finditer(fmt) for w in m.groups() if w]
+    numbers = [int(w) for w in widths]
+    if "*" in fmt:
+        items = args if isinstance(args, (tuple, list)) else (args,)
+        numbers += [a for a in items if isinstance(a, int) and not isinstance(a, bool)]
+    if any(n > max_chars for n in numbers):
+        raise TemplateLimitError(f"chat template formats a value wider than {max_chars} characters")
+
+
+def _check_filter_input(name: str, args: tuple, kwargs: dict, max_chars: int) -> None:
+    """Estimate what `indent`, `join` and `format` build, before they build it."""
+    if not args:
+        return
+    value, rest = args[0], args[1:]
+    if name == "format":
+        _check_format(value, rest or tuple(kwargs.values()), max_chars)
+    elif name == "indent" and isinstance(value, str):
+        width = rest[0] if rest else kwargs.get("width", 4)
+        width = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+        if len(value) + abs(width) * (value.count("\n") + 1) > max_chars:
+            raise TemplateLimitError(f"chat template built a value longer than {max_chars} items")
+    elif name == "join" and isinstance(value, (list, tuple)):
+        sep = rest[0] if rest else kwargs.get("d", "")
+        total = sum(len(v) if isinstance(v, str) else 16 for v in value)
+        total += len(sep) * max(0, len(value) - 1) if isinstance(sep, str) else 0
+        if total > max_chars:
+            raise TemplateLimitError(f"chat template built a value longer than {max_chars} items")
 
 
 def _check_size(value: Any, max_chars: int) -> Any:
@@ -143,26 +195,24 @@ class _GenerationTag(jinja2.ext.Extension):
 # ---- the bounded sandbox ----
 
 
-@jinja2.pass_context
-def _loop_guard(context: Any, iterable: Any) -> Any:
-    budget = context.parent[_BUDGET_KEY]
+def _loop_guard(iterable: Any) -> Any:
     for item in iterable:
-        budget._tick()
+        _tick()
         yield item
 
 
 class _BoundedEnvironment(ImmutableSandboxedEnvironment):
-    """The sandbox, plus: every `for` loop counted and timed, `*`/`**`/`+`/`~` and every call and filter
-    result size-checked, call/filter integer arguments capped."""
+    """The sandbox, plus: every `for` iteration, call, filter and `*`/`**`/`+`/`%` counted and timed; their
+    results and `~` size-checked; call/filter integer arguments capped; widths checked before formatting."""
 
-    intercepted_binops = frozenset({"*", "**", "+"})
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
 
     def __init__(self, max_chars: int):
         super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag])
         self.max_chars = max_chars
         for name, f in list(self.filters.items()):
-            self.filters[name] = self._bounded_filter(f)
-        self.filters["tojson"] = self._bounded_filter(_tojson)
+            self.filters[name] = self._bounded_filter(name, f)
+        self.filters["tojson"] = self._bounded_filter("tojson", _tojson)
         self.filters[_LOOP_GUARD] = _loop_guard
         self.filters[_SIZE_GUARD] = functools.partial(_check_size, max_chars=max_chars)
         self.globals.pop("lipsum", None)  # lorem ipsum of any length: no template needs it
@@ -173,12 +223,14 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
             namespace=_TemplateNamespace,
         )
 
-    def _bounded_filter(self, f: Any) -> Any:
-        skip = 2 if hasattr(f, "jinja_pass_arg") else 1  # (context,) value, then the filter's arguments
+    def _bounded_filter(self, name: str, f: Any) -> Any:
+        skip = 1 if hasattr(f, "jinja_pass_arg") else 0  # (context,) value, then the filter's arguments
 
         @functools.wraps(f)
         def bounded(*args: Any, **kwargs: Any) -> Any:
-            _check_args(args[skip:], kwargs)
+            _tick()
+            _check_args(args[skip + 1 :], kwargs)
+            _check_filter_input(name, args[skip:], kwargs, self.max_chars)
             return _check_size(f(*args, **kwargs), self.max_chars)
 
         return bounded
@@ -192,7 +244,10 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         return tree
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "*":
+        _tick()
+        if operator == "%":
+            _check_format(left, right, self.max_chars)
+        elif operator == "*":
             for seq, n in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > self.max_chars:
                     raise TemplateLimitError(f"chat template built a value longer than {self.max_chars} items")
@@ -201,7 +256,21 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
                 raise TemplateLimitError("chat template computed a number larger than 2**4096")
         return _check_size(super().call_binop(context, operator, left, right), self.max_chars)
 
+    def wrap_str_format(self, value: Any) -> Any:
+        """`'...'.format` / `format_map` as Jinja's sandbox wraps them, widths checked first."""
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+
+        @functools.wraps(wrapped)
+        def bounded(*args: Any, **kwargs: Any) -> str:
+            _check_format(value.__self__, args, self.max_chars)
+            return wrapped(*args, **kwargs)
+
+        return bounded
+
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (Jinja's)
+        _tick()
         _check_args(args, kwargs)
         return _check_size(super().call(__context, __obj, *args, **kwargs), __self.max_chars)
 
@@ -326,11 +395,11 @@ class ChatTemplate:
             "tools": _plain(tools),
             "documents": None,
             "add_generation_prompt": bool(add_generation_prompt),
-            _BUDGET_KEY: _RenderBudget(self._max_iterations, self._max_seconds),
         }
         if enable_thinking is not None:
             variables["enable_thinking"] = bool(enable_thinking)
-        budget = variables[_BUDGET_KEY]
+        budget = _RenderBudget(self._max_iterations, self._max_seconds)
+        token = _BUDGET.set(budget)
         chunks: list[str] = []
         size = 0
         try:
@@ -348,4 +417,6 @@ class ChatTemplate:
             raise KawaiError("chat template recursed too deeply") from None
         except Exception as e:  # a template is code: TypeError, ZeroDivisionError, OverflowError, MemoryError...
             raise KawaiError(f"chat template failed: {type(e).__name__}: {e}") from None
+        finally:
+            _BUDGET.reset(token)
         return "".join(chunks)

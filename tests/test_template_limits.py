@@ -1,0 +1,75 @@
+"""A malicious GGUF's chat template cannot get past the render bounds (engine/chat_template.py): time is
+checked on every call, filter and operation (not only in `for` loops), and formats that would allocate
+past the size cap are refused before they run. Memory is the process's peak RSS, reset before each
+render (Linux clear_refs)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from kawai.engine.chat_template import ChatTemplate, TemplateLimitError
+
+MB = 1024 * 1024
+MESSAGES = [{"role": "user", "content": "x"}]
+
+
+def peak_rss_growth(action) -> int:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+    def status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith(key + ":")).split()[1]) * 1024
+
+    before = status("VmRSS")
+    action()
+    return status("VmHWM") - before
+
+
+def test_a_recursive_macro_without_loops_is_timed():
+    """2^22 macro calls, no `for` and no output: only the per-call check can stop it."""
+    template = ChatTemplate(
+        "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(22) }}",
+        max_loop_iterations=10**12,
+        max_render_seconds=0.2,
+    )
+    start = time.monotonic()
+    with pytest.raises(TemplateLimitError, match="too long"):
+        template.render(MESSAGES)
+    assert time.monotonic() - start < 5
+
+
+def test_calls_count_against_the_iteration_bound():
+    template = ChatTemplate("{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+                            "{{ f(22) }}", max_loop_iterations=10_000, max_render_seconds=600)
+    with pytest.raises(TemplateLimitError, match="iterations"):
+        template.render(MESSAGES)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ '%400000000s' % 'x' }}",  # a constant: Jinja folds it when it compiles the template
+        "{{ '%400000000s' % messages[0].content }}",
+        "{{ '%.400000000f' % messages|length }}",
+        "{{ '%(a)400000000s' % {'a': messages[0].content} }}",
+        "{{ '%400000000s'|format('x') }}",
+        "{{ '{:>400000000}'.format('x') }}",
+        "{{ '{0:0400000000}'.format(1) }}",
+        "{% set lines = ('a\n' * 20000) %}{{ lines|indent(100000) }}",
+        "{% set s = 'x' * 4000000 %}{{ [s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s,"
+        " s, s, s, s, s, s, s, s, s, s, s, s]|join }}",
+        "{% set s = 'x' * 4000000 %}{{ ([s] * 100)|join(',') }}",
+    ],
+)
+def test_formats_past_the_cap_are_refused_before_allocating(source):
+    grew = peak_rss_growth(lambda: pytest.raises(TemplateLimitError, lambda: ChatTemplate(source).render(MESSAGES)))
+    assert grew < 100 * MB, f"peak RSS grew by {grew / MB:.0f} MB"
+
+
+def test_ordinary_formats_still_work():
+    source = ("{{ '%s-%05d' % ('a', 7) }} {{ '%.2f'|format(1.5) }} {{ '{:>6}'.format('b') }} "
+              "{{ 'l1\nl2'|indent(2) }} {{ ['x', 'y']|join(', ') }} {{ 7 % 3 }}")
+    assert ChatTemplate(source).render(MESSAGES) == "a-00007 1.50      b l1\n  l2 x, y 1"
