@@ -14,6 +14,11 @@ two things a streaming server needs:
 Commas, colons, keys and numbers are held back until what follows them starts (a number is only complete
 when a non-digit arrives). Lone UTF-16 surrogates (`\\ud83d` alone) are rejected: they cannot be encoded
 as UTF-8 on the way out.
+
+Every character costs O(1), however deep the nesting or long the number (the text is model output a
+client can steer, e.g. through an assistant prefill): numbers run through a small state machine, the
+closing brackets are only spelled out when `completion` is read, and `take_safe()` hands out each newly
+sendable piece once without joining the whole text again.
 """
 
 from __future__ import annotations
@@ -44,6 +49,22 @@ class _S(Enum):
     DONE = auto()
 
 
+# A JSON number, -? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?, one character at a time:
+# state -> {character class -> next state}; a number may end in the states of NUMBER_ENDS.
+NUMBER_MOVES = {
+    "minus": {"0": "zero", "digit": "int"},
+    "zero": {".": "dot", "e": "exp"},
+    "int": {"0": "int", "digit": "int", ".": "dot", "e": "exp"},
+    "dot": {"0": "frac", "digit": "frac"},
+    "frac": {"0": "frac", "digit": "frac", "e": "exp"},
+    "exp": {"0": "exp_int", "digit": "exp_int", "sign": "exp_sign"},
+    "exp_sign": {"0": "exp_int", "digit": "exp_int"},
+    "exp_int": {"0": "exp_int", "digit": "exp_int"},
+}
+NUMBER_ENDS = frozenset({"zero", "int", "frac", "exp_int"})
+NUMBER_CLASSES = {"0": "0", **dict.fromkeys("123456789", "digit"), ".": ".", "e": "e", "E": "e", "+": "sign", "-": "sign"}
+
+
 class JsonStream:
     def __init__(self) -> None:
         self._stack: list[str] = []  # open containers, '{' or '['
@@ -51,18 +72,38 @@ class JsonStream:
         self._in_key = False
         self._escape = ""  # inside a string: "" or the escape read so far ("\\", "\\u12", ...)
         self._high_surrogate = False  # a \uD800-\uDBFF escape waits for its low half
-        self._number = ""
+        self._number = ""  # NUMBER_MOVES state inside a number
         self._literal = ""  # the rest of true/false/null still expected
-        self._out: list[str] = []  # accepted characters, control characters repaired
+        self._out: list[str] = []  # accepted characters (one per item; a repaired control character: its escape)
         self._out_len = 0
+        self._safe_items = 0  # len(self._out) at safe_end
+        self._taken_items = 0  # items handed out by take_safe
+        self._safe_quote = ""  # '"' when text[:safe_end] ends inside a string
+        self._safe_depth = 0  # open containers at safe_end
         self.pos = 0  # input characters consumed
         self.safe_end = 0  # in `text`
-        self.completion = ""  # closes text[:safe_end]
         self.end: int | None = None  # position just past the complete value
 
     @property
     def text(self) -> str:
         return "".join(self._out)
+
+    @property
+    def completion(self) -> str:
+        """Closes text[:safe_end] into a valid document. (Containers only change at safe points, so the
+        first `_safe_depth` of the stack are the ones open there.)"""
+        closers = "".join("}" if c == "{" else "]" for c in reversed(self._stack[: self._safe_depth]))
+        return self._safe_quote + closers
+
+    def take_safe(self) -> str:
+        """The sendable text not handed out yet: text[previous safe_end:safe_end]."""
+        piece = "".join(self._out[self._taken_items : self._safe_items])
+        self._taken_items = self._safe_items
+        return piece
+
+    def unsent(self) -> str:
+        """Accepted text past safe_end (held back, never sent)."""
+        return "".join(self._out[self._safe_items :])
 
     @property
     def done(self) -> bool:
@@ -79,19 +120,17 @@ class JsonStream:
             self._step(ch)
             self.pos += 1
             self._mark_safe()
-        self._out = ["".join(self._out)]  # keep the list short
-
-    def _closers(self) -> str:
-        return "".join("}" if c == "{" else "]" for c in reversed(self._stack))
 
     def _mark_safe(self) -> None:
-        s, n = self._state, self._out_len
+        s = self._state
         if s is _S.STRING and not self._in_key and not self._escape and not self._high_surrogate:
-            self.safe_end, self.completion = n, '"' + self._closers()
-        elif s in (_S.AFTER_VALUE, _S.FIRST_KEY, _S.FIRST_IN_ARRAY):
-            self.safe_end, self.completion = n, self._closers()
-        elif s is _S.DONE:
-            self.safe_end, self.completion = n, ""
+            self._safe(quote='"')
+        elif s in (_S.AFTER_VALUE, _S.FIRST_KEY, _S.FIRST_IN_ARRAY, _S.DONE):
+            self._safe(quote="")
+
+    def _safe(self, quote: str) -> None:
+        self.safe_end, self._safe_items = self._out_len, len(self._out)
+        self._safe_quote, self._safe_depth = quote, len(self._stack)
 
     def _step(self, ch: str) -> None:
         """Check one character; it is appended to the output unless an error is raised."""
@@ -100,12 +139,13 @@ class JsonStream:
             self._string_char(ch)
             return  # _string_char appends
         elif s is _S.NUMBER:
-            if _number_continues(self._number, ch):
-                self._number += ch
+            after = NUMBER_MOVES[self._number].get(NUMBER_CLASSES.get(ch, ""))
+            if after is not None:
+                self._number = after
                 self._append(ch)
                 return
-            if not _number_complete(self._number):
-                raise JsonStreamError(f"bad number {self._number!r}")
+            if self._number not in NUMBER_ENDS:
+                raise JsonStreamError("bad number")
             self._state = _S.AFTER_VALUE
             self._mark_safe()  # the number ended just before this character
             self._step(ch)
@@ -161,8 +201,8 @@ class JsonStream:
             self._state = _S.FIRST_IN_ARRAY
         elif ch == '"':
             self._state, self._in_key = _S.STRING, False
-        elif ch == "-" or ch.isdigit() and ch.isascii():
-            self._state, self._number = _S.NUMBER, ch
+        elif ch == "-" or ch in "0123456789":
+            self._state, self._number = _S.NUMBER, "minus" if ch == "-" else NUMBER_MOVES["minus"][NUMBER_CLASSES[ch]]
         elif ch in LITERALS:
             self._state, self._literal = _S.LITERAL, LITERALS[ch][1:]
         else:
@@ -228,49 +268,3 @@ class JsonStream:
                 self._high_surrogate = True
             elif 0xDC00 <= code <= 0xDFFF:
                 raise JsonStreamError("lone surrogate")
-
-
-def _number_continues(number: str, ch: str) -> bool:
-    """Whether `number + ch` is still a prefix of a JSON number."""
-    if not ch.isascii() or not (ch.isdigit() or ch in "+-.eE"):
-        return False
-    return _is_number_prefix(number + ch)
-
-
-def _is_number_prefix(s: str) -> bool:
-    # -? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?  — checked as a prefix.
-    i, n = 0, len(s)
-    if i < n and s[i] == "-":
-        i += 1
-    if i == n:
-        return True
-    if s[i] == "0":
-        i += 1
-    elif s[i].isdigit():
-        while i < n and s[i].isdigit():
-            i += 1
-    else:
-        return False
-    if i < n and s[i] == ".":
-        i += 1
-        if i == n:
-            return True
-        if not s[i].isdigit():
-            return False
-        while i < n and s[i].isdigit():
-            i += 1
-    if i < n and s[i] in "eE":
-        i += 1
-        if i < n and s[i] in "+-":
-            i += 1
-        if i == n:
-            return True
-        if not s[i].isdigit():
-            return False
-        while i < n and s[i].isdigit():
-            i += 1
-    return i == n
-
-
-def _number_complete(s: str) -> bool:
-    return _is_number_prefix(s) and s[-1].isdigit()

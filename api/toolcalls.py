@@ -124,7 +124,7 @@ class OutputParser:
         self._seen_text = False  # any text emitted (then <think> is no longer special)
         self._strip_leading = True  # drop whitespace at the start of the next text / thinking
         self._json: JsonStream | None = None
-        self._sent = 0  # characters of self._json.text already sent
+        self._scanned = 0  # TOOL_WHOLE: the buffer before this holds no TOOL_CLOSE
         self._broken_rest: str | None = None  # arguments that turned invalid, shown as text
         self._frame = _Frame.TAG
         self._opener = ""  # the text that opened the current call (shown if it is no call after all)
@@ -254,7 +254,7 @@ class OutputParser:
             return True
         if status == "matched":
             self._events.append(ToolCallStart(self.new_id(), name))
-            self._json, self._sent = JsonStream(), 0
+            self._json = JsonStream()
             self._buf = self._buf[args_at:]
             self._state = _State.TOOL_ARGS
             return True
@@ -270,7 +270,7 @@ class OutputParser:
             js.feed(self._buf)
         except JsonStreamError:
             self._buf = self._buf[js.pos - before :]  # from the first bad character
-            self._broken_rest = js.text[js.safe_end :]  # accepted but not sent
+            self._broken_rest = js.unsent()  # accepted but not sent
             self._close_arguments(complete=False)
             self._state = _State.TOOL_WHOLE  # the rest, up to </tool_call>, becomes text
             return True
@@ -309,10 +309,12 @@ class OutputParser:
             self._broken_text(rest)
             self._seen_text, self._state = True, _State.TEXT
             return False
-        at = self._buf.find(TOOL_CLOSE)
+        at = self._buf.find(TOOL_CLOSE, self._scanned)
         if at < 0:
+            self._scanned = max(0, len(self._buf) - len(TOOL_CLOSE) + 1)  # the next search starts here
             return False
         body, self._buf = self._buf[:at], self._buf[at + len(TOOL_CLOSE) :]
+        self._scanned = 0
         if self._broken_rest is not None:
             self._broken_text(body)
         else:
@@ -343,10 +345,9 @@ class OutputParser:
             self._events.append(ThinkingDelta(text))
 
     def _send_safe(self) -> None:
-        js = self._json
-        if js.safe_end > self._sent:
-            self._events.append(ToolInputDelta(js.text[self._sent : js.safe_end]))
-            self._sent = js.safe_end
+        piece = self._json.take_safe()
+        if piece:
+            self._events.append(ToolInputDelta(piece))
 
     def _close_arguments(self, complete: bool) -> None:
         js = self._json
