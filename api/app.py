@@ -5,7 +5,8 @@
 The lifespan loads each model (engine.load compiles/warms the kernels), starts one engine thread per
 model, logs load and compile times on their own lines and then the address, and on shutdown stops the
 engine threads. Middleware, outermost first: CORS (with `cors_origins`), OpenAI error shapes (under
-/v1/chat/ only), request ids + last-resort 500 + access log, metrics, then auth.
+/v1/chat/ only), request ids + last-resort 500 + access log, metrics, auth, then the per-token in-flight
+limit.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from starlette.routing import Route
 
 from kawai.api.auth import PUBLIC, AuthMiddleware
 from kawai.api.errors import ApiError, InvalidRequestError, MethodNotAllowedError, NotFoundError, error_response
+from kawai.api.limits import InFlightLimit
 from kawai.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kawai.api.metrics import MetricsMiddleware
 from kawai.api.middleware import RequestContextMiddleware
@@ -100,6 +102,7 @@ def create_app(settings: ServerSettings, models: Sequence[str | Path | object]) 
     app.router.redirect_slashes = False  # a redirect would be built from the Host header
     # add_middleware puts each one outermost; auth reads the router's live route list, so a route added
     # later without a grant is denied rather than open.
+    app.add_middleware(InFlightLimit, limit=settings.max_per_token)  # inside auth: it counts per token
     app.add_middleware(AuthMiddleware, store=store, routes=app.router.routes, grants=GRANTS)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestContextMiddleware)

@@ -28,6 +28,7 @@ It checks the prompt size (characters before tokenizing, tokens against the cont
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +48,10 @@ from kawai.api.wire import (
     ToolResultBlock,
     ToolUseBlock,
 )
-from kawai.engine.errors import KawaiError
+from kawai.engine.chat_template import TemplateFailedError
+from kawai.engine.errors import ContextLengthError, KawaiError
+
+log = logging.getLogger("kawai.prompt")
 
 TOOL_CALL_OPEN = '<tool_call>\n{"name": "'
 CHARS_PER_TOKEN_CAP = 32  # a prompt longer than n_ctx * this many characters is refused before tokenizing
@@ -79,6 +83,7 @@ def build_prompt(
     images: ImagePolicy | None = None,
     refuse_images: bool = False,
     image_bytes: Sequence[bytes] | None = None,
+    request_id: str = "",
 ) -> Prompt:
     """Render and tokenize; InvalidRequestError for anything the client can fix. `images`: how image
     blocks are loaded (default: ImagePolicy(), private URLs refused); `refuse_images`: a 400 for images
@@ -97,23 +102,23 @@ def build_prompt(
     tools = None if isinstance(req.tool_choice, ToolChoiceNone) or not req.tools else hf_tools(req)
     seed = prefill + _forced_call_opening(req)
     kwargs = dict(tools=tools, add_generation_prompt=True, enable_thinking=req.thinking_on)
-    try:
-        text = llm.render_chat(messages, **kwargs)
-    except KawaiError as e:  # a template refusing the conversation (raise_exception), or too large
-        raise InvalidRequestError(f"the model's chat template rejected the conversation: {e}") from None
-    in_thinking = text.rstrip().endswith("<think>")
-    limit = llm.n_ctx * CHARS_PER_TOKEN_CAP
-    if len(text) + len(seed) > limit:
-        raise InvalidRequestError(
-            f"prompt is too long: {len(text) + len(seed)} characters; the model {llm.id!r} has a context "
-            f"window of {llm.n_ctx} tokens"
-        )
-    try:
-        ids = llm.encode_chat(messages, suffix=seed, **kwargs)
-    except KawaiError as e:
+    try:  # rendered once here (with its marked copy, engine/llm.py), not again for a length check
+        ids = llm.encode_chat(messages, suffix=seed, max_chars=llm.n_ctx * CHARS_PER_TOKEN_CAP, **kwargs)
+    except ContextLengthError as e:
         raise InvalidRequestError(str(e)) from None
+    except KawaiError as e:  # a template refusing the conversation (raise_exception), failing, or too large
+        log.warning("request %s: the chat template failed: %s", request_id or "-", e)
+        raise InvalidRequestError(f"the model's chat template rejected the conversation: {_shown(e)}") from None
+    text = ids.text[: len(ids.text) - len(seed)]
+    in_thinking = text.rstrip().endswith("<think>")
     names = frozenset(t.name for t in req.tools) if tools is not None else frozenset()
     return Prompt(text + seed, ids, seed, parse_tools=tools is not None, tool_names=names, in_thinking=in_thinking)
+
+
+def _shown(e: KawaiError) -> str:
+    """What a client may read of a template failure: the template's own words (raise_exception, a
+    bound it ran past), never a Python exception's text (that stays in the log)."""
+    return "the template failed while rendering it" if isinstance(e, TemplateFailedError) else str(e)
 
 
 def check_context(llm, prompt: Prompt) -> None:

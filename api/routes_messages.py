@@ -14,7 +14,6 @@ from dataclasses import replace
 from typing import Any
 
 import anyio
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -76,9 +75,9 @@ async def start_reply(request: Request, req: MessagesRequest, params: SamplingPa
     Shared with the OpenAI-compatible route, which translates its requests into MessagesRequest."""
     server = server_state(request)
     model = server.model(req.model)
-    prompt = await prompt_of(server, model.llm, req)
+    prompt = await prompt_of(server, model.llm, req, request_id_of(request))
     check_context(model.llm, prompt)
-    grammar = await run_in_threadpool(reply_grammar, model.llm, req, prompt)
+    grammar = await anyio.to_thread.run_sync(reply_grammar, model.llm, req, prompt, limiter=server.prompt_builders)
     if grammar is not None:
         params = replace(params, grammar=grammar)
         prompt = replace(prompt, fenced_calls=False)  # the grammar checks tagged and bare calls only
@@ -90,9 +89,13 @@ async def start_reply(request: Request, req: MessagesRequest, params: SamplingPa
         tenant=tenant_of(request),
         thinking=thinking_budget(req, prompt),
     )
-    reply = Reply(model.llm.id, prompt, req, job, server.settings.ping_interval)
-    model.worker.submit(job)
-    return reply
+    model.worker.submit(job)  # 529 when the queue is full
+    try:  # the reply's parser reads the prefill (any length): off the event loop, once the job is admitted
+        return await anyio.to_thread.run_sync(Reply, model.llm.id, prompt, req, job, server.settings.ping_interval,
+                                              limiter=server.prompt_builders)
+    except BaseException:
+        job.cancel.set()
+        raise
 
 
 async def collect(request: Request, reply: Reply) -> None:
@@ -110,16 +113,16 @@ async def count_tokens(request: Request) -> Response:
     server = server_state(request)
     req = without_volatile_system(await read_request(request, CountTokensRequest, server.settings.max_body_bytes))
     model = server.model(req.model)
-    prompt = await prompt_of(server, model.llm, req)
+    prompt = await prompt_of(server, model.llm, req, request_id_of(request))
     return JSONResponse(TokenCount(input_tokens=len(prompt.ids)).model_dump())
 
 
-async def prompt_of(server, llm, req) -> Prompt:
+async def prompt_of(server, llm, req, request_id: str) -> Prompt:
     """Images downloaded on the event loop, then decoding, rendering and tokenizing in a worker thread
     under the server's own limiter (so slow image hosts or heavy prompts never hold Starlette's pool)."""
     policy, refuse = server.settings.image_policy, server.settings.refuse_images
     image_bytes = await fetch_images(llm, req, policy, refuse)
-    return await anyio.to_thread.run_sync(build_prompt, llm, req, policy, refuse, image_bytes,
+    return await anyio.to_thread.run_sync(build_prompt, llm, req, policy, refuse, image_bytes, request_id,
                                           limiter=server.prompt_builders)
 
 
@@ -132,22 +135,29 @@ def without_volatile_system(req):
 
 
 async def read_request(request: Request, model_cls: type, limit: int):
-    """Read the body (capped), then decode and validate it off the event loop (up to 32 MB of JSON)."""
-    return await run_in_threadpool(_decode_request, await read_body(request, limit), model_cls)
+    """Read the body (capped, within the body deadline), then decode and validate it off the event loop
+    (up to 32 MB of JSON) under the server's prompt-work limiter."""
+    server = server_state(request)
+    body = await read_body(request, limit, server.settings.body_seconds)
+    return await anyio.to_thread.run_sync(_decode_request, body, model_cls, limiter=server.prompt_builders)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, counting bytes as they arrive (Content-Length is only a hint)."""
+async def read_body(request: Request, limit: int, seconds: float | None = None) -> bytes:
+    """The body, counting bytes as they arrive (Content-Length is only a hint), all of it within
+    `seconds` (a client sending a byte at a time holds its connection, not the server)."""
     too_large = RequestTooLargeError(f"Request body is larger than the {limit // (1024 * 1024)} MB limit.")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise too_large
-        chunks.append(chunk)
+    with anyio.move_on_after(seconds) as deadline:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise too_large
+            chunks.append(chunk)
+    if deadline.cancelled_caught:
+        raise InvalidRequestError(f"The request body did not arrive within {seconds:g} s.")
     return b"".join(chunks)
 
 

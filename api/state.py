@@ -25,7 +25,9 @@ from kawai.engine.errors import KawaiError
 from kawai.engine.kv_cache import DEFAULT_KV_DTYPE
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # the Anthropic API's limit
-PROMPT_BUILDERS = 4  # prompts decoded, rendered and tokenized at once (worker threads of their own)
+PROMPT_BUILDERS = 4  # request bodies decoded, prompts rendered and tokenized at once (threads of their own)
+BODY_SECONDS = 60.0  # a request body must arrive within this (slow senders hold a connection, not more)
+MAX_CONNECTIONS = 1000  # uvicorn's limit_concurrency: more connections get 503
 PING_INTERVAL_SECONDS = 10.0
 
 
@@ -45,7 +47,9 @@ class ServerSettings:
     max_sequences: int = 1  # sequences decoded together per model; more wait in the queue
     kv_memory: int | None = None  # bytes of KV caches per model (None: api/worker.default_kv_memory)
     kv_disk: int | None = None  # bytes of KV blocks kept in $KAWAI_HOME/kv across restarts (None: no disk tier)
-    max_per_token: int | None = None  # in-flight requests per API token; more -> 429 (None: no limit)
+    max_per_token: int | None = None  # in-flight requests per API token, from their first byte; more -> 429
+    body_seconds: float = BODY_SECONDS
+    max_connections: int = MAX_CONNECTIONS
     allow_private_image_urls: bool = False  # image URLs may reach loopback/private hosts (api/images.py)
     # model ids clients send (docs/clients.md): (glob pattern, served model id) pairs, tried in order
     aliases: tuple[tuple[str, str], ...] = ()

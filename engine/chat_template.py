@@ -59,6 +59,10 @@ class TemplateLimitError(KawaiError):
     """A render ran past its iteration, time or size bound."""
 
 
+class TemplateFailedError(KawaiError):
+    """The template's code raised a Python error (TypeError, ...): its text is for the log, not a client."""
+
+
 class _RenderBudget:
     """Per-render counters, in a context variable the template cannot name: ticked by every loop
     iteration, call, filter, binary operation and output chunk."""
@@ -416,7 +420,7 @@ class ChatTemplate:
         except RecursionError:
             raise KawaiError("chat template recursed too deeply") from None
         except Exception as e:  # a template is code: TypeError, ZeroDivisionError, OverflowError, MemoryError...
-            raise KawaiError(f"chat template failed: {type(e).__name__}: {e}") from None
+            raise TemplateFailedError(f"chat template failed: {type(e).__name__}: {e}") from None
         finally:
             _BUDGET.reset(token)
         return "".join(chunks)

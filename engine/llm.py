@@ -144,15 +144,22 @@ class LLM:
         add_generation_prompt: bool = True,
         enable_thinking: bool | None = None,
         suffix: str = "",
+        max_chars: int | None = None,
     ) -> PromptIds:
         """Token ids of a conversation (see render_chat for the message format), then `suffix` (the
         start of the reply: an assistant prefill). The text is exactly render_chat(...) + suffix, but
         only the template's own markup may produce control tokens: message content and the suffix are
         tokenized as plain text, so a user writing `<|im_start|>` or `<|image_pad|>` gets those
-        characters, not the control tokens; so are the strings of tools and tool calls. Each image becomes <|vision_start|>, one <|image_pad|>
+        characters, not the control tokens; so are the strings of tools and tool calls. A prompt text
+        longer than `max_chars` is refused (ContextLengthError) before anything is tokenized. Each image becomes <|vision_start|>, one <|image_pad|>
         per image token, <|vision_end|>."""
         kwargs = dict(tools=tools, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking)
         text = self.render_chat(messages, **kwargs)
+        if max_chars is not None and len(text) + len(suffix) > max_chars:
+            raise ContextLengthError(
+                f"prompt is too long: {len(text) + len(suffix)} characters; the model {self.id!r} has a context "
+                f"window of {self.n_ctx} tokens"
+            )
         nonce = secrets.token_hex(8)
         contents: list[list] = []  # per sentinel: its parts (str, or a PIL image)
         marked = _mark_messages(messages, nonce, contents)

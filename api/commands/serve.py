@@ -192,21 +192,10 @@ def _load(specs: list[str], settings, mmproj: str | None = None) -> list:
 
 
 def _serve(settings, llms: list) -> int:
-    import uvicorn
-
     from kawai.api.app import create_app
 
     app = create_app(settings, llms)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # our logging setup; uvicorn's loggers propagate to it
-        access_log=False,  # api/middleware.py writes the access log, with request ids
-        timeout_graceful_shutdown=int(settings.drain_seconds),
-        server_header=False,
-    )
-    server = _draining_server(config, app)
+    server = _draining_server(uvicorn_config(settings, app), app)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler that was installed
     # before it: make that one a no-op, so a drained shutdown exits 0 instead of dying by the signal.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -217,6 +206,22 @@ def _serve(settings, llms: list) -> int:
             signal.signal(sig, handler)
     logging.getLogger("kawai.server").info("stopped")
     return 0 if server.started else 1
+
+
+def uvicorn_config(settings, app):
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # our logging setup; uvicorn's loggers propagate to it
+        access_log=False,  # api/middleware.py writes the access log, with request ids
+        timeout_graceful_shutdown=int(settings.drain_seconds),
+        server_header=False,
+        limit_concurrency=settings.max_connections,  # connections and requests at once; more get 503
+        timeout_keep_alive=5,  # an idle kept-alive connection is closed after this many seconds
+    )
 
 
 def _draining_server(config, app):
