@@ -73,3 +73,26 @@ def test_ordinary_formats_still_work():
     source = ("{{ '%s-%05d' % ('a', 7) }} {{ '%.2f'|format(1.5) }} {{ '{:>6}'.format('b') }} "
               "{{ 'l1\nl2'|indent(2) }} {{ ['x', 'y']|join(', ') }} {{ 7 % 3 }}")
     assert ChatTemplate(source).render(MESSAGES) == "a-00007 1.50      b l1\n  l2 x, y 1"
+
+
+def test_a_template_error_shows_no_exception_text_to_the_client(tmp_path, caplog):
+    """A template whose code raises (here a TypeError): the 400 says the template failed; the Python
+    error text is in the server log, with the request id."""
+    import httpx
+
+    from kawai import engine
+    from kawai.api.app import create_app
+    from kawai.api.state import ServerSettings
+    from api_harness import LiveServer
+    from tiny_models import write_tiny_model
+
+    source = "{{ messages[0].content + 1 }}"
+    llm = engine.load(write_tiny_model(tmp_path, "qwen2", n_ctx=128, chat_template=source), threads=1)
+    with LiveServer(create_app(ServerSettings(home=tmp_path, auth=False), [llm])) as server:
+        r = httpx.post(server.url + "/v1/messages", timeout=60, json={
+            "model": llm.id, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    message = r.json()["error"]["message"]
+    assert "chat template" in message and "TypeError" not in message and "concatenate" not in message
+    logged = [rec.getMessage() for rec in caplog.records if rec.name == "kawai.prompt"]
+    assert any(r.headers["request-id"] in m and "TypeError" in m for m in logged), logged
