@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kawai.api.commands.serve import _first_token
+from kawai.api.commands.serve import FIRST_TOKEN_FILE, _first_token
 from kawai.api.state import ServerSettings
 from kawai.api.tokens import TokenStore
 from api_harness import free_port, parse_sse
@@ -29,11 +29,13 @@ def kawai(*args: str, home: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def test_first_start_creates_one_token_and_prints_it_once(tmp_path, capsys):
+def test_first_start_creates_one_token_and_prints_it_once(tmp_path, capsys, monkeypatch):
     settings = ServerSettings(home=tmp_path)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # a terminal: the token is shown there
     _first_token(settings)
     printed = capsys.readouterr().out
     secret = next(word for word in printed.split() if word.startswith("kawai-"))
+    assert not (tmp_path / FIRST_TOKEN_FILE).exists()
     (rec,) = TokenStore(tmp_path).list()
     assert set(rec.endpoints) == {"messages", "count_tokens", "models", "chat_completions"}
     assert TokenStore(tmp_path).authenticate(secret).id == rec.id
@@ -82,13 +84,16 @@ def test_serve_prints_token_serves_and_drains_on_sigterm(tmp_path):
     port = free_port()
     p = kawai("serve", "-m", str(model), "--port", str(port), "--queue-size", "2", home=tmp_path / "home")
     try:
-        token = None
+        token_file = tmp_path / "home" / FIRST_TOKEN_FILE  # stdout is a pipe: the token goes to a 0600 file
         deadline = time.monotonic() + 180
-        while token is None:
+        while True:
             line = p.stdout.readline()
             assert line or p.poll() is None, p.stderr.read()
-            token = next((w for w in line.split() if w.startswith("kawai-")), None)
+            if str(token_file) in line:
+                break
             assert time.monotonic() < deadline
+        token = token_file.read_text().strip()
+        assert token.startswith("kawai-") and token not in line and token_file.stat().st_mode & 0o777 == 0o600
         url = f"http://127.0.0.1:{port}"
         while True:  # the token is printed before the model loads
             try:

@@ -6,7 +6,9 @@
              [--ray [--replicas N] [--replica-threads N] [--ray-address ADDR]]`.
 
 Serves the Messages API. With no -m, the catalog's default model (pulled if missing). With auth on and
-no token in $KAWAI_HOME/tokens.json, one token with every grant is created and printed once.
+no token in $KAWAI_HOME/tokens.json, one token with every grant is created and printed once on a
+terminal, else written to $KAWAI_HOME/first-token (mode 0600). --no-auth on a non-loopback --host also
+needs --no-auth-on-network.
 SIGTERM or Ctrl-C stops admitting requests (503), lets in-flight responses finish for up to
 --drain-seconds, then cancels what is left and joins the engine threads (docs/serving.md).
 With --ray (the `kawai[ray]` extra), N replicas of the same server run on a Ray cluster behind Ray
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import signal
 import sys
 
@@ -25,6 +28,7 @@ from kawai.engine.kv_cache import DEFAULT_KV_DTYPE, KV_DTYPES
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DEFAULT_KV_DISK = "8GB"
+FIRST_TOKEN_FILE = "first-token"  # in $KAWAI_HOME, mode 0600, when stdout is not a terminal
 
 
 def register(sub) -> None:
@@ -34,6 +38,8 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
     p.add_argument("--no-auth", action="store_true", help="serve without API tokens (local use only)")
+    p.add_argument("--no-auth-on-network", action="store_true",
+                   help="allow --no-auth on a non-loopback --host (anyone who can reach the port may use it)")
     p.add_argument("--queue-size", type=int, default=8, metavar="N",
                    help="requests waiting per model before 529 overloaded (default: 8)")
     p.add_argument("--ctx", type=int, default=None, metavar="N",
@@ -113,6 +119,11 @@ def _run(args) -> int:
         except ValueError as e:
             raise KawaiError(f"--kv-disk: {e}") from None
     aliases = tuple(_parse_alias(a) for a in args.aliases)
+    if args.no_auth and not _is_loopback(args.host) and not args.no_auth_on_network:
+        raise KawaiError(
+            f"--no-auth on {args.host} would open the API to the network (and share one prefix cache among "
+            "all its users); bind to 127.0.0.1, or add --no-auth-on-network if that is what you want"
+        )
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
 
     from kawai.api.state import ServerSettings, check_aliases
@@ -136,7 +147,7 @@ def _run(args) -> int:
     if settings.auth:
         _first_token(settings)
     elif not _is_loopback(args.host):
-        logging.getLogger("kawai.server").warning("--no-auth on a non-loopback address: the API is open to the network")
+        logging.getLogger("kawai.server").warning("--no-auth-on-network: the API is open to the network")
     if args.ray:
         return _serve_on_ray(args, settings, specs)
     llms = _load(specs, settings, args.mmproj)
@@ -246,13 +257,21 @@ def _first_token(settings) -> None:
     if store.has_tokens():
         return
     rec, secret = store.create("default", ENDPOINTS)
-    print(
-        f"Created API token {rec.id} with access to {', '.join(ENDPOINTS)}. It is shown only this once:\n\n"
-        f"    {secret}\n\n"
-        "Send it as `x-api-key: <token>` or `Authorization: Bearer <token>`. Manage tokens with `kawai tokens`.",
-        flush=True,
-    )
-    sys.stdout.flush()
+    usage = "Send it as `x-api-key: <token>` or `Authorization: Bearer <token>`. Manage tokens with `kawai tokens`."
+    if sys.stdout.isatty():
+        print(f"Created API token {rec.id} with access to {', '.join(ENDPOINTS)}. It is shown only this once:\n\n"
+              f"    {secret}\n\n{usage}", flush=True)
+        return
+    # Not a terminal: stdout is likely a log that containers and journald keep. The token goes to a file
+    # only its owner can read, and the output says where.
+    path = store.path.parent / FIRST_TOKEN_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    os.chmod(path, 0o600)
+    print(f"Created API token {rec.id} with access to {', '.join(ENDPOINTS)}. Output is not a terminal, so it "
+          f"was written to {path} (readable by its owner only); delete the file once you have it. {usage}",
+          flush=True)
 
 
 def _is_loopback(host: str) -> bool:
