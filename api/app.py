@@ -48,7 +48,7 @@ GRANTS = {
     "list_models": "models",
     "get_model": "models",
     "health": PUBLIC,
-    "metrics": "models",  # operational counters: tokens that may list models may read them
+    "metrics": "metrics",  # every tenant's traffic: a grant of its own, not in the default token
 }
 
 

@@ -28,7 +28,9 @@ from pathlib import Path
 from kawai.api.ids import ALPHABET
 from kawai.engine.errors import KawaiError
 
-ENDPOINTS = ("messages", "count_tokens", "models", "chat_completions")
+ENDPOINTS = ("messages", "count_tokens", "models", "chat_completions", "metrics")
+# What a token gets unless asked otherwise: /metrics shows every tenant's traffic, so it is its own grant.
+DEFAULT_ENDPOINTS = ("messages", "count_tokens", "models", "chat_completions")
 PERIODS = ("day", "month")
 TOKEN_PREFIX = "kawai-"
 SECRET_CHARS = 43  # 43 base62 characters ~ 256 bits

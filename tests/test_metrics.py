@@ -12,6 +12,7 @@ from kawai import engine
 from kawai.api.app import create_app
 from kawai.api.metrics import Metrics
 from kawai.api.state import ServerSettings
+from kawai.api.tokens import DEFAULT_ENDPOINTS, TokenStore
 from api_harness import LiveServer, make_tokens
 from tiny_models import write_tiny_model
 
@@ -56,11 +57,15 @@ def setup(tmp_path_factory):
         yield s, tokens
 
 
-def test_metrics_need_the_models_grant(setup):
+def test_metrics_need_their_own_grant(setup):
+    """/metrics shows every tenant's traffic: the `metrics` grant, which tokens get only when asked for."""
     s, tokens = setup
     assert httpx.get(s.url + "/metrics").status_code == 401
     assert httpx.get(s.url + "/metrics", headers={"x-api-key": tokens.messages_only}).status_code == 403
-    r = httpx.get(s.url + "/metrics", headers={"x-api-key": tokens.models_only})
+    assert httpx.get(s.url + "/metrics", headers={"x-api-key": tokens.models_only}).status_code == 403
+    _, default = TokenStore(s.state.settings.home).create("default", DEFAULT_ENDPOINTS)
+    assert httpx.get(s.url + "/metrics", headers={"x-api-key": default}).status_code == 403
+    r = httpx.get(s.url + "/metrics", headers={"x-api-key": tokens.all})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
 
 

@@ -250,16 +250,16 @@ def _draining_server(config, app):
 
 
 def _first_token(settings) -> None:
-    from kawai.api.tokens import ENDPOINTS, TokenStore
+    from kawai.api.tokens import DEFAULT_ENDPOINTS, TokenStore
     from kawai.engine.catalog import kawai_home
 
     store = TokenStore(settings.home or kawai_home())
     if store.has_tokens():
         return
-    rec, secret = store.create("default", ENDPOINTS)
+    rec, secret = store.create("default", DEFAULT_ENDPOINTS)
     usage = "Send it as `x-api-key: <token>` or `Authorization: Bearer <token>`. Manage tokens with `kawai tokens`."
     if sys.stdout.isatty():
-        print(f"Created API token {rec.id} with access to {', '.join(ENDPOINTS)}. It is shown only this once:\n\n"
+        print(f"Created API token {rec.id} with access to {', '.join(DEFAULT_ENDPOINTS)}. It is shown only this once:\n\n"
               f"    {secret}\n\n{usage}", flush=True)
         return
     # Not a terminal: stdout is likely a log that containers and journald keep. The token goes to a file
@@ -269,7 +269,7 @@ def _first_token(settings) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(secret + "\n")
     os.chmod(path, 0o600)
-    print(f"Created API token {rec.id} with access to {', '.join(ENDPOINTS)}. Output is not a terminal, so it "
+    print(f"Created API token {rec.id} with access to {', '.join(DEFAULT_ENDPOINTS)}. Output is not a terminal, so it "
           f"was written to {path} (readable by its owner only); delete the file once you have it. {usage}",
           flush=True)
 

@@ -9,7 +9,7 @@ A new token is printed once; only its SHA-256 hash is stored. A running server p
 
 from __future__ import annotations
 
-from kawai.api.tokens import ENDPOINTS, Limit, TokenStore, parse_endpoints
+from kawai.api.tokens import DEFAULT_ENDPOINTS, ENDPOINTS, Limit, TokenStore, parse_endpoints
 
 
 def register(sub) -> None:
@@ -17,8 +17,9 @@ def register(sub) -> None:
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     create = actions.add_parser("create", help="create a token (shown once)")
     create.add_argument("--name", required=True, help="a label for the token")
-    create.add_argument("--endpoints", default=",".join(ENDPOINTS),
-                        help=f"comma-separated grants from {','.join(ENDPOINTS)} (default: all)")
+    create.add_argument("--endpoints", default=",".join(DEFAULT_ENDPOINTS),
+                        help=f"comma-separated grants from {','.join(ENDPOINTS)} "
+                             f"(default: {','.join(DEFAULT_ENDPOINTS)}; `metrics` shows every token's traffic)")
     create.add_argument("--limit", metavar="N/day|N/month", help="request quota (default: none)")
     create.set_defaults(handler=_create)
     listing = actions.add_parser("list", help="list tokens (ids and prefixes, never secrets)")
