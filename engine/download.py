@@ -4,7 +4,8 @@ The body is written to `<dest>.part`. After an interruption the `.part` file sta
 retry within the same call, or a later call) sends `Range: bytes=<have>-` and appends. A server that
 answers 200 instead of 206, or a Content-Range that does not start where we stopped, gets a fresh start.
 Only a complete file whose checksum (when given) and validation pass is renamed to `dest`, so a file with
-the final name is always whole.
+the final name is always whole. A file with no checksum to check is accepted with a warning that gives its
+SHA-256. Redirects are followed, except from https to http (a downgrade anyone on the path could answer).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import errno
 import fcntl
 import hashlib
 import http.client
+import logging
 import os
 import re
 import time
@@ -26,6 +28,8 @@ from typing import BinaryIO, Callable, Iterator
 from tqdm import tqdm
 
 from kawai.engine.errors import KawaiError
+
+log = logging.getLogger("kawai.download")
 
 CHUNK_BYTES = 1 << 20
 USER_AGENT = "kawai/0.1"
@@ -159,6 +163,8 @@ def download_file(
             part_path.unlink(missing_ok=True)
             raise
         os.replace(part_path, dest)
+    if sha256 is None:
+        log.warning("%s was not verified (no --sha256 given); its sha256 is %s", name, digest)
     return digest
 
 
@@ -188,7 +194,7 @@ def _fetch(url: str, part: _PartFile, *, name: str, timeout: float, progress: bo
     if have:
         headers["Range"] = f"bytes={have}-"
     try:
-        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+        resp = _OPENER.open(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as e:
         e.close()
         if e.code == 416 and have:  # the .part is no prefix of what the server has now
@@ -213,6 +219,19 @@ def _fetch(url: str, part: _PartFile, *, name: str, timeout: float, progress: bo
                         limit=None if total is None else total - have)
     # http.client returns EOF, not an error, when a Content-Length body is cut short: compare sizes.
     return total is None or part.size == total
+
+
+class _NoDowngrade(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, but never from https to http."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        old, new = urllib.parse.urlsplit(req.full_url).scheme, urllib.parse.urlsplit(newurl).scheme
+        if old.lower() == "https" and new.lower() != "https":
+            raise KawaiError(f"refusing a redirect from https to {new or 'a relative'} URL: {newurl}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_NoDowngrade)
 
 
 def _resumed_total(resp, have: int) -> int | None:
