@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+import anyio
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -47,7 +48,7 @@ class AuthMiddleware:
             return
         quota: list[tuple[bytes, bytes]] = []
         try:
-            token_id = self.authorize(scope, grant, quota)
+            token_id = await anyio.to_thread.run_sync(self.authorize, scope, grant, quota)  # file and SQLite I/O
         except ApiError as e:
             state = scope.get("state", {})
             await error_response(e, state.get("request_id"))(scope, receive, _with_headers(send, quota))
@@ -89,8 +90,12 @@ class AuthMiddleware:
             return rec.id
         if not has_grant(rec.endpoints, grant):
             raise PermissionDeniedError(f"This token ({rec.id}) has no access to the {grant or 'requested'} endpoint.")
-        exceeded = self.store.consume(rec)
-        quota = self.store.quota(rec)
+        try:
+            exceeded = self.store.consume(rec)
+            quota = self.store.quota(rec)
+        except TokenStoreError:
+            log.exception("token usage store unwritable")
+            raise ApiError("The token usage could not be counted.") from None
         if quota is not None and quota_headers is not None:
             quota_headers.extend(ratelimit_headers(quota))
         if exceeded is not None:

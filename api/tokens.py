@@ -7,8 +7,10 @@ keeps its hash plus non-secret facts for listing and logs:
       "sha256": "<hex>", "endpoints": ["messages", "count_tokens", "models"],
       "limit": {"count": 1000, "period": "day"} | null, "created_at": "2026-05-01T12:00:00Z"}]}
 
-Usage against limits lives next to it in token-usage.json (written by the server only). The server
-re-reads tokens.json when it changes, so `kawai tokens revoke` takes effect without a restart.
+Usage against limits lives next to it in token-usage.sqlite3 (written by the server only): each request
+is counted in one SQLite transaction, so several server processes sharing a home count together and a
+restart forgets nothing. The server re-reads tokens.json when it changes, so `kawai tokens revoke` takes
+effect without a restart.
 Lookups hash the presented token and compare against every stored hash with `secrets.compare_digest`,
 without stopping at a match.
 """
@@ -20,7 +22,10 @@ import json
 import os
 import re
 import secrets
+import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -39,7 +44,8 @@ MAX_TOKEN_CHARS = 512  # a presented token longer than this is rejected without 
 MAX_NAME_CHARS = 100
 MAX_LIMIT = 10**9
 TOKENS_FILE = "tokens.json"
-USAGE_FILE = "token-usage.json"
+USAGE_FILE = "token-usage.sqlite3"
+USAGE_SCHEMA = "CREATE TABLE IF NOT EXISTS usage (token_id TEXT PRIMARY KEY, period TEXT NOT NULL, count INTEGER NOT NULL)"
 
 
 class TokenStoreError(KawaiError):
@@ -142,7 +148,6 @@ class TokenStore:
         self._lock = threading.Lock()
         self._records: tuple[TokenRecord, ...] = ()
         self._stamp: tuple[int, int] | None = None  # (mtime_ns, size) of the file last read
-        self._usage: dict[str, dict] | None = None  # token id -> {"period": key, "count": n}
 
     # ---- management (CLI) ---------------------------------------------------------------------------
 
@@ -200,19 +205,23 @@ class TokenStore:
         return found
 
     def consume(self, rec: TokenRecord, now: datetime | None = None) -> QuotaExceeded | None:
-        """Count one request against the token's limit; QuotaExceeded when it is used up."""
+        """Count one request against the token's limit; QuotaExceeded when it is used up. One SQLite
+        transaction (BEGIN IMMEDIATE: read, check, write), safe across threads and processes; it does
+        file I/O, so the server calls it off the event loop."""
         if rec.limit is None:
             return None
         now = now or datetime.now(timezone.utc)
         key, next_start = rec.limit.window(now)
-        with self._lock:
-            usage = self._load_usage()
-            entry = usage.get(rec.id)
-            count = entry["count"] if entry and entry.get("period") == key else 0
+        with self._usage_db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute("SELECT period, count FROM usage WHERE token_id = ?", (rec.id,)).fetchone()
+            count = row[1] if row is not None and row[0] == key else 0
             if count >= rec.limit.count:
+                db.execute("ROLLBACK")
                 return QuotaExceeded(max(1, int((next_start - now).total_seconds()) + 1))
-            usage[rec.id] = {"period": key, "count": count + 1}
-            _write_json(self.usage_path, usage)
+            db.execute("INSERT INTO usage (token_id, period, count) VALUES (?, ?, ?) ON CONFLICT (token_id) "
+                       "DO UPDATE SET period = excluded.period, count = excluded.count", (rec.id, key, count + 1))
+            db.execute("COMMIT")
         return None
 
     def quota(self, rec: TokenRecord, now: datetime | None = None) -> QuotaState | None:
@@ -221,9 +230,9 @@ class TokenStore:
             return None
         now = now or datetime.now(timezone.utc)
         key, next_start = rec.limit.window(now)
-        with self._lock:
-            entry = self._load_usage().get(rec.id)
-        used = entry["count"] if entry and entry.get("period") == key else 0
+        with self._usage_db() as db:
+            row = db.execute("SELECT period, count FROM usage WHERE token_id = ?", (rec.id,)).fetchone()
+        used = row[1] if row is not None and row[0] == key else 0
         return QuotaState(rec.limit.count, max(0, rec.limit.count - used), next_start)
 
     def has_tokens(self) -> bool:
@@ -257,14 +266,23 @@ class TokenStore:
         self._stamp = None  # re-read (and re-stamp) on next use
         self._records = records
 
-    def _load_usage(self) -> dict[str, dict]:
-        if self._usage is None:
-            try:
-                data = json.loads(self.usage_path.read_text(encoding="utf-8"))
-                self._usage = data if isinstance(data, dict) else {}
-            except (OSError, ValueError):
-                self._usage = {}
-        return self._usage
+    @contextmanager
+    def _usage_db(self) -> Iterator[sqlite3.Connection]:
+        """A connection to the usage database (created owner-only), closed after use."""
+        if not self.usage_path.exists():
+            self.usage_path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.usage_path, os.O_WRONLY | os.O_CREAT, 0o600))
+        try:
+            db = sqlite3.connect(self.usage_path, timeout=30, isolation_level=None)
+        except sqlite3.Error:
+            raise TokenStoreError(f"cannot open {USAGE_FILE}") from None
+        try:
+            db.execute(USAGE_SCHEMA)
+            yield db
+        except sqlite3.Error:
+            raise TokenStoreError(f"{USAGE_FILE} cannot be updated") from None
+        finally:
+            db.close()
 
 
 def _new_token_id(taken: set[str]) -> str:

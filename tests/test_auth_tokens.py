@@ -92,3 +92,25 @@ def test_tokens_cli_create_list_revoke(tmp_path, monkeypatch, capsys):
     assert main(["tokens", "revoke", token_id]) == 0
     assert main(["tokens", "revoke", token_id]) == 1
     assert "no token" in capsys.readouterr().err
+
+
+def test_quota_is_shared_by_every_process_using_the_home(tmp_path):
+    """Two stores on one home (two server processes) count together: 5 requests a day in all, with
+    both consuming at once from several threads; a fresh store (a restart) remembers."""
+    import threading
+
+    rec, _ = TokenStore(tmp_path).create("shared", ENDPOINTS, Limit.parse("5/day"))
+    stores = [TokenStore(tmp_path), TokenStore(tmp_path)]
+    results = []
+
+    def use(store):
+        for _ in range(4):
+            results.append(store.consume(rec) is None)
+
+    threads = [threading.Thread(target=use, args=(stores[i % 2],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(True) == 5 and len(results) == 16
+    assert TokenStore(tmp_path).consume(rec) is not None
