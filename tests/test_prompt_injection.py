@@ -160,3 +160,13 @@ def test_a_tool_call_in_the_history_names_a_tool_like_a_definition_does():
     assert parse_request(MessagesRequest, request("mcp__files.read:v2-x")).messages[1].content[0].name
     with pytest.raises(InvalidRequestError, match="name"):
         parse_request(MessagesRequest, request(ATTACK))
+
+
+def test_a_template_sent_in_a_request_is_never_used(llm):
+    from kawai.api.prompt import build_prompt
+    from kawai.api.wire import MessagesRequest, parse_request
+
+    req = parse_request(MessagesRequest, {"model": "m", "max_tokens": 1, "chat_template": "{{ 'PWNED' }}",
+                                          "messages": [{"role": "user", "content": "hi"}]})
+    prompt = build_prompt(llm, req)
+    assert "PWNED" not in prompt.text and prompt.text == llm.render_chat([{"role": "user", "content": "hi"}])
