@@ -451,7 +451,7 @@ class Worker:
             log.exception("batched step failed for %s; running each alone",
                           ", ".join(s.job.request_id for s, _ in batch))
         for cache, length in zip(caches, lengths):
-            cache.length = length  # keys/values past `length` are overwritten by the rerun
+            cache.truncate(length)  # keys/values past `length` are overwritten by the rerun
         return [self._forward([one])[0] for one in batch]
 
     def _emit(self, seq: _Sequence, step: Step) -> None:
