@@ -39,7 +39,8 @@ def test_max_tokens_0_prewarms_the_prompt_cache(server, tokens):
     system = "A long shared system prompt. " * 8
     warm = client.messages.create(model=MODEL, max_tokens=0, system=system, messages=[{"role": "user", "content": "Hi"}])
     assert warm.content == [] and warm.stop_reason == "max_tokens" and warm.usage.output_tokens == 0
-    prompt_tokens = warm.usage.input_tokens + warm.usage.cache_read_input_tokens
+    prompt_tokens = (warm.usage.input_tokens + warm.usage.cache_creation_input_tokens
+                     + warm.usage.cache_read_input_tokens)
     assert prompt_tokens == client.messages.count_tokens(
         model=MODEL, system=system, messages=[{"role": "user", "content": "Hi"}]).input_tokens
     used = client.messages.create(model=MODEL, max_tokens=2, system=system, messages=[{"role": "user", "content": "Hi"}])
