@@ -558,7 +558,6 @@ class Worker:
             yield "kawai_kv_disk_bytes", labels, self.pool.disk.stats().bytes, "Bytes of KV block files on disk."
         yield "kawai_engine_up", labels, int(self.alive), "1 while the engine thread runs and beats."
 
-
     def counters(self):
         """(name, labels, value, help) of the prefix cache's running totals, for /metrics."""
         labels = (("model", self.llm.id),)
