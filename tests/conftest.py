@@ -55,3 +55,14 @@ def _event_streams_follow_the_grammar():
     for server in list(harness.LiveServer.running) if harness else []:
         failures, server.sse.failures = server.sse.failures, []
         assert not failures, "broken event stream:\n" + "\n\n".join(failures)
+
+
+# What the SDKs read from the environment: the real clients in tests see only the server they are given.
+SDK_ENV = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL",
+           "OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID")
+
+
+@pytest.fixture(autouse=True)
+def _no_sdk_env(monkeypatch):
+    for name in SDK_ENV:
+        monkeypatch.delenv(name, raising=False)

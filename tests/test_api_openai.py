@@ -43,12 +43,6 @@ def server(tiny_llm, home, tokens):
         yield s
 
 
-@pytest.fixture(autouse=True)
-def _no_sdk_env(monkeypatch):
-    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID"):
-        monkeypatch.delenv(name, raising=False)
-
-
 @pytest.fixture()
 def client(server, tokens):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=tokens.all, max_retries=0, timeout=120)

@@ -50,12 +50,6 @@ def server(llm, home, tokens):
         yield s
 
 
-@pytest.fixture(autouse=True)
-def _no_sdk_env(monkeypatch):
-    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL"):
-        monkeypatch.delenv(name, raising=False)
-
-
 @pytest.fixture()
 def client(server, tokens):
     return anthropic.Anthropic(base_url=server.url, api_key=tokens.all, max_retries=0, timeout=120)

@@ -257,12 +257,6 @@ def server(tiny_llm, home, tokens):
         yield s
 
 
-@pytest.fixture(autouse=True)
-def _no_sdk_env(monkeypatch):
-    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL"):
-        monkeypatch.delenv(name, raising=False)
-
-
 def metric(server, tokens, name: str) -> float:
     text = httpx.get(server.url + "/metrics", headers={"x-api-key": tokens.all}).text
     line = next(line for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " "))

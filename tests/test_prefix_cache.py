@@ -265,12 +265,6 @@ def server(smollm, tmp_path_factory):
         yield s, tokens
 
 
-@pytest.fixture(autouse=True)
-def _no_sdk_env(monkeypatch):
-    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL"):
-        monkeypatch.delenv(name, raising=False)
-
-
 def test_second_turn_reads_the_first_turn_from_the_cache_per_tenant(server, smollm):
     s, tokens = server
     client = anthropic.Anthropic(base_url=s.url, api_key=tokens.all, max_retries=0, timeout=120)

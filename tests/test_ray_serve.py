@@ -60,12 +60,6 @@ def endpoint(home, tokens, default_model_path):
         ray.shutdown()
 
 
-@pytest.fixture(autouse=True)
-def _no_sdk_env(monkeypatch):
-    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL"):
-        monkeypatch.delenv(name, raising=False)
-
-
 @pytest.fixture()
 def client(endpoint, tokens):
     return anthropic.Anthropic(base_url=endpoint, api_key=tokens.all, max_retries=0, timeout=180)
