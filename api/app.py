@@ -34,7 +34,7 @@ from kawai.api.routes_messages import count_tokens, create_message
 from kawai.api.routes_models import get_model, health, list_models
 from kawai.api.routes_openai import OpenAIErrors, create_chat_completion
 from kawai.api.state import LoadedModel, check_aliases, ServerSettings, ServerState, model_created_at, request_id_of, server_state
-from kawai.api.tokens import TokenStore
+from kawai.api.api_keys import TokenStore
 from kawai.api.worker import Worker
 from kawai.engine.errors import KawaiError
 

@@ -22,7 +22,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kawai.api.errors import ApiError, AuthenticationError, PermissionDeniedError, RateLimitError, error_response
-from kawai.api.tokens import QuotaState, TokenStore, TokenStoreError
+from kawai.api.api_keys import QuotaState, TokenStore, TokenStoreError
 
 log = logging.getLogger("kawai.api")
 

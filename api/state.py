@@ -19,7 +19,7 @@ from starlette.requests import Request
 from kawai.api.errors import NotFoundError
 from kawai.api.images import ImagePolicy
 from kawai.api.metrics import Metrics
-from kawai.api.tokens import TokenStore
+from kawai.api.api_keys import TokenStore
 from kawai.api.worker import Worker
 from kawai.engine.errors import KawaiError
 from kawai.engine.kv_cache import DEFAULT_KV_DTYPE

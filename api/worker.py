@@ -603,6 +603,6 @@ def _use_engine_threads(llm) -> None:
     """Numba's thread count is per calling thread: apply the one chosen at load time to this thread."""
     n = getattr(llm, "threads", None)
     if n:
-        from kawai.engine.threads import configure_threads
+        from kawai.engine.compute_threads import configure_threads
 
         configure_threads(n)

@@ -4,7 +4,7 @@
 
 The logits are peaked like a real model's (a few likely tokens over a long tail). Reports the median
 time per token for top-k + top-p, top-p alone, and the defaults; the last line is one JSON object.
-(Moved here from tests/test_sampling.py: speed is measured, not asserted, on a shared machine.)
+(Moved here from tests/engine/test_sampling.py: speed is measured, not asserted, on a shared machine.)
 """
 
 from __future__ import annotations

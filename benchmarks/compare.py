@@ -6,7 +6,7 @@ Our engine runs the server's path (engine.batch.forward_batch, the prompt in the
 engine/bench.py). Long prompts: --prompt-tokens 12000 --n-ctx 12200 --no-serving-rss.
 
 Same GGUF file, same prompt token ids (P random normal tokens, fixed seed), same thread count and n_ctx.
-Each engine lives in its own worker process (benchmarks/worker.py), loaded once; kawai and llama.cpp
+Each engine lives in its own worker process (benchmarks/engine_process.py), loaded once; kawai and llama.cpp
 runs alternate (kawai first, then llama.cpp first, ...) so a noisy neighbour hurts both alike, and the
 reported figures are medians over the repeats. Every engine first does one untimed warm-up run.
 
@@ -58,12 +58,12 @@ WARMUP_GEN = 8
 
 
 class Worker:
-    """One engine in a subprocess (benchmarks/worker.py), spoken to in JSON lines."""
+    """One engine in a subprocess (benchmarks/engine_process.py), spoken to in JSON lines."""
 
     def __init__(self, engine: str, python: str, model: Path, threads: int, n_ctx: int):
         self.engine = engine
         self._log = tempfile.TemporaryFile(mode="w+")
-        command = [python, str(HERE / "worker.py"), engine, str(model), "--threads", str(threads)]
+        command = [python, str(HERE / "engine_process.py"), engine, str(model), "--threads", str(threads)]
         self._proc = subprocess.Popen(
             command + ["--n-ctx", str(n_ctx)],
             stdin=subprocess.PIPE,

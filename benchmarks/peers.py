@@ -5,7 +5,7 @@ Every runner loads a GGUF file in its constructor and offers:
     decode_step(token) -> int  append one token, return the greedy next token
 
 Greedy argmax, no end-of-sequence stop: each engine does exactly the same work. Timing is done by the
-caller (benchmarks/worker.py), identically for every engine.
+caller (benchmarks/engine_process.py), identically for every engine.
 
 - llama.cpp through llama-cpp-python (benchmarks/requirements-peer.txt, .venv-bench only).
 - transformers: the same GGUF dequantized to fp32 by transformers' own GGUF loader, torch threads = N.

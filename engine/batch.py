@@ -6,7 +6,7 @@ Each sequence contributes its new tokens (one for a decode step, a chunk for a p
 stacked into one activation matrix, so every projection (QKV, output, gate/up, down, logits) is one
 matmul that reads each weight once for the whole batch. Attention stays per sequence, over that
 sequence's own cache. The matmul's rows are independent (kernels/matmul.py), norms, RoPE and attention
-are per row, so a sequence gets bit for bit the logits it would get alone (tests/test_batching.py).
+are per row, so a sequence gets bit for bit the logits it would get alone (tests/engine/test_batching.py).
 
 Letters: B sequences, N stacked tokens (sum of n_b), n_b tokens of sequence b, d d_model, V n_vocab,
 H heads, Hkv key/value heads, hd head_dim, f d_ff.

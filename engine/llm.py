@@ -26,7 +26,7 @@ from kawai.engine.gguf import GGUFFile, open_gguf
 from kawai.engine.kv_cache import DEFAULT_KV_DTYPE, KVCache, check_kv_dtype
 from kawai.engine.model import forward
 from kawai.engine.sampling import SamplingParams
-from kawai.engine.threads import configure_threads
+from kawai.engine.compute_threads import configure_threads
 from kawai.engine.tokenizer import Tokenizer
 from kawai.engine.weights import load_weights
 from kawai.kernels import matmul

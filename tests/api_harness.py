@@ -23,7 +23,7 @@ import uvicorn
 
 from kawai.api.app import create_app
 from kawai.api.state import ServerSettings
-from kawai.api.tokens import ENDPOINTS, Limit, TokenStore
+from kawai.api.api_keys import ENDPOINTS, Limit, TokenStore
 from sse_grammar import check_stream, parse_sse  # noqa: F401 (parse_sse: for the test modules)
 
 

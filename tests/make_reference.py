@@ -62,6 +62,7 @@ def main() -> None:
     import transformers
 
     from kawai.engine.catalog import ensure_model
+    sys.path.insert(0, str(HERE / "engine"))
     from test_model_real import PROMPTS
     from tiny_models import load_hf_model
     from tokenizer_oracle import hf_gguf_tokenizer

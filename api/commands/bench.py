@@ -30,7 +30,7 @@ def register(sub) -> None:
 
 def _run(args) -> int:
     from kawai.engine.bench import BenchSettings, run_bench, to_json_line
-    from kawai.engine.threads import default_threads, max_threads
+    from kawai.engine.compute_threads import default_threads, max_threads
 
     threads = args.threads if args.threads is not None else default_threads()
     if not 1 <= threads <= max_threads():

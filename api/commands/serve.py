@@ -250,7 +250,7 @@ def _draining_server(config, app):
 
 
 def _first_token(settings) -> None:
-    from kawai.api.tokens import DEFAULT_ENDPOINTS, TokenStore
+    from kawai.api.api_keys import DEFAULT_ENDPOINTS, TokenStore
     from kawai.engine.catalog import kawai_home
 
     store = TokenStore(settings.home or kawai_home())

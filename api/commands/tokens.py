@@ -9,7 +9,7 @@ A new token is printed once; only its SHA-256 hash is stored. A running server p
 
 from __future__ import annotations
 
-from kawai.api.tokens import DEFAULT_ENDPOINTS, ENDPOINTS, Limit, TokenStore, parse_endpoints
+from kawai.api.api_keys import DEFAULT_ENDPOINTS, ENDPOINTS, Limit, TokenStore, parse_endpoints
 
 
 def register(sub) -> None:

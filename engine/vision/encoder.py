@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kawai.engine.vision import ops as vops
+from kawai.engine.vision import encoder_ops as vops
 from kawai.engine.vision.mrope import apply_rope, vision_positions, vision_rope_tables
 from kawai.engine.vision.preprocess import ImageError
 from kawai.engine.vision.projector import Projector, VisionConfig, VisionLayer

@@ -1,5 +1,5 @@
 // The TypeScript SDK (@anthropic-ai/sdk) against a kawai server: one streamed message, one streamed tool
-// call. Prints one JSON line: {text, tool, events} for tests/test_real_clients.py to check.
+// call. Prints one JSON line: {text, tool, events} for tests/e2e/test_real_clients.py to check.
 // Env: KAWAI_URL, KAWAI_KEY, KAWAI_MODEL (any id: one model served answers every id).
 import Anthropic from "@anthropic-ai/sdk";
 

@@ -4,7 +4,7 @@
     float32 roundings, fast kernels within a KL and top-1 agreement close to the measured ones;
 (c) decoding token by token with the cache equals a full recompute bit for bit, and a truncated cache is
     reusable (also bit for bit);
-    plus config / weights / input errors (tests/test_model_real.py holds the real-model comparisons).
+    plus config / weights / input errors (tests/engine/test_model_real.py holds the real-model comparisons).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def mean_kl(ref: np.ndarray, ours: np.ndarray) -> float:
 # A prompt longer than one CHUNK, so the chunk boundary is crossed.
 TOKENS = np.random.default_rng(1).integers(0, N_VOCAB, CHUNK + 44)
 
-# Bounds, about twice the measured error (tests/test_model.py on this machine, numpy 2.4, torch 2.13 CPU).
+# Bounds, about twice the measured error (tests/engine/test_model.py on this machine, numpy 2.4, torch 2.13 CPU).
 # Exact mode, max |logit diff| vs transformers: 2.6e-6..4.3e-6 (qwen2), 8.5e-6..1.9e-5 (qwen3, llama:
 # larger logits, max |logit| 10-21); linear RoPE scaling 2.5e-6 (qwen2), 8.3e-6 (llama).
 EXACT_ATOL = 4e-5

@@ -29,7 +29,7 @@ from kawai.engine.errors import KawaiError
 from kawai.engine.gguf import open_gguf
 from kawai.kernels import isa
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _load_script(name: str):

@@ -21,12 +21,13 @@ from kawai import engine
 from kawai.api.app import create_app
 from kawai.api.errors import OverloadedError, RateLimitError, UnavailableError
 from kawai.api.state import ServerSettings
-from kawai.api.worker import Failed, Finished, Job, Worker
+from kawai.api.worker import Finished, Job, Worker
 from api_harness import LiveServer, home, live_server, parse_sse, tokens  # noqa: F401 (home, tokens: fixtures)
 from kawai.engine.batch import forward_batch
 from kawai.engine.errors import KawaiError
 from kawai.engine.sampling import SamplingParams
 from tiny_models import write_tiny_model
+from worker_jobs import Collector, run_jobs
 
 N_CTX = 512
 K_QUANT_DIMS = dict(d_model=256, d_ff=512)  # K-quant rows hold 256-weight super-blocks
@@ -87,35 +88,6 @@ def test_forward_batch_rejects_bad_batches(tiny_llm):
 # ---- the scheduler, driven directly -----------------------------------------------------------------
 
 
-class Collector:
-    """A StepChannel stand-in on the test's side: records what the engine thread sends."""
-
-    def __init__(self):
-        self.items = []
-        self.done = threading.Event()
-
-    def put(self, item) -> bool:
-        self.items.append(item)
-        if isinstance(item, (Finished, Failed)):
-            self.done.set()
-        return True
-
-    @property
-    def tokens(self) -> list[int]:
-        return [s.token_id for s in self.items if getattr(s, "token_id", None) is not None]
-
-
-def run_jobs(worker: Worker, jobs: list[tuple[list[int], SamplingParams]], tenant=None) -> list[Collector]:
-    out = []
-    for i, (prompt, params) in enumerate(jobs):
-        channel = Collector()
-        worker.submit(Job(prompt, params, channel, f"req_{i}", tenant=tenant))
-        out.append(channel)
-    for c in out:
-        assert c.done.wait(60)
-    return out
-
-
 def test_batched_generation_equals_each_request_alone(tiny_llm):
     """Different prompt lengths, sampling params, seeds and stop rules, run 5 at a time with small
     prefill chunks (long prompts interleave with decode steps): every sequence gets its solo tokens."""
@@ -143,7 +115,7 @@ def test_image_prompts_run_alone_interleaved_with_batched_text(tmp_path):
     """A vision model: an image request (M-RoPE, image embeddings: not batchable) runs through
     engine.generate on its own, one token per step, next to batched text requests; everyone gets
     exactly the tokens they would get alone."""
-    from test_vision_preprocess import _photo
+    from pictures import photo
     from vision_models import tiny_hf_model, write_language_model, write_mmproj
 
     hf = tiny_hf_model("qwen2vl")
@@ -151,7 +123,7 @@ def test_image_prompts_run_alone_interleaved_with_batched_text(tmp_path):
     write_mmproj(hf, tmp_path / "tiny-vl.mmproj.gguf")
     llm = engine.load(path, threads=1, exact=True)
     greedy = SamplingParams(temperature=0, max_tokens=10)
-    picture = [{"role": "user", "content": [{"type": "image", "image": _photo(100, 73, seed=1)},
+    picture = [{"role": "user", "content": [{"type": "image", "image": photo(100, 73, seed=1)},
                                             {"type": "text", "text": "What is it?"}]}]
     prompts = [llm.encode_chat(picture), llm.encode_chat([{"role": "user", "content": "Hi"}]),
                llm.encode_chat([{"role": "user", "content": "Say something longer"}])]

@@ -16,7 +16,7 @@ import pytest
 
 from sse_grammar import check_stream, parse_sse
 
-GOLDEN = parse_sse((Path(__file__).parent / "data" / "anthropic_stream_golden.sse").read_text())
+GOLDEN = parse_sse((Path(__file__).parents[1] / "data" / "anthropic_stream_golden.sse").read_text())
 
 
 def test_the_documented_stream_builds_its_message():

@@ -25,7 +25,7 @@ from kawai.api.state import ServerSettings
 from kawai.engine.vision.multimodal import image_token_count
 from kawai.engine.vision.preprocess import DOWNSCALE_MARGIN, decode_image
 from api_harness import LiveServer
-from test_vision_preprocess import _photo
+from pictures import photo
 from vision_models import tiny_hf_model, write_language_model, write_mmproj
 
 MB = 1024 * 1024
@@ -89,7 +89,7 @@ def test_100_huge_1bit_pngs_are_refused_before_decoding(server, llm):
     assert "megapixels" in r.json()["error"]["message"] or "prompt is too long" in r.json()["error"]["message"]
     assert grew < 300 * MB, f"peak RSS grew by {grew / MB:.0f} MB"
     ok = httpx.post(server.url + "/v1/messages", timeout=120, json={
-        "model": llm.id, "max_tokens": 2, "messages": [{"role": "user", "content": [b64_block(encoded(_photo(100, 73, seed=1), "PNG"))]}]})
+        "model": llm.id, "max_tokens": 2, "messages": [{"role": "user", "content": [b64_block(encoded(photo(100, 73, seed=1), "PNG"))]}]})
     assert ok.status_code == 200
 
 
@@ -113,7 +113,7 @@ def test_large_images_are_downscaled_straight_after_decoding(fmt):
     DOWNSCALE_MARGIN^2 times that (JPEG in draft mode, at 1/8 scale; others reduced), keeping its aspect
     ratio; the peak memory is one decode, not a full-size RGB copy and its conversions."""
     max_pixels = 28 * 28 * 256
-    photo = _photo(600, 400, seed=3).resize((6000, 4000))
+    photo = photo(600, 400, seed=3).resize((6000, 4000))
     data = encoded(photo, fmt, quality=90) if fmt == "JPEG" else encoded(photo, fmt)
     images = []
     grew = peak_rss_growth(lambda: images.append(decode_image(data, max_pixels=max_pixels)))
@@ -122,7 +122,7 @@ def test_large_images_are_downscaled_straight_after_decoding(fmt):
     assert max_pixels <= image.width * image.height <= DOWNSCALE_MARGIN**2 * max_pixels
     decoded = 6000 * 4000 * 4  # bytes of the full-size image as Pillow holds RGB (4 bytes a pixel)
     assert grew < (0.25 if fmt == "JPEG" else 1.5) * decoded, f"peak RSS grew by {grew / MB:.0f} MB"
-    small = _photo(300, 200, seed=4)  # within the bound: decoded as it is
+    small = photo(300, 200, seed=4)  # within the bound: decoded as it is
     assert decode_image(encoded(small, "PNG"), max_pixels=max_pixels).tobytes() == small.tobytes()
 
 

@@ -18,7 +18,7 @@ from kawai.api.metrics import Metrics
 from kawai.api.worker import Failed, Finished, Job, Worker
 from kawai.engine.gguf import open_gguf
 from kawai.engine.sampling import SamplingParams
-from test_batching import Collector, run_jobs
+from worker_jobs import Collector, run_jobs
 from tiny_models import write_tiny_model
 
 POISON = 77  # the token whose embedding is NaN

@@ -15,6 +15,7 @@ import asyncio
 import copy
 import json
 import time
+from pathlib import Path
 
 import anthropic
 import httpx
@@ -24,7 +25,6 @@ import pytest
 from kawai import engine
 from api_harness import home, live_server, parse_sse, tokens  # noqa: F401 (home, tokens: fixtures)
 from sse_grammar import check_stream
-from test_model_reference import REFERENCE
 
 GREEDY = {"temperature": 0}  # this SDK version has no sampling kwargs; they go in the body
 
@@ -122,7 +122,7 @@ def prompt_tokens(usage) -> int:
 def test_usage_counts_the_prompt_as_transformers_does(client, model):
     """usage.input_tokens and count_tokens are the length of transformers' apply_chat_template for the same
     messages (stored by tests/make_reference.py with transformers' own GGUF tokenizer)."""
-    with np.load(REFERENCE) as data:
+    with np.load(Path(__file__).parents[1] / "data" / "qwen2.5-coder-reference.npz") as data:
         chats = json.loads(str(data["meta"]))["chats"]
         expected = [len(data[f"chat_ids_{j}"]) for j in range(len(chats))]
     for chat, n_tokens in zip(chats, expected):

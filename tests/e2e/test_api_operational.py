@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from kawai import engine
-from kawai.api.tokens import ENDPOINTS, Limit, TokenStore
+from kawai.api.api_keys import ENDPOINTS, Limit, TokenStore
 from api_harness import home, live_server, tokens  # noqa: F401 (fixtures)
 from tiny_models import write_tiny_model
 

@@ -23,9 +23,9 @@ from api_harness import free_port
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NPM_PACKAGES = ("@anthropic-ai/sdk", "@anthropic-ai/claude-code")
-TS_CHECK = Path(__file__).parent / "clients" / "ts_sdk_check.mjs"
+TS_CHECK = Path(__file__).parents[1] / "clients" / "ts_sdk_check.mjs"
 CLAUDE_CODE_SECONDS = 3600  # first prefill of ~12k tokens on a shared 2-core machine, then a few turns
 
 

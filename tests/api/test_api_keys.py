@@ -1,4 +1,4 @@
-"""The token store (api/tokens.py) and the `kawai tokens` command."""
+"""The token store (api/api_keys.py) and the `kawai tokens` command."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 import pytest
 
 from kawai.api.cli import main
-from kawai.api.tokens import ENDPOINTS, Limit, TokenStore, TokenStoreError, hash_token, parse_endpoints
+from kawai.api.api_keys import ENDPOINTS, Limit, TokenStore, TokenStoreError, hash_token, parse_endpoints
 
 
 def test_created_token_is_random_prefixed_and_stored_only_as_a_hash(tmp_path):

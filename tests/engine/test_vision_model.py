@@ -24,11 +24,11 @@ from kawai.engine.vision.multimodal import (
 from kawai.engine.vision.preprocess import preprocess, to_patches
 from kawai.engine.vision.projector import load_projector
 from kawai.engine.weights import load_weights
-from test_vision_preprocess import _photo
+from pictures import photo
 from tiny_models import write_tiny_model
 from vision_models import KINDS, hf_logits, tiny_hf_model, write_language_model, write_mmproj
 
-IMAGES = [_photo(100, 73, seed=1), _photo(260, 150, seed=2)]  # 12 and 45 image tokens
+IMAGES = [photo(100, 73, seed=1), photo(260, 150, seed=2)]  # 12 and 45 image tokens
 
 
 class Tiny:
@@ -97,7 +97,7 @@ def test_image_token_count_matches_transformers_processor(tiny, max_tokens):
     projector = load_projector(path, max_image_tokens=max_tokens)
     limit = 28 * 28 * (1280 if max_tokens is None else max_tokens)  # transformers' default: 1280 tokens
     processor = Qwen2VLImageProcessorPil(max_pixels=limit)
-    for image in IMAGES + [_photo(1500, 900), _photo(20, 30), _photo(900, 1900)]:
+    for image in IMAGES + [photo(1500, 900), photo(20, 30), photo(900, 1900)]:
         grid = processor(images=[image], return_tensors="np")["image_grid_thw"][0]
         n_hf = int(grid.prod()) // 4
         assert image_token_count(projector, image.width, image.height) == n_hf <= limit // 784

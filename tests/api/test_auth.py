@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from kawai import engine
 from kawai.api.app import GRANTS
-from kawai.api.tokens import TokenStore
+from kawai.api.api_keys import TokenStore
 from api_harness import home, live_server, tokens  # noqa: F401 (home, tokens: fixtures)
 from tiny_models import write_tiny_model
 

@@ -1,7 +1,7 @@
 """The served default model (Qwen2.5-Coder-0.5B Q4_K_M: QKV bias, RoPE base 1e6, untied Q8_0 head, Q4_K /
 Q5_0 / Q6_K / Q8_0 weights) against transformers' logits, in the default suite.
 
-Running transformers on the 0.5B takes minutes (tests/test_model_real.py does, marked slow), so its answers
+Running transformers on the 0.5B takes minutes (tests/engine/test_model_real.py does, marked slow), so its answers
 were made once and stored: tests/data/qwen2.5-coder-reference.npz, by `python -P tests/make_reference.py`
 (gguf-py reads the file, transformers runs float32, transformers' tokenizer makes the ids). Here the
 engine, as the server loads it (fast kernels), runs the same ids and must land close to the stored top-8
@@ -19,9 +19,9 @@ import pytest
 from kawai import engine
 from make_reference import hf_messages, hf_tools
 
-REFERENCE = Path(__file__).parent / "data" / "qwen2.5-coder-reference.npz"
+REFERENCE = Path(__file__).parents[1] / "data" / "qwen2.5-coder-reference.npz"
 
-# Measured (tests/test_model_reference.py -s, 1 kernel thread, 2-core x86-64, the kernels' one 16-lane
+# Measured (tests/engine/test_model_reference.py -s, 1 kernel thread, 2-core x86-64, the kernels' one 16-lane
 # accumulation order): top-1 agreement 328/333, every flip at a reference margin <= 0.026 (near-ties: an
 # accumulation-order change flips some and fixes others); |logit diff| at the reference top-8: max 0.460,
 # mean 0.0360; |log-probability diff| of the reference's top token: max 0.236, mean 0.0089. The means

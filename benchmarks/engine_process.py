@@ -1,6 +1,6 @@
 """One engine in its own process, driven by benchmarks/compare.py over JSON lines.
 
-    python benchmarks/worker.py ENGINE MODEL_PATH --threads N --n-ctx C
+    python benchmarks/engine_process.py ENGINE MODEL_PATH --threads N --n-ctx C
     ENGINE: kawai | llama.cpp | transformers
 
 On start it loads the model and answers {"ready": true, "load_s": ..., "version": ..., "info": ...}. Then, one JSON

@@ -15,12 +15,12 @@ import pytest
 
 from kawai.api.commands.serve import FIRST_TOKEN_FILE, _first_token
 from kawai.api.state import ServerSettings
-from kawai.api.tokens import TokenStore
+from kawai.api.api_keys import TokenStore
 from api_harness import free_port, parse_sse
 from sse_grammar import check_stream
 from tiny_models import write_tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def kawai(*args: str, home: Path) -> subprocess.Popen:

@@ -25,6 +25,7 @@ from kawai.engine.vision.preprocess import (
     sniff_format,
     to_patches,
 )
+from pictures import photo
 
 
 def test_image_error_is_a_user_error():
@@ -55,13 +56,6 @@ def test_smart_resize_matches_transformers(height, width, factor, min_pixels, ma
 # --- preprocessing vs transformers ---------------------------------------------------------------------
 
 
-def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A smooth colour gradient with noise: resampling matters (unlike flat colour) and is reproducible."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    rgb = np.stack([255 * x / max(1, width - 1), 255 * y / max(1, height - 1), 128 + 60 * np.sin(x / 7.0 + y / 11.0)], -1)
-    rgb = np.clip(rgb + rng.normal(0, 12, rgb.shape), 0, 255).astype(np.uint8)
-    return Image.fromarray(rgb, "RGB")
 
 
 def _hf(image: Image.Image, spec: ImageSpec) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -79,14 +73,14 @@ def _hf(image: Image.Image, spec: ImageSpec) -> tuple[np.ndarray, tuple[int, int
 
 
 CASES = {
-    "odd-size": (_photo(100, 73), ImageSpec()),
-    "vga": (_photo(640, 480, seed=1), ImageSpec()),
-    "tiny-upscaled": (_photo(20, 30, seed=2), ImageSpec()),  # below min_pixels: scaled up
-    "capped": (_photo(1500, 900, seed=3), ImageSpec(max_pixels=28 * 28 * 256)),  # above max_pixels: scaled down
-    "tall": (_photo(31, 400, seed=4), ImageSpec()),
-    "rgba": (_photo(90, 60, seed=5).convert("RGBA"), ImageSpec()),
-    "grey": (_photo(70, 50, seed=6).convert("L"), ImageSpec()),
-    "other-mean-std": (_photo(60, 60, seed=7), ImageSpec(mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 0.125))),
+    "odd-size": (photo(100, 73), ImageSpec()),
+    "vga": (photo(640, 480, seed=1), ImageSpec()),
+    "tiny-upscaled": (photo(20, 30, seed=2), ImageSpec()),  # below min_pixels: scaled up
+    "capped": (photo(1500, 900, seed=3), ImageSpec(max_pixels=28 * 28 * 256)),  # above max_pixels: scaled down
+    "tall": (photo(31, 400, seed=4), ImageSpec()),
+    "rgba": (photo(90, 60, seed=5).convert("RGBA"), ImageSpec()),
+    "grey": (photo(70, 50, seed=6).convert("L"), ImageSpec()),
+    "other-mean-std": (photo(60, 60, seed=7), ImageSpec(mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 0.125))),
 }
 
 
@@ -107,18 +101,18 @@ def test_patches_equal_transformers_processor(case):
 def test_patch_layout_is_merge_block_major():
     """Patch k of merge block b covers pixels of block b: rows 0..M*P of the first block, etc."""
     spec = ImageSpec(min_pixels=28 * 28)
-    pixels = preprocess(_photo(28, 28), spec)  # one 2x2 merge block of 14-pixel patches
+    pixels = preprocess(photo(28, 28), spec)  # one 2x2 merge block of 14-pixel patches
     patches = to_patches(pixels, spec).reshape(4, 3, 2, 14, 14)
     np.testing.assert_array_equal(patches[1, :, 0], pixels.data[:, 0:14, 14:28])  # top-right patch second
     np.testing.assert_array_equal(patches[2, :, 1], pixels.data[:, 14:28, 0:14])  # bottom-left third, frame 2
     assert pixels.n_patches == 4
-    big = preprocess(_photo(56, 28), spec)  # two merge blocks side by side: block 1 starts at column 28
+    big = preprocess(photo(56, 28), spec)  # two merge blocks side by side: block 1 starts at column 28
     np.testing.assert_array_equal(to_patches(big, spec).reshape(8, 3, 2, 14, 14)[4, :, 0], big.data[:, 0:14, 28:42])
 
 
 def test_to_patches_rejects_a_partial_merge_block():
     spec = ImageSpec()
-    pixels = preprocess(_photo(56, 56), spec)
+    pixels = preprocess(photo(56, 56), spec)
     bad = type(pixels)(pixels.data[:, :42, :], (1, 3, 4))
     with pytest.raises(ImageError, match="merged patches"):
         to_patches(bad, spec)
@@ -135,7 +129,7 @@ def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP"])
 def test_decode_accepted_formats(fmt):
-    image = _photo(40, 30)
+    image = photo(40, 30)
     data = _encode(image, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
     assert sniff_format(data) == fmt
     decoded = decode_image(data)
@@ -151,7 +145,7 @@ def test_decode_gif_takes_the_first_frame():
 
 
 def test_decode_applies_exif_orientation():
-    image = _photo(40, 20)
+    image = photo(40, 20)
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
     data = _encode(image, "JPEG", exif=exif, quality=95)
@@ -186,7 +180,7 @@ def test_decode_rejects_other_formats(data):
 
 
 def test_decode_rejects_corrupt_images():
-    png = _encode(_photo(30, 30), "PNG")
+    png = _encode(photo(30, 30), "PNG")
     for bad in (png[:40], png[:8] + bytes(len(png) - 8), b"\xff\xd8\xff" + bytes(100), b"GIF89a" + bytes(5)):
         with pytest.raises(ImageError):
             decode_image(bad)
@@ -215,13 +209,13 @@ def test_decode_rejects_oversized_images_before_decoding(size):
 
 
 def test_decode_size_limit_is_configurable():
-    data = _encode(_photo(64, 32), "PNG")
+    data = _encode(photo(64, 32), "PNG")
     with pytest.raises(ImageError, match="at most 50"):
         decode_image(data, max_side=50)
     assert decode_image(data, max_side=64).size == (64, 32)
 
 
-_VALID = {fmt: _encode(_photo(24, 16), fmt) for fmt in ("PNG", "JPEG", "GIF", "WEBP")}
+_VALID = {fmt: _encode(photo(24, 16), fmt) for fmt in ("PNG", "JPEG", "GIF", "WEBP")}
 
 
 @settings(max_examples=200, deadline=None)

@@ -62,7 +62,7 @@ def test_unknown_or_missing_path_fails_at_import():
 def test_a_forced_path_needs_to_come_before_numba():
     """Every kawai module with kernels (here through the engine and the vision ops) fixes the path
     before its first @njit; Numba code compiled before kawai is an error, not a silently mixed target."""
-    loaded = "import kawai.engine.vision.ops, kawai.engine.llm\nfrom kawai.kernels import isa\nprint(isa.ISA)"
+    loaded = "import kawai.engine.vision.encoder_ops, kawai.engine.llm\nfrom kawai.kernels import isa\nprint(isa.ISA)"
     assert run_python(loaded, env={"KAWAI_ISA": "portable"}) == "portable"
     too_late = "import numba\nnumba.njit(lambda: 1)\nimport kawai.kernels.matmul"
     assert "before kawai.kernels.isa was imported" in run_python_failing(too_late, env={"KAWAI_ISA": "portable"})

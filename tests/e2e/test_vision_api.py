@@ -23,11 +23,11 @@ from kawai.engine.kv_cache import KVCache
 from kawai.engine.model import forward
 from kawai.engine.sampling import SamplingParams
 from kawai.engine.vision.multimodal import encode_image, find_projector, prefill
-from test_vision_preprocess import _photo
+from pictures import photo
 from vision_models import tiny_hf_model, write_language_model, write_mmproj
 
-PHOTO = _photo(100, 73, seed=1)  # 12 image tokens
-PHOTO2 = _photo(260, 150, seed=2)  # 45 image tokens
+PHOTO = photo(100, 73, seed=1)  # 12 image tokens
+PHOTO2 = photo(260, 150, seed=2)  # 45 image tokens
 
 
 def png(image: Image.Image) -> bytes:

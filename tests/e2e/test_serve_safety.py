@@ -6,7 +6,7 @@ import stat
 
 from kawai.api.commands.serve import FIRST_TOKEN_FILE, _first_token
 from kawai.api.state import ServerSettings
-from kawai.api.tokens import TokenStore
+from kawai.api.api_keys import TokenStore
 from test_server_cli import kawai
 
 

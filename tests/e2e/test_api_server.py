@@ -39,7 +39,7 @@ from sse_grammar import check_stream
 from tiny_models import write_tiny_model
 
 N_CTX = 512
-GOLDEN_STREAM = Path(__file__).parent / "data" / "anthropic_stream_golden.sse"
+GOLDEN_STREAM = Path(__file__).parents[1] / "data" / "anthropic_stream_golden.sse"
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from kawai import engine
 from kawai.api.app import create_app
 from kawai.api.metrics import Metrics
 from kawai.api.state import ServerSettings
-from kawai.api.tokens import DEFAULT_ENDPOINTS, TokenStore
+from kawai.api.api_keys import DEFAULT_ENDPOINTS, TokenStore
 from api_harness import LiveServer, make_tokens
 from tiny_models import write_tiny_model
 

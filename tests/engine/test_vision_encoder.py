@@ -17,7 +17,7 @@ from kawai.engine.gguf import open_gguf
 from kawai.engine.vision.encoder import attention_windows, encode
 from kawai.engine.vision.preprocess import ImageError, ImageSpec, preprocess, to_patches
 from kawai.engine.vision.projector import ProjectorError, load_projector
-from test_vision_preprocess import _photo
+from pictures import photo
 from vision_models import KINDS, hf_image_features, tiny_hf_model, write_language_model, write_mmproj
 
 
@@ -33,7 +33,7 @@ def models(tmp_path_factory):
 
 
 def _patches(spec: ImageSpec, width: int, height: int, seed: int = 0):
-    pixels = preprocess(_photo(width, height, seed), spec)
+    pixels = preprocess(photo(width, height, seed), spec)
     return to_patches(pixels, spec), pixels.grid
 
 
