@@ -113,8 +113,8 @@ def test_large_images_are_downscaled_straight_after_decoding(fmt):
     DOWNSCALE_MARGIN^2 times that (JPEG in draft mode, at 1/8 scale; others reduced), keeping its aspect
     ratio; the peak memory is one decode, not a full-size RGB copy and its conversions."""
     max_pixels = 28 * 28 * 256
-    photo = photo(600, 400, seed=3).resize((6000, 4000))
-    data = encoded(photo, fmt, quality=90) if fmt == "JPEG" else encoded(photo, fmt)
+    big = photo(600, 400, seed=3).resize((6000, 4000))
+    data = encoded(big, fmt, quality=90) if fmt == "JPEG" else encoded(big, fmt)
     images = []
     grew = peak_rss_growth(lambda: images.append(decode_image(data, max_pixels=max_pixels)))
     image = images[0]
