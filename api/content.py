@@ -11,7 +11,15 @@ import hashlib
 import json
 from typing import Any
 
-from kawai.api.toolcalls import Event, TextDelta, ThinkingDelta, ThinkingEnd, ToolCallEnd, ToolCallStart, ToolInputDelta
+from kawai.engine.output_parser import (
+    Event,
+    TextDelta,
+    ThinkingDelta,
+    ThinkingEnd,
+    ToolCallEnd,
+    ToolCallStart,
+    ToolInputDelta,
+)
 
 SIGNATURE_PREFIX = "kawai-"
 

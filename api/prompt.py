@@ -12,15 +12,16 @@ Mapping:
   fail every later turn), or a 400 naming the model with `refuse_images` (`kawai serve --refuse-images`).
 - other block and tool types clients send are made into text or dropped on the way in (api/blocks.py).
 - tools (OpenAI function format) go to the template unless tool_choice is "none".
-- tool_choice "any" / "tool": the assistant turn is seeded with the call opening, so the model must
-  complete a call; the seed is also given to the output parser (it is part of the reply).
+- tool_choice "any" / "tool": the assistant turn is seeded with the call opening, in the model's chat
+  format (`llm.chat_format`, engine/chat_format.py), so the model must complete a call; the seed is also
+  given to the output parser (it is part of the reply).
 - a final assistant message is a prefill: the reply continues it.
 - thinking on/off -> `enable_thinking` (templates without it ignore the variable).
 
 Images are fetched first, on the event loop (`fetch_images`: one deadline, concurrent downloads), then
 `build_prompt` runs in a worker thread: it counts every image from its header before decoding any
 (api/images.py), renders and tokenizes with `LLM.encode_chat`: message content and the seed are plain
-text (a user typing `<|im_start|>` gets characters, not a control token); image tokens are counted.
+text (a user typing a control token's text gets characters, not the token); image tokens are counted.
 It checks the prompt size (characters before tokenizing, tokens against the context window after).
 `count_tokens` returns exactly the prompt length /v1/messages uses, image tokens included.
 """
@@ -48,12 +49,12 @@ from kawai.api.wire import (
     ToolResultBlock,
     ToolUseBlock,
 )
+from kawai.engine.chat_format import HERMES, ChatFormat
 from kawai.engine.chat_template import TemplateFailedError
 from kawai.engine.errors import ContextLengthError, KawaiError
 
 log = logging.getLogger("kawai.prompt")
 
-TOOL_CALL_OPEN = '<tool_call>\n{"name": "'
 CHARS_PER_TOKEN_CAP = 32  # a prompt longer than n_ctx * this many characters is refused before tokenizing
 TOOL_ERROR_PREFIX = "Error: "
 IMAGE_PLACEHOLDER = "[image omitted: this model cannot see images]"
@@ -61,13 +62,14 @@ IMAGE_PLACEHOLDER = "[image omitted: this model cannot see images]"
 
 @dataclass(frozen=True)
 class Prompt:
-    text: str  # rendered prompt, seed included (each image as <|vision_start|><|image_pad|><|vision_end|>)
+    text: str  # rendered prompt, seed included (each image as engine.llm.IMAGE_MARKUP)
     ids: list[int]  # engine.llm.PromptIds: also carries the decoded images for the engine
     seed: str  # text after the generation prompt (prefill, forced call opening): the reply's start
-    parse_tools: bool  # tools offered: parse <tool_call> in the output
+    parse_tools: bool  # tools offered: parse tool calls in the output
     tool_names: frozenset[str]  # the offered tools (calls written without tags must name one)
-    in_thinking: bool  # the prompt leaves the model inside <think>
+    in_thinking: bool  # the prompt leaves the model inside a reasoning block
     fenced_calls: bool = True  # a call in a ```json fence counts (False when a grammar shapes the reply)
+    chat_format: ChatFormat = HERMES  # the model's reply syntax (llm.chat_format)
 
 
 async def fetch_images(llm, req: CountTokensRequest, policy: ImagePolicy, refuse_images: bool = False) -> list[bytes]:
@@ -100,7 +102,7 @@ def build_prompt(
         decoded = {id(b): p for b, p in zip(blocks, pictures)}
     messages, prefill = to_hf_messages(req, lambda block: decoded[id(block)])
     tools = None if isinstance(req.tool_choice, ToolChoiceNone) or not req.tools else hf_tools(req)
-    seed = prefill + _forced_call_opening(req)
+    seed = prefill + _forced_call_opening(req, llm.chat_format)
     kwargs = dict(tools=tools, add_generation_prompt=True, enable_thinking=req.thinking_on)
     try:  # rendered once here (with its marked copy, engine/llm.py), not again for a length check
         ids = llm.encode_chat(messages, suffix=seed, max_chars=llm.n_ctx * CHARS_PER_TOKEN_CAP, **kwargs)
@@ -110,9 +112,9 @@ def build_prompt(
         log.warning("request %s: the chat template failed: %s", request_id or "-", e)
         raise InvalidRequestError(f"the model's chat template rejected the conversation: {_shown(e)}") from None
     text = ids.text[: len(ids.text) - len(seed)]
-    in_thinking = text.rstrip().endswith("<think>")
     names = frozenset(t.name for t in req.tools) if tools is not None else frozenset()
-    return Prompt(text + seed, ids, seed, parse_tools=tools is not None, tool_names=names, in_thinking=in_thinking)
+    return Prompt(text + seed, ids, seed, parse_tools=tools is not None, tool_names=names,
+                  in_thinking=llm.chat_format.opens_thinking(text), chat_format=llm.chat_format)
 
 
 def _shown(e: KawaiError) -> str:
@@ -181,11 +183,11 @@ def _image_budget(llm) -> tuple[Callable[[int, int], int], int, int]:
     from kawai.engine.vision.multimodal import image_token_count
 
     projector = llm.projector
-    return (lambda w, h: image_token_count(projector, w, h) + 2,  # + <|vision_start|>, <|vision_end|>
+    return (lambda w, h: image_token_count(projector, w, h) + 2,  # + the image's start and end tokens
             llm.n_ctx, projector.config.image.max_pixels)
 
 
-def _forced_call_opening(req: CountTokensRequest) -> str:
+def _forced_call_opening(req: CountTokensRequest, fmt: ChatFormat) -> str:
     choice = req.tool_choice
     if not isinstance(choice, (ToolChoiceAny, ToolChoiceTool)):
         return ""
@@ -194,10 +196,10 @@ def _forced_call_opening(req: CountTokensRequest) -> str:
     if req.thinking_on:
         raise InvalidRequestError("thinking may not be enabled when tool_choice forces tool use")
     if isinstance(choice, ToolChoiceAny):
-        return TOOL_CALL_OPEN
+        return fmt.forced_call_opening()
     if choice.name not in {t.name for t in req.tools}:
         raise InvalidRequestError(f"tool_choice.name: no tool named {choice.name!r} in tools")
-    return TOOL_CALL_OPEN + choice.name + '", "arguments": '
+    return fmt.forced_call_opening(choice.name)
 
 
 def hf_tools(req: CountTokensRequest) -> list[dict[str, Any]]:

@@ -19,12 +19,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from kawai.api.content import MessageAssembler
 from kawai.api.errors import InternalError, InvalidRequestError, RequestTooLargeError
-from kawai.api.ids import new_message_id
+from kawai.api.ids import new_message_id, new_tool_use_id
 from kawai.api.prompt import Prompt, build_prompt, check_context, fetch_images
 from kawai.api.sse import PING, sse_frames
 from kawai.api.state import request_id_of, server_state, tenant_of
 from kawai.api.structured import reply_grammar
-from kawai.api.toolcalls import OutputParser, ThinkingDelta, ThinkingEnd, ToolCallEnd
 from kawai.api.wire import (
     CountTokensRequest,
     MessageResponse,
@@ -38,7 +37,8 @@ from kawai.api.wire import (
     parse_request,
 )
 from kawai.api.worker import Failed, Finished, Job, Started, StepChannel
-from kawai.engine.generate import THINK_OPEN, ThinkingBudget
+from kawai.engine.generate import ThinkingBudget
+from kawai.engine.output_parser import OutputParser, ThinkingDelta, ThinkingEnd, ToolCallEnd
 from kawai.engine.sampling import SamplingParams, SamplingParamsError
 
 # engine finish_reason -> Anthropic stop_reason (eos becomes tool_use when the reply called a tool)
@@ -189,11 +189,12 @@ def sampling_params(req: MessagesRequest) -> SamplingParams:
 
 
 def thinking_budget(req: MessagesRequest, prompt: Prompt) -> ThinkingBudget | None:
-    """`budget_tokens` of enabled thinking, counted from where the reply starts (inside a <think> the
-    template opened, or after an assistant prefill)."""
+    """`budget_tokens` of enabled thinking, counted from where the reply starts (inside a reasoning block
+    the template opened, or after an assistant prefill)."""
     if not isinstance(req.thinking, ThinkingEnabled):
         return None
-    return ThinkingBudget(req.thinking.budget_tokens, (THINK_OPEN if prompt.in_thinking else "") + prompt.seed)
+    opened = prompt.chat_format.think_open if prompt.in_thinking else ""
+    return ThinkingBudget(req.thinking.budget_tokens, opened + prompt.seed)
 
 
 class EventStreamResponse(StreamingResponse):
@@ -238,6 +239,8 @@ class Reply:
             choice.disable_parallel_tool_use
         )
         self.parser = OutputParser(
+            prompt.chat_format,
+            new_id=new_tool_use_id,
             parse_tools=prompt.parse_tools,
             tool_names=prompt.tool_names,
             in_thinking=prompt.in_thinking,

@@ -1,8 +1,9 @@
 """ModelConfig: the frozen description of a model, built by one function from GGUF metadata.
 
 Qwen2, Qwen3 and Llama share one transformer; they differ by a few flags here (QKV bias, QK-norm, RoPE
-style, tied output), never by separate model code. Keys follow llama.cpp's names (`{arch}.block_count`,
-...). A missing or ill-typed key is a KawaiError naming the key.
+style, tied output), never by separate model code. The flags come from the architecture's row in
+engine/architectures.py and from which optional tensors the file has. Keys follow llama.cpp's names
+(`{arch}.block_count`, ...). A missing or ill-typed key is a KawaiError naming the key.
 """
 
 from __future__ import annotations
@@ -10,22 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kawai.engine.architectures import OUTPUT_TENSOR, QKV_BIAS_TENSOR, architecture
 from kawai.engine.errors import KawaiError
 from kawai.engine.gguf import GGUFFile
-
-SUPPORTED_ARCHS = ("qwen2", "qwen3", "llama", "qwen2vl")
-
-# RoPE pairing. "neox": dims (i, i + head_dim/2) rotate together (HF's rotate_half; Qwen).
-# "normal": adjacent dims (2i, 2i+1) rotate together. llama.cpp's converter permutes Llama's Q/K rows
-# (convert_hf_to_gguf.py `LlamaModel.permute`) so that GGUF Llama weights use the "normal" pairing.
-ROPE_STYLE = {"qwen2": "neox", "qwen3": "neox", "llama": "normal", "qwen2vl": "neox"}
 
 MAX_DIM = 1 << 20  # sanity bound for every size read from metadata
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str  # "qwen2" | "qwen3" | "llama" | "qwen2vl"
+    arch: str  # a name in engine.architectures.ARCHITECTURES: "qwen2" | "qwen3" | "llama" | "qwen2vl"
     n_layers: int
     d_model: int  # residual stream width
     n_heads: int  # query heads
@@ -36,14 +31,14 @@ class ModelConfig:
     n_ctx_train: int  # context length the model was trained for
     rms_eps: float
     rope_base: float
-    rope_style: str  # "neox" | "normal"
+    rope_style: str  # "neox" | "normal" (engine/architectures.py explains the pairings)
     rope_scaling: str  # "none" | "linear"
     rope_scaling_factor: float  # positions are divided by this (1.0 without scaling)
     qkv_bias: bool  # attn_q/k/v have biases (Qwen2)
     qk_norm: bool  # per-head RMSNorm on q and k before RoPE (Qwen3)
     tied_output: bool  # no output.weight: the output projection reuses token_embd
-    # M-RoPE (qwen2vl: Qwen2-VL / Qwen2.5-VL): dimension pairs turned by the t, h, w positions of image
-    # tokens (engine/vision/mrope.py); empty for text-only architectures.
+    # M-RoPE (an `mrope` architecture: Qwen2-VL / Qwen2.5-VL): dimension pairs turned by the t, h, w
+    # positions of image tokens (engine/vision/mrope.py); empty for text-only architectures.
     rope_sections: tuple[int, ...] = ()
 
     @property
@@ -63,10 +58,7 @@ class ModelConfig:
     def from_gguf(cls, gguf: GGUFFile) -> ModelConfig:
         meta = gguf.metadata
         arch = _string(meta, "general.architecture")
-        if arch not in SUPPORTED_ARCHS:
-            raise KawaiError(
-                f"model architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})"
-            )
+        row = architecture(arch)
 
         def key(name: str) -> str:
             return f"{arch}.{name}"
@@ -115,13 +107,13 @@ class ModelConfig:
             n_ctx_train=_int(meta, key("context_length")),
             rms_eps=_float(meta, key("attention.layer_norm_rms_epsilon"), positive=True),
             rope_base=_float(meta, key("rope.freq_base"), default=10000.0, positive=True),
-            rope_style=ROPE_STYLE[arch],
+            rope_style=row.rope_style,
             rope_scaling=rope_scaling,
             rope_scaling_factor=rope_factor,
-            qkv_bias="blk.0.attn_q.bias" in gguf.tensors,
-            qk_norm=arch == "qwen3",
-            tied_output="output.weight" not in gguf.tensors,
-            rope_sections=_rope_sections(meta, arch, head_dim) if arch == "qwen2vl" else (),
+            qkv_bias=QKV_BIAS_TENSOR in gguf.tensors,
+            qk_norm=row.qk_norm,
+            tied_output=OUTPUT_TENSOR not in gguf.tensors,
+            rope_sections=_rope_sections(meta, arch, head_dim) if row.mrope else (),
         )
 
 

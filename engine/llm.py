@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from kawai.engine import catalog
+from kawai.engine.chat_format import ChatFormat, chat_format_for
 from kawai.engine.chat_template import ChatTemplate
 from kawai.engine.config import ModelConfig
 from kawai.engine.constraint import GrammarCompiler
@@ -77,6 +78,8 @@ class LLM:
         self.weights = weights
         self.tokenizer = tokenizer
         self.chat_template = chat_template
+        # How replies write reasoning and tool calls (engine/chat_format.py), for the output parser.
+        self.chat_format: ChatFormat = chat_format_for(gguf.metadata, chat_template.source)
         self.n_ctx = n_ctx
         self.kv_dtype = check_kv_dtype(kv_dtype)
         self.load_seconds = 0.0

@@ -1,7 +1,8 @@
 """Weights: the model's tensors, named after their GGUF tensors and packed for kernels/matmul.py.
 
-Loading is mechanical: every name below is `blk.{i}.<field>.weight` (or `.bias`) in the file, each is
-checked against the shape the config implies, and a missing tensor is a KawaiError naming it.
+Loading is mechanical: every name below is `blk.{i}.<field>.weight` (or `.bias`) in the file -- llama.cpp's
+names, the same for every architecture (engine/architectures.py) -- each is checked against the shape
+the config implies, and a missing tensor is a KawaiError naming it.
 
 Matrices are `PackedMatrix` (rows = outputs, cols = inputs; y = x @ W.T). The projections that read
 the same input are stacked at load (`attn_qkv`, `ffn_gate_up`: one kernel launch where their formats
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kawai.engine.architectures import OUTPUT_TENSOR, ROPE_FREQS_TENSOR
 from kawai.engine.config import ModelConfig
 from kawai.engine.errors import KawaiError
 from kawai.engine.gguf import GGUFFile
@@ -109,17 +111,17 @@ def load_weights(gguf: GGUFFile, cfg: ModelConfig, *, exact: bool = False) -> We
     loader = TensorLoader(gguf, exact)
     d, hd = cfg.d_model, cfg.head_dim
     # The tied-output rule, in one place: without output.weight the logits reuse token_embd.
-    output_name = "token_embd.weight" if cfg.tied_output else "output.weight"
+    output_name = "token_embd.weight" if cfg.tied_output else OUTPUT_TENSOR
     with ThreadPoolExecutor(LOAD_THREADS) as pool:
         packing_output = pool.submit(loader.matrix, output_name, cfg.n_vocab, d)  # the largest matrix first
         layers = list(pool.map(lambda i: _load_layer(loader, cfg, i), range(cfg.n_layers)))
         output = packing_output.result()
     loader.release_packed()  # again, now that nothing reads the file: neighbours' reads mapped some back
     rope_freqs = None
-    if "rope_freqs.weight" in gguf.tensors:
-        rope_freqs = loader.vector("rope_freqs.weight", hd // 2)
+    if ROPE_FREQS_TENSOR in gguf.tensors:
+        rope_freqs = loader.vector(ROPE_FREQS_TENSOR, hd // 2)
         if not np.all(np.isfinite(rope_freqs) & (rope_freqs > 0)):
-            raise KawaiError("tensor 'rope_freqs.weight' must hold positive finite frequency divisors")
+            raise KawaiError(f"tensor {ROPE_FREQS_TENSOR!r} must hold positive finite frequency divisors")
     return Weights(
         token_embd=loader.embedding("token_embd.weight", cfg.n_vocab, d),
         layers=tuple(layers),

@@ -20,7 +20,8 @@ from pydantic import BaseModel
 from kawai import engine
 from kawai.api.structured import reply_lark
 from kawai.api.prompt import build_prompt
-from kawai.api.toolcalls import OutputParser, ToolCallStart, ToolInputDelta
+from kawai.api.ids import new_tool_use_id
+from kawai.engine.output_parser import OutputParser, ToolCallStart, ToolInputDelta
 from kawai.api.wire import MessagesRequest
 from kawai.engine.generate import Generation
 from kawai.engine.sampling import SamplingParams
@@ -182,7 +183,7 @@ def test_strict_tools_under_auto_check_every_tagged_call(tiny_llm):
         steps = list(Generation(nudged, tiny_llm.tokenizer, prompt.ids, params, tiny_llm.new_cache(2048)))
         if steps[-1].finish_reason != "eos":
             continue  # cut by max_tokens: a call may be half written
-        parser = OutputParser(parse_tools=True)
+        parser = OutputParser(tiny_llm.chat_format, new_id=new_tool_use_id, parse_tools=True)
         events = [e for s in steps for e in parser.feed(s.text)] + parser.finish()
         name, args = None, ""
         for e in events:
@@ -207,7 +208,7 @@ def test_strict_flag_makes_auto_constrained_and_plain_tools_are_not(tiny_llm):
 
 
 def test_strict_auto_grammar_takes_bare_and_tagged_calls_and_text_but_no_bad_call(tiny_llm):
-    """What the strict auto grammar accepts, token by token (the reply forms of api/toolcalls.py)."""
+    """What the strict auto grammar accepts, token by token (the reply forms of engine/output_parser.py)."""
     tools = [{**WEATHER, "strict": True}]
     req = MessagesRequest.model_validate({"model": MODEL, "max_tokens": 9, "messages": USER, "tools": tools})
     grammar = tiny_llm.grammars.compile(reply_lark(req, build_prompt(tiny_llm, req)))

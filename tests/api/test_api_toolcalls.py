@@ -1,4 +1,5 @@
-"""The output parser (api/toolcalls.py) and the JSON prefix checker it streams with (api/json_stream.py).
+"""The output parser (engine/output_parser.py) and the JSON prefix checker it streams with
+(engine/json_stream.py), read through the assembler api/ builds content blocks with.
 
 Every case is checked under every split of the model text into pieces, because tags, escapes and
 multi-byte characters arrive split across tokens. The SDK's own partial-JSON parser (jiter, partial
@@ -16,8 +17,9 @@ from hypothesis import strategies as st
 from jiter import from_json
 
 from kawai.api.content import MessageAssembler
-from kawai.api.json_stream import JsonStream, JsonStreamError
-from kawai.api.toolcalls import (
+from kawai.engine.chat_format import HERMES
+from kawai.engine.json_stream import JsonStream, JsonStreamError
+from kawai.engine.output_parser import (
     OutputParser,
     TextDelta,
     ThinkingDelta,
@@ -28,9 +30,9 @@ from kawai.api.toolcalls import (
 )
 
 
-def _parser(**kw) -> OutputParser:
+def _parser(chat_format=HERMES, **kw) -> OutputParser:
     counter = itertools.count()
-    return OutputParser(new_id=lambda: f"toolu_{next(counter)}", **{"parse_tools": True, **kw})
+    return OutputParser(chat_format, new_id=lambda: f"toolu_{next(counter)}", **{"parse_tools": True, **kw})
 
 
 def run(pieces, cut=False, seed="", **kw):

@@ -1,4 +1,4 @@
-"""Tool-call parsing costs O(1) per character (api/json_stream.py, api/toolcalls.py), whatever the text:
+"""Tool-call parsing costs O(1) per character (engine/json_stream.py, engine/output_parser.py), whatever the text:
 a client can steer it with an assistant prefill (32,000 `[` once took 13 s, a 32,000-digit number 18 s,
 on the event loop). Measured as the CPU time of 8x the input against 1x (linear: ~8, quadratic: ~64),
 on this thread only, so other processes on the machine do not count."""
@@ -10,8 +10,10 @@ import time
 
 import pytest
 
-from kawai.api.json_stream import JsonStream
-from kawai.api.toolcalls import OutputParser, ToolCallEnd, ToolCallStart, ToolInputDelta
+from kawai.api.ids import new_tool_use_id
+from kawai.engine.chat_format import HERMES
+from kawai.engine.json_stream import JsonStream
+from kawai.engine.output_parser import OutputParser, ToolCallEnd, ToolCallStart, ToolInputDelta
 
 HEAD = '<tool_call>\n{"name": "f", "arguments": {"a": '
 SMALL, LARGE = 4000, 32000
@@ -27,7 +29,7 @@ def cpu_seconds(action) -> float:
 
 
 def primed(seed: str) -> OutputParser:
-    parser = OutputParser(parse_tools=True, tool_names=frozenset({"f"}))
+    parser = OutputParser(HERMES, new_id=new_tool_use_id, parse_tools=True, tool_names=frozenset({"f"}))
     parser.prime(seed)
     return parser
 
@@ -64,7 +66,7 @@ def test_a_long_number_streamed_digit_by_digit_is_linear():
 
 def test_an_unusual_call_shape_buffered_to_its_closing_tag_is_found_once():
     """Keys in another order: the call is buffered to </tool_call> and parsed whole."""
-    parser = OutputParser(parse_tools=True, tool_names=frozenset({"f"}))
+    parser = OutputParser(HERMES, new_id=new_tool_use_id, parse_tools=True, tool_names=frozenset({"f"}))
     text = '<tool_call>\n{"arguments": {"s": "' + "x" * LARGE + '"}, "name": "f"}\n</tool_call>'
     events = []
     for i in range(0, len(text), 3):

@@ -1,30 +1,35 @@
-"""Incremental parser of the model's text stream into content events (text, thinking, tool calls).
+"""Incremental parser of a model's reply text into content events (text, thinking, tool calls).
 
-Qwen-style models write tool calls as
+A model family writes reasoning and tool calls in its own markup (engine/chat_format.py); the parser
+reads that markup so the layers above see events, never tags. In the hermes format (Qwen) a reply is
 
+    <think>\nreasoning\n</think>\n\nSome text.
     <tool_call>
     {"name": "get_weather", "arguments": {"location": "Paris"}}
     </tool_call>
 
-and Qwen3 reasoning as `<think>…</think>` at the start of a reply. Small models (Qwen2.5-Coder 0.5B)
-often write the same call object without the tags, in a ```json fence or bare as the whole reply; those
-are calls too, but only when the name is one of the offered tools. `OutputParser.feed(text)` takes each
-decoded piece as generated and returns events:
+Small models (Qwen2.5-Coder 0.5B) often write the same call object without the tags, in a ```json fence
+or bare as the whole reply; those are calls too, but only when the name is one of the offered tools (a
+format without call tags, llama3, writes every call bare). `OutputParser.feed(text)` takes each decoded
+piece as generated and returns events:
 
     TextDelta(text) | ThinkingDelta(text) | ThinkingEnd() |
     ToolCallStart(id, name) | ToolInputDelta(partial_json) | ToolCallEnd()
 
 Rules:
 - Tags may be split across pieces: text that could still become a tag is held back, never emitted.
-- Once `{"name": "…", "arguments": ` is seen, the arguments object is streamed as the model writes it,
-  checked by `JsonStream` (only completable prefixes are sent; braces inside strings are just text).
-  If it turns invalid midway, the call is closed with a valid completion and the rest becomes text.
-- Inside <tool_call> tags any other shape (keys in another order, arguments as a string, no arguments)
-  is buffered to `</tool_call>` and parsed whole; a call that is not valid JSON becomes a text block.
+- Once `{"name": "…", "arguments": ` is seen (the format's arguments key), the arguments object is
+  streamed as the model writes it, checked by `JsonStream` (only completable prefixes are sent; braces
+  inside strings are just text). If it turns invalid midway, the call is closed with a valid completion
+  and the rest becomes text.
+- Inside call tags any other shape (keys in another order, arguments as a string, no arguments)
+  is buffered to the closing tag and parsed whole; a call that is not valid JSON becomes a text block.
   A call with no arguments gets `{}`. A fence or bare object that is not such a call stays text.
-- `<think>` (and a bare `{`) are recognised only before any text; nothing inside a think block is
+- The think tag (and a bare `{`) are recognised only before any text; nothing inside a think block is
   parsed as a tool call.
-- Whitespace around tags (the newlines between calls, after `</think>`) is dropped.
+- Whitespace around tags (the newlines between calls, after the think block) is dropped.
+
+Tool-use ids come from the caller (`new_id`): their style belongs to the API that shows them.
 """
 
 from __future__ import annotations
@@ -34,11 +39,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, auto
 
-from kawai.api.ids import new_tool_use_id
-from kawai.api.json_stream import JsonStream, JsonStreamError
+from kawai.engine.chat_format import ChatFormat
+from kawai.engine.json_stream import JsonStream, JsonStreamError
 
-TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 FENCE_OPENS = ("```json\n", "```\n")  # a call object in a code fence, closed by FENCE_CLOSE
 FENCE_CLOSE = "```"
 BARE_OPEN = "{"  # a call object as the whole reply
@@ -83,7 +86,7 @@ Event = TextDelta | ThinkingDelta | ThinkingEnd | ToolCallStart | ToolInputDelta
 class _Frame(Enum):
     """How the call being parsed is delimited."""
 
-    TAG = auto()  # <tool_call> … </tool_call>
+    TAG = auto()  # <tool_call> … </tool_call> (the format's call tags)
     FENCE = auto()  # ```json … ```
     BARE = auto()  # { … } at the start of the reply
 
@@ -91,10 +94,10 @@ class _Frame(Enum):
 class _State(Enum):
     TEXT = auto()
     THINK = auto()
-    TOOL_HEAD = auto()  # after <tool_call>, before the arguments object opens
+    TOOL_HEAD = auto()  # after the call's opening, before the arguments object opens
     TOOL_ARGS = auto()  # streaming the arguments object
     TOOL_TAIL = auto()  # arguments done, waiting for the end of the call
-    TOOL_WHOLE = auto()  # buffering to </tool_call>: an unusual shape, or the rest of broken arguments
+    TOOL_WHOLE = auto()  # buffering to the closing tag: an unusual shape, or the rest of broken arguments
 
 
 class OutputParser:
@@ -102,29 +105,36 @@ class OutputParser:
 
     def __init__(
         self,
+        chat_format: ChatFormat,
         *,
+        new_id: Callable[[], str],
         parse_tools: bool,
         tool_names: frozenset[str] = frozenset(),
         parse_thinking: bool = True,
         in_thinking: bool = False,
         fenced_calls: bool = True,
-        new_id: Callable[[], str] = new_tool_use_id,
     ):
-        """tool_names: the offered tools; calls without <tool_call> tags must name one of them.
-        fenced_calls: False = a call in a code fence stays text (a grammar checks only the other forms)."""
+        """new_id: a fresh tool-use id per call. tool_names: the offered tools; calls without call tags
+        must name one of them. fenced_calls: False = a call in a code fence stays text (a grammar checks
+        only the other forms)."""
+        fmt = chat_format
         self.parse_tools = parse_tools
         self.tool_names = frozenset(tool_names) if parse_tools else frozenset()
-        self.parse_thinking = parse_thinking
+        self.parse_thinking = parse_thinking and fmt.think_open is not None
         self.fenced_calls = fenced_calls
         self.new_id = new_id
+        # The format's tags ("" where it has none: never searched for).
+        self._tool_open, self._tool_close = fmt.call_open or "", fmt.call_close or ""
+        self._think_open, self._think_close = fmt.think_open or "", fmt.think_close or ""
+        self._arguments_key = fmt.arguments_key
         self.tool_calls = 0  # completed tool_use blocks
         self._state = _State.THINK if in_thinking else _State.TEXT
         self._buf = ""  # received, not yet decided
         self._events: list[Event] = []
-        self._seen_text = False  # any text emitted (then <think> is no longer special)
+        self._seen_text = False  # any text emitted (then the think tag is no longer special)
         self._strip_leading = True  # drop whitespace at the start of the next text / thinking
         self._json: JsonStream | None = None
-        self._scanned = 0  # TOOL_WHOLE: the buffer before this holds no TOOL_CLOSE
+        self._scanned = 0  # TOOL_WHOLE: the buffer before this holds no closing tag
         self._broken_rest: str | None = None  # arguments that turned invalid, shown as text
         self._frame = _Frame.TAG
         self._opener = ""  # the text that opened the current call (shown if it is no call after all)
@@ -150,7 +160,7 @@ class OutputParser:
         if s is _State.TEXT:
             self._text(_drop_partial_tag(buf, self._text_tags()) if cut else buf, final=True)
         elif s is _State.THINK:
-            self._thinking(_drop_partial_tag(buf, (THINK_CLOSE,)) if cut else buf, final=True)
+            self._thinking(_drop_partial_tag(buf, (self._think_close,)) if cut else buf, final=True)
             self._events.append(ThinkingEnd())
         elif s in (_State.TOOL_HEAD, _State.TOOL_WHOLE) and not cut:
             if self._broken_rest is not None:
@@ -172,11 +182,11 @@ class OutputParser:
         return events
 
     def _text_tags(self) -> tuple[str, ...]:
-        tags = (TOOL_OPEN,) if self.parse_tools else ()
+        tags = (self._tool_open,) if self.parse_tools and self._tool_open else ()
         if self.tool_names and self.fenced_calls:
             tags += FENCE_OPENS
         if not self._seen_text:
-            tags += (THINK_OPEN,) if self.parse_thinking else ()
+            tags += (self._think_open,) if self.parse_thinking else ()
             tags += (BARE_OPEN,) if self.tool_names else ()
         return tags
 
@@ -198,8 +208,9 @@ class OutputParser:
     def _advance_text(self) -> bool:
         tags = self._text_tags()
         at, tag = _find_first(self._buf, tags)
-        if tag in (THINK_OPEN, BARE_OPEN) and self._buf[:at].strip(WHITESPACE):  # these only open a reply
-            tags = tuple(t for t in tags if t not in (THINK_OPEN, BARE_OPEN))
+        reply_openers = (self._think_open, BARE_OPEN)
+        if tag in reply_openers and self._buf[:at].strip(WHITESPACE):  # these only open a reply
+            tags = tuple(t for t in tags if t not in reply_openers)
             at, tag = _find_first(self._buf, tags)
         if tag is None:
             held = _partial_tag_len(self._buf, tags)
@@ -215,35 +226,35 @@ class OutputParser:
         self._opener = (before[len(body) :] if self._seen_text else "") + tag
         self._buf = self._buf[at + len(tag) :]
         self._strip_leading = True
-        if tag == THINK_OPEN:
+        if tag == self._think_open:
             self._state = _State.THINK
             return True
         self._state = _State.TOOL_HEAD
         if tag == BARE_OPEN:
             self._frame, self._buf = _Frame.BARE, tag + self._buf  # the brace belongs to the object
         else:
-            self._frame = _Frame.TAG if tag == TOOL_OPEN else _Frame.FENCE
+            self._frame = _Frame.TAG if tag == self._tool_open else _Frame.FENCE
         return True
 
     def _advance_think(self) -> bool:
-        at = self._buf.find(THINK_CLOSE)
+        at = self._buf.find(self._think_close)
         if at < 0:
-            held = _partial_tag_len(self._buf, (THINK_CLOSE,))
+            held = _partial_tag_len(self._buf, (self._think_close,))
             body = self._buf[: len(self._buf) - held].rstrip(WHITESPACE)
             self._thinking(body)
             self._buf = self._buf[len(body) :]
             return False
         self._thinking(self._buf[:at], final=True)
         self._events.append(ThinkingEnd())
-        self._buf = self._buf[at + len(THINK_CLOSE) :]
+        self._buf = self._buf[at + len(self._think_close) :]
         self._strip_leading = True
         self._state = _State.TEXT
         return True
 
     def _advance_head(self) -> bool:
-        close = self._buf.find(TOOL_CLOSE) if self._frame is _Frame.TAG else -1
+        close = self._buf.find(self._tool_close) if self._frame is _Frame.TAG else -1
         head = self._buf if close < 0 else self._buf[:close]
-        status, name, args_at = _match_head(head)
+        status, name, args_at = _match_head(head, self._arguments_key)
         if self._frame is not _Frame.TAG and (
             status == "mismatch" or (status == "matched" and name not in self.tool_names) or len(head) > MAX_HEAD_CHARS
         ):
@@ -272,7 +283,7 @@ class OutputParser:
             self._buf = self._buf[js.pos - before :]  # from the first bad character
             self._broken_rest = js.unsent()  # accepted but not sent
             self._close_arguments(complete=False)
-            self._state = _State.TOOL_WHOLE  # the rest, up to </tool_call>, becomes text
+            self._state = _State.TOOL_WHOLE  # the rest, up to the closing tag, becomes text
             return True
         self._buf = self._buf[js.pos - before :]
         self._send_safe()
@@ -292,7 +303,7 @@ class OutputParser:
             self._buf = self._buf[end + 1 :]
             self._strip_leading, self._state = True, _State.TEXT
             return True
-        closers = (TOOL_CLOSE, TOOL_OPEN) if self._frame is _Frame.TAG else (FENCE_CLOSE,)
+        closers = (self._tool_close, self._tool_open) if self._frame is _Frame.TAG else (FENCE_CLOSE,)
         at, tag = _find_first(self._buf, closers)
         if tag is None:
             held = _partial_tag_len(self._buf, closers)
@@ -300,7 +311,7 @@ class OutputParser:
             return False
         self._buf = self._buf[at + len(tag) :]
         self._strip_leading = True
-        self._state = _State.TOOL_HEAD if tag == TOOL_OPEN else _State.TEXT
+        self._state = _State.TOOL_HEAD if tag == self._tool_open else _State.TEXT
         return True
 
     def _advance_whole(self) -> bool:
@@ -309,11 +320,12 @@ class OutputParser:
             self._broken_text(rest)
             self._seen_text, self._state = True, _State.TEXT
             return False
-        at = self._buf.find(TOOL_CLOSE, self._scanned)
+        close = self._tool_close
+        at = self._buf.find(close, self._scanned)
         if at < 0:
-            self._scanned = max(0, len(self._buf) - len(TOOL_CLOSE) + 1)  # the next search starts here
+            self._scanned = max(0, len(self._buf) - len(close) + 1)  # the next search starts here
             return False
-        body, self._buf = self._buf[:at], self._buf[at + len(TOOL_CLOSE) :]
+        body, self._buf = self._buf[:at], self._buf[at + len(close) :]
         self._scanned = 0
         if self._broken_rest is not None:
             self._broken_text(body)
@@ -368,7 +380,7 @@ class OutputParser:
         name, arguments = _parse_whole_call(body)
         if name is None:
             self._strip_leading = True
-            self._text(TOOL_OPEN + body + (TOOL_CLOSE if closed else ""), final=True)
+            self._text(self._tool_open + body + (self._tool_close if closed else ""), final=True)
             return
         self._events.append(ToolCallStart(self.new_id(), name))
         self._events.append(ToolInputDelta(arguments))
@@ -402,14 +414,14 @@ def _parse_whole_call(body: str) -> tuple[str | None, str]:
     return call["name"], text
 
 
-def _match_head(buf: str) -> tuple[str, str, int]:
-    """Match `{"name": "<name>", "arguments": {` at the start of buf (whitespace anywhere between).
+def _match_head(buf: str, arguments_key: str) -> tuple[str, str, int]:
+    """Match `{"name": "<name>", "<arguments_key>": {` at the start of buf (whitespace anywhere between).
 
     Returns ("matched", name, index of the arguments' `{`), ("more", "", 0) if buf is a prefix of that
     shape, or ("mismatch", "", 0).
     """
     i, n, name = 0, len(buf), ""
-    for part in ("{", '"name"', ":", None, ",", '"arguments"', ":", "{"):
+    for part in ("{", '"name"', ":", None, ",", f'"{arguments_key}"', ":", "{"):
         while i < n and buf[i] in WHITESPACE:
             i += 1
         if i == n:
