@@ -16,14 +16,13 @@ from kawai.engine.architectures import ARCHITECTURES, ROPE_STYLES, Architecture,
 from kawai.engine.chat_format import CHAT_FORMATS
 from kawai.engine.errors import KawaiError
 from kawai.engine.sampling import SamplingParams
-from tiny_models import write_tiny_model
+from tiny_models import ARCH_DEFAULTS, write_tiny_model
 from vision_models import tiny_hf_model, write_language_model
 
-# Architecture name -> a writer of a tiny GGUF of it (tests/tiny_models.py, tests/vision_models.py).
+# Architecture name -> a writer of a tiny GGUF of it: tests/tiny_models.py writes the text-only ones
+# (one ARCH_DEFAULTS entry each), tests/vision_models.py the multimodal language model.
 TINY_WRITERS = {
-    "qwen2": lambda root: write_tiny_model(root, "qwen2"),
-    "qwen3": lambda root: write_tiny_model(root, "qwen3"),
-    "llama": lambda root: write_tiny_model(root, "llama"),
+    **{arch: (lambda root, arch=arch: write_tiny_model(root, arch)) for arch in ARCH_DEFAULTS},
     "qwen2vl": lambda root: write_language_model(tiny_hf_model("qwen2vl"), root / "tiny-qwen2vl.gguf"),
 }
 
