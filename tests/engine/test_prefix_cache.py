@@ -282,7 +282,7 @@ def test_second_turn_reads_the_first_turn_from_the_cache_per_tenant(server, smol
     assert usage.input_tokens + usage.cache_creation_input_tokens + read == len(smollm.encode_chat(turn2))
     steps = smollm.generate(smollm.encode_chat(turn2), SamplingParams(temperature=0, max_tokens=4))
     alone = "".join(step.text for step in steps)
-    # reused keys/values change nothing (the API drops a reply's trailing whitespace: api/toolcalls.py)
+    # reused keys/values change nothing (the API drops a reply's trailing whitespace: engine/output_parser.py)
     assert second.content[0].text == alone.rstrip()
 
     other = anthropic.Anthropic(base_url=s.url, api_key=tokens.messages_only, max_retries=0, timeout=120)
