@@ -137,6 +137,31 @@ CHAT_TEMPLATE = """\
 {%- endif %}
 """
 
+# The shape of Llama 3.1's template (meta-llama/Llama-3.1-8B-Instruct), trimmed to what matters here:
+# header tokens, <|eot_id|>, and tool calls written as a bare JSON object with "parameters".
+LLAMA3_CHAT_TEMPLATE = """\
+{{- bos_token }}
+{%- if tools %}
+    {{- '<|start_header_id|>system<|end_header_id|>\\n\\nEnvironment: ipython\\n' }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {%- for t in tools %}{{- '\\n' + t | tojson }}{%- endfor %}
+    {{- '<|eot_id|>' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.tool_calls %}
+        {%- set call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+        {{- '{"name": "' + call.name + '", ' }}
+        {{- '"parameters": ' }}
+        {{- call.arguments | tojson }}
+        {{- '}<|eot_id|>' }}
+    {%- else %}
+        {{- '<|start_header_id|>' + message.role + '<|end_header_id|>\\n\\n' + message.content + '<|eot_id|>' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}
+"""
+
 # ---------------------------------------------------------------------------------------------------
 # Weights
 

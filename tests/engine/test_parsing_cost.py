@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from kawai.api.ids import new_tool_use_id
 from kawai.engine.chat_format import HERMES
 from kawai.engine.json_stream import JsonStream
 from kawai.engine.output_parser import OutputParser, ToolCallEnd, ToolCallStart, ToolInputDelta
@@ -29,7 +28,7 @@ def cpu_seconds(action) -> float:
 
 
 def primed(seed: str) -> OutputParser:
-    parser = OutputParser(HERMES, new_id=new_tool_use_id, parse_tools=True, tool_names=frozenset({"f"}))
+    parser = OutputParser(HERMES, new_id=lambda: "toolu_0", parse_tools=True, tool_names=frozenset({"f"}))
     parser.prime(seed)
     return parser
 
@@ -66,7 +65,7 @@ def test_a_long_number_streamed_digit_by_digit_is_linear():
 
 def test_an_unusual_call_shape_buffered_to_its_closing_tag_is_found_once():
     """Keys in another order: the call is buffered to </tool_call> and parsed whole."""
-    parser = OutputParser(HERMES, new_id=new_tool_use_id, parse_tools=True, tool_names=frozenset({"f"}))
+    parser = OutputParser(HERMES, new_id=lambda: "toolu_0", parse_tools=True, tool_names=frozenset({"f"}))
     text = '<tool_call>\n{"arguments": {"s": "' + "x" * LARGE + '"}, "name": "f"}\n</tool_call>'
     events = []
     for i in range(0, len(text), 3):
