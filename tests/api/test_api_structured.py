@@ -21,12 +21,13 @@ from kawai import engine
 from kawai.api.structured import reply_lark
 from kawai.api.prompt import build_prompt
 from kawai.api.ids import new_tool_use_id
-from kawai.engine.output_parser import OutputParser, ToolCallStart, ToolInputDelta
+from kawai.engine.chat_format import LLAMA3
+from kawai.engine.output_parser import OutputParser, ToolCallEnd, ToolCallStart, ToolInputDelta
 from kawai.api.wire import MessagesRequest
 from kawai.engine.generate import Generation
 from kawai.engine.sampling import SamplingParams
 from api_harness import home, live_server, tokens  # noqa: F401 (fixtures)
-from tiny_models import TOKEN_ID, write_tiny_model
+from tiny_models import LLAMA3_CHAT_TEMPLATE, TOKEN_ID, write_tiny_model
 
 MODEL = "tiny-qwen2-f32"
 WEATHER_SCHEMA = {
@@ -212,15 +213,9 @@ def test_strict_auto_grammar_takes_bare_and_tagged_calls_and_text_but_no_bad_cal
     tools = [{**WEATHER, "strict": True}]
     req = MessagesRequest.model_validate({"model": MODEL, "max_tokens": 9, "messages": USER, "tools": tools})
     grammar = tiny_llm.grammars.compile(reply_lark(req, build_prompt(tiny_llm, req)))
-    tok = tiny_llm.tokenizer
 
     def complete(text: str) -> bool:
-        c = grammar.start()
-        for i in tok.encode(text, special=False):
-            if not c.allowed()[i]:
-                return False
-            c.advance(i)
-        return bool(c.allowed()[min(tok.stop_ids)])  # may end here
+        return accepts(tiny_llm, grammar, text)
 
     args = '{"city": "Paris", "unit": "celsius", "rain": false}'
     assert complete('{"name": "get_weather", "arguments": ' + args + "}")
@@ -231,6 +226,51 @@ def test_strict_auto_grammar_takes_bare_and_tagged_calls_and_text_but_no_bad_cal
     assert not complete('{"name": "get_time", "arguments": {}}')  # not an offered tool
     assert not complete('<tool_call>\n{"name": "get_weather", "arguments": {"town": "Paris"}}\n</tool_call>')
     assert not complete('```json\n{"name": "get_weather"}\n```')  # a fenced call cannot open the reply
+
+
+def accepts(llm, grammar, text: str) -> bool:
+    """The grammar takes `text` token by token and may end after it."""
+    tok = llm.tokenizer
+    c = grammar.start()
+    for i in tok.encode(text, special=False):
+        if not c.allowed()[i]:
+            return False
+        c.advance(i)
+    return bool(c.allowed()[min(tok.stop_ids)])
+
+
+# ---- another chat format: Llama 3.1's bare `{"name": …, "parameters": …}` calls ------------------------
+
+
+@pytest.fixture(scope="module")
+def llama3_llm(tmp_path_factory):
+    path = write_tiny_model(tmp_path_factory.mktemp("llama3"), "llama", chat_template=LLAMA3_CHAT_TEMPLATE)
+    return engine.load(path)
+
+
+def test_a_forced_call_is_seeded_in_the_models_chat_format(llama3_llm):
+    """The seed (api/prompt.py) and the parser that reads the reply (engine/output_parser.py) use the
+    model's format, not Qwen's."""
+    req = MessagesRequest.model_validate({"model": MODEL, "max_tokens": 9, "messages": USER, "tools": [WEATHER],
+                                          "tool_choice": {"type": "tool", "name": "get_weather"}})
+    prompt = build_prompt(llama3_llm, req)
+    assert prompt.seed == '{"name": "get_weather", "parameters": ' and prompt.chat_format is LLAMA3
+    assert not prompt.in_thinking
+    parser = OutputParser(prompt.chat_format, new_id=new_tool_use_id, parse_tools=True, tool_names=prompt.tool_names)
+    parser.prime(prompt.seed)
+    events = parser.feed('{"city": "Paris", "unit": "celsius", "rain": false}}') + parser.finish()
+    assert [type(e) for e in events] == [ToolCallStart, ToolInputDelta, ToolCallEnd]
+
+
+def test_strict_tools_grammar_follows_the_models_chat_format(llama3_llm):
+    tools = [{**WEATHER, "strict": True}]
+    req = MessagesRequest.model_validate({"model": MODEL, "max_tokens": 9, "messages": USER, "tools": tools})
+    grammar = llama3_llm.grammars.compile(reply_lark(req, build_prompt(llama3_llm, req)))
+    args = '{"city": "Paris", "unit": "celsius", "rain": false}'
+    assert accepts(llama3_llm, grammar, '{"name": "get_weather", "parameters": ' + args + "}")
+    assert accepts(llama3_llm, grammar, "It is sunny.")
+    assert not accepts(llama3_llm, grammar, '{"name": "get_weather", "arguments": ' + args + "}")  # Qwen's key
+    assert not accepts(llama3_llm, grammar, '{"name": "get_weather", "parameters": {"city": "Paris"}}')
 
 
 # ---- refusals -------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Chat formats (engine/chat_format.py): which family a model file belongs to, the strings a format
-derives, and that the output parser reads each format's calls (tests/api/test_chat_formats_api.py
+derives, and that the output parser reads each format's calls (tests/api/test_api_structured.py
 follows a format through the prompt seed and the strict-tools grammar).
 
 The real catalog models are read for detection; a tiny llama model carrying a Llama 3.1-style template
