@@ -16,8 +16,9 @@ in files whose template has no tools), else the architecture's default (engine/a
 SmolLM2's template, for one, writes no tool calls at all: it gets its llama row's default, `hermes`.
 
 engine/output_parser.py turns decoded reply text into events with these strings; api/prompt.py seeds a
-forced call with `forced_call_opening`; api/structured.py builds grammars from the same pieces. Nothing
-outside this file spells a family's markup.
+forced call with `forced_call_opening`; api/structured.py builds grammars from the same pieces, and
+`forced_think_close` is what a thinking budget writes to end a reasoning block. api/ spells none of a
+family's markup itself.
 
 Every family's models also write calls without their tags -- in a ```json fence, or as a bare object
 for the whole reply -- which the output parser accepts for offered tools (its docstring has the rules).
