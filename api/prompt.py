@@ -52,6 +52,7 @@ from kawai.api.wire import (
 from kawai.engine.chat_format import HERMES, ChatFormat
 from kawai.engine.chat_template import TemplateFailedError
 from kawai.engine.errors import ContextLengthError, KawaiError
+from kawai.engine.generate import Prompt as EnginePrompt
 
 log = logging.getLogger("kawai.prompt")
 
@@ -63,7 +64,7 @@ IMAGE_PLACEHOLDER = "[image omitted: this model cannot see images]"
 @dataclass(frozen=True)
 class Prompt:
     text: str  # rendered prompt, seed included (each image as engine.llm.IMAGE_MARKUP)
-    ids: list[int]  # engine.llm.PromptIds: also carries the decoded images for the engine
+    ids: EnginePrompt  # engine.generate.Prompt from LLM.encode_chat: ids, and the decoded images
     seed: str  # text after the generation prompt (prefill, forced call opening): the reply's start
     parse_tools: bool  # tools offered: parse tool calls in the output
     tool_names: frozenset[str]  # the offered tools (calls written without tags must name one)

@@ -5,18 +5,12 @@ event loop.
 bounded queue; past `max_sequences + queue_size` it is refused with 529, and past `max_per_tenant`
 in-flight requests of one API token with 429. While draining (SIGTERM) new jobs get 503.
 
-Each loop iteration is one step:
-  1. finish cancelled sequences (a client that left frees its slot within one step), admit waiting jobs
-     in order while slots are free and the KV memory holds their prompt (each takes a KV cache from the
-     prefix cache, engine/prefix_cache.py; a job whose blocks are being read from disk waits for them);
-  2. build one batch: every decoding sequence contributes its next token, prefilling sequences
-     contribute prompt chunks up to `prefill_chunk` tokens in all, so long prompts are interleaved with
-     the running streams instead of stalling them;
-  3. one `engine.batch.forward_batch` call (weights read once for the whole batch), after each sequence
-     reserved KV memory for its new positions (a decoding one that gets none stops as `context_full`);
-     the prompt blocks it fills are published to the prefix cache;
-  4. each sequence whose prompt is done samples with its own SamplingParams/seed and stop rules
-     (engine.generate.SequenceState) and its Step goes to its `StepChannel`.
+Each loop iteration: drop cancelled waiting jobs, admit waiting jobs in order while the scheduler has a
+free slot and the prefix cache (engine/prefix_cache.py) lends each a KV cache (a job whose blocks are being
+read from disk waits for them), then one `engine.scheduler.Scheduler.step()`: one batched forward over
+every running sequence, prompt chunks next to decode tokens (docs/engine.md walks it). The Steps it
+returns go to their jobs' `StepChannel`s; this module adds the HTTP side: queue bounds, metrics, the
+access log.
 
 A Job carries the StepChannel (thread-safe, via `loop.call_soon_threadsafe`) and a `cancel` event. The
 first item of a channel is `Started` (the prefix-cache hit, once admitted), the last `Finished` (counts)
@@ -24,9 +18,8 @@ or `Failed`. `alive` is False when the thread died or its
 heartbeat (refreshed every step and every idle second) is older than `wedge_seconds`.
 
 One bad request never hurts another (docs/security.md):
-  - errors are contained per sequence: a sequence whose admission, sampling or solo step raises (the
-    sampler raises on NaN/Inf logits) ends alone with `Failed`; when a batched forward raises, each
-    sequence of the batch is rerun alone, so only the one that fails again ends;
+  - errors are contained per sequence by the scheduler: a sequence whose admission, images, sampling or
+    forward step raises (the sampler raises on NaN/Inf logits) ends alone with `Failed`;
   - a supervisor (`_run`) restarts the loop when anything else escapes it: the running sequences end
     with `Failed` (their state is unknown), the waiting jobs stay queued, `alive` stays True.
 """
@@ -44,17 +37,16 @@ from dataclasses import dataclass, field
 
 from kawai.api.errors import OverloadedError, RateLimitError, UnavailableError
 from kawai.api.metrics import TPOT_BUCKETS, TTFT_BUCKETS, Metrics
-from kawai.engine.batch import PREFILL_CHUNK, forward_batch
 from kawai.engine.errors import KawaiError
-from kawai.engine.generate import Generation, SequenceState, Step, ThinkingBudget
+from kawai.engine.generate import Prompt, Step, ThinkingBudget
 from kawai.engine.kv_cache import KVCache
-from kawai.engine.prefix_cache import Lease, open_prefix_cache
+from kawai.engine.prefix_cache import open_prefix_cache
 from kawai.engine.sampling import SamplingParams
+from kawai.engine.scheduler import CHUNK, MAX_SEQUENCES, Request, Running, Scheduler
 
 log = logging.getLogger("kawai.worker")
 access_log = logging.getLogger("kawai.access")
 
-MAX_SEQUENCES = 4
 IDLE_TICK = 0.5  # seconds between heartbeats when idle
 WEDGE_SECONDS = 60.0
 DEFAULT_KV_MEMORY_FRACTION = 0.5  # of physical memory, per model, when no KV memory budget is given
@@ -109,7 +101,7 @@ class StepChannel:
 
 @dataclass
 class Job:
-    prompt_ids: list[int]
+    prompt: Prompt | list[int]  # from LLM.encode_chat; plain ids are wrapped
     params: SamplingParams
     channel: StepChannel
     request_id: str
@@ -117,20 +109,12 @@ class Job:
     thinking: ThinkingBudget | None = None  # closes the reply's <think> block after its budget
     cancel: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class _Sequence:
-    """A running job: its engine state, its cache lease, the prompt ids still to prefill."""
-
-    job: Job
-    state: SequenceState
-    lease: Lease
-    todo: list[int]
-    cached: int
-    solo: Generation | None = None  # image prompts: run alone, one engine.generate step per step
     first_token_at: float | None = None
     last_token_at: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.prompt, Prompt):
+            self.prompt = Prompt([int(t) for t in self.prompt])
 
 
 class Worker:
@@ -144,7 +128,7 @@ class Worker:
         kv_dir=None,
         kv_disk: int | None = None,
         max_per_tenant: int | None = None,
-        prefill_chunk: int = PREFILL_CHUNK,
+        prefill_chunk: int = CHUNK,
         metrics: Metrics | None = None,
         wedge_seconds: float = WEDGE_SECONDS,
     ):
@@ -163,12 +147,12 @@ class Worker:
             raise KawaiError(f"{e} (raise --kv-memory or lower --ctx)") from None
         self.max_sequences = max(1, max_sequences)
         self.max_per_tenant = max_per_tenant
-        self.prefill_chunk = max(1, prefill_chunk)
+        self.scheduler = Scheduler(llm, self.pool, max_sequences=self.max_sequences, chunk=prefill_chunk)
         self.metrics = metrics or Metrics()
         self.wedge_seconds = wedge_seconds
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
-        self._active: list[_Sequence] = []
+        self._active: list[Running] = []  # the scheduler's running sequences, read under the lock
         self._per_tenant: Counter = Counter()  # in-flight jobs (waiting or running) per tenant
         self._pending = 0  # jobs accepted and not yet finished
         self._n_active = 0
@@ -215,9 +199,9 @@ class Worker:
                     f"Too many concurrent requests for this token (limit {self.max_per_tenant}); retry shortly.",
                     headers={"retry-after": "1"},
                 )
-            if not self.pool.fits(len(job.prompt_ids)):
+            if not self.pool.fits(len(job.prompt.ids)):
                 raise OverloadedError(
-                    f"Overloaded: a prompt of {len(job.prompt_ids)} tokens does not fit the KV memory of model "
+                    f"Overloaded: a prompt of {len(job.prompt.ids)} tokens does not fit the KV memory of model "
                     f"{self.llm.id!r}."
                 )
             if self._pending >= self.max_sequences + self.queue_size:
@@ -243,7 +227,7 @@ class Worker:
             for job in self._waiting:
                 job.cancel.set()
             for seq in self._active:
-                seq.job.cancel.set()
+                seq.request.tag.cancel.set()
             self._cond.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -282,7 +266,7 @@ class Worker:
         while self._wait_for_work():
             self._drop_cancelled()
             self._admit()
-            if self._active:
+            if self.scheduler.running:
                 self._step()
             else:
                 self._wait_for_admission()
@@ -306,183 +290,82 @@ class Worker:
             self._woken = False
 
     def _drop_cancelled(self) -> None:
+        """Waiting jobs whose client left end here; running ones end in the scheduler's next step."""
         with self._cond:
             gone = [job for job in self._waiting if job.cancel.is_set()]
             for job in gone:
                 self._waiting.remove(job)
         for job in gone:
             self._fail_job(job)
-        for seq in [s for s in self._active if s.job.cancel.is_set()]:
-            self._emit(seq, seq.state.finish("cancelled"))
 
     def _admit(self) -> None:
-        """Start waiting jobs in order while a slot is free and the prefix cache lends each a cache."""
-        while True:
+        """Start waiting jobs in order while the scheduler takes them (a free slot, a KV cache lent)."""
+        while self.scheduler.has_room:
             with self._cond:
-                if not self._waiting or len(self._active) >= self.max_sequences:
+                if not self._waiting:
                     return
                 job = self._waiting[0]
-            prompt = job.prompt_ids
-            has_images = bool(getattr(prompt, "images", ()))
-            lease = self.pool.acquire(job.tenant, prompt, reuse=not has_images) if prompt else None
-            if lease is None and prompt:
+            request = Request(job.prompt, job.params, job.thinking, job.tenant, job.cancel.is_set, tag=job)
+            try:
+                seq = self.scheduler.admit(request)
+            except Exception:
+                log.exception("request %s: could not start", job.request_id)
+                with self._cond:
+                    self._waiting.popleft()
+                self._fail_job(job)
+                continue
+            if seq is None:
                 return  # memory is full or its blocks are on their way from disk: it stays first in line
             with self._cond:
                 self._waiting.popleft()
-            try:
-                self._start(job, lease, has_images)
-            except Exception:
-                log.exception("request %s: could not start", job.request_id)
-                self._fail_job(job)
-
-    def _start(self, job: Job, lease: Lease | None, has_images: bool) -> None:
-        prompt = job.prompt_ids
-        if lease is None or len(prompt) > lease.cache.max_seq:
-            log.error("request %s: a prompt of %d tokens cannot run", job.request_id, len(prompt))
-            if lease is not None:
-                self.pool.release(lease, reusable=False)
-            self._fail_job(job)
-            return
-        if has_images:
-            seq = self._start_solo(job, lease)
-            if seq is None:
-                return
-        else:
-            try:
-                state = SequenceState(list(prompt), job.params, lease.cache, self.llm.tokenizer, job.thinking)
-                todo = state.start()
-            except Exception:
-                self.pool.release(lease, reusable=False)
-                raise
-            cached = len(prompt) - len(todo)
-            self._count("kawai_prefix_cache_hit_tokens_total", "Prompt tokens reused from the prefix cache.", cached)
-            seq = _Sequence(job, state, lease, todo, cached)
-        job.channel.put(Started(seq.cached))  # an image prompt's cache starts empty: 0
-        with self._cond:
-            self._active.append(seq)
-            self._n_active = len(self._active)
-
-    def _start_solo(self, job: Job, lease: Lease) -> _Sequence | None:
-        """An image prompt (M-RoPE positions, image embeddings) runs through engine.generate on its own,
-        interleaved token by token with the batch; its cache is emptied first and never reused, since
-        image placeholder ids do not identify the image."""
-        try:
-            gen = self.llm.generate(job.prompt_ids, job.params, cache=lease.cache, should_stop=job.cancel.is_set)
-        except Exception:
-            log.exception("request %s: could not start generation", job.request_id)
-            self.pool.release(lease, reusable=False)
-            self._fail_job(job)
-            return None
-        return _Sequence(job, gen.state, lease, [], 0, solo=gen)
-
-    def _step_solo(self, seq: _Sequence) -> None:
-        if not self.pool.reserve(seq.lease, max(len(seq.job.prompt_ids), seq.lease.cache.length + 1)):
-            self._emit(seq, seq.state.finish("context_full"))
-            return
-        try:
-            step = next(seq.solo)
-        except Exception:
-            log.exception("request %s: generation failed", seq.job.request_id)
-            self._retire(seq, Failed(), reusable=False)
-            return
-        stats = seq.solo.stats
-        if seq.first_token_at is None:
-            seq.cached = stats.cached_tokens
-            self._count("kawai_prompt_tokens_total", "Prompt tokens run through the model.", stats.prefill_tokens)
-        self._emit(seq, step)
+                self._active = list(self.scheduler.running)
+                self._n_active = len(self._active)
+            self._count("kawai_prefix_cache_hit_tokens_total", "Prompt tokens reused from the prefix cache.",
+                        seq.stats.cached_tokens)
+            job.channel.put(Started(seq.stats.cached_tokens))  # an image prompt's cache starts empty: 0
 
     def _step(self) -> None:
-        for seq in [s for s in self._active if s.solo is not None]:
-            self._step_solo(seq)
-        batch: list[tuple[_Sequence, list[int]]] = []
-        budget = self.prefill_chunk
-        for seq in list(self._active):  # a sequence out of KV memory leaves the list
-            if seq.solo is not None:
-                continue
-            if seq.todo:
-                if budget <= 0:
-                    continue
-                chunk, seq.todo = seq.todo[:budget], seq.todo[budget:]
-                budget -= len(chunk)
-            else:
-                chunk = seq.state.pending
-                if not self.pool.reserve(seq.lease, seq.lease.cache.length + len(chunk)):
-                    self._emit(seq, seq.state.finish("context_full"))  # the KV memory has no block left
-                    continue
-            batch.append((seq, chunk))
-        if not batch:
-            return
-        logits = self._forward(batch)  # (B, V); a row of None: that sequence failed and ended
+        prefilled = self.scheduler.prompt_tokens_run
+        events = self.scheduler.step()
         self._heartbeat = time.monotonic()
-        prefilled = 0
-        for b, (seq, chunk) in enumerate(batch):
-            if logits[b] is None:
-                continue
-            if seq.first_token_at is None:
-                prefilled += len(chunk)
-            try:
-                seq.state.fed(chunk)
-                if seq.first_token_at is None:
-                    self.pool.publish(seq.lease)
-                if seq.todo:
-                    continue  # still prefilling: these logits are not needed
-                step = seq.state.accept(logits[b])
-            except Exception:  # NaN logits, a grammar that allows no next token: this sequence fails, not the thread
-                log.exception("request %s: sampling failed", seq.job.request_id)
-                self._retire(seq, Failed(), reusable=False)
-                continue
-            self._emit(seq, step)
-        if prefilled:
-            self._count("kawai_prompt_tokens_total", "Prompt tokens run through the model.", prefilled)
+        self._count("kawai_prompt_tokens_total", "Prompt tokens run through the model.",
+                    self.scheduler.prompt_tokens_run - prefilled)
+        for seq, step in events:
+            if step is None:
+                log.error("request %s: generation failed", seq.request.tag.request_id, exc_info=seq.error)
+                self._retire(seq, Failed())
+            else:
+                self._emit(seq, step)
 
-    def _forward(self, batch: list[tuple[_Sequence, list[int]]]) -> list:
-        """Logits row per sequence. If the batched call raises, the caches are rewound and each sequence
-        runs alone: only one that fails again ends (Failed), with a None row."""
-        caches = [s.lease.cache for s, _ in batch]
-        lengths = [c.length for c in caches]
-        try:
-            return list(forward_batch(self.llm.config, self.llm.weights, [c for _, c in batch], caches))  # (B, V)
-        except Exception:
-            if len(batch) == 1:
-                seq = batch[0][0]
-                log.exception("request %s: forward step failed", seq.job.request_id)
-                self._retire(seq, Failed(), reusable=False)
-                return [None]
-            log.exception("batched step failed for %s; running each alone",
-                          ", ".join(s.job.request_id for s, _ in batch))
-        for cache, length in zip(caches, lengths):
-            cache.truncate(length)  # keys/values past `length` are overwritten by the rerun
-        return [self._forward([one])[0] for one in batch]
-
-    def _emit(self, seq: _Sequence, step: Step) -> None:
+    def _emit(self, seq: Running, step: Step) -> None:
+        job: Job = seq.request.tag
         now = time.monotonic()
         if step.token_id is not None:
-            if seq.first_token_at is None:
-                seq.first_token_at = now
+            if job.first_token_at is None:
+                job.first_token_at = now
                 self._observe("kawai_time_to_first_token_seconds", "Request queued -> first token.",
-                              now - seq.job.submitted_at, TTFT_BUCKETS)
+                              now - job.submitted_at, TTFT_BUCKETS)
             else:
                 self._observe("kawai_time_per_output_token_seconds", "Time between a stream's tokens.",
-                              now - seq.last_token_at, TPOT_BUCKETS)
-            seq.last_token_at = now
+                              now - job.last_token_at, TPOT_BUCKETS)
+            job.last_token_at = now
             self._count("kawai_generated_tokens_total", "Tokens sampled.", 1)
-        if not seq.job.channel.put(step):
-            seq.job.cancel.set()
+        if not job.channel.put(step):
+            job.cancel.set()
         if step.finish_reason is not None:
-            state = seq.state
-            done = Finished(len(state.prompt), seq.cached, state.n_generated, seq.lease.created)
-            self._access_log(seq, done, step.finish_reason, now)  # before the client can see the end
-            self._retire(seq, done, reusable=True)
+            stats = seq.stats
+            done = Finished(stats.prompt_tokens, stats.cached_tokens, stats.generated_tokens, seq.lease.created)
+            self._access_log(job, done, step.finish_reason, now)  # before the client can see the end
+            self._retire(seq, done)
 
-    def _retire(self, seq: _Sequence, last, reusable: bool) -> None:
-        """Free the sequence's slot and cache, then send its last item (so a client that sees the end
-        also sees the slot free in /metrics)."""
-        self.pool.release(seq.lease, reusable=reusable and seq.solo is None)
+    def _retire(self, seq: Running, last) -> None:
+        """The scheduler has freed the sequence's slot and cache: update the counts, then send its last
+        item (so a client that sees the end also sees the slot free in /metrics)."""
         with self._cond:
-            self._active.remove(seq)
+            self._active = list(self.scheduler.running)
             self._n_active = len(self._active)
-        self._done(seq.job)
-        seq.job.channel.put(last)
+        self._done(seq.request.tag)
+        seq.request.tag.channel.put(last)
 
     def _done(self, job: Job) -> None:
         with self._cond:
@@ -498,23 +381,22 @@ class Worker:
 
     def _fail_active(self) -> None:
         """The loop died: every running sequence ends with Failed; its cache is dropped, not reused."""
+        try:
+            failed = self.scheduler.abort(RuntimeError("the engine loop died"))
+        except Exception:  # their leases are lost; the slots must not be
+            log.exception("running sequences could not be released")
+            failed = list(self.scheduler.running)
+            self.scheduler.running.clear()
         with self._cond:
-            active = list(self._active)
-        for seq in active:
-            try:
-                self._retire(seq, Failed(), reusable=False)
-            except Exception:  # its lease is lost; the slot must not be
-                log.exception("request %s: could not be retired", seq.job.request_id)
-                with self._cond:
-                    if seq in self._active:
-                        self._active.remove(seq)
-                    self._n_active = len(self._active)
-                self._fail_job(seq.job)
+            self._active = []
+            self._n_active = 0
+        for seq in failed:
+            self._fail_job(seq.request.tag)
 
     def _fail_everything(self) -> None:
         """The thread is ending: every job still here gets Failed."""
         with self._cond:
-            jobs = list(self._waiting) + [s.job for s in self._active]
+            jobs = list(self._waiting) + [s.request.tag for s in self._active]
             self._waiting.clear()
             self._active.clear()
             self._n_active = 0
@@ -531,9 +413,8 @@ class Worker:
     def _observe(self, name: str, help_text: str, value: float, buckets) -> None:
         self.metrics.observe(name, help_text, value, buckets, model=self.llm.id)
 
-    def _access_log(self, seq: _Sequence, done: Finished, finish_reason: str, now: float) -> None:
-        job = seq.job
-        ttft = (seq.first_token_at or now) - job.submitted_at
+    def _access_log(self, job: Job, done: Finished, finish_reason: str, now: float) -> None:
+        ttft = (job.first_token_at or now) - job.submitted_at
         access_log.info(
             "generation request_id=%s token_id=%s model=%s input_tokens=%d cached_tokens=%d created_tokens=%d "
             "output_tokens=%d finish=%s ttft_s=%.3f total_s=%.3f",

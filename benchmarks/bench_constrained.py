@@ -30,7 +30,9 @@ from kawai import engine
 from kawai.api.prompt import build_prompt
 from kawai.api.structured import reply_lark
 from kawai.api.wire import MessagesRequest
-from kawai.engine.generate import Generation
+from kawai.engine.generate import Prompt
+from kawai.engine.prefix_cache import OneCache
+from kawai.engine.scheduler import Generation, Request, Scheduler
 from kawai.engine.sampling import SamplingParams
 
 DEFAULT_MODEL = Path(os.environ.get("KAWAI_HOME", Path.home() / ".cache" / "kawai")) / "models" / (
@@ -69,15 +71,15 @@ QUESTION = "Give me the forecast for Paris for the next three days, starting 202
 
 
 class TimedForward:
-    """llm.forward, timed: what decode spends in the model, apart from sampling (and the mask)."""
+    """llm.forward_batch, timed: what decode spends in the model, apart from sampling (and the mask)."""
 
     def __init__(self, llm):
         self.llm, self.seconds, self.calls = llm, 0.0, 0
 
-    def __call__(self, ids, cache):
+    def __call__(self, chunks, caches):
         t0 = time.perf_counter()
-        logits = self.llm.forward(ids, cache)
-        if len(ids) == 1:  # decode steps only
+        logits = self.llm.forward_batch(chunks, caches)
+        if len(chunks[0].ids) == 1:  # decode steps only
             self.seconds += time.perf_counter() - t0
             self.calls += 1
         return logits
@@ -86,7 +88,8 @@ class TimedForward:
 def run(llm, prompt_ids, params) -> dict:
     """One generation: per-token decode, forward and sampling times (seconds), tokens, text."""
     forward = TimedForward(llm)
-    gen = Generation(forward, llm.tokenizer, prompt_ids, params, llm.new_cache())
+    scheduler = Scheduler(llm, OneCache(llm.new_cache()), max_sequences=1, forward=forward)
+    gen = Generation(scheduler, Request(Prompt(list(prompt_ids)), params))
     text = "".join(step.text for step in gen)
     s = gen.stats
     steps = max(1, s.decode_steps)

@@ -2,8 +2,8 @@
 
     .venv-bench/bin/python benchmarks/compare.py -m qwen2.5-coder-0.5b-instruct-q4_k_m --threads 2
 
-Our engine runs the server's path (engine.batch.forward_batch, the prompt in the server's chunks; see
-engine/bench.py). Long prompts: --prompt-tokens 12000 --n-ctx 12200 --no-serving-rss.
+Our engine runs the server's path (LLM.generate: the scheduler, its chunks, its batched forward and
+sampling; see engine/bench.py). Long prompts: --prompt-tokens 12000 --n-ctx 12200 --no-serving-rss.
 
 Same GGUF file, same prompt token ids (P random normal tokens, fixed seed), same thread count and n_ctx.
 Each engine lives in its own worker process (benchmarks/engine_process.py), loaded once; kawai and llama.cpp

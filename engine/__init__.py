@@ -2,8 +2,8 @@
 
     from kawai import engine
     llm = engine.load("qwen2.5-coder-0.5b-instruct-q4_k_m")      # or a path to a .gguf
-    ids = llm.encode_chat([{"role": "user", "content": "Hi"}])
-    for step in llm.generate(ids, engine.SamplingParams(temperature=0, max_tokens=64)):
+    prompt = llm.encode_chat([{"role": "user", "content": "Hi"}])      # an engine.Prompt
+    for step in llm.generate(prompt, engine.SamplingParams(temperature=0, max_tokens=64)):
         print(step.text, end="")
 
 The names below are imported on first use, so `import kawai.engine.errors` (the CLI, the catalog) stays light
@@ -20,7 +20,8 @@ _EXPORTS = {
     "SamplingParams": "kawai.engine.sampling",
     "Sampler": "kawai.engine.sampling",
     "Step": "kawai.engine.generate",
-    "Generation": "kawai.engine.generate",
+    "Generation": "kawai.engine.scheduler",
+    "Prompt": "kawai.engine.generate",
     "GenerationStats": "kawai.engine.generate",
     "FINISH_REASONS": "kawai.engine.generate",
     "KawaiError": "kawai.engine.errors",

@@ -1,7 +1,8 @@
 """Measuring the engine: compile, load, prefill, decode, memory bandwidth and peak RSS.
 
-Our engine is timed on the path the server runs: `engine.batch.forward_batch`, prompts in chunks of the
-server's PREFILL_CHUNK. Every result names the CPU, the kernels' instruction set and the load average.
+Our engine is timed on the path the server runs: `LLM.generate`, i.e. the scheduler (engine/scheduler.py)
+with its chunk size, its batched forward, sampling and stop rules. Every result names the CPU, the
+kernels' instruction set and the load average.
 
 Used by `kawai bench` (our engine alone) and by `benchmarks/compare.py` (side by side with llama.cpp and
 transformers). The rules (house style, lesson 11): warm up first, time prefill and decode separately,
@@ -9,8 +10,8 @@ report medians, never count prompt tokens as generated tokens, and state the ban
 
 Letters: P = prompt tokens, G = generated tokens, V = vocabulary size.
 
-Decode is driven token by token with greedy argmax and no end-of-sequence stop, so every engine decodes
-exactly G tokens from the same P prompt ids.
+Decode is driven token by token with greedy sampling and no end-of-sequence stop (`ignore_eos`), so every
+engine decodes exactly G tokens from the same P prompt ids.
 """
 
 from __future__ import annotations
@@ -182,7 +183,8 @@ def timed_run(runner, ids: list[int], gen: int) -> TimedRun:
 
 class KawaiRunner:
     """Our engine behind the runner interface of benchmarks/peers.py (greedy, no stop rules), on the path
-    the server runs (api/worker.py): `forward_batch`, the prompt in chunks of the server's PREFILL_CHUNK.
+    the server runs: `LLM.generate` (the scheduler), one Step per call. `prefill` is the generation's first
+    Step (prompt chunks + the first token), each `decode_step` the next one (one forward + sampling).
 
     `engine.load` also warms the kernels up; `llm.load_seconds` excludes that, `llm.compile_seconds` is it.
     """
@@ -195,24 +197,21 @@ class KawaiRunner:
         self.version = _kawai_version()
         self.info = machine_info()
         self.llm = load(path, threads=threads, n_ctx=n_ctx)
-        self._cache = None
-
-    def _step(self, ids: list[int]) -> int:
-        from kawai.engine.batch import forward_batch
-
-        logits = forward_batch(self.llm.config, self.llm.weights, [ids], [self._cache])  # (1, V)
-        return int(np.argmax(logits[0]))
+        self._generation = None
 
     def prefill(self, ids: list[int]) -> int:
-        from kawai.engine.batch import PREFILL_CHUNK
+        from kawai.engine.sampling import SamplingParams
 
-        self._cache = self.llm.new_cache()
-        for lo in range(0, len(ids), PREFILL_CHUNK):
-            token = self._step(ids[lo : lo + PREFILL_CHUNK])
-        return token
+        params = SamplingParams(temperature=0, max_tokens=self.llm.n_ctx, ignore_eos=True)  # ends at context_full
+        self._generation = self.llm.generate(ids, params)
+        return next(self._generation).token_id
 
     def decode_step(self, token: int) -> int:
-        return self._step([token])
+        return next(self._generation).token_id
+
+    @property
+    def cache(self):
+        return self._generation.seq.cache
 
 
 def machine_info() -> dict:

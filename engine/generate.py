@@ -1,7 +1,8 @@
-"""The generation loop: prefill the prompt (minus what the cache already holds), then decode one token
-at a time until a stop rule fires.
+"""One sequence's generation state: its prompt, its sampler and stop rules, its counters. The step loop
+that drives many of them at once (prefill chunks, decode tokens, one forward per step) is
+engine/scheduler.py; `LLM.generate` is that loop running one sequence.
 
-Letters: V = vocabulary size, T = tokens in one forward call.
+Letters: V = vocabulary size.
 
 Stop rules, checked in this order for every token:
   cancelled      `should_stop()` returned True (checked before each token and between prefill chunks)
@@ -15,42 +16,47 @@ is forced, i.e. fed to the model after the sampled token and shown as part of th
 answer follows. `SequenceState.pending` is what the model reads next: the sampled token, then any forced.
 
 `SequenceState` holds everything one sequence carries between steps (cache, sampler, decoder, stop
-matcher, counters). `Generation` drives one of them with one forward call per step; a batching scheduler
-can drive many by batching the forward calls instead.
-
-The model writes keys and values into the cache but not token ids, so the loop records the ids next to
-them in `cache.tokens` (len == cache.length); the next call on the same cache compares them with its
-prompt and prefills only the new part.
+matcher, counters). The cache records the ids of the positions it holds (`KVCache.tokens`), so a new
+prompt on a used cache (a conversation's next turn) keeps their common prefix and prefills the rest.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
-from kawai.engine.errors import ContextLengthError, KawaiError
+from kawai.engine.kv_cache import KVCache
 from kawai.engine.sampling import Sampler, SamplingParams
 from kawai.engine.stop_strings import StopMatcher
 
 FINISH_REASONS = ("eos", "stop_sequence", "max_tokens", "context_full", "cancelled")
-PREFILL_CHUNK = 512  # prompt tokens per forward call: bounds activation memory, lets cancel act
 
 
-class Cache(Protocol):
-    """What the loop needs from engine.kv_cache.KVCache."""
+@dataclass(frozen=True)
+class Prompt:
+    """What a sequence starts from: token ids, and for a prompt with images the images its image rows
+    (`image_pad` ids, one per image token, engine/vision/) stand for, in order. `text` is the rendered
+    prompt when it came from a chat template (LLM.encode_chat)."""
 
-    max_seq: int
-    length: int
+    ids: list[int]
+    images: tuple = ()  # PIL images, in prompt order
+    text: str = ""
+    image_pad: int | None = None  # the id of image rows when there are images
 
-    def truncate(self, n: int) -> None: ...
+    def __len__(self) -> int:
+        return len(self.ids)
 
+    @property
+    def image_tokens(self) -> int:
+        return self.ids.count(self.image_pad) if self.images else 0
 
-# forward(token_ids (T,), cache) -> logits of the last position (V,); appends T positions to the cache.
-ForwardFn = Callable[[Sequence[int], Cache], np.ndarray]
+    @property
+    def reusable(self) -> int:
+        """Leading ids a cache may share with another conversation: those before the first image row
+        (image rows of different images have the same id)."""
+        return self.ids.index(self.image_pad) if self.images else len(self.ids)
 
 
 @dataclass(frozen=True)
@@ -85,18 +91,6 @@ class GenerationStats:
     @property
     def decode_tokens_per_second(self) -> float:
         return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
-
-
-def cached_tokens(cache: Cache) -> list[int]:
-    """The token ids a cache holds, as recorded by this loop in `cache.tokens`.
-
-    The model writes keys and values but not ids, so the loop keeps the ids next to them. A cache filled
-    by someone else (no `tokens`, or a count that disagrees with `length`) is treated as unknown: [].
-    """
-    tokens = getattr(cache, "tokens", None)
-    if isinstance(tokens, list) and len(tokens) == cache.length:
-        return tokens
-    return []
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -156,16 +150,18 @@ class SequenceState:
     """Per-sequence state between steps: the batching seam.
 
     `start()` keeps what the cache already holds of the prompt and returns the ids still to prefill;
-    `fed(ids)` records ids the caller ran through the model into the cache. `accept(logits)` samples the
-    next token and applies the stop rules; when the returned Step is not final, `next_token` is the token
-    the model must see next. The caller owns the forward calls, so a scheduler can batch them.
+    `fed()` says the caller ran `pending` through the model (the cache recorded their ids).
+    `accept(logits)` samples the next token and applies the stop rules; when the returned Step is not
+    final, `pending` is what the model must see next. The caller (engine/scheduler.py) owns the forward
+    calls, so it can batch them.
     """
 
     def __init__(
-        self, prompt: list[int], params: SamplingParams, cache: Cache, tokenizer,
+        self, prompt: Prompt, params: SamplingParams, cache: KVCache, tokenizer,
         thinking: ThinkingBudget | None = None,
     ):
-        self.prompt = prompt
+        self.prompt = prompt.ids
+        self.reusable = prompt.reusable  # leading prompt ids a used cache may already hold
         self.tokenizer = tokenizer
         self.thinking = thinking
         self.forced: list[int] = []  # ids the model reads after next_token (a closed think block)
@@ -182,15 +178,14 @@ class SequenceState:
     def start(self) -> list[int]:
         """Truncate the cache to its longest common prefix with the prompt; return the rest of the prompt.
 
-        At least the last prompt token is always returned: its logits give the first new token."""
-        reuse = min(common_prefix_length(cached_tokens(self.cache), self.prompt), len(self.prompt) - 1)
+        At least the last prompt token is always returned: its logits give the first new token. A
+        prompt with images shares at most its text before the first image."""
+        reuse = min(common_prefix_length(self.cache.tokens, self.prompt), self.reusable, len(self.prompt) - 1)
         self.cache.truncate(reuse)
-        self.cache.tokens = self.prompt[:reuse]
         return self.prompt[reuse:]
 
-    def fed(self, ids: Sequence[int]) -> None:
-        """Record ids just run through the model (their keys and values are in the cache)."""
-        self.cache.tokens.extend(ids)
+    def fed(self) -> None:
+        """`pending` went through the model: the forced ids are in the cache now."""
         self.forced = []
 
     @property
@@ -208,7 +203,7 @@ class SequenceState:
             return self.finish("max_tokens")
         token = self.sampler.sample(logits)
         self.n_generated += 1
-        if token in self.stop_ids:
+        if token in self.stop_ids and not self.params.ignore_eos:
             return self.finish("eos", token)
         raw = self.decoder.push(token)
         if self.thinking is not None and self.thinking.observe(raw):
@@ -235,84 +230,3 @@ class SequenceState:
         self.finish_reason = reason
         self.next_token = None
         return Step(token, text + tail, reason)
-
-
-class Generation:
-    """Iterate to get Steps; `stats` is complete after the last one. Validates eagerly, runs lazily.
-
-    The cache may already hold tokens (from an earlier turn): the longest common prefix with prompt_ids
-    is kept and only the rest is prefilled. At least one prompt token is always run, for its logits.
-    """
-
-    def __init__(
-        self,
-        forward: ForwardFn,
-        tokenizer,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        cache: Cache,
-        should_stop: Callable[[], bool] | None = None,
-        prefill_chunk: int = PREFILL_CHUNK,
-    ):
-        if not isinstance(params, SamplingParams):
-            raise TypeError("params must be a SamplingParams")
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise KawaiError("the prompt is empty: nothing to generate from")
-        if len(prompt) > cache.max_seq:
-            raise ContextLengthError(
-                f"the prompt has {len(prompt)} tokens, more than the context window of {cache.max_seq}"
-            )
-        self.forward = forward
-        self.should_stop = should_stop or (lambda: False)
-        self.prefill_chunk = max(1, int(prefill_chunk))
-        self.state = SequenceState(prompt, params, cache, tokenizer)
-        self.stats = GenerationStats(prompt_tokens=len(prompt))
-        self._steps = self._run()
-
-    def __iter__(self) -> Iterator[Step]:
-        return self
-
-    def __next__(self) -> Step:
-        return next(self._steps)
-
-    def _run(self) -> Iterator[Step]:
-        state, stats = self.state, self.stats
-        cache = state.cache
-        todo = state.start()
-        stats.cached_tokens = len(state.prompt) - len(todo)
-
-        logits = None
-        for start in range(0, len(todo), self.prefill_chunk):
-            if self.should_stop():
-                yield self._done(state.finish("cancelled"))
-                return
-            chunk = todo[start : start + self.prefill_chunk]
-            t0 = time.perf_counter()
-            logits = self.forward(chunk, cache)
-            state.fed(chunk)
-            stats.prefill_seconds += time.perf_counter() - t0
-            stats.prefill_tokens += len(chunk)
-
-        while True:
-            if self.should_stop():
-                yield self._done(state.finish("cancelled"))
-                return
-            t0 = time.perf_counter()
-            step = state.accept(logits)
-            stats.decode_seconds += time.perf_counter() - t0
-            stats.generated_tokens = state.n_generated
-            if step.finish_reason is not None:
-                yield self._done(step)
-                return
-            yield step
-            t0 = time.perf_counter()
-            ids = state.pending
-            logits = self.forward(ids, cache)
-            state.fed(ids)
-            stats.decode_seconds += time.perf_counter() - t0
-            stats.decode_steps += 1
-
-    def _done(self, step: Step) -> Step:
-        self.stats.finish_reason = step.finish_reason
-        return step

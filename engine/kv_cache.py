@@ -1,8 +1,10 @@
 """KVCache: one conversation's keys and values, preallocated for every layer and passed into the model.
 
-The model owns no runtime state: `engine.model.forward(cfg, weights, tokens, cache)` writes the new
-positions' keys and values here and advances `length`. A server can hold one cache per conversation and
-reuse a shared prefix with `truncate`.
+The model owns no runtime state: `engine.model.forward(cfg, weights, chunks, caches)` writes the new
+positions' keys and values here and records their token ids (`advance`). A cache knows what it holds:
+`tokens[i]` is the id at position i and `length == len(tokens)`, so the next prompt on the same cache
+(a conversation's next turn, a prefix shared by the prefix cache) prefills only what differs. The ids
+change only through `advance`, `truncate`, `copy_prefix` and `load`.
 
 Memory is committed as positions are written, 4 KiB page by page (`lazy_zeros`), so a cache as long as the
 model's trained context costs only what its prompts use.
@@ -60,7 +62,7 @@ class KVCache:
         shape_v = (cfg.n_layers, cfg.n_kv_heads, self.max_seq, cfg.head_dim)
         self.k = lazy_zeros(shape_k, KV_DTYPES[dtype])  # (n_layers, Hkv, hd, S)
         self.v = lazy_zeros(shape_v, KV_DTYPES[dtype])  # (n_layers, Hkv, S, hd)
-        self.length = 0  # positions 0..length-1 are filled
+        self.tokens: list[int] = []  # (length,) token id of each filled position (image rows: the pad id)
 
     @staticmethod
     def bytes_for(cfg: ModelConfig, max_seq: int, dtype: str = DEFAULT_KV_DTYPE) -> int:
@@ -71,6 +73,11 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+    @property
+    def length(self) -> int:
+        """Positions 0..length-1 are filled."""
+        return len(self.tokens)
 
     @property
     def free(self) -> int:
@@ -88,11 +95,35 @@ class KVCache:
         self.k[layer, :, :, start : start + n] = k.transpose(1, 2, 0)  # (Hkv, hd, n)
         self.v[layer, :, start : start + n, :] = v.transpose(1, 0, 2)  # (Hkv, n, hd)
 
+    def advance(self, ids) -> None:
+        """Record the ids (n,) whose keys and values every layer just stored at positions length.. ."""
+        if len(ids) > self.free:
+            raise KawaiError(f"{len(ids)} positions do not fit: {self.length} of {self.max_seq} used")
+        self.tokens.extend(int(t) for t in ids)
+
     def truncate(self, n: int) -> None:
         """Keep the first n positions (for prefix reuse); later ones are overwritten by the next forward."""
         if not 0 <= n <= self.length:
             raise KawaiError(f"cannot truncate a KV cache of length {self.length} to {n}")
-        self.length = int(n)
+        del self.tokens[n:]
+
+    def copy_prefix(self, src: KVCache, n: int) -> None:
+        """Hold src's first n positions (keys, values and ids) and nothing else."""
+        if not 0 <= n <= min(src.length, self.max_seq):
+            raise KawaiError(f"cannot copy {n} positions of a KV cache of length {src.length}")
+        (src_k, src_v), (dst_k, dst_v) = src.positions(0, n), self.positions(0, n)
+        dst_k[...], dst_v[...] = src_k, src_v
+        self.tokens = list(src.tokens[:n])
+
+    def load(self, k: np.ndarray, v: np.ndarray, ids) -> None:
+        """Append n positions read from elsewhere (engine/kv_disk.py): k (n_layers, Hkv, hd, n),
+        v (n_layers, Hkv, n, hd) in this cache's layout, and their ids (n,)."""
+        start, n = self.length, len(ids)
+        if n > self.free or k.shape[-1] != n or v.shape[-2] != n:
+            raise KawaiError(f"cannot load {n} positions into a KV cache with {self.free} free")
+        dst_k, dst_v = self.positions(start, start + n)
+        dst_k[...], dst_v[...] = k, v
+        self.tokens.extend(int(t) for t in ids)
 
     def __repr__(self) -> str:
         return (f"KVCache(length={self.length}, max_seq={self.max_seq}, dtype={self.dtype}, "

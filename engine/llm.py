@@ -12,7 +12,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,36 +22,26 @@ from kawai.engine.chat_template import ChatTemplate
 from kawai.engine.config import ModelConfig
 from kawai.engine.constraint import GrammarCompiler
 from kawai.engine.errors import ContextLengthError, KawaiError
-from kawai.engine.generate import Generation, cached_tokens, common_prefix_length
+from kawai.engine.generate import Prompt
 from kawai.engine.gguf import GGUFFile, open_gguf
 from kawai.engine.kv_cache import DEFAULT_KV_DTYPE, KVCache, check_kv_dtype
-from kawai.engine.model import forward
+from kawai.engine.model import Chunk, check_ids, forward
+from kawai.engine.prefix_cache import OneCache
 from kawai.engine.sampling import SamplingParams
 from kawai.engine.compute_threads import configure_threads
+from kawai.engine.scheduler import CHUNK, Generation, Request, Scheduler
 from kawai.engine.tokenizer import Tokenizer
 from kawai.engine.weights import load_weights
 from kawai.kernels import matmul
+
+if TYPE_CHECKING:
+    from kawai.engine.vision.image_prompt import ImagePrompt
 
 IMAGE_MARKUP = "<|vision_start|><|image_pad|><|vision_end|>"  # one image in rendered prompt text
 # Message fields whose text comes from users, tools or earlier replies: tokenized as plain text.
 CONTENT_FIELDS = ("content", "reasoning_content")
 
 log = logging.getLogger("kawai.engine")
-
-
-class PromptIds(list):
-    """Token ids of a chat prompt (a list of int), with the images its image tokens stand for (in order)
-    and the rendered text. `LLM.generate` takes the images from here when not given explicitly."""
-
-    def __init__(self, ids: Sequence[int] = (), images: Sequence = (), text: str = "", image_pad: int | None = None):
-        super().__init__(ids)
-        self.images = tuple(images)  # PIL images, in prompt order
-        self.text = text  # the rendered prompt text
-        self.image_pad = image_pad  # <|image_pad|> id when there are images
-
-    @property
-    def image_tokens(self) -> int:
-        return self.count(self.image_pad) if self.images else 0
 
 
 class LLM:
@@ -148,7 +138,7 @@ class LLM:
         enable_thinking: bool | None = None,
         suffix: str = "",
         max_chars: int | None = None,
-    ) -> PromptIds:
+    ) -> Prompt:
         """Token ids of a conversation (see render_chat for the message format), then `suffix` (the
         start of the reply: an assistant prefill). The text is exactly render_chat(...) + suffix, but
         only the template's own markup may produce control tokens: message content and the suffix are
@@ -191,7 +181,7 @@ class LLM:
         bos = self.tokenizer.bos_id
         if self.tokenizer.add_bos and bos is not None and (not ids or ids[0] != bos):
             ids.insert(0, bos)
-        return PromptIds(ids, images, text + suffix, self.vision_tokens.image_pad if images else None)
+        return Prompt(ids, tuple(images), text + suffix, self.vision_tokens.image_pad if images else None)
 
     def _image_ids(self, image) -> list[int]:
         if not self.has_vision:
@@ -205,8 +195,8 @@ class LLM:
         return len(self.encode_prompt(text))
 
     def count_chat_tokens(self, messages: list[dict], **kwargs) -> int:
-        """Prompt tokens of a conversation, image tokens included: len(encode_chat(...))."""
-        return len(self.encode_chat(messages, **kwargs))
+        """Prompt tokens of a conversation, image tokens included: len(encode_chat(...).ids)."""
+        return len(self.encode_chat(messages, **kwargs).ids)
 
     # ---- running the model --------------------------------------------------------------------
 
@@ -222,10 +212,21 @@ class LLM:
         """Bytes of one full-context KV cache (`new_cache()`)."""
         return KVCache.bytes_for(self.config, self.n_ctx, self.kv_dtype)
 
+    def forward_batch(self, chunks: list[Chunk], caches: list[KVCache]) -> list[np.ndarray]:
+        """One step of several sequences (engine.model.forward): per sequence logits (1, V), or (n, V)."""
+        return forward(self.config, self.weights, chunks, caches)
+
     def forward(self, token_ids: Sequence[int], cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
-        """Run token_ids (T,) after the cache's contents; logits (V,) of the last one, or (T, V)."""
-        logits = forward(self.config, self.weights, token_ids, cache, all_logits=all_logits)  # (T or 1, V)
-        return logits if all_logits else logits[-1]
+        """Run token_ids (T,) after the cache's contents, CHUNK rows at a time (teacher forcing, tests,
+        warm-up); logits (V,) of the last one, or (T, V)."""
+        ids = np.asarray(token_ids)
+        if ids.size == 0:
+            raise KawaiError("forward needs at least one token")
+        rows = []
+        for lo in range(0, ids.shape[0], CHUNK):
+            rows.append(forward(self.config, self.weights, [Chunk(ids[lo : lo + CHUNK], all_logits=all_logits)],
+                                [cache])[0])  # (n or 1, V)
+        return np.concatenate(rows) if all_logits else rows[-1][-1]
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Teacher-forced logits, float32 (len(ids), n_vocab), computed with a fresh cache."""
@@ -239,49 +240,41 @@ class LLM:
 
     def generate(
         self,
-        prompt_ids: Sequence[int],
+        prompt: Prompt | Sequence[int],
         params: SamplingParams,
         cache: KVCache | None = None,
         should_stop: Callable[[], bool] | None = None,
-        images: Sequence | None = None,
     ) -> Generation:
-        """Iterate for Steps (see engine.generate). A passed cache keeps what it holds of prompt_ids.
+        """Iterate for Steps: the scheduler (engine/scheduler.py) running this one sequence. `prompt`: from
+        encode_chat (images included), or plain token ids. A passed cache keeps what it holds of the prompt
+        (a conversation's next turn); `stats.vision_seconds` and `stats.image_tokens` report images."""
+        prompt = prompt if isinstance(prompt, Prompt) else Prompt(self.check_ids(prompt))
+        lender = OneCache(self.new_cache() if cache is None else cache)
+        request = Request(prompt, params, should_stop=should_stop or (lambda: False))
+        return Generation(Scheduler(self, lender, max_sequences=1), request)
 
-        images: PIL images for the prompt's image tokens, in order (default: `prompt_ids.images` of a
-        PromptIds from encode_chat). `stats.vision_seconds` and `stats.image_tokens` report them."""
-        images = tuple(getattr(prompt_ids, "images", ()) if images is None else images)
-        prompt_ids = self.check_ids(prompt_ids)
-        cache = self.new_cache() if cache is None else cache
-        forward_fn = self.forward
-        if images:
-            forward_fn = self._image_forward(prompt_ids, images, cache)
-        gen = Generation(forward_fn, self.tokenizer, prompt_ids, params, cache, should_stop=should_stop)
-        if images:
-            gen.stats.image_tokens = forward_fn.image_tokens
-            forward_fn.stats = gen.stats  # it adds vision_seconds when it encodes the images
-        return gen
+    # ---- images ---------------------------------------------------------------------------------
 
-    def _image_forward(self, prompt_ids: list[int], images: Sequence, cache: KVCache):
+    def check_image_prompt(self, prompt: Prompt) -> None:
+        """KawaiError unless this model takes images and the prompt's image rows match its images."""
         if not self.has_vision:
             raise KawaiError(f"model {self.id!r} does not take images (no vision projector is loaded)")
-        from kawai.engine.vision.image_prompt import ImagePromptForward, reusable_prefix
+        from kawai.engine.vision.image_prompt import check_image_prompt
 
-        pad = self.vision_tokens.image_pad
-        # keep at most the cached text before the first image (pads of other images look the same)
-        keep = min(common_prefix_length(cached_tokens(cache), prompt_ids), reusable_prefix(prompt_ids, pad))
-        cache.truncate(keep)
-        cache.tokens = prompt_ids[:keep]
-        return ImagePromptForward(self.config, self.weights, self.projector, prompt_ids, images, pad)
+        self.check_ids(prompt.ids)
+        check_image_prompt(self.projector, prompt.ids, prompt.images, self.vision_tokens.image_pad)
+
+    def encode_image_prompt(self, prompt: Prompt) -> ImagePrompt:
+        """The prompt's images encoded (vision encoder, timed) and its rows placed at M-RoPE positions."""
+        from kawai.engine.vision.image_prompt import encode_image_prompt
+
+        self.check_image_prompt(prompt)
+        return encode_image_prompt(self.config, self.projector, prompt.ids, prompt.images, self.vision_tokens.image_pad)
 
     def check_ids(self, ids: Sequence[int]) -> list[int]:
-        """Token ids as Python ints, each in 0..n_vocab-1 (a negative id would silently index from the end)."""
-        out = []
-        n_vocab = self.config.n_vocab
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < n_vocab:
-                raise KawaiError(f"token id {t!r} is not in 0..{n_vocab - 1}")
-            out.append(int(t))
-        return out
+        """Token ids as Python ints, checked by engine.model.check_ids (integers in 0..n_vocab-1); [] stays []."""
+        ids = list(ids)
+        return check_ids(self.config, ids).tolist() if ids else []
 
 
 # ---- chat prompts: content as plain text ------------------------------------------------------

@@ -5,15 +5,22 @@
           -> final RMSNorm -> output projection -> logits
 
 The architectures differ only by flags on ModelConfig (qkv_bias, qk_norm, rope_style, tied_output,
-rope_sections). The model holds no state: the KVCache is passed in, and the positions of the new tokens
-start at `cache.length` unless the caller gives them (multimodal prompts: engine/vision/).
+rope_sections). The model holds no state: each sequence's KVCache is passed in, and the positions of its
+new tokens start at `cache.length` unless the caller gives them (image prompts: engine/vision/).
+
+`forward` is the only layer loop. It runs one step of B sequences at once (a continuous-batching step:
+prompt chunks next to decode tokens); a single sequence is B = 1. Splitting prompts into chunks is the
+caller's job (engine/scheduler.py).
 
 Letters used in shape comments:
-    n  tokens in this chunk      d  d_model       H  n_heads      Hkv  n_kv_heads    hd  head_dim
-    f  d_ff                      V  n_vocab
+    B  sequences in the step     n  rows of one sequence's chunk      N  rows of all of them (sum of n)
+    d  d_model       H  n_heads      Hkv  n_kv_heads    hd  head_dim    f  d_ff    V  n_vocab
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,51 +34,60 @@ from kawai.kernels.attention import attention as causal_attention
 from kawai.kernels.matmul import matmul, matmul_stacked
 from kawai.kernels.matmul_precise import matmul_top_exact, precise
 
-CHUNK = 256  # prompt tokens processed at once: bounds activation memory
+
+@dataclass(frozen=True, eq=False)
+class Chunk:
+    """What one sequence feeds the model in one step: a decode step's token(s) or a slice of its prompt.
+
+    Image rows (engine/vision/) carry their input as `embeddings` instead of a token-embedding lookup;
+    their ids (the image pad id) are still what the cache records."""
+
+    ids: np.ndarray  # (n,) token ids
+    positions: np.ndarray | None = None  # (n,), or (3, n) t/h/w for M-RoPE; None: cache.length + 0..n-1
+    embeddings: np.ndarray | None = None  # (m, d) input rows given by the caller (image embeddings) ...
+    embedding_rows: np.ndarray | None = None  # (m,) ... and the rows of the chunk they stand for
+    all_logits: bool = False  # logits of every row (teacher forcing), else of the last one
 
 
-def forward(
-    cfg: ModelConfig,
-    weights: Weights,
-    tokens: np.ndarray | None,
-    cache: KVCache,
-    *,
-    all_logits: bool = False,
-    embeddings: np.ndarray | None = None,
-    positions: np.ndarray | None = None,
-) -> np.ndarray:
-    """Run `tokens` (n,) after the cache's contents; append their keys/values to `cache`.
+def forward(cfg: ModelConfig, weights: Weights, chunks: Sequence[Chunk], caches: Sequence[KVCache]) -> list[np.ndarray]:
+    """Run chunks[b] after caches[b]'s contents for every sequence b; their keys, values and ids go to
+    caches[b]. Returns per sequence float32 logits (n_b, V) with `all_logits`, else (1, V) of its last row.
 
-    Returns float32 logits (n, V) with `all_logits`, else (1, V) for the last token only.
-    Multimodal prompts (engine/vision/multimodal.py) pass `embeddings` (n, d) instead of `tokens` and
-    RoPE `positions`: (n,), or (3, n) t/h/w for M-RoPE (cfg.rope_sections). By default token i of the
-    chunk sits at position cache.length + i.
+    The B chunks are stacked into one activation matrix (N rows), so every projection is one matmul that
+    reads each weight once for the whole step; attention is per sequence, over its own cache. Rows are
+    independent (matmuls, norms and RoPE work row by row), so a sequence gets bit for bit the logits it
+    would get alone (tests/test_batching.py). Nothing is written to a cache unless every check passes;
+    a cache's ids advance only once every layer has stored its keys and values.
     """
-    if embeddings is None:
-        tokens = _check_tokens(cfg, tokens)
-        n = tokens.shape[0]
-    else:
-        embeddings = _check_embeddings(cfg, embeddings)
-        n = embeddings.shape[0]
-    if positions is not None:
-        positions = _check_positions(cfg, positions, n)
-    if n > cache.free:
-        raise ContextLengthError(
-            f"{n} new tokens do not fit in the context: {cache.length} of {cache.max_seq} positions used"
-        )
-    logits = []
-    for lo in range(0, n, CHUNK):
-        if embeddings is None:
-            x = weights.token_embd.lookup(tokens[lo : lo + CHUNK])  # (n_chunk, d)
-        else:
-            x = embeddings[lo : lo + CHUNK].copy()
-        chunk_positions = None if positions is None else positions[..., lo : lo + CHUNK]
-        x = _forward_chunk(cfg, weights, x, cache, chunk_positions)  # (n_chunk, d) normalized final states
-        if all_logits:
-            logits.append(output_logits(weights, x))
-        elif lo + CHUNK >= n:
-            logits.append(output_logits(weights, x[-1:]))
-    return logits[0] if len(logits) == 1 else np.concatenate(logits)
+    chunks = [check_chunk(cfg, c, cache) for c, cache in _pairs(chunks, caches)]
+    counts = [c.ids.shape[0] for c in chunks]
+    offsets = np.concatenate([[0], np.cumsum(counts)])  # (B+1,) sequence b owns rows offsets[b]:offsets[b+1]
+    starts = [cache.length for cache in caches]
+    ids = np.concatenate([c.ids for c in chunks]) if len(chunks) > 1 else chunks[0].ids  # (N,)
+
+    x = weights.token_embd.lookup(ids)  # (N, d) the residual stream
+    for b, c in enumerate(chunks):
+        if c.embeddings is not None:
+            x[offsets[b] + c.embedding_rows] = c.embeddings
+    ropes = _rope_runs(chunks, starts, offsets)
+    inv_freq = rope_inv_freq(cfg, weights)  # (hd/2,)
+
+    h = np.empty_like(x)  # (N, d) normalized input of each sub-layer
+    for i, layer in enumerate(weights.layers):
+        ops.rms_norm(x, layer.attn_norm, cfg.rms_eps, h)
+        x += attention(cfg, layer, h, ropes, inv_freq, caches, starts, offsets, i)
+        ops.rms_norm(x, layer.ffn_norm, cfg.rms_eps, h)
+        x += mlp(layer, h)
+    for c, cache in zip(chunks, caches):
+        cache.advance(c.ids)
+
+    rows = [np.arange(lo, hi) if c.all_logits else np.array([hi - 1]) for c, lo, hi in zip(chunks, offsets, offsets[1:])]
+    last = np.ascontiguousarray(x[np.concatenate(rows)])  # (R, d) the rows that need logits
+    out = np.empty_like(last)
+    ops.rms_norm(last, weights.output_norm, cfg.rms_eps, out)
+    logits = output_logits(weights, out)  # (R, V)
+    bounds = np.cumsum([len(r) for r in rows])[:-1]
+    return np.split(logits, bounds) if len(rows) > 1 else [logits]
 
 
 def output_logits(weights: Weights, h: np.ndarray) -> np.ndarray:
@@ -80,73 +96,72 @@ def output_logits(weights: Weights, h: np.ndarray) -> np.ndarray:
     return matmul_top_exact(weights.output, h)
 
 
-def _forward_chunk(
-    cfg: ModelConfig, weights: Weights, x: np.ndarray, cache: KVCache, positions: np.ndarray | None
-) -> np.ndarray:
-    """x (n, d) input embeddings, the residual stream (modified in place)."""
-    start = cache.length
-    n = x.shape[0]
-    if positions is None:
-        positions = np.arange(start, start + n, dtype=np.int64)  # (n,)
-    inv_freq = rope_inv_freq(cfg, weights)  # (hd/2,)
-
-    h = np.empty_like(x)  # (n, d) normalized input of each sub-layer
-    for i, layer in enumerate(weights.layers):
-        ops.rms_norm(x, layer.attn_norm, cfg.rms_eps, h)
-        x += attention(cfg, layer, h, positions, inv_freq, cache, i)
-        ops.rms_norm(x, layer.ffn_norm, cfg.rms_eps, h)
-        x += mlp(layer, h)
-    ops.rms_norm(x, weights.output_norm, cfg.rms_eps, h)
-    cache.length = start + n  # only once every layer has stored its keys and values
-    return h
+def _rope_runs(chunks: list[Chunk], starts: list[int], offsets: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+    """Rotation positions as runs of rows (lo, hi, positions (n,) or (3, n)): neighbouring sequences of
+    the same kind share one run, so a text-only step rotates all its rows in one call. Text rows keep the
+    plain rotation next to M-RoPE rows: each row turns exactly as it would alone."""
+    runs: list[tuple[int, int, np.ndarray]] = []
+    for c, start, lo, hi in zip(chunks, starts, offsets, offsets[1:]):
+        pos = np.arange(start, start + (hi - lo), dtype=np.int64) if c.positions is None else c.positions
+        if runs and runs[-1][2].ndim == pos.ndim:
+            prev_lo, _, prev = runs[-1]
+            runs[-1] = (prev_lo, hi, np.concatenate([prev, pos], axis=-1))
+        else:
+            runs.append((lo, hi, pos))
+    return runs
 
 
 def attention(
     cfg: ModelConfig,
     layer: LayerWeights,
     h: np.ndarray,
-    positions: np.ndarray,
+    ropes: list[tuple[int, int, np.ndarray]],
     inv_freq: np.ndarray,
-    cache: KVCache,
+    caches: Sequence[KVCache],
+    starts: list[int],
+    offsets: np.ndarray,
     i: int,
 ) -> np.ndarray:
-    """Self-attention of the new tokens over the cached ones. h (n, d) -> (n, d).
-    positions (n,), or (3, n) t/h/w for M-RoPE; the new keys go to cache slots cache.length.. ."""
+    """Self-attention of each sequence's new rows over its cache. h (N, d) -> (N, d).
+    Stacked QKV and output projections; sequence b's keys go to its cache slots starts[b].. ."""
     n = h.shape[0]
-    q, k, v = qkv(cfg, layer, h, positions, inv_freq)  # (n, H, hd), (n, Hkv, hd) x2
+    q, k, v = qkv(cfg, layer, h, ropes, inv_freq)  # (N, H, hd), (N, Hkv, hd) x2
 
-    start = cache.length
-    cache.store(i, start, k, v)
-    out = np.empty_like(q)  # (n, H, hd)
-    causal_attention(q, cache.k[i], cache.v[i], start, np.float32(cfg.head_dim**-0.5), out)
-    return matmul(layer.attn_output, out.reshape(n, cfg.q_dim))  # (n, d)
+    out = np.empty_like(q)  # (N, H, hd)
+    scale = np.float32(cfg.head_dim**-0.5)
+    for b, cache in enumerate(caches):
+        lo, hi = offsets[b], offsets[b + 1]
+        cache.store(i, starts[b], k[lo:hi], v[lo:hi])
+        causal_attention(q[lo:hi], cache.k[i], cache.v[i], starts[b], scale, out[lo:hi])
+    return matmul(layer.attn_output, out.reshape(n, cfg.q_dim))  # (N, d)
 
 
 def qkv(
-    cfg: ModelConfig, layer: LayerWeights, h: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray
+    cfg: ModelConfig, layer: LayerWeights, h: np.ndarray, ropes: list[tuple[int, int, np.ndarray]], inv_freq: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Queries, keys and values of the new tokens, rotated to their positions.
-    h (n, d) -> q (n, H, hd), k (n, Hkv, hd), v (n, Hkv, hd); positions (n,), or (3, n) for M-RoPE.
+    """Queries, keys and values of the new rows, rotated to their positions.
+    h (N, d) -> q (N, H, hd), k (N, Hkv, hd), v (N, Hkv, hd); ropes: runs of rows and their positions.
     The projections get ~15-bit activations (kernels/matmul_precise.py): softmax amplifies q.k errors."""
     n = h.shape[0]
-    q, k, v = precise(lambda x: matmul_stacked(layer.attn_qkv, x), h)  # (n, H*hd), (n, Hkv*hd) x2
+    q, k, v = precise(lambda x: matmul_stacked(layer.attn_qkv, x), h)  # (N, H*hd), (N, Hkv*hd) x2
     if cfg.qkv_bias:
         q += layer.attn_q_bias
         k += layer.attn_k_bias
         v += layer.attn_v_bias
-    q = q.reshape(n, cfg.n_heads, cfg.head_dim)  # (n, H, hd)
-    k = k.reshape(n, cfg.n_kv_heads, cfg.head_dim)  # (n, Hkv, hd)
-    v = v.reshape(n, cfg.n_kv_heads, cfg.head_dim)  # (n, Hkv, hd)
+    q = q.reshape(n, cfg.n_heads, cfg.head_dim)  # (N, H, hd)
+    k = k.reshape(n, cfg.n_kv_heads, cfg.head_dim)  # (N, Hkv, hd)
+    v = v.reshape(n, cfg.n_kv_heads, cfg.head_dim)  # (N, Hkv, hd)
     if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
         ops.rms_norm(q.reshape(-1, cfg.head_dim), layer.attn_q_norm, cfg.rms_eps, q.reshape(-1, cfg.head_dim))
         ops.rms_norm(k.reshape(-1, cfg.head_dim), layer.attn_k_norm, cfg.rms_eps, k.reshape(-1, cfg.head_dim))
-    if positions.ndim == 2:  # M-RoPE: image tokens turn some pairs by their row / column
-        rope_multi(q, positions, inv_freq, cfg.rope_sections)
-        rope_multi(k, positions, inv_freq, cfg.rope_sections)
-    else:
-        neox = cfg.rope_style == "neox"
-        ops.rope(q, positions, inv_freq, neox)
-        ops.rope(k, positions, inv_freq, neox)
+    for lo, hi, positions in ropes:
+        if positions.ndim == 2:  # M-RoPE: image tokens turn some pairs by their row / column
+            rope_multi(q[lo:hi], positions, inv_freq, cfg.rope_sections)
+            rope_multi(k[lo:hi], positions, inv_freq, cfg.rope_sections)
+        else:
+            neox = cfg.rope_style == "neox"
+            ops.rope(q[lo:hi], positions, inv_freq, neox)
+            ops.rope(k[lo:hi], positions, inv_freq, neox)
     return q, k, v
 
 
@@ -167,10 +182,57 @@ def rope_inv_freq(cfg: ModelConfig, weights: Weights) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
-def _check_embeddings(cfg: ModelConfig, embeddings) -> np.ndarray:
+# ---- input checks: the one place ids, embeddings, positions and context are validated ----------------
+
+
+def _pairs(chunks: Sequence[Chunk], caches: Sequence[KVCache]):
+    if len(chunks) != len(caches) or not chunks:
+        raise KawaiError(f"forward needs one cache per sequence, got {len(chunks)} chunks and {len(caches)} caches")
+    if len({id(c) for c in caches}) != len(caches):
+        raise KawaiError("forward: a cache appears twice in one step")
+    return zip(chunks, caches)
+
+
+def check_chunk(cfg: ModelConfig, chunk: Chunk, cache: KVCache) -> Chunk:
+    """The chunk with its arrays checked and made contiguous; KawaiError naming what is wrong, and
+    ContextLengthError when its rows do not fit the cache."""
+    ids = check_ids(cfg, chunk.ids)
+    n = ids.shape[0]
+    if n > cache.free:
+        raise ContextLengthError(
+            f"{n} new tokens do not fit in the context: {cache.length} of {cache.max_seq} positions used"
+        )
+    positions = None if chunk.positions is None else _check_positions(cfg, chunk.positions, n)
+    embeddings, rows = chunk.embeddings, chunk.embedding_rows
+    if (embeddings is None) != (rows is None):
+        raise KawaiError("embeddings and embedding_rows go together")
+    if embeddings is not None:
+        rows = np.asarray(rows)
+        if rows.ndim != 1 or rows.dtype.kind not in "iu" or (rows.size and (rows.min() < 0 or rows.max() >= n)):
+            raise KawaiError(f"embedding_rows must be row indices in 0..{n - 1}")
+        embeddings = _check_embeddings(cfg, embeddings, rows.shape[0])
+        rows = rows.astype(np.int64)
+    return Chunk(ids, positions, embeddings, rows, chunk.all_logits)
+
+
+def check_ids(cfg: ModelConfig, ids) -> np.ndarray:
+    """A non-empty 1-D array of token ids within the vocabulary (a negative id would silently index
+    from the end), as int64."""
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.size == 0:
+        raise KawaiError(f"tokens must be a non-empty 1-D sequence, got shape {ids.shape}")
+    if ids.dtype.kind not in "iu":
+        raise KawaiError(f"token ids must be integers, got {ids.dtype}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= cfg.n_vocab:
+        raise KawaiError(f"token ids must be in 0..{cfg.n_vocab - 1}, got {lo if lo < 0 else hi}")
+    return np.ascontiguousarray(ids, dtype=np.int64)
+
+
+def _check_embeddings(cfg: ModelConfig, embeddings, m: int) -> np.ndarray:
     embeddings = np.asarray(embeddings)
-    if embeddings.ndim != 2 or embeddings.shape[0] == 0 or embeddings.shape[1] != cfg.d_model:
-        raise KawaiError(f"embeddings must have shape (n, {cfg.d_model}), got {embeddings.shape}")
+    if embeddings.shape != (m, cfg.d_model):
+        raise KawaiError(f"embeddings must have shape ({m}, {cfg.d_model}), got {embeddings.shape}")
     if not np.all(np.isfinite(embeddings)):
         raise KawaiError("embeddings hold NaN or infinite values")
     return np.ascontiguousarray(embeddings, dtype=np.float32)
@@ -185,16 +247,3 @@ def _check_positions(cfg: ModelConfig, positions, n: int) -> np.ndarray:
     if positions.size and int(positions.min()) < 0:
         raise KawaiError("positions must be non-negative")
     return np.ascontiguousarray(positions, dtype=np.int64)
-
-
-def _check_tokens(cfg: ModelConfig, tokens) -> np.ndarray:
-    """A 1-D array of token ids within the vocabulary (a negative id would silently index from the end)."""
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 1 or tokens.size == 0:
-        raise KawaiError(f"tokens must be a non-empty 1-D sequence, got shape {tokens.shape}")
-    if tokens.dtype.kind not in "iu":
-        raise KawaiError(f"token ids must be integers, got {tokens.dtype}")
-    lo, hi = int(tokens.min()), int(tokens.max())
-    if lo < 0 or hi >= cfg.n_vocab:
-        raise KawaiError(f"token ids must be in 0..{cfg.n_vocab - 1}, got {lo if lo < 0 else hi}")
-    return np.ascontiguousarray(tokens, dtype=np.int64)

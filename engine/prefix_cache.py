@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kawai.engine.errors import KawaiError
-from kawai.engine.generate import cached_tokens, common_prefix_length
+from kawai.engine.generate import common_prefix_length
 from kawai.engine.kv_cache import KVCache
 
 BLOCK_TOKENS = 64  # tokens per block: the unit of matching, accounting and disk files
@@ -209,7 +209,7 @@ class PrefixCache:
             entry = idle  # the prompt extends a finished conversation (its next turn): hand it over
         elif source is not None and self._make_room(need, keep=source):
             entry = self._new_entry(tenant, root)  # copy the shared prefix: the source stays for others
-            _copy_prefix(source.cache, entry.cache, n)
+            entry.cache.copy_prefix(source.cache, n)
             entry.disk_tokens, source.disk_tokens = min(n, source.disk_tokens), 0
             self._index_blocks(entry, hashes[: n // B])
         elif source is idle and idle is not None:
@@ -278,7 +278,7 @@ class PrefixCache:
             if entry is None:
                 return
             entry.leased = False
-            if not reusable or not cached_tokens(entry.cache):
+            if not reusable or not entry.cache.length:
                 self._drop(entry)
             else:
                 self._entries.move_to_end(id(entry.cache))
@@ -315,14 +315,9 @@ class PrefixCache:
                 return  # nothing beyond what memory holds: read nothing
             B = self.block_tokens
             cache = self._new_cache()  # private until it is put in the pool: filled outside the lock
-            cache.tokens = []
-            n = 0
             for block in self.disk.read_chain(tenant, root, prompt, hashes):
-                k, v = cache.positions(n, n + B)
-                k[...], v[...] = block.k, block.v
-                cache.tokens += block.tokens
-                n += B
-            cache.length = n
+                cache.load(block.k, block.v, block.tokens)
+            n = cache.length
             if n > have * B:
                 with self._lock:
                     if self._make_room(n, keep=None):
@@ -365,14 +360,13 @@ class PrefixCache:
         for entry in self._entries.values():
             if entry.leased or entry.root != root:
                 continue
-            n = common_prefix_length(cached_tokens(entry.cache), prompt)
+            n = common_prefix_length(entry.cache.tokens, prompt)
             if n > best_len:
                 best, best_len = entry, n
         return best, best_len
 
     def _new_entry(self, tenant: str | None, root: bytes) -> _Entry:
         entry = _Entry(self._new_cache(), tenant, root)
-        entry.cache.tokens = []
         self._entries[id(entry.cache)] = entry
         return entry
 
@@ -383,7 +377,6 @@ class PrefixCache:
             self._unindex(h, entry)
         del entry.hashes[keep:]
         entry.cache.truncate(n)
-        entry.cache.tokens = entry.cache.tokens[:n]
 
     def _unindex(self, h: bytes, entry: _Entry) -> None:
         holders = self._index.get(h)
@@ -423,14 +416,6 @@ def block_arrays(cache: KVCache, start: int, n: int) -> tuple[np.ndarray, np.nda
     return np.ascontiguousarray(k), np.ascontiguousarray(v)
 
 
-def _copy_prefix(src: KVCache, dst: KVCache, n: int) -> None:
-    """dst holds src's first n positions (keys, values and token ids)."""
-    (src_k, src_v), (dst_k, dst_v) = src.positions(0, n), dst.positions(0, n)
-    dst_k[...], dst_v[...] = src_k, src_v
-    dst.length = n
-    dst.tokens = list(src.tokens[:n])
-
-
 def open_prefix_cache(
     llm,
     memory_bytes: int,
@@ -459,3 +444,29 @@ def open_prefix_cache(
         model = llm.id
     return PrefixCache(llm.new_cache, memory_bytes, root=lambda tenant: chain_root(model, kv_format, tenant),
                        block_tokens=block_tokens, disk=disk, on_ready=on_ready)
+
+
+class OneCache:
+    """Lends one cache the caller owns (`LLM.generate(..., cache=cache)`, `kawai chat` keeping its
+    conversation): the PrefixCache interface with nothing shared, nothing evicted, nothing dropped. The
+    sequence keeps what the cache holds of its prompt (engine.generate.SequenceState.start)."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self._lease: Lease | None = None
+
+    def acquire(self, tenant: str | None, prompt: Sequence[int], reuse: bool = True) -> Lease | None:
+        if self._lease is not None:
+            return None  # lent already: one sequence at a time
+        self._lease = Lease(self.cache, tenant, 0, list(prompt))
+        return self._lease
+
+    def reserve(self, lease: Lease, n_positions: int) -> bool:
+        return n_positions <= self.cache.max_seq
+
+    def publish(self, lease: Lease) -> None:
+        pass
+
+    def release(self, lease: Lease, reusable: bool = True) -> None:
+        if lease is self._lease:
+            self._lease = None

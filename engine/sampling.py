@@ -51,6 +51,7 @@ class SamplingParams:
     max_tokens: most tokens to generate (>= 0; 0 = prefill the prompt into the cache, sample nothing).
     stop: strings that end generation; the matched one is not emitted.
     grammar: what the reply must match (engine.constraint.Grammar); None = anything.
+    ignore_eos: an end-of-sequence token does not stop generation (benchmarks: exactly max_tokens).
     """
 
     temperature: float = 1.0
@@ -60,6 +61,7 @@ class SamplingParams:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     grammar: Grammar | None = None
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         t = self.temperature

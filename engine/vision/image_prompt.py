@@ -1,102 +1,98 @@
-"""The forward function of one prompt with images, for the generation loop (engine/generate.py).
+"""The rows of a prompt with images, as the scheduler (engine/scheduler.py) feeds them to the model.
 
-`ImagePromptForward(...)` has the loop's `forward(ids, cache) -> logits (V,)` signature. During prefill
-(cache slots inside the prompt) it encodes the images once, puts their embeddings on the pad tokens
-and runs the chunk at its M-RoPE positions; after the prompt it decodes single tokens at position
-`cache.length + rope_delta` on all three components (docs/vision.md, section 4).
+    image = encode_image_prompt(cfg, projector, prompt.ids, prompt.images, image_pad)  # encoder, timed
+    image = image_prompt(cfg, ids, encoded_images, image_pad, merge_size)             # already encoded
+    image.chunk(ids, lo, hi)       # prompt rows lo..hi-1: image rows as embeddings, M-RoPE positions
+    image.decode_chunk(ids, s)     # generated tokens at cache slots s..: position s + rope_delta
 
-The prompt's ids are already expanded (one `<|image_pad|>` per image token). A cache may be reused only
-up to the first image pad: pads of different images have the same id (see `reusable_prefix`).
+The prompt's ids are already expanded (one `<|image_pad|>` per image token). Its image rows take the
+images' embeddings in order; every row of the prompt sits at its M-RoPE (t, h, w) position. After the
+prompt, the token at cache slot s has position s + rope_delta on all three components (docs/vision.md,
+section 4).
+
+Letters: P prompt rows, m image rows, d d_model.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from kawai.engine.config import ModelConfig
 from kawai.engine.errors import KawaiError
-from kawai.engine.kv_cache import KVCache
-from kawai.engine.model import forward
-from kawai.engine.vision.multimodal import encode_image, image_token_count
+from kawai.engine.model import Chunk
+from kawai.engine.vision.multimodal import ImageEmbedding, encode_image, image_token_count
 from kawai.engine.vision.mrope import mrope_positions
 from kawai.engine.vision.projector import Projector
-from kawai.engine.weights import Weights
 
 
-def reusable_prefix(prompt: Sequence[int], image_pad: int) -> int:
-    """Prompt tokens a cache may share with an earlier conversation: those before the first image."""
-    for i, t in enumerate(prompt):
-        if t == image_pad:
-            return i
-    return len(prompt)
+@dataclass(frozen=True, eq=False)
+class ImagePrompt:
+    """One prompt's encoded images and positions."""
+
+    embeddings: np.ndarray  # (m, d) float32 image rows, all images in prompt order
+    is_image: np.ndarray  # (P,) bool: the prompt's image rows
+    positions: np.ndarray  # (3, P) int64 M-RoPE t/h/w positions of the prompt rows
+    rope_delta: int  # M-RoPE position of cache slot s after the prompt: s + rope_delta
+    seconds: float  # preprocessing + vision encoder, wall time
+
+    def chunk(self, ids: Sequence[int], lo: int, hi: int) -> Chunk:
+        """Prompt rows lo..hi-1 (ids: those rows' ids)."""
+        rows = np.flatnonzero(self.is_image[lo:hi])  # (k,) image rows of the chunk
+        first = int(self.is_image[:lo].sum())  # image rows fed before it
+        embeddings = self.embeddings[first : first + rows.size] if rows.size else None
+        return Chunk(np.asarray(ids, dtype=np.int64), self.positions[:, lo:hi], embeddings,
+                     rows if rows.size else None)
+
+    def decode_chunk(self, ids: Sequence[int], start: int) -> Chunk:
+        """Tokens after the prompt, at cache slots start.. ."""
+        positions = np.arange(start, start + len(ids), dtype=np.int64) + self.rope_delta  # (n,)
+        return Chunk(np.asarray(ids, dtype=np.int64), positions)
 
 
-class ImagePromptForward:
-    """forward(ids, cache) for one image prompt; `vision_seconds` and `image_tokens` once prefilled."""
+def check_image_prompt(projector: Projector, ids: Sequence[int], images: Sequence[Image.Image], image_pad: int) -> int:
+    """The prompt's image rows, once checked against its images' sizes (before anything is encoded)."""
+    return _check_rows(ids, image_pad, [image_token_count(projector, *im.size) for im in images])
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        weights: Weights,
-        projector: Projector,
-        prompt: Sequence[int],
-        images: Sequence[Image.Image],
-        image_pad: int,
-    ):
-        if not cfg.rope_sections:
-            raise KawaiError(f"a {cfg.arch} model does not take images (it has no multimodal RoPE)")
-        self.cfg = cfg
-        self.weights = weights
-        self.projector = projector
-        self.prompt = np.asarray([int(t) for t in prompt], dtype=np.int64)  # (n,)
-        self.images = list(images)
-        self.image_pad = image_pad
-        counts = [image_token_count(projector, *im.size) for im in self.images]
-        self.image_tokens = int((self.prompt == image_pad).sum())
-        if sum(counts) != self.image_tokens:
-            raise KawaiError(f"the prompt has {self.image_tokens} image tokens for {len(counts)} image(s) of {sum(counts)}")
-        self.vision_seconds = 0.0
-        self.stats = None  # engine.generate.GenerationStats to report vision_seconds to
-        self._embeddings: np.ndarray | None = None  # (image_tokens, d_model), all images in order
-        self._positions: np.ndarray | None = None  # (3, n)
-        self.rope_delta = 0
 
-    def _encode(self) -> None:
-        merge = self.projector.config.merge_size
-        encoded = [encode_image(self.projector, im) for im in self.images]
-        self.vision_seconds = sum(e.seconds for e in encoded)
-        if self.stats is not None:
-            self.stats.vision_seconds = self.vision_seconds
-        for e in encoded:
-            if e.embeddings.shape[1] != self.cfg.d_model:
-                raise KawaiError(
-                    f"image embeddings have width {e.embeddings.shape[1]}, the model expects {self.cfg.d_model}: "
-                    "the vision projector does not belong to this model"
-                )
-        self._embeddings = np.concatenate([e.embeddings for e in encoded]) if encoded else None
-        self._positions, next_position = mrope_positions(self.prompt, self.image_pad, [e.grid for e in encoded], merge)
-        self.rope_delta = next_position - len(self.prompt)
+def _check_rows(ids: Sequence[int], image_pad: int, counts: Sequence[int]) -> int:
+    n_rows = sum(1 for t in ids if t == image_pad)
+    if sum(counts) != n_rows:
+        raise KawaiError(f"the prompt has {n_rows} image placeholder tokens for {len(counts)} image(s) of "
+                         f"{sum(counts)} tokens")
+    return n_rows
 
-    def __call__(self, ids: Sequence[int], cache: KVCache) -> np.ndarray:
-        ids = np.asarray([int(t) for t in ids], dtype=np.int64)
-        start, n = cache.length, len(self.prompt)
-        if start >= n:  # decoding after the prompt
-            if self._positions is None:
-                raise KawaiError("an image prompt must be prefilled before decoding")
-            positions = np.arange(start, start + len(ids), dtype=np.int64) + self.rope_delta
-            return forward(self.cfg, self.weights, ids, cache, positions=positions)[-1]
-        if start + len(ids) > n or not np.array_equal(self.prompt[start : start + len(ids)], ids):
-            raise KawaiError("prefill chunks must follow the image prompt in order")
-        if self._positions is None:
-            self._encode()
-        embeddings = self.weights.token_embd.lookup(np.where(ids == self.image_pad, 0, ids))  # (T, d)
-        is_image = ids == self.image_pad
-        if is_image.any():
-            first = int((self.prompt[:start] == self.image_pad).sum())  # image rows already fed
-            embeddings[is_image] = self._embeddings[first : first + int(is_image.sum())]
-        positions = self._positions[:, start : start + len(ids)]
-        return forward(self.cfg, self.weights, None, cache, embeddings=embeddings, positions=positions)[-1]
+
+def encode_image_prompt(
+    cfg: ModelConfig, projector: Projector, ids: Sequence[int], images: Sequence[Image.Image], image_pad: int
+) -> ImagePrompt:
+    """Encode the images of a prompt (ids with expanded image pads, checked first) and place its rows."""
+    if not cfg.rope_sections:
+        raise KawaiError(f"a {cfg.arch} model does not take images (it has no multimodal RoPE)")
+    check_image_prompt(projector, ids, images, image_pad)
+    encoded = [encode_image(projector, im) for im in images]
+    return image_prompt(cfg, ids, encoded, image_pad, projector.config.merge_size)
+
+
+def image_prompt(
+    cfg: ModelConfig, ids: Sequence[int], encoded: Sequence[ImageEmbedding], image_pad: int, merge_size: int
+) -> ImagePrompt:
+    """A prompt's rows from its encoded images: the image rows' embeddings and every row's position."""
+    if not cfg.rope_sections:
+        raise KawaiError(f"a {cfg.arch} model does not take images (it has no multimodal RoPE)")
+    _check_rows(ids, image_pad, [e.n_tokens for e in encoded])
+    for e in encoded:
+        if e.embeddings.ndim != 2 or e.embeddings.shape[1] != cfg.d_model:
+            raise KawaiError(
+                f"image embeddings have width {e.embeddings.shape[-1]}, the model expects {cfg.d_model}: "
+                "the vision projector does not belong to this model"
+            )
+    tokens = np.asarray(ids, dtype=np.int64)  # (P,)
+    positions, next_position = mrope_positions(tokens, image_pad, [e.grid for e in encoded], merge_size)
+    d = cfg.d_model
+    embeddings = np.concatenate([e.embeddings for e in encoded]).astype(np.float32) if encoded else np.zeros((0, d), np.float32)
+    return ImagePrompt(embeddings, tokens == image_pad, positions, next_position - len(tokens),
+                       sum(e.seconds for e in encoded))

@@ -1,16 +1,15 @@
-"""Prompts with images: one image -> its embeddings, placeholders -> image tokens, and the prefill that
-puts the image embeddings where their tokens are, at M-RoPE positions.
+"""Prompts with images: one image -> its embeddings, placeholders -> image tokens.
 
     encode_image(projector, image) -> ImageEmbedding        preprocessing + encoder, timed
+    image_token_count(projector, width, height) -> int       image tokens of an image, before encoding
     expand_image_placeholders(ids, pad_id, counts) -> ids    <|image_pad|> x1 -> x N per image
-    prefill(cfg, weights, ids, images, cache, ...) -> Prefill  logits + the rope delta for decoding
     vision_token_ids(tokens) -> VisionTokens                  <|vision_start|>, <|image_pad|>, <|vision_end|>
     find_projector(model_path) -> Path | None                 an mmproj file next to the model
 
 A chat template renders each image as `<|vision_start|><|image_pad|><|vision_end|>`; the single pad
 becomes one pad per merged patch before the prompt runs (transformers' processor and llama.cpp's mtmd
-do the same). After the prompt, a decoded token at cache slot s has M-RoPE position s + rope_delta on
-all three components: pass `positions=np.array([cache.length + rope_delta])` to `engine.model.forward`.
+do the same). How the image rows then reach the model, at their M-RoPE positions, is
+engine/vision/image_prompt.py.
 """
 
 from __future__ import annotations
@@ -24,15 +23,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from kawai.engine.config import ModelConfig
 from kawai.engine.errors import KawaiError
-from kawai.engine.kv_cache import KVCache
-from kawai.engine.model import forward
 from kawai.engine.vision.encoder import encode
-from kawai.engine.vision.mrope import mrope_positions
 from kawai.engine.vision.preprocess import preprocess, smart_resize, to_patches
 from kawai.engine.vision.projector import Projector
-from kawai.engine.weights import Weights
 
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
@@ -57,13 +51,6 @@ class VisionTokens:
     start: int  # <|vision_start|>
     end: int  # <|vision_end|>
     image_pad: int  # <|image_pad|>
-
-
-@dataclass(frozen=True, eq=False)
-class Prefill:
-    logits: np.ndarray  # (n, V) with all_logits, else (1, V)
-    rope_delta: int  # M-RoPE position of cache slot s is s + rope_delta from now on
-    image_tokens: int  # prompt tokens that were image embeddings
 
 
 def encode_image(projector: Projector, image: Image.Image) -> ImageEmbedding:
@@ -109,49 +96,6 @@ def expand_image_placeholders(ids: Sequence[int], image_pad: int, counts: Sequen
         last = i + 1
     out.extend(ids[last:])
     return out
-
-
-def prefill(
-    cfg: ModelConfig,
-    weights: Weights,
-    ids: Sequence[int],
-    images: Sequence[ImageEmbedding],
-    cache: KVCache,
-    *,
-    image_pad: int,
-    merge_size: int,
-    start_position: int | None = None,
-    all_logits: bool = False,
-) -> Prefill:
-    """Run a prompt whose image placeholders are already expanded, after the cache's contents.
-
-    Text tokens are looked up; the pad tokens take the image embeddings in order. `start_position` is
-    the M-RoPE position of the first new token (default cache.length: nothing before it had images).
-    """
-    if not cfg.rope_sections:
-        raise KawaiError(f"a {cfg.arch} model does not take images (it has no multimodal RoPE)")
-    tokens = np.asarray(ids, dtype=np.int64)
-    if tokens.ndim != 1 or tokens.size == 0:
-        raise KawaiError("the prompt is empty")
-    if tokens.min() < 0 or tokens.max() >= cfg.n_vocab:
-        raise KawaiError(f"token ids must be in 0..{cfg.n_vocab - 1}")
-    for image in images:
-        if image.embeddings.ndim != 2 or image.embeddings.shape[1] != cfg.d_model:
-            raise KawaiError(
-                f"image embeddings have width {image.embeddings.shape[-1]}, the model expects {cfg.d_model}: "
-                "the vision projector does not belong to this model"
-            )
-    start = cache.length if start_position is None else int(start_position)
-    positions, next_position = mrope_positions(tokens, image_pad, [im.grid for im in images], merge_size, start)
-
-    embeddings = weights.token_embd.lookup(np.where(tokens == image_pad, 0, tokens))  # (n, d)
-    is_image = tokens == image_pad
-    if sum(im.n_tokens for im in images) != int(is_image.sum()):
-        raise KawaiError(f"{int(is_image.sum())} image tokens in the prompt, {sum(im.n_tokens for im in images)} image embeddings")
-    if images:
-        embeddings[is_image] = np.concatenate([im.embeddings for im in images])
-    logits = forward(cfg, weights, None, cache, all_logits=all_logits, embeddings=embeddings, positions=positions)
-    return Prefill(logits, next_position - cache.length, int(is_image.sum()))
 
 
 _QUANT_SUFFIX = re.compile(r"([-_.](i?q\d\w*|f16|f32|bf16|fp16|fp32))+$", re.IGNORECASE)

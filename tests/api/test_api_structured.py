@@ -24,7 +24,8 @@ from kawai.api.ids import new_tool_use_id
 from kawai.engine.chat_format import LLAMA3
 from kawai.engine.output_parser import OutputParser, ToolCallEnd, ToolCallStart, ToolInputDelta
 from kawai.api.wire import MessagesRequest
-from kawai.engine.generate import Generation
+from kawai.engine.prefix_cache import OneCache
+from kawai.engine.scheduler import Generation, Request, Scheduler
 from kawai.engine.sampling import SamplingParams
 from api_harness import home, live_server, tokens  # noqa: F401 (fixtures)
 from tiny_models import LLAMA3_CHAT_TEMPLATE, TOKEN_ID, write_tiny_model
@@ -168,10 +169,10 @@ def test_strict_tools_under_auto_check_every_tagged_call(tiny_llm):
     rarely does); everything after that is the model's own choice among what the grammar allows."""
     open_call = TOKEN_ID["<tool_call>"]
 
-    def nudged(ids, cache):
-        logits = tiny_llm.forward(ids, cache)
-        if len(ids) > 1:  # the prefill: the first generated token comes from these logits
-            logits[open_call] += 30.0
+    def nudged(chunks, caches):
+        logits = tiny_llm.forward_batch(chunks, caches)  # one sequence: [(1, V)]
+        if prefill.todo and len(prefill.todo) == len(chunks[0].ids):  # the last prompt chunk: its logits
+            logits[0][-1, open_call] += 30.0  # give the first generated token
         return logits
 
     tools = [{**WEATHER, "strict": True}, {**TIME, "strict": True}]
@@ -181,7 +182,10 @@ def test_strict_tools_under_auto_check_every_tagged_call(tiny_llm):
     calls = 0
     for seed in range(8):
         params = SamplingParams(temperature=1.0, seed=seed, max_tokens=200, grammar=grammar)
-        steps = list(Generation(nudged, tiny_llm.tokenizer, prompt.ids, params, tiny_llm.new_cache(2048)))
+        scheduler = Scheduler(tiny_llm, OneCache(tiny_llm.new_cache(2048)), max_sequences=1, forward=nudged)
+        gen = Generation(scheduler, Request(prompt.ids, params))
+        prefill = gen.seq
+        steps = list(gen)
         if steps[-1].finish_reason != "eos":
             continue  # cut by max_tokens: a call may be half written
         parser = OutputParser(tiny_llm.chat_format, new_id=new_tool_use_id, parse_tools=True)

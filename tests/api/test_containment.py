@@ -3,7 +3,7 @@ a supervisor restarts a loop that dies.
 
 The fault is injected at the model boundary, in the weights: a tiny f32 model whose embedding row of one
 "poison" token is NaN. A prompt that contains it gets NaN logits (and the sampler raises); the batch rows
-are independent (engine/batch.py), so every other sequence keeps its real logits.
+are independent (engine/model.py), so every other sequence keeps its real logits.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from kawai import engine
 from kawai.api.metrics import Metrics
 from kawai.api.worker import Failed, Finished, Job, Worker
 from kawai.engine.gguf import open_gguf
+from kawai.engine.model import Chunk, forward
 from kawai.engine.sampling import SamplingParams
 from worker_jobs import Collector, run_jobs
 from tiny_models import write_tiny_model
@@ -50,8 +51,8 @@ def healthy_prompt(llm):
 
 
 def test_the_poison_token_gives_nan_logits_only_to_its_own_sequence(llm):
-    logits = engine.batch.forward_batch(llm.config, llm.weights, [[1, 2, POISON], [1, 2, 3]],
-                                        [llm.new_cache(), llm.new_cache()])  # (2, V)
+    logits = forward(llm.config, llm.weights, [Chunk(np.array([1, 2, POISON])), Chunk(np.array([1, 2, 3]))],
+                     [llm.new_cache(), llm.new_cache()])  # 2 x (1, V)
     assert np.isnan(logits[0]).all() and np.isfinite(logits[1]).all()
 
 

@@ -1,5 +1,5 @@
 """Vision end to end: a tiny random Qwen2-VL model + mmproj loaded by `engine.load`, generating through
-the LLM facade (checked against engine.vision.multimodal.prefill), and served by a real uvicorn server
+the LLM facade (checked against the image rows fed by hand), and served by a real uvicorn server
 the anthropic SDK sends images to (base64, and a loopback URL with the private-URL flag)."""
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from kawai.api.state import ServerSettings
 from api_harness import LiveServer
 from kawai.engine.errors import KawaiError
 from kawai.engine.kv_cache import KVCache
-from kawai.engine.model import forward
+from one_sequence import forward
 from kawai.engine.sampling import SamplingParams
-from kawai.engine.vision.multimodal import encode_image, find_projector, prefill
+from kawai.engine.vision.image_prompt import image_prompt
+from kawai.engine.vision.multimodal import encode_image, find_projector
 from pictures import photo
 from vision_models import tiny_hf_model, write_language_model, write_mmproj
 
@@ -70,12 +71,12 @@ def test_text_models_do_not_take_a_projector(smollm_model_path, files):
 def test_encode_chat_expands_each_image(llm):
     t = llm.vision_tokens
     ids = llm.encode_chat(ask(PHOTO, "what is this?", PHOTO2))
-    assert ids.count(t.image_pad) == 12 + 45 and ids.count(t.start) == 2 and ids.images == (PHOTO, PHOTO2)
+    assert ids.ids.count(t.image_pad) == 12 + 45 and ids.ids.count(t.start) == 2 and ids.images == (PHOTO, PHOTO2)
     assert ids.image_tokens == 57 and llm.count_chat_tokens(ask(PHOTO, "what is this?", PHOTO2)) == len(ids)
     assert ids.text == llm.render_chat(ask(PHOTO, "what is this?", PHOTO2))
     # a typed placeholder is text, not an image slot
     typed = llm.encode_chat([{"role": "user", "content": "<|vision_start|><|image_pad|><|vision_end|>"}])
-    assert t.image_pad not in typed and not typed.images
+    assert t.image_pad not in typed.ids and not typed.images
 
 
 def test_generate_with_images_matches_prefill_and_mrope_decoding(llm):
@@ -85,17 +86,18 @@ def test_generate_with_images_matches_prefill_and_mrope_decoding(llm):
     assert gen.stats.image_tokens == 57 and gen.stats.vision_seconds > 0
     assert gen.stats.prefill_seconds >= gen.stats.vision_seconds
 
-    # the same with the vision engine's own prefill + decode at cache.length + rope_delta
+    # the same by hand: the image rows as embeddings at M-RoPE positions, then decode at cache.length + rope_delta
     cache = KVCache(llm.config, 256, llm.kv_dtype)
     embedded = [encode_image(llm.projector, im) for im in (PHOTO, PHOTO2)]
-    out = prefill(llm.config, llm.weights, list(ids), embedded, cache, image_pad=llm.vision_tokens.image_pad,
-                  merge_size=2)
-    logits, expected = out.logits[-1], []
+    image = image_prompt(llm.config, ids.ids, embedded, llm.vision_tokens.image_pad, 2)
+    logits = forward(llm.config, llm.weights, np.array(ids.ids), cache, positions=image.positions,
+                     embeddings=image.embeddings, embedding_rows=np.flatnonzero(image.is_image))[-1]
+    expected = []
     for _ in steps:
         token = int(np.argmax(logits))
         expected.append(token)
         logits = forward(llm.config, llm.weights, [token], cache,
-                         positions=np.array([cache.length + out.rope_delta]))[-1]
+                         positions=np.array([cache.length + image.rope_delta]))[-1]
     assert [s.token_id for s in steps] == expected[: len(steps)]
 
 
@@ -108,7 +110,7 @@ def test_cache_is_not_reused_across_images(llm):
     warm = llm.generate(ids, params, cache=cache)
     cold = llm.generate(ids, params)
     assert [s.token_id for s in warm] == [s.token_id for s in cold]
-    assert warm.stats.cached_tokens <= ids.index(llm.vision_tokens.image_pad)
+    assert warm.stats.cached_tokens <= ids.ids.index(llm.vision_tokens.image_pad)
 
 
 # ---- the HTTP API ---------------------------------------------------------------------------------

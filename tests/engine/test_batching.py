@@ -1,5 +1,6 @@
-"""Continuous batching: engine/batch.py bit for bit against one-at-a-time forward calls, the scheduler
-(api/worker.py) against `llm.generate` alone, and a real uvicorn server under concurrent SDK clients.
+"""Continuous batching: engine.model.forward over several sequences bit for bit against one-at-a-time
+calls, the scheduler (engine/scheduler.py, driven by api/worker.py) against `llm.generate` alone, and a
+real uvicorn server under concurrent SDK clients.
 
 Kernels run on one thread (KAWAI_THREADS=1 is what the suite uses; here `threads=1` at load): the
 assertions are about scheduling, and the 2-core test machine is shared.
@@ -23,7 +24,7 @@ from kawai.api.errors import OverloadedError, RateLimitError, UnavailableError
 from kawai.api.state import ServerSettings
 from kawai.api.worker import Finished, Job, Worker
 from api_harness import LiveServer, home, live_server, parse_sse, tokens  # noqa: F401 (home, tokens: fixtures)
-from kawai.engine.batch import forward_batch
+from kawai.engine.model import Chunk, forward
 from kawai.engine.errors import KawaiError
 from kawai.engine.sampling import SamplingParams
 from tiny_models import write_tiny_model
@@ -40,7 +41,12 @@ def tiny_llm(tmp_path_factory):
                        threads=1)
 
 
-# ---- engine/batch.py ----------------------------------------------------------------------------------
+# ---- engine.model.forward over several sequences ------------------------------------------------------
+
+
+def forward_batch(llm, ids: list[list[int]], caches) -> list[np.ndarray]:
+    """Logits (V,) of each sequence's last token, one batched step."""
+    return [logits[-1] for logits in forward(llm.config, llm.weights, [Chunk(np.array(t)) for t in ids], caches)]
 
 
 @pytest.mark.parametrize("arch, qtype", [("qwen2", "mixed"), ("qwen3", "q8_0"), ("llama", "q4_1")])
@@ -56,8 +62,8 @@ def test_forward_batch_equals_forward_alone_bit_for_bit(tmp_path, arch, qtype):
         cache = llm.new_cache()
         alone.append((llm.forward(p, cache), llm.forward(f, cache)))
     caches = [llm.new_cache() for _ in prompts]
-    first = forward_batch(llm.config, llm.weights, prompts, caches)  # (4, V)
-    second = forward_batch(llm.config, llm.weights, follow, caches)
+    first = forward_batch(llm, prompts, caches)  # (4, V)
+    second = forward_batch(llm, follow, caches)
     for b, (l1, l2) in enumerate(alone):
         assert np.array_equal(first[b], l1) and np.array_equal(second[b], l2)
         assert caches[b].length == len(prompts[b]) + len(follow[b])
@@ -67,21 +73,21 @@ def test_forward_batch_on_the_real_model_is_row_independent(smollm_model_path):
     llm = engine.load(smollm_model_path, threads=1, n_ctx=64)
     prompts = [[1, 2, 3, 4, 5], [9, 8, 7], [100], [42, 43]]
     alone = [llm.forward(p, llm.new_cache()) for p in prompts]
-    batched = forward_batch(llm.config, llm.weights, prompts, [llm.new_cache() for _ in prompts])
+    batched = forward_batch(llm, prompts, [llm.new_cache() for _ in prompts])
     for b in range(len(prompts)):
         assert np.array_equal(batched[b], alone[b])
 
 
 def test_forward_batch_rejects_bad_batches(tiny_llm):
     cache = tiny_llm.new_cache(4)
-    with pytest.raises(KawaiError, match="one cache per sequence"):
-        forward_batch(tiny_llm.config, tiny_llm.weights, [[1], [2]], [cache])
+    with pytest.raises(KawaiError, match="one cache per sequence"):  # engine.model.forward's own checks
+        forward_batch(tiny_llm, [[1], [2]], [cache])
     with pytest.raises(KawaiError, match="twice"):
-        forward_batch(tiny_llm.config, tiny_llm.weights, [[1], [2]], [cache, cache])
+        forward_batch(tiny_llm, [[1], [2]], [cache, cache])
     with pytest.raises(KawaiError, match="do not fit"):
-        forward_batch(tiny_llm.config, tiny_llm.weights, [[1] * 5], [cache])
+        forward_batch(tiny_llm, [[1] * 5], [cache])
     with pytest.raises(KawaiError, match="token ids"):
-        forward_batch(tiny_llm.config, tiny_llm.weights, [[10**9]], [cache])
+        forward_batch(tiny_llm, [[10**9]], [cache])
     assert cache.length == 0
 
 

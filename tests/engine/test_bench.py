@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from kawai.api.cli import main
-from kawai.engine.batch import PREFILL_CHUNK
+from kawai.engine.scheduler import CHUNK
 from kawai.engine.bench import (
     KawaiRunner,
     TimedRun,
@@ -189,17 +189,17 @@ def test_bench_end_to_end_json(smollm_model_path, capsys):
 
 
 def test_bench_runner_runs_the_server_path(smollm_model_path):
-    """KawaiRunner prefills through forward_batch in the server's chunks (more than one here) and decodes
-    one token per batched step: its greedy tokens are those of llm.forward on the whole prompt."""
-    runner = KawaiRunner(smollm_model_path, 1, 2 * PREFILL_CHUNK)
-    ids = prompt_token_ids(open_gguf(smollm_model_path), PREFILL_CHUNK + 40)
+    """KawaiRunner runs LLM.generate (the scheduler): the prompt in the server's chunks (more than one
+    here), one token per step: its greedy tokens are those of llm.forward on the whole prompt."""
+    runner = KawaiRunner(smollm_model_path, 1, 2 * CHUNK)
+    ids = prompt_token_ids(open_gguf(smollm_model_path), CHUNK + 40)
     run = timed_run(runner, ids, 4)
     cache = runner.llm.new_cache()
     expected = [int(np.argmax(runner.llm.forward(ids, cache)))]
     for _ in range(3):
         expected.append(int(np.argmax(runner.llm.forward([expected[-1]], cache))))
     assert run.tokens == expected
-    assert runner._cache.length == len(ids) + 3
+    assert runner.cache.length == len(ids) + 3
 
 
 @pytest.mark.slow

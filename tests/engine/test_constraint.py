@@ -18,14 +18,8 @@ from kawai import engine
 from kawai.api.worker import Failed, Finished, Job, Worker
 from kawai.engine.constraint import Grammar, GrammarCompiler, GrammarError, json_rule, json_schema_error
 from kawai.engine.errors import KawaiError
-from kawai.engine.generate import Generation
-from kawai.engine.gguf import open_gguf
 from kawai.engine.kv_cache import KVCache
-from kawai.engine.config import ModelConfig
-from kawai.engine.model import forward
 from kawai.engine.sampling import Sampler, SamplingParams
-from kawai.engine.tokenizer import Tokenizer
-from kawai.engine.weights import load_weights
 
 WEATHER = {
     "type": "object",
@@ -41,16 +35,14 @@ WEATHER = {
 
 class Tiny:
     def __init__(self, path):
-        gguf = open_gguf(path)
-        self.cfg = ModelConfig.from_gguf(gguf)
-        self.weights = load_weights(gguf, self.cfg)
-        self.tokenizer = Tokenizer.from_gguf(gguf.metadata)
+        self.llm = engine.load(path, threads=1)
+        self.cfg = self.llm.config
+        self.tokenizer = self.llm.tokenizer
         self.grammars = GrammarCompiler(self.tokenizer)
 
     def run(self, params: SamplingParams, prompt: str = "<|im_start|>user\nweather?<|im_end|>\n") -> tuple[str, str]:
         ids = self.tokenizer.encode(prompt)
-        gen = Generation(lambda t, c: forward(self.cfg, self.weights, t, c)[-1], self.tokenizer, ids, params,
-                         KVCache(self.cfg, 512))
+        gen = self.llm.generate(ids, params, cache=KVCache(self.cfg, 512))
         steps = list(gen)
         return "".join(s.text for s in steps), steps[-1].finish_reason
 

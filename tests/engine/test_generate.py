@@ -11,31 +11,32 @@ import numpy as np
 import pytest
 from tiny_models import EOS_ID, TOKEN_ID, write_tiny_model
 
-from kawai.engine.config import ModelConfig
+from kawai import engine
 from kawai.engine.errors import ContextLengthError, KawaiError
-from kawai.engine.generate import Generation, Step, cached_tokens, common_prefix_length
-from kawai.engine.gguf import open_gguf
+from kawai.engine.generate import Prompt, Step, common_prefix_length
 from kawai.engine.kv_cache import KVCache
-from kawai.engine.model import forward
+from kawai.engine.prefix_cache import OneCache
 from kawai.engine.sampling import SamplingParams
-from kawai.engine.tokenizer import Tokenizer
-from kawai.engine.weights import load_weights
+from kawai.engine.scheduler import Generation, Request, Scheduler
 
 GREEDY = SamplingParams(temperature=0, max_tokens=50)
 
 
 class TinyModel:
     def __init__(self, path):
-        gguf = open_gguf(path)
-        self.cfg = ModelConfig.from_gguf(gguf)
-        self.weights = load_weights(gguf, self.cfg)
-        self.tokenizer = Tokenizer.from_gguf(gguf.metadata)
-
-    def forward(self, ids, cache):
-        return forward(self.cfg, self.weights, ids, cache)[-1]  # (V,)
+        self.llm = engine.load(path, threads=1, kv_dtype="f32")
+        self.cfg = self.llm.config
+        self.tokenizer = self.llm.tokenizer
+        self.forward = self.llm.forward_batch  # the real forward pass
 
     def cache(self, max_seq=128) -> KVCache:
         return KVCache(self.cfg, max_seq)
+
+
+def Generation_(forward, tiny, prompt, params, cache, should_stop=None, prefill_chunk=128) -> Generation:
+    """One sequence through the scheduler, with the given forward function (real or scripted)."""
+    scheduler = Scheduler(tiny.llm, OneCache(cache), max_sequences=1, chunk=prefill_chunk, forward=forward)
+    return Generation(scheduler, Request(Prompt(list(prompt)), params, should_stop=should_stop or (lambda: False)))
 
 
 @pytest.fixture(scope="module")
@@ -50,19 +51,20 @@ class ScriptedModel:
         self.script, self.n_vocab = list(script), n_vocab
         self.calls: list[list[int]] = []
 
-    def __call__(self, ids, cache) -> np.ndarray:
-        self.calls.append(list(ids))
-        cache.length += len(ids)  # what a model does to the cache (keys/values are not needed here)
+    def __call__(self, chunks, caches) -> list[np.ndarray]:
+        (chunk,), (cache,) = chunks, caches  # one sequence
+        self.calls.append(chunk.ids.tolist())
+        cache.advance(chunk.ids)  # what a model does to the cache (keys/values are not needed here)
         n_fed = sum(len(c) for c in self.calls[1:])  # decode calls feed back one sampled token each
-        logits = np.zeros(self.n_vocab, dtype=np.float32)
-        logits[self.script[min(n_fed, len(self.script) - 1)]] = 10.0
-        return logits
+        logits = np.zeros((1, self.n_vocab), dtype=np.float32)
+        logits[0, self.script[min(n_fed, len(self.script) - 1)]] = 10.0
+        return [logits]
 
 
 def scripted_run(tiny, script, params=GREEDY, *, prompt=None, max_seq=128, should_stop=None):
     model = ScriptedModel(script, tiny.cfg.n_vocab)
     prompt = prompt or tiny.tokenizer.encode("Hi")
-    gen = Generation(model, tiny.tokenizer, prompt, params, tiny.cache(max_seq), should_stop=should_stop)
+    gen = Generation_(model, tiny, prompt, params, tiny.cache(max_seq), should_stop=should_stop)
     steps = list(gen)
     return steps, gen, model
 
@@ -140,9 +142,9 @@ def test_context_full(tiny):
 
 def test_prompt_longer_than_the_context_is_a_clear_error(tiny):
     with pytest.raises(ContextLengthError, match="context window of 4"):
-        Generation(ScriptedModel([1], tiny.cfg.n_vocab), tiny.tokenizer, [1] * 5, GREEDY, tiny.cache(4))
+        Generation_(ScriptedModel([1], tiny.cfg.n_vocab), tiny, [1] * 5, GREEDY, tiny.cache(4))
     with pytest.raises(KawaiError, match="empty"):
-        Generation(ScriptedModel([1], tiny.cfg.n_vocab), tiny.tokenizer, [], GREEDY, tiny.cache(4))
+        Generation_(ScriptedModel([1], tiny.cfg.n_vocab), tiny, [], GREEDY, tiny.cache(4))
 
 
 def test_prompt_exactly_filling_the_context_still_gives_one_token(tiny):
@@ -159,7 +161,7 @@ def test_cancel_is_checked_every_token_and_releases_held_text(tiny):
         return len(produced) >= len(ids_of(tiny, "abc </an"))
 
     model = ScriptedModel(script, tiny.cfg.n_vocab)
-    gen = Generation(model, tiny.tokenizer, ids_of(tiny, "Hi"), SamplingParams(temperature=0, stop=("</answer>",)),
+    gen = Generation_(model, tiny, ids_of(tiny, "Hi"), SamplingParams(temperature=0, stop=("</answer>",)),
                      tiny.cache(), should_stop=should_stop)
     steps = []
     for step in gen:
@@ -175,7 +177,7 @@ def test_cancel_during_prefill(tiny):
     calls = []
     model = ScriptedModel(ids_of(tiny, "x"), tiny.cfg.n_vocab)
     prompt = list(range(100, 130))  # 30 tokens, prefilled 8 at a time
-    gen = Generation(model, tiny.tokenizer, prompt, GREEDY, tiny.cache(),
+    gen = Generation_(model, tiny, prompt, GREEDY, tiny.cache(),
                      should_stop=lambda: calls.append(1) or len(model.calls) >= 2, prefill_chunk=8)
     steps = list(gen)
     assert [len(c) for c in model.calls] == [8, 8]
@@ -220,19 +222,19 @@ def test_second_turn_prefills_only_new_tokens_and_matches_a_fresh_cache(tiny):
     params = SamplingParams(temperature=0, max_tokens=8)
     cache = tiny.cache()
     turn1 = ids_of(tiny, "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n")
-    gen1 = Generation(tiny.forward, tiny.tokenizer, turn1, params, cache)
+    gen1 = Generation_(tiny.forward, tiny, turn1, params, cache)
     answer = [s.token_id for s in gen1]
     assert gen1.stats.cached_tokens == 0 and gen1.stats.prefill_tokens == len(turn1)
     # The cache holds the prompt and every generated token but the last (sampled, never fed).
-    assert cached_tokens(cache) == turn1 + answer[:-1] and cache.length == len(turn1) + len(answer) - 1
+    assert cache.tokens == turn1 + answer[:-1] and cache.length == len(turn1) + len(answer) - 1
 
     turn2 = turn1 + answer + ids_of(tiny, "<|im_end|>\n<|im_start|>user\nAnd then?<|im_end|>\n")
-    gen2 = Generation(tiny.forward, tiny.tokenizer, turn2, params, cache)
+    gen2 = Generation_(tiny.forward, tiny, turn2, params, cache)
     reused = [s.token_id for s in gen2]
     assert gen2.stats.cached_tokens == len(turn1) + len(answer) - 1
     assert gen2.stats.prefill_tokens == len(turn2) - gen2.stats.cached_tokens
 
-    fresh = Generation(tiny.forward, tiny.tokenizer, turn2, params, tiny.cache())
+    fresh = Generation_(tiny.forward, tiny, turn2, params, tiny.cache())
     assert [s.token_id for s in fresh] == reused
     assert fresh.stats.cached_tokens == 0
 
@@ -241,31 +243,38 @@ def test_diverging_cache_is_truncated_to_the_common_prefix(tiny):
     params = SamplingParams(temperature=0, max_tokens=5)
     cache = tiny.cache()
     a = ids_of(tiny, "the cat is on the mat")
-    list(Generation(tiny.forward, tiny.tokenizer, a, params, cache))
+    list(Generation_(tiny.forward, tiny, a, params, cache))
     b = a[:3] + ids_of(tiny, " dog")
-    gen = Generation(tiny.forward, tiny.tokenizer, b, params, cache)
+    gen = Generation_(tiny.forward, tiny, b, params, cache)
     out = [s.token_id for s in gen]
     assert gen.stats.cached_tokens == 3 and gen.stats.prefill_tokens == len(b) - 3
-    assert out == [s.token_id for s in Generation(tiny.forward, tiny.tokenizer, b, params, tiny.cache())]
+    assert out == [s.token_id for s in Generation_(tiny.forward, tiny, b, params, tiny.cache())]
 
 
 def test_whole_prompt_cached_reruns_its_last_token(tiny):
     params = SamplingParams(temperature=0, max_tokens=3)
     prompt = ids_of(tiny, "hello world")
     cache = tiny.cache()
-    first = [s.token_id for s in Generation(tiny.forward, tiny.tokenizer, prompt, params, cache)]
+    first = [s.token_id for s in Generation_(tiny.forward, tiny, prompt, params, cache)]
     cache.truncate(len(prompt))
-    cache.tokens = cache.tokens[: len(prompt)]
-    gen = Generation(tiny.forward, tiny.tokenizer, prompt, params, cache)
+    gen = Generation_(tiny.forward, tiny, prompt, params, cache)
     assert [s.token_id for s in gen] == first
     assert gen.stats.cached_tokens == len(prompt) - 1 and gen.stats.prefill_tokens == 1
 
 
-def test_a_cache_filled_outside_the_loop_is_not_trusted(tiny):
+def test_a_cache_filled_outside_the_loop_knows_its_ids(tiny):
+    """The forward pass records the ids with the keys and values (KVCache.tokens), so a cache filled by
+    anyone is reused; one whose ids differ is not."""
     cache = tiny.cache()
     prompt = ids_of(tiny, "hello world")
-    tiny.forward(prompt, cache)  # keys/values written, but no token ids recorded
-    gen = Generation(tiny.forward, tiny.tokenizer, prompt, SamplingParams(temperature=0, max_tokens=2), cache)
+    tiny.llm.forward(prompt, cache)
+    assert cache.tokens == prompt
+    gen = Generation_(tiny.forward, tiny, prompt, SamplingParams(temperature=0, max_tokens=2), cache)
+    list(gen)
+    assert gen.stats.cached_tokens == len(prompt) - 1 and gen.stats.prefill_tokens == 1
+    other = tiny.cache()
+    tiny.llm.forward(ids_of(tiny, "other words"), other)
+    gen = Generation_(tiny.forward, tiny, prompt, SamplingParams(temperature=0, max_tokens=2), other)
     list(gen)
     assert gen.stats.cached_tokens == 0 and gen.stats.prefill_tokens == len(prompt)
 
@@ -273,25 +282,25 @@ def test_a_cache_filled_outside_the_loop_is_not_trusted(tiny):
 def test_prefill_chunks_give_the_same_tokens(tiny):
     params = SamplingParams(temperature=0, max_tokens=6)
     prompt = ids_of(tiny, "a longer prompt that goes over several prefill chunks, the end")
-    whole = [s.token_id for s in Generation(tiny.forward, tiny.tokenizer, prompt, params, tiny.cache())]
-    chunked = Generation(tiny.forward, tiny.tokenizer, prompt, params, tiny.cache(), prefill_chunk=5)
+    whole = [s.token_id for s in Generation_(tiny.forward, tiny, prompt, params, tiny.cache())]
+    chunked = Generation_(tiny.forward, tiny, prompt, params, tiny.cache(), prefill_chunk=5)
     assert [s.token_id for s in chunked] == whole
 
 
 def test_seeded_sampling_is_reproducible_through_the_loop(tiny):
     prompt = ids_of(tiny, "hello")
     params = SamplingParams(temperature=1.0, seed=11, max_tokens=12)
-    runs = [[s.token_id for s in Generation(tiny.forward, tiny.tokenizer, prompt, params, tiny.cache())]
+    runs = [[s.token_id for s in Generation_(tiny.forward, tiny, prompt, params, tiny.cache())]
             for _ in range(2)]
     assert runs[0] == runs[1]
-    other = Generation(tiny.forward, tiny.tokenizer, prompt, SamplingParams(temperature=1.0, seed=12, max_tokens=12),
+    other = Generation_(tiny.forward, tiny, prompt, SamplingParams(temperature=1.0, seed=12, max_tokens=12),
                        tiny.cache())
     assert [s.token_id for s in other] != runs[0]
 
 
 def test_stats(tiny):
     prompt = ids_of(tiny, "hello world")
-    gen = Generation(tiny.forward, tiny.tokenizer, prompt, SamplingParams(temperature=0, max_tokens=5), tiny.cache())
+    gen = Generation_(tiny.forward, tiny, prompt, SamplingParams(temperature=0, max_tokens=5), tiny.cache())
     assert gen.stats.finish_reason is None
     steps = list(gen)
     s = gen.stats

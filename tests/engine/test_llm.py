@@ -7,7 +7,6 @@ import pytest
 
 from kawai import engine
 from kawai.engine.errors import ContextLengthError, KawaiError
-from kawai.engine.generate import cached_tokens
 from kawai.engine.sampling import SamplingParams
 
 # Short questions SmolLM2-135M answers briefly and ends with <|im_end|> ("2 + 2 = 4").
@@ -82,7 +81,7 @@ def test_unknown_model_is_a_clear_error():
 
 
 def test_logits_are_teacher_forced_and_match_cached_decode(llm):
-    ids = llm.encode_chat(QUESTION)
+    ids = llm.encode_chat(QUESTION).ids
     full = llm.logits(ids)
     assert full.shape == (len(ids), llm.config.n_vocab) and full.dtype == np.float32
     # Decoding the same tokens one by one through a cache gives the same rows.
@@ -105,7 +104,7 @@ def test_logits_reject_bad_ids(llm, bad):
 
 
 def test_greedy_answer_ends_at_end_of_turn(llm):
-    ids = llm.encode_chat(QUESTION)
+    ids = llm.encode_chat(QUESTION).ids
     steps, stats = run(llm, ids, greedy(20))
     text = "".join(s.text for s in steps)
     assert "4" in text
@@ -132,7 +131,7 @@ def test_real_stop_string_across_a_token_boundary(llm):
 
 
 def test_seeded_sampling_reproducible(llm):
-    ids = llm.encode_chat(QUESTION)
+    ids = llm.encode_chat(QUESTION).ids
     params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=8)
     a = [s.token_id for s in llm.generate(ids, params)]
     b = [s.token_id for s in llm.generate(ids, params)]
@@ -151,7 +150,7 @@ def test_multibyte_output_is_never_split(llm):
 
 
 def test_context_and_max_tokens_limits(llm):
-    ids = llm.encode_chat(QUESTION)
+    ids = llm.encode_chat(QUESTION).ids
     steps, _ = run(llm, ids, greedy(3))
     assert len(steps) == 3 and steps[-1].finish_reason == "max_tokens"
     small = llm.new_cache(len(ids) + 2)
@@ -164,7 +163,7 @@ def test_context_and_max_tokens_limits(llm):
 
 
 def test_cancel_stops_at_the_next_token(llm):
-    ids = llm.encode_chat(QUESTION)
+    ids = llm.encode_chat(QUESTION).ids
     seen = []
     gen = llm.generate(ids, greedy(40), should_stop=lambda: len(seen) >= 2)
     for step in gen:
@@ -174,13 +173,13 @@ def test_cancel_stops_at_the_next_token(llm):
 
 def test_chat_turns_reuse_the_cache(llm):
     cache = llm.new_cache()
-    ids1 = llm.encode_chat(QUESTION)
+    ids1 = llm.encode_chat(QUESTION).ids
     steps1, stats1 = run(llm, ids1, greedy(16), cache=cache)
     answer = "".join(s.text for s in steps1)
     assert stats1.cached_tokens == 0 and stats1.prefill_tokens == len(ids1)
 
     turn2 = QUESTION + [{"role": "assistant", "content": answer}, FOLLOW_UP]
-    ids2 = llm.encode_chat(turn2)
+    ids2 = llm.encode_chat(turn2).ids
     steps2, stats2 = run(llm, ids2, greedy(16), cache=cache)
     # The template re-renders the answer as generated, so the first turn's prompt and answer are reused
     # and only the new user turn is prefilled.
@@ -188,7 +187,7 @@ def test_chat_turns_reuse_the_cache(llm):
     assert ids2[: len(ids1) + len(answer_ids)] == ids1 + answer_ids
     assert stats2.cached_tokens == len(ids1) + len(answer_ids) - 1
     assert stats2.prefill_tokens == len(ids2) - stats2.cached_tokens < 20
-    assert cached_tokens(cache) == ids2 + [s.token_id for s in steps2[:-1]]
+    assert cache.tokens == ids2 + [s.token_id for s in steps2[:-1]]
 
     fresh_steps, _ = run(llm, ids2, greedy(16))
     assert [s.token_id for s in fresh_steps] == [s.token_id for s in steps2]
@@ -202,6 +201,6 @@ def test_logits_beyond_the_context_is_a_clear_error(llm):
 def test_count_and_format_helpers(llm):
     text = llm.render_chat(QUESTION)
     assert text.endswith("<|im_start|>assistant\n") and QUESTION[0]["content"] in text
-    assert llm.encode_chat(QUESTION) == llm.encode_prompt(text)
+    assert llm.encode_chat(QUESTION).ids == llm.encode_prompt(text)
     assert llm.count_tokens(text) == len(llm.encode_prompt(text))
     assert llm.count_tokens("Paris") == len(llm.tokenizer.encode("Paris"))  # SmolLM2 adds no BOS

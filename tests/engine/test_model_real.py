@@ -18,7 +18,7 @@ import torch
 from kawai.engine.config import ModelConfig
 from kawai.engine.gguf import open_gguf
 from kawai.engine.kv_cache import KVCache
-from kawai.engine.model import forward
+from one_sequence import forward
 from kawai.engine.tokenizer import Tokenizer
 from kawai.engine.weights import load_weights
 from tiny_models import load_hf_model

@@ -81,5 +81,5 @@ def test_chat_prompts_tokenize_like_transformers(reference, llm):
     chats = reference["meta"]["chats"]
     assert any("tools" in chat for chat in chats)
     for j, chat in enumerate(chats):
-        ids = llm.encode_chat(hf_messages(chat), tools=hf_tools(chat))
+        ids = llm.encode_chat(hf_messages(chat), tools=hf_tools(chat)).ids
         assert ids == reference[f"chat_ids_{j}"].tolist(), chat

@@ -41,10 +41,8 @@ def run(llm, pool: PrefixCache, lease, release=True):
     todo = lease.prompt[lease.reused:]
     assert cache.length >= lease.reused
     cache.truncate(lease.reused)
-    cache.tokens = lease.prompt[: lease.reused]
     assert pool.reserve(lease, len(lease.prompt))
-    logits = llm.forward(todo, cache)
-    cache.tokens.extend(todo)
+    logits = llm.forward(todo, cache)  # records the ids in cache.tokens
     pool.publish(lease)
     if release:
         pool.release(lease)
@@ -279,8 +277,8 @@ def test_second_turn_reads_the_first_turn_from_the_cache_per_tenant(server, smol
     # the cache holds the first prompt and every answer token but the last (sampled, never fed back)
     assert read >= first.usage.input_tokens + first.usage.output_tokens - 1
     usage = second.usage
-    assert usage.input_tokens + usage.cache_creation_input_tokens + read == len(smollm.encode_chat(turn2))
-    steps = smollm.generate(smollm.encode_chat(turn2), SamplingParams(temperature=0, max_tokens=4))
+    assert usage.input_tokens + usage.cache_creation_input_tokens + read == len(smollm.encode_chat(turn2).ids)
+    steps = smollm.generate(smollm.encode_chat(turn2).ids, SamplingParams(temperature=0, max_tokens=4))
     alone = "".join(step.text for step in steps)
     # reused keys/values change nothing (the API drops a reply's trailing whitespace: engine/output_parser.py)
     assert second.content[0].text == alone.rstrip()
@@ -310,7 +308,7 @@ def test_a_per_request_billing_header_does_not_defeat_the_cache(server, smollm):
     first = ask("a1b2c", "Hi")
     second = ask("f9e8d", "Hello")
     assert second.usage.cache_read_input_tokens > len(smollm.tokenizer.encode(rules)) - 2
-    n = len(smollm.encode_chat([{"role": "system", "content": rules}, {"role": "user", "content": "Hi"}]))
+    n = len(smollm.encode_chat([{"role": "system", "content": rules}, {"role": "user", "content": "Hi"}]).ids)
     usage = first.usage
     assert usage.input_tokens + usage.cache_creation_input_tokens + usage.cache_read_input_tokens == n
     # creation: the prompt's whole blocks of BLOCK_TOKENS that no cache held before, minus tokens read
@@ -326,7 +324,7 @@ def test_a_restarted_server_reads_the_prompt_from_disk_per_tenant(smollm, tmp_pa
     settings = ServerSettings(home=tmp_path, queue_size=4, max_sequences=2, kv_disk=64 << 20)
     rules = "You are a careful assistant. " + " ".join(f"Rule {i}: answer in one short line." for i in range(25))
     messages = [{"role": "system", "content": rules}, {"role": "user", "content": "Name one color."}]
-    n = len(smollm.encode_chat(messages))
+    n = len(smollm.encode_chat(messages).ids)
     cached = min(n // BLOCK_TOKENS * BLOCK_TOKENS, n - 1)
     assert cached >= 2 * BLOCK_TOKENS
 
@@ -347,7 +345,7 @@ def test_a_restarted_server_reads_the_prompt_from_disk_per_tenant(smollm, tmp_pa
         page = httpx.get(s.url + "/metrics", headers={"x-api-key": tokens.all}).text
     assert other.usage.cache_read_input_tokens == 0  # another tenant: no hit, from disk either
     assert warm.usage.cache_read_input_tokens == cached and warm.usage.cache_creation_input_tokens == 0
-    steps = smollm.generate(smollm.encode_chat(messages), SamplingParams(temperature=0, max_tokens=6))
+    steps = smollm.generate(smollm.encode_chat(messages).ids, SamplingParams(temperature=0, max_tokens=6))
     alone = "".join(step.text for step in steps).rstrip()
     assert warm.content[0].text == cold.content[0].text == other.content[0].text == alone
     assert f'kawai_kv_disk_hit_tokens_total{{model="{smollm.id}"}} {cached}' in page

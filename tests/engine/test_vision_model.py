@@ -12,15 +12,16 @@ from kawai.engine.config import ModelConfig
 from kawai.engine.errors import KawaiError
 from kawai.engine.gguf import open_gguf
 from kawai.engine.kv_cache import KVCache
-from kawai.engine.model import CHUNK, forward
+from kawai.engine.scheduler import CHUNK
+from one_sequence import forward
 from kawai.engine.vision.multimodal import (
     encode_image,
     expand_image_placeholders,
     find_projector,
     image_token_count,
-    prefill,
     vision_token_ids,
 )
+from kawai.engine.vision.image_prompt import image_prompt
 from kawai.engine.vision.preprocess import preprocess, to_patches
 from kawai.engine.vision.projector import load_projector
 from kawai.engine.weights import load_weights
@@ -57,15 +58,24 @@ class Tiny:
         patches = np.concatenate([to_patches(p, spec) for p in pixels]) if pixels else None
         return hf_logits(self.hf, np.asarray(ids), patches, [p.grid for p in pixels])
 
-    def run(self, ids, images, cache=None, **kw):
+    def run(self, ids, images, cache=None, before=()):
+        """The prompt (placeholders expanded) through the model, its images as embedding rows at M-RoPE
+        positions (engine/vision/image_prompt.py). `before`: ids the cache already holds."""
         embedded = [encode_image(self.projector, im) for im in images]
         ids = expand_image_placeholders(ids, self.tokens.image_pad, [e.n_tokens for e in embedded])
         cache = cache or KVCache(self.cfg, 512, "f32")
-        out = prefill(
-            self.cfg, self.weights, ids, embedded, cache, image_pad=self.tokens.image_pad, merge_size=2,
-            all_logits=True, **kw,
-        )
-        return ids, out, cache
+        whole = list(before) + ids
+        image = image_prompt(self.cfg, whole, embedded, self.tokens.image_pad, 2)
+        skip = len(before)
+        rows = np.flatnonzero(image.is_image[skip:])
+        logits = forward(self.cfg, self.weights, np.array(ids), cache, all_logits=True,
+                         positions=image.positions[:, skip:], embeddings=image.embeddings, embedding_rows=rows)
+        return ids, Prefilled(logits, image.rope_delta, int(rows.size)), cache
+
+
+class Prefilled:
+    def __init__(self, logits, rope_delta, image_tokens):
+        self.logits, self.rope_delta, self.image_tokens = logits, rope_delta, image_tokens
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +161,7 @@ def test_prefill_after_cached_text_continues_positions(tiny):
     expected = model.reference(expanded, IMAGES[:1])
     cache = KVCache(model.cfg, 512, "f32")
     forward(model.cfg, model.weights, np.array(first), cache)
-    _, out, _ = model.run(second, IMAGES[:1], cache=cache)
+    _, out, _ = model.run(second, IMAGES[:1], cache=cache, before=first)
     _close(out.logits, expected[len(first):])
 
 
@@ -163,24 +173,24 @@ def test_expand_image_placeholders():
         expand_image_placeholders([9], 9, [0])
 
 
-def test_prefill_errors(tiny, tmp_path):
+def test_image_prompt_errors(tiny, tmp_path):
     model = tiny["qwen2vl"]
     image = encode_image(model.projector, IMAGES[0])
     ids = expand_image_placeholders(model.prompt(1), model.tokens.image_pad, [12])
-    args = dict(image_pad=model.tokens.image_pad, merge_size=2)
+    pad = model.tokens.image_pad
     first_pad = ids.index(model.tokens.image_pad)
     with pytest.raises(KawaiError, match="placeholder"):  # one pad short
-        prefill(model.cfg, model.weights, ids[:first_pad] + ids[first_pad + 1 :], [image], KVCache(model.cfg, 64, "f32"), **args)
+        image_prompt(model.cfg, ids[:first_pad] + ids[first_pad + 1 :], [image], pad, 2)
     with pytest.raises(KawaiError, match="2 image"):  # an image without a placeholder
-        prefill(model.cfg, model.weights, ids, [image, image], KVCache(model.cfg, 64, "f32"), **args)
+        image_prompt(model.cfg, ids, [image, image], pad, 2)
     narrow = type(image)(image.embeddings[:, :32], image.grid, 0.0)
     with pytest.raises(KawaiError, match="does not belong to this model"):
-        prefill(model.cfg, model.weights, ids, [narrow], KVCache(model.cfg, 64, "f32"), **args)
+        image_prompt(model.cfg, ids, [narrow], pad, 2)
     text_path = write_tiny_model(tmp_path, "qwen2")
     text_gguf = open_gguf(text_path)
     text_cfg = ModelConfig.from_gguf(text_gguf)
     with pytest.raises(KawaiError, match="does not take images"):
-        prefill(text_cfg, load_weights(text_gguf, text_cfg), [1, 2], [], KVCache(text_cfg, 8, "f32"), **args)
+        image_prompt(text_cfg, [1, 2], [], pad, 2)
     with pytest.raises(KawaiError, match="no <\\|vision_start\\|>"):
         vision_token_ids(text_gguf.metadata["tokenizer.ggml.tokens"])
 
@@ -189,9 +199,11 @@ def test_forward_checks_embeddings_and_positions(tiny):
     model = tiny["qwen2vl"]
     cache = KVCache(model.cfg, 16, "f32")
     with pytest.raises(KawaiError, match="embeddings must have shape"):
-        forward(model.cfg, model.weights, None, cache, embeddings=np.zeros((2, 5), np.float32))
+        forward(model.cfg, model.weights, np.array([1, 2]), cache, embeddings=np.zeros((2, 5), np.float32),
+                embedding_rows=np.array([0, 1]))
     with pytest.raises(KawaiError, match="NaN"):
-        forward(model.cfg, model.weights, None, cache, embeddings=np.full((2, 64), np.nan, np.float32))
+        forward(model.cfg, model.weights, np.array([1, 2]), cache, embeddings=np.full((2, 64), np.nan, np.float32),
+                embedding_rows=np.array([0, 1]))
     with pytest.raises(KawaiError, match="positions must be integers"):
         forward(model.cfg, model.weights, np.array([1, 2]), cache, positions=np.zeros((3, 3), np.int64))
     with pytest.raises(KawaiError, match="non-negative"):
