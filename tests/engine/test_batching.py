@@ -117,21 +117,31 @@ def test_batched_generation_equals_each_request_alone(tiny_llm):
     assert not worker.alive and worker.active_sequences == 0
 
 
-def test_image_prompts_run_alone_interleaved_with_batched_text(tmp_path):
-    """A vision model: an image request (M-RoPE, image embeddings: not batchable) runs through
-    engine.generate on its own, one token per step, next to batched text requests; everyone gets
-    exactly the tokens they would get alone."""
-    from pictures import photo
+@pytest.fixture(scope="module")
+def vision_llm(tmp_path_factory):
     from vision_models import tiny_hf_model, write_language_model, write_mmproj
 
+    root = tmp_path_factory.mktemp("vl")
     hf = tiny_hf_model("qwen2vl")
-    path = write_language_model(hf, tmp_path / "tiny-vl-f32.gguf")
-    write_mmproj(hf, tmp_path / "tiny-vl.mmproj.gguf")
-    llm = engine.load(path, threads=1, exact=True)
-    greedy = SamplingParams(temperature=0, max_tokens=10)
+    path = write_language_model(hf, root / "tiny-vl-f32.gguf")
+    write_mmproj(hf, root / "tiny-vl.mmproj.gguf")
+    return engine.load(path, threads=1, exact=True)
+
+
+def picture_prompt(llm, suffix=""):
+    from pictures import photo
+
     picture = [{"role": "user", "content": [{"type": "image", "image": photo(100, 73, seed=1)},
                                             {"type": "text", "text": "What is it?"}]}]
-    prompts = [llm.encode_chat(picture), llm.encode_chat([{"role": "user", "content": "Hi"}]),
+    return llm.encode_chat(picture, suffix=suffix)
+
+
+def test_image_prompts_are_batched_with_text_prompts(vision_llm):
+    """A vision model through the server: an image request (image rows as embeddings at M-RoPE positions)
+    shares the batched steps of text requests; everyone gets exactly the tokens they would get alone."""
+    llm = vision_llm
+    greedy = SamplingParams(temperature=0, max_tokens=10)
+    prompts = [picture_prompt(llm), llm.encode_chat([{"role": "user", "content": "Hi"}]),
                llm.encode_chat([{"role": "user", "content": "Say something longer"}])]
     assert prompts[0].images and not prompts[1].images
     alone = [[s.token_id for s in llm.generate(p, greedy) if s.token_id is not None] for p in prompts]
@@ -144,6 +154,80 @@ def test_image_prompts_run_alone_interleaved_with_batched_text(tmp_path):
         worker.stop(timeout=10)
     assert [r.tokens for r in results] == alone
     assert again[0].tokens == alone[0] and again[0].items[-1].cached_tokens == 0
+
+
+def test_an_image_prompt_and_a_text_prompt_in_the_same_steps(vision_llm):
+    """engine.scheduler directly: both sequences admitted together, so every step of the image prompt's
+    prefill and decode holds the text prompt's rows too (M-RoPE rows next to plain-RoPE rows); each gets
+    its tokens alone, and the image's stats count its image rows and encoder time."""
+    from kawai.engine.prefix_cache import OneCache
+    from kawai.engine.scheduler import Request, Scheduler
+
+    llm = vision_llm
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    image, text = picture_prompt(llm), llm.encode_chat([{"role": "user", "content": "Tell me more"}])
+    alone = [[s.token_id for s in llm.generate(p, greedy)] for p in (image, text)]
+
+    class TwoCaches:  # one cache per sequence, nothing shared
+        def __init__(self):
+            self.lenders = [OneCache(llm.new_cache()), OneCache(llm.new_cache())]
+
+        def acquire(self, tenant, prompt, reuse=True):
+            return next(lease for lender in self.lenders if (lease := lender.acquire(tenant, prompt, reuse)))
+
+        def reserve(self, lease, n):
+            return n <= lease.cache.max_seq
+
+        def publish(self, lease):
+            pass
+
+        def release(self, lease, reusable=True):
+            for lender in self.lenders:
+                lender.release(lease, reusable)
+
+    batch_sizes = []
+
+    def counting_forward(chunks, caches):
+        batch_sizes.append(len(chunks))
+        return llm.forward_batch(chunks, caches)
+
+    scheduler = Scheduler(llm, TwoCaches(), max_sequences=2, chunk=16, forward=counting_forward)
+    seqs = [scheduler.admit(Request(p, greedy)) for p in (image, text)]
+    got = {id(s): [] for s in seqs}
+    while scheduler.running:
+        for seq, step in scheduler.step():
+            assert step is not None, seq.error
+            got[id(seq)].append(step.token_id)
+    assert [got[id(s)] for s in seqs] == alone
+    assert max(batch_sizes) == 2 and batch_sizes.count(2) >= greedy.max_tokens
+    stats = seqs[0].stats
+    assert stats.image_tokens == image.image_tokens == 12 and stats.vision_seconds > 0
+    assert stats.prefill_seconds >= stats.vision_seconds and seqs[1].stats.image_tokens == 0
+
+
+def test_a_thinking_budget_closes_the_block_of_an_image_prompt(vision_llm):
+    """The thinking budget is the scheduler's, so it works on image prompts too: after `budget` tokens in
+    the <think> block the close is forced (fed at M-RoPE decode positions) and the reply goes on."""
+    from kawai.engine.generate import ThinkingBudget
+    from kawai.engine.prefix_cache import OneCache
+    from kawai.engine.scheduler import Generation, Request, Scheduler
+
+    llm = vision_llm
+    prompt = picture_prompt(llm, suffix="<think>\n")  # an assistant prefill that opens the block
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    cache = llm.new_cache()
+    thinking = ThinkingBudget(3, start_text="<think>\n")
+    gen = Generation(Scheduler(llm, OneCache(cache), max_sequences=1), Request(prompt, params, thinking=thinking))
+    steps = list(gen)
+    assert thinking.done and thinking.used == 3
+    assert steps[2].text.endswith(ThinkingBudget.CLOSE) and "</think>" not in "".join(s.text for s in steps[:2])
+    assert len(steps) == params.max_tokens and steps[-1].finish_reason == "max_tokens"
+    close = llm.tokenizer.encode(ThinkingBudget.CLOSE)
+    fed = cache.tokens[len(prompt.ids):]
+    assert fed[3 : 3 + len(close)] == close  # the forced ids went into the cache after the 3rd token
+    # the tokens before the budget ran out are the unconstrained ones
+    free = [s.token_id for s in llm.generate(prompt, params)]
+    assert [s.token_id for s in steps[:3]] == free[:3]
 
 
 def test_submit_refuses_past_capacity_tenant_limit_and_while_draining(tiny_llm):
