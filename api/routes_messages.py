@@ -191,10 +191,10 @@ def sampling_params(req: MessagesRequest) -> SamplingParams:
 def thinking_budget(req: MessagesRequest, prompt: Prompt) -> ThinkingBudget | None:
     """`budget_tokens` of enabled thinking, counted from where the reply starts (inside a reasoning block
     the template opened, or after an assistant prefill)."""
-    if not isinstance(req.thinking, ThinkingEnabled):
-        return None
+    if not isinstance(req.thinking, ThinkingEnabled) or prompt.chat_format.think_open is None:
+        return None  # a model without a reasoning block: nothing to budget
     opened = prompt.chat_format.think_open if prompt.in_thinking else ""
-    return ThinkingBudget(req.thinking.budget_tokens, opened + prompt.seed)
+    return ThinkingBudget(req.thinking.budget_tokens, prompt.chat_format, opened + prompt.seed)
 
 
 class EventStreamResponse(StreamingResponse):

@@ -106,7 +106,7 @@ class Job:
     channel: StepChannel
     request_id: str
     tenant: str | None = None  # API token id; prefix caches are never shared across tenants
-    thinking: ThinkingBudget | None = None  # closes the reply's <think> block after its budget
+    thinking: ThinkingBudget | None = None  # closes the reply's reasoning block after its budget
     cancel: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None

@@ -11,7 +11,7 @@ Stop rules, checked in this order for every token:
   max_tokens     `params.max_tokens` tokens were sampled
   context_full   the cache cannot take the sampled token
 
-A thinking budget (`ThinkingBudget`) ends a `<think>` block after its number of tokens: the close text
+A thinking budget (`ThinkingBudget`) ends a reasoning block after its number of tokens: the close text
 is forced, i.e. fed to the model after the sampled token and shown as part of the output, and the
 answer follows. `SequenceState.pending` is what the model reads next: the sampled token, then any forced.
 
@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kawai.engine.chat_format import ChatFormat
+from kawai.engine.errors import KawaiError
 from kawai.engine.kv_cache import KVCache
 from kawai.engine.sampling import Sampler, SamplingParams
 from kawai.engine.stop_strings import StopMatcher
@@ -101,19 +103,20 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-
 class ThinkingBudget:
-    """Counts the tokens of a reply's <think> block; `observe` says when the block must be closed.
+    """Counts the tokens of a reply's reasoning block; `observe` says when the block must be closed.
 
-    Watches the decoded text (a model may spell the tags as one token or several). `start_text` is
-    what precedes the reply in the prompt (a template that opens the block, an assistant prefill)."""
+    The block's tags come from the model's chat format (engine/chat_format.py: `<think>`/`</think>` for
+    Qwen3). Watches the decoded text (a model may spell the tags as one token or several). `start_text` is
+    what precedes the reply in the prompt (a template that opens the block, an assistant prefill).
+    `close_text` is what the loop forces when the budget is spent."""
 
-    CLOSE = "\n" + THINK_CLOSE + "\n\n"
-
-    def __init__(self, budget: int, start_text: str = ""):
+    def __init__(self, budget: int, chat_format: ChatFormat, start_text: str = ""):
+        if chat_format.think_open is None or chat_format.think_close is None:
+            raise KawaiError(f"the {chat_format.name} chat format has no reasoning block to budget")
         self.budget = budget
+        self.open, self.close = chat_format.think_open, chat_format.think_close
+        self.close_text = chat_format.forced_think_close
         self.used = 0
         self.done = False
         self._text = ""  # text seen since the block opened (or so far, before it opened)
@@ -138,11 +141,11 @@ class ThinkingBudget:
         self._text += text
         if not self._inside:
             head = self._text.lstrip()
-            if head.startswith(THINK_OPEN):
-                self._inside, self._text = True, head[len(THINK_OPEN):]
-            elif head and not THINK_OPEN.startswith(head):
+            if head.startswith(self.open):
+                self._inside, self._text = True, head[len(self.open):]
+            elif head and not self.open.startswith(head):
                 self.done = True  # the reply began without thinking
-        if self._inside and THINK_CLOSE in self._text:
+        if self._inside and self.close in self._text:
             self._inside, self.done = False, True
 
 
@@ -207,7 +210,7 @@ class SequenceState:
             return self.finish("eos", token)
         raw = self.decoder.push(token)
         if self.thinking is not None and self.thinking.observe(raw):
-            self.forced = self.tokenizer.encode(ThinkingBudget.CLOSE)
+            self.forced = self.tokenizer.encode(self.thinking.close_text)
             raw += "".join(self.decoder.push(t) for t in self.forced)
         text, matched = self.stops.push(raw)
         if matched is not None:

@@ -76,7 +76,7 @@ class Request:
 
     prompt: Prompt
     params: SamplingParams
-    thinking: ThinkingBudget | None = None  # closes the reply's <think> block after its budget
+    thinking: ThinkingBudget | None = None  # closes the reply's reasoning block after its budget
     tenant: str | None = None  # prefix caches are never shared across tenants
     should_stop: Callable[[], bool] = _never  # polled before every step
     tag: Any = None

@@ -216,13 +216,13 @@ def test_a_thinking_budget_closes_the_block_of_an_image_prompt(vision_llm):
     prompt = picture_prompt(llm, suffix="<think>\n")  # an assistant prefill that opens the block
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     cache = llm.new_cache()
-    thinking = ThinkingBudget(3, start_text="<think>\n")
+    thinking = ThinkingBudget(3, llm.chat_format, start_text="<think>\n")
     gen = Generation(Scheduler(llm, OneCache(cache), max_sequences=1), Request(prompt, params, thinking=thinking))
     steps = list(gen)
     assert thinking.done and thinking.used == 3
-    assert steps[2].text.endswith(ThinkingBudget.CLOSE) and "</think>" not in "".join(s.text for s in steps[:2])
+    assert steps[2].text.endswith(thinking.close_text) and "</think>" not in "".join(s.text for s in steps[:2])
     assert len(steps) == params.max_tokens and steps[-1].finish_reason == "max_tokens"
-    close = llm.tokenizer.encode(ThinkingBudget.CLOSE)
+    close = llm.tokenizer.encode(thinking.close_text)
     fed = cache.tokens[len(prompt.ids):]
     assert fed[3 : 3 + len(close)] == close  # the forced ids went into the cache after the 3rd token
     # the tokens before the budget ran out are the unconstrained ones
