@@ -11,6 +11,7 @@ limit.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
@@ -30,6 +31,7 @@ from kawai.api.limits import InFlightLimit
 from kawai.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kawai.api.metrics import MetricsMiddleware
 from kawai.api.middleware import RequestContextMiddleware
+from kawai.api.openapi import openapi_document
 from kawai.api.routes_messages import count_tokens, create_message
 from kawai.api.routes_models import get_model, health, list_models
 from kawai.api.routes_openai import OpenAIErrors, create_chat_completion
@@ -48,6 +50,7 @@ GRANTS = {
     "list_models": "models",
     "get_model": "models",
     "health": PUBLIC,
+    "openapi": PUBLIC,  # a constant of the code (no model, tenant or setting in it): api/openapi.py
     "metrics": "metrics",  # every tenant's traffic: a grant of its own, not in the default token
 }
 
@@ -67,6 +70,7 @@ def build_routes() -> list[Route]:
         Route("/v1/models/{model_id}", get_model, methods=["GET"], name="get_model"),
         Route("/health", health, methods=["GET"], name="health"),
         Route("/metrics", metrics_page, methods=["GET"], name="metrics"),
+        Route("/openapi.json", openapi_page, methods=["GET"], name="openapi"),
     ]
 
 
@@ -117,6 +121,7 @@ def create_app(settings: ServerSettings, models: Sequence[str | Path | object]) 
             max_age=600,
         )
     app.state.server = state
+    app.state.openapi = json.dumps(openapi_document(), separators=(",", ":")).encode()
     return app
 
 
@@ -169,6 +174,11 @@ def _host(host: str) -> str:
 async def metrics_page(request: Request) -> Response:
     """Prometheus text format (api/metrics.py)."""
     return Response(server_state(request).metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+async def openapi_page(request: Request) -> Response:
+    """The OpenAPI 3.1 document of this API (api/openapi.py)."""
+    return Response(request.app.state.openapi, media_type="application/json")
 
 
 async def _on_api_error(request: Request, exc: ApiError):

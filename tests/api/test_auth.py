@@ -122,13 +122,14 @@ def route_matrix(server) -> list[tuple[str, str, bool]]:
 
 
 def test_every_route_and_method_without_a_token_is_401(server):
-    """Only GET/HEAD /health answer without a token; every other route, whatever the method, is 401 —
-    a wrong method included (its 405 would tell a stranger the route exists)."""
+    """Only GET/HEAD /health and /openapi.json (a constant of the code: api/openapi.py) answer without a
+    token; every other route, whatever the method, is 401 — a wrong method included (its 405 would tell a
+    stranger the route exists)."""
     cells = route_matrix(server)
     assert {path for _, path, _ in cells} >= {"/v1/messages", "/v1/models", "/health", "/metrics"}
     for method, path, allowed in cells:
         r = call(server, method, path)
-        if path == "/health":
+        if path in ("/health", "/openapi.json"):
             assert r.status_code == (200 if allowed else 405), (method, path)
         else:
             assert r.status_code == 401, (method, path, r.status_code)
@@ -147,8 +148,9 @@ def test_every_route_with_a_valid_token_and_a_wrong_method_is_405(server, tokens
             assert r.headers["allow"], (method, path)
 
 
-def test_health_is_the_only_open_route(server):
+def test_health_and_the_api_document_are_the_only_open_routes(server):
     assert call(server, "GET", "/health").status_code == 200
+    assert call(server, "GET", "/openapi.json").status_code == 200
     assert call(server, "POST", "/health").status_code == 405  # wrong method, still no token needed
     r = call(server, "GET", "/v1/nothing-here")
     assert r.status_code == 401 and error_type(r) == "authentication_error"  # no route enumeration
