@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from kawai.api.content import MessageAssembler
 from kawai.api.errors import InternalError, InvalidRequestError, RequestTooLargeError
 from kawai.api.ids import new_message_id, new_tool_use_id
+from kawai.api.limits import check_json_values
 from kawai.api.prompt import Prompt, build_prompt, check_context, fetch_images
 from kawai.api.sse import PING, sse_frames
 from kawai.api.state import request_id_of, server_state, tenant_of
@@ -142,28 +143,28 @@ async def read_request(request: Request, model_cls: type, limit: int):
     return await anyio.to_thread.run_sync(_decode_request, body, model_cls, limiter=server.prompt_builders)
 
 
-async def read_body(request: Request, limit: int, seconds: float | None = None) -> bytes:
+async def read_body(request: Request, limit: int, seconds: float | None = None) -> bytearray:
     """The body, counting bytes as they arrive (Content-Length is only a hint), all of it within
     `seconds` (a client sending a byte at a time holds its connection, not the server)."""
     too_large = RequestTooLargeError(f"Request body is larger than the {limit // (1024 * 1024)} MB limit.")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
-    chunks, total = [], 0
+    body = bytearray()  # grown in place: no list of chunks joined into a second copy
     with anyio.move_on_after(seconds) as deadline:
         async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
+            if len(body) + len(chunk) > limit:
                 raise too_large
-            chunks.append(chunk)
+            body += chunk
     if deadline.cancelled_caught:
         raise InvalidRequestError(f"The request body did not arrive within {seconds:g} s.")
-    return b"".join(chunks)
+    return body
 
 
-def _decode_request(body: bytes, model_cls: type):
-    if not body.strip():
+def _decode_request(body: bytes | bytearray, model_cls: type):
+    if not body or body.isspace():  # (strip() would copy up to 32 MB)
         raise InvalidRequestError("The request body is empty; send a JSON object.")
+    check_json_values(body)  # before decoding: each value becomes a Python object (api/limits.py)
     try:
         data = json.loads(body)
     except json.JSONDecodeError as e:
