@@ -9,6 +9,11 @@ One request's images share one budget, so one request cannot take the server's m
 - time: one deadline (`timeout`) covers every download of the request: DNS, connect, headers and body,
   the URLs fetched concurrently (at most MAX_CONCURRENT_FETCHES at once) on the event loop, holding no
   thread while they wait;
+- threads: host names are looked up (getaddrinfo blocks) in a dedicated, bounded pool (`Resolver`, DNS_THREADS
+  for the process), each name once per request and at most DNS_PER_REQUEST at a time, never in the event
+  loop's default executor or the threads that decode and render requests: a lookup cannot be cancelled (its
+  thread waits for the system resolver even after the request's deadline), so slow DNS can only delay other
+  lookups;
 - pixels: every image's size is read from its header before any is decoded; their sum is at most
   `max_request_pixels`, and their image tokens (counted from those sizes) must fit in the context;
 - memory: each image is downscaled straight after decoding (engine.vision.preprocess.decode_image with
@@ -32,6 +37,7 @@ import ipaddress
 import socket
 import ssl
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -47,8 +53,28 @@ MAX_REQUEST_IMAGE_BYTES = 64 * 1024 * 1024  # all images of one request
 MAX_REQUEST_PIXELS = 2 * MAX_SIDE * MAX_SIDE  # source pixels of all images of one request (128 megapixels)
 FETCH_TIMEOUT_SECONDS = 10.0  # one deadline for all downloads of a request: DNS, connect, headers and body
 MAX_CONCURRENT_FETCHES = 8  # downloads of one request at once
+DNS_THREADS = 16  # host name lookups at once, in the whole process
+DNS_PER_REQUEST = 4  # lookups of one request at once
 USER_AGENT = "kawai-image-fetch/1"
 MB = 1024 * 1024
+
+
+class Resolver:
+    """Host name lookups (socket.getaddrinfo, which blocks) in their own bounded set of threads, made as
+    they are needed. Lookups past `threads` wait in line; one whose request gives up before it starts never
+    runs."""
+
+    def __init__(self, threads: int = DNS_THREADS):
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="kawai-dns")
+
+    async def lookup(self, host: str, port: int) -> list[str]:
+        """The addresses `host` resolves to (OSError, UnicodeError as getaddrinfo raises them)."""
+        infos = await asyncio.get_running_loop().run_in_executor(
+            self.pool, lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        return [info[4][0] for info in infos]
+
+
+DNS = Resolver()  # the process's lookups (like the event loop's default executor, shared by every app)
 
 
 @dataclass(frozen=True)
@@ -59,6 +85,7 @@ class ImagePolicy:
     max_request_pixels: int = MAX_REQUEST_PIXELS
     timeout: float = FETCH_TIMEOUT_SECONDS
     max_side: int = MAX_SIDE
+    resolver: Resolver = DNS
 
 
 async def gather_image_bytes(sources: Sequence, policy: ImagePolicy) -> list[bytes]:
@@ -75,10 +102,11 @@ async def gather_image_bytes(sources: Sequence, policy: ImagePolicy) -> list[byt
     urls = [(i, s.url) for i, s in enumerate(sources) if s.type != "base64"]
     if urls:
         gate = asyncio.Semaphore(MAX_CONCURRENT_FETCHES)
+        lookups = _Lookups(policy)
 
         async def fetch(i: int, url: str) -> None:
             async with gate:
-                data[i] = await _fetch(url, policy, budget)
+                data[i] = await _fetch(url, policy, budget, lookups)
 
         try:
             async with asyncio.timeout(policy.timeout), asyncio.TaskGroup() as group:
@@ -145,7 +173,7 @@ def fetch_image(url: str, policy: ImagePolicy) -> bytes:
     async def one() -> bytes:
         try:
             async with asyncio.timeout(policy.timeout):
-                return await _fetch(url, policy, _ByteBudget(policy.max_request_bytes))
+                return await _fetch(url, policy, _ByteBudget(policy.max_request_bytes), _Lookups(policy))
         except TimeoutError:
             raise InvalidRequestError("image url: the download took too long") from None
 
@@ -216,7 +244,7 @@ def check_address(address: str, allow_private: bool) -> None:
     raise InvalidRequestError("image url: the host resolves to a non-public address")
 
 
-async def _fetch(url: str, policy: ImagePolicy, budget: _ByteBudget) -> bytes:
+async def _fetch(url: str, policy: ImagePolicy, budget: _ByteBudget, lookups: _Lookups) -> bytes:
     """GET an image URL under the rules above; the body's bytes. The caller bounds the time."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
@@ -230,7 +258,7 @@ async def _fetch(url: str, policy: ImagePolicy, budget: _ByteBudget) -> bytes:
         raise InvalidRequestError("image url: no host")
     if parts.username is not None or parts.password is not None:
         raise InvalidRequestError("image url: credentials in URLs are not accepted")
-    address = await _resolve(host, port, policy.allow_private)
+    address = await lookups.address(host, port)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     tls = ssl.create_default_context() if scheme == "https" else None
     try:
@@ -277,15 +305,29 @@ async def _read_response(conn: h11.Connection, reader: asyncio.StreamReader, max
     return b"".join(chunks)
 
 
-async def _resolve(host: str, port: int, allow_private: bool) -> str:
-    """Resolve once; every address must pass; the first one is the one connected to."""
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        raise InvalidRequestError("image url: the host name does not resolve") from None
-    addresses = [info[4][0] for info in infos]
-    if not addresses:
-        raise InvalidRequestError("image url: the host name does not resolve")
-    for address in addresses:
-        check_address(address, allow_private)
-    return addresses[0]
+class _Lookups:
+    """One request's host lookups: each (host, port) resolved once, at most DNS_PER_REQUEST at a time, in the
+    policy's Resolver. Every address a host resolves to must pass check_address; the first is connected to."""
+
+    def __init__(self, policy: ImagePolicy):
+        self.policy = policy
+        self.gate = asyncio.Semaphore(DNS_PER_REQUEST)
+        self.started: dict[tuple[str, int], asyncio.Future] = {}
+
+    async def address(self, host: str, port: int) -> str:
+        key = (host, port)
+        if key not in self.started:
+            self.started[key] = asyncio.ensure_future(self._resolve(host, port))
+        return await self.started[key]
+
+    async def _resolve(self, host: str, port: int) -> str:
+        try:
+            async with self.gate:
+                addresses = await self.policy.resolver.lookup(host, port)
+        except (OSError, UnicodeError):
+            raise InvalidRequestError("image url: the host name does not resolve") from None
+        if not addresses:
+            raise InvalidRequestError("image url: the host name does not resolve")
+        for address in addresses:
+            check_address(address, self.policy.allow_private)
+        return addresses[0]
