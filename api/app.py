@@ -145,8 +145,7 @@ async def _load_models(state: ServerState, models: Sequence[str | Path | object]
             kv_memory=settings.kv_memory,
             kv_dir=_kv_dir(settings),
             kv_disk=settings.kv_disk,
-            max_per_tenant=settings.max_per_token,
-            metrics=state.metrics,
+            metrics=state.metrics,  # the per-token limit is InFlightLimit's alone (api/limits.py)
         )
         state.metrics.add_gauges(worker.gauges)
         state.metrics.add_gauges(worker.counters, kind="counter")

@@ -4,9 +4,11 @@ and the number of JSON values a request body may hold.
     app.add_middleware(InFlightLimit, limit=settings.max_per_token)   # inside AuthMiddleware
     check_json_values(body)                                            # before json.loads
 
-The engine's own per-token limit (api/worker.py) counts a job from when it is queued; everything before
-that -- reading a body of up to 32 MB, decoding it, downloading images, rendering the prompt -- is work a
-token could otherwise start without bound. A request over the limit gets 429 `rate_limit_error` with
+It is the server's one per-token limit (`kawai serve --max-per-token`): counted from the first byte, it
+also covers what comes before a job reaches the engine's queue -- reading a body of up to 32 MB, decoding
+it, downloading images, rendering the prompt -- and one count covers every model served. (The engine
+thread's own `max_per_tenant`, api/worker.py, counted the same requests again from their queueing, per
+model, and could refuse a request while the job of the token's previous one was still being reaped.) A request over the limit gets 429 `rate_limit_error` with
 `retry-after` before its body is read. Only the generating routes are counted (/v1/messages*,
 /v1/chat/completions).
 """
