@@ -7,7 +7,8 @@
 TARGET: json_stream, request_body, chat_request_body, output_parser, gguf. Kawai's own modules are
 instrumented for coverage; a crash (an exception other than the documented one, or a broken invariant)
 stops the run and leaves the input in ./crash-<sha1>: replay it with `fuzz.py TARGET ./crash-<sha1>`.
-The first corpus directory, when given, is seeded with a few valid inputs. `-timeout=N` (seconds per
+The first corpus directory, when given, is seeded with a few valid inputs; the text targets get
+tests/fuzz/request.dict (JSON punctuation, the API's field names, the model's tags) unless -dict= is given. `-timeout=N` (seconds per
 input, libFuzzer's default 1200) catches inputs that take far too long; linear cost itself is checked
 by tests/fuzz/test_fuzz_parsers.py and tests/test_parsing_cost.py.
 """
@@ -76,6 +77,8 @@ def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in names:
         sys.exit(f"usage: fuzz.py {{{','.join(names)}}} [libFuzzer flags] [CORPUS_DIR ...]")
     name, argv = sys.argv[1], [sys.argv[0]] + sys.argv[2:]
+    if name != "gguf" and not any(a.startswith("-dict=") for a in argv):
+        argv.insert(1, f"-dict={HERE / 'request.dict'}")  # JSON punctuation, field names, tags
     corpus = next((Path(a) for a in argv[1:] if not a.startswith("-")), None)
     if corpus is not None and corpus.is_dir():
         seeds = SEEDS.get(name, [])
