@@ -49,7 +49,7 @@ class ErrorDetail(_Doc):
     type: Literal[
         "invalid_request_error", "authentication_error", "permission_error", "not_found_error",
         "request_too_large", "rate_limit_error", "api_error", "overloaded_error",
-    ]  # api/errors.ERROR_TYPES' values (tests/test_openapi.py keeps them equal)
+    ]  # api/errors.ERROR_TYPES' values (tests/api/test_openapi.py keeps them equal)
     message: str
 
 

@@ -10,7 +10,7 @@ stops the run and leaves the input in ./crash-<sha1>: replay it with `fuzz.py TA
 The first corpus directory, when given, is seeded with a few valid inputs; the text targets get
 tests/fuzz/request.dict (JSON punctuation, the API's field names, the model's tags) unless -dict= is given. `-timeout=N` (seconds per
 input, libFuzzer's default 1200) catches inputs that take far too long; linear cost itself is checked
-by tests/fuzz/test_fuzz_parsers.py and tests/test_parsing_cost.py.
+by tests/fuzz/test_fuzz_parsers.py and tests/engine/test_parsing_cost.py.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # targets.py; the test helpers (ru
 
 with atheris.instrument_imports(include=["kawai"]):
     import targets
+    from kawai.engine.chat_format import HERMES, LLAMA3
 
 SEEDS = {
     "json_stream": [b'{"a": [1, -2.5e3, true, null, {"b": "c\\n\\u00e9"}]}', b'{"k": "x'],
@@ -56,12 +57,14 @@ def chat_request_body(data: bytes) -> None:
 
 
 def output_parser(data: bytes) -> None:
-    """First byte: the options; then the prefill and the generated text, split at a drawn offset."""
+    """First byte: the options (bits 0-2 piece size, 3 no tools, 4 in thinking, 5 the first half
+    is a prefill, 6 llama3, 7 cut); then the prefill and the generated text."""
     flags = data[0] if data else 0
     text = data[1:].decode("utf-8", "replace")
-    split = (flags >> 5) * len(text) // 8
+    split = (flags >> 5 & 1) * len(text) // 2
     targets.output_parser(text[:split], text[split:], cuts=range(0, len(text), 1 + (flags & 7)),
-                          parse_tools=not flags & 8, in_thinking=bool(flags & 16), cut=bool(flags & 128))
+                          parse_tools=not flags & 8, in_thinking=bool(flags & 16), cut=bool(flags & 128),
+                          chat_format=LLAMA3 if flags & 64 else HERMES)
 
 
 SCRATCH = Path(tempfile.mkdtemp(prefix="kawai-fuzz-"))
@@ -83,9 +86,9 @@ def main() -> None:
     if corpus is not None and corpus.is_dir():
         seeds = SEEDS.get(name, [])
         if name == "gguf":
-            from test_gguf_malformed import valid_file
+            from tiny_models import write_tiny_model
 
-            seeds = [bytes(valid_file().buf)]
+            seeds = [write_tiny_model(SCRATCH, "qwen2").read_bytes()]
         for i, seed in enumerate(seeds):
             (corpus / f"seed-{i}").write_bytes(seed)
     atheris.Setup(argv, names[name])

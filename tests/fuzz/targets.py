@@ -8,11 +8,11 @@ exception is a bug. Two drivers call them:
     tests/fuzz/fuzz.py TARGET         atheris, coverage-guided, as long as you like (docs/security.md)
 
 Targets:
-    json_stream(text, cuts)           api/json_stream.JsonStream: JsonStreamError only; every prefix it calls
+    json_stream(text, cuts)           engine/json_stream.JsonStream: JsonStreamError only; every prefix it calls
                                       safe + its completion is valid JSON; agrees with json.loads on objects
     request_body(body, openai)        the body of POST /v1/messages (or /v1/chat/completions) -> bytes decoded
                                       and validated: InvalidRequestError only, a 400 naming no more than 400 chars
-    output_parser(seed, text, cuts, options)  api/toolcalls.OutputParser: never raises; tool calls are
+    output_parser(seed, text, cuts, options)  engine/output_parser.OutputParser (any chat format): never raises; tool calls are
                                       well nested and their arguments a JSON object; without tags, text is kept
     gguf(data, path)                  engine/gguf.open_gguf: GGUFError only
 """
@@ -25,12 +25,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kawai.api.errors import InvalidRequestError
-from kawai.api.json_stream import JsonStream, JsonStreamError
 from kawai.api.openai_wire import ChatCompletionRequest, to_messages_request
 from kawai.api.routes_messages import _decode_request
-from kawai.api.toolcalls import OutputParser, TextDelta, ThinkingDelta, ThinkingEnd, ToolCallEnd, ToolCallStart, ToolInputDelta
 from kawai.api.wire import MAX_ERROR_CHARS, MessagesRequest
+from kawai.engine.chat_format import HERMES, ChatFormat
 from kawai.engine.gguf import GGUFError, open_gguf
+from kawai.engine.json_stream import JsonStream, JsonStreamError
+from kawai.engine.output_parser import (
+    OutputParser,
+    TextDelta,
+    ThinkingDelta,
+    ThinkingEnd,
+    ToolCallEnd,
+    ToolCallStart,
+    ToolInputDelta,
+)
 
 WHITESPACE = " \t\r\n"
 
@@ -41,7 +50,7 @@ def pieces(text: str, cuts: Sequence[int]) -> list[str]:
     return [text[a:b] for a, b in zip(at, at[1:])] or [""]
 
 
-# ---- api/json_stream.py --------------------------------------------------------------------------------
+# ---- engine/json_stream.py --------------------------------------------------------------------------------
 
 
 def _strict_object(text: str):
@@ -94,14 +103,16 @@ def request_body(body: bytes, openai: bool = False) -> None:
         assert e.status == 400 and e.message and len(e.message) <= MAX_ERROR_CHARS + 200
 
 
-# ---- api/toolcalls.py -------------------------------------------------------------------------------------
+# ---- engine/output_parser.py -------------------------------------------------------------------------------------
 
 
 def output_parser(seed: str, text: str, cuts: Sequence[int] = (), parse_tools: bool = True,
                   in_thinking: bool = False, fenced_calls: bool = True, cut: bool = False,
-                  tool_names: frozenset[str] = frozenset({"f", "get_weather"})) -> None:
-    parser = OutputParser(parse_tools=parse_tools, tool_names=tool_names, in_thinking=in_thinking,
-                          fenced_calls=fenced_calls, parse_thinking=parse_tools)
+                  chat_format: ChatFormat = HERMES, tool_names: frozenset[str] = frozenset({"f", "get_weather"})) -> None:
+    calls = iter(range(1 << 30))
+    parser = OutputParser(chat_format, new_id=lambda: f"toolu_{next(calls)}", parse_tools=parse_tools,
+                          tool_names=tool_names, in_thinking=in_thinking, fenced_calls=fenced_calls,
+                          parse_thinking=parse_tools)
     events = parser.feed(seed)  # prime(), keeping what it would drop: a call may open in the prefill
     for piece in pieces(text, cuts):
         events += parser.feed(piece)

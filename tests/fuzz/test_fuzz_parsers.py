@@ -2,7 +2,7 @@
 default suite: the streaming JSON checker, request bodies (decode + validation, both APIs), the tool-call
 output parser, the GGUF reader. Inputs are JSON-ish character soup, real JSON with random formatting and
 edits, and valid requests with one subtree replaced. Then: no input costs more than linear time (8x the
-input, at most 20x the CPU time; tests/test_parsing_cost.py has the fixed worst cases).
+input, at most 20x the CPU time; tests/engine/test_parsing_cost.py has the fixed worst cases).
 
 Long coverage-guided runs of the same targets: `tests/fuzz/fuzz.py` (atheris), see docs/security.md.
 """
@@ -20,9 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import targets
-from test_gguf_malformed import valid_file
-from kawai.api.json_stream import JsonStream, JsonStreamError
-from kawai.api.toolcalls import OutputParser
+from kawai.engine.chat_format import HERMES, LLAMA3
+from kawai.engine.gguf import open_gguf
+from kawai.engine.json_stream import JsonStream, JsonStreamError
+from kawai.engine.output_parser import OutputParser
+from tiny_models import write_tiny_model
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -131,27 +133,31 @@ def test_chat_completion_request_bodies(body):
 
 
 @FUZZ
-@given(model_text | st.just(""), model_text, cuts, st.booleans(), st.booleans(), st.booleans(), st.booleans())
-def test_output_parser(seed, text, cut_at, parse_tools, in_thinking, fenced_calls, cut):
-    targets.output_parser(seed, text, cut_at, parse_tools, in_thinking, fenced_calls, cut)
-
-
-GGUF_BASE = valid_file().buf  # a small well-formed file: metadata of every kind, an F32 and a Q8_0 tensor
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, len(GGUF_BASE)), st.binary(max_size=9)), max_size=4),
-       st.none() | st.integers(0, len(GGUF_BASE)))
-def test_gguf_reader(scratch, edits, cut):
-    data = bytearray(GGUF_BASE)
-    for at, chunk in edits:
-        data[at : at + len(chunk)] = chunk
-    targets.gguf(bytes(data[:cut]), scratch / "fuzz.gguf")
+@given(model_text | st.just(""), model_text, cuts, st.booleans(), st.booleans(), st.booleans(), st.booleans(),
+       st.sampled_from([HERMES, LLAMA3]))
+def test_output_parser(seed, text, cut_at, parse_tools, in_thinking, fenced_calls, cut, chat_format):
+    targets.output_parser(seed, text, cut_at, parse_tools, in_thinking, fenced_calls, cut, chat_format)
 
 
 @pytest.fixture(scope="module")
-def scratch(tmp_path_factory):
-    return tmp_path_factory.mktemp("fuzz-gguf")
+def gguf_seed(tmp_path_factory) -> tuple[bytes, int]:
+    """A tiny real model file (metadata of every kind, a vocabulary, tensors) and where its tensor data starts."""
+    path = write_tiny_model(tmp_path_factory.mktemp("fuzz-gguf"), "qwen2")
+    return path.read_bytes(), open_gguf(path).data_offset
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_gguf_reader(gguf_seed, tmp_path_factory, data):
+    """Bytes overwritten in the header, metadata and tensor table (the data section is never parsed), or cut."""
+    seed, data_offset = gguf_seed
+    buf = bytearray(seed)
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, data_offset))
+        chunk = data.draw(st.binary(min_size=1, max_size=9) | st.sampled_from([b"\xff" * 8, b"\0" * 8]))
+        buf[at : at + len(chunk)] = chunk
+    cut = data.draw(st.none() | st.integers(0, data_offset))
+    targets.gguf(bytes(buf[:cut]), tmp_path_factory.getbasetemp() / "fuzz.gguf")
 
 
 # ---- cost ----------------------------------------------------------------------------------------------
@@ -185,7 +191,7 @@ def stream_chars(text: str) -> None:
 
 
 def prime(text: str) -> None:
-    parser = OutputParser(parse_tools=True, tool_names=frozenset({"f"}))
+    parser = OutputParser(HERMES, new_id=lambda: "toolu_0", parse_tools=True, tool_names=frozenset({"f"}))
     parser.prime(text)
     parser.feed("x")
     parser.finish(cut=True)

@@ -1,6 +1,6 @@
 """GET /openapi.json (api/openapi.py): a valid OpenAPI 3.1 document that lists exactly the routes the app
 serves, with the auth rules the app applies, served without a token. The live property-based test of the
-API against it is tests/test_openapi_live.py (slow suite)."""
+API against it is tests/e2e/test_openapi_live.py (slow suite)."""
 
 from __future__ import annotations
 
