@@ -27,6 +27,7 @@ from kawai.engine.vision.preprocess import DOWNSCALE_MARGIN, decode_image
 from api_harness import LiveServer
 from pictures import photo
 from vision_models import tiny_hf_model, write_language_model, write_mmproj
+from costs import peak_rss_growth
 
 MB = 1024 * 1024
 
@@ -55,21 +56,6 @@ def encoded(image: Image.Image, fmt: str, **kw) -> bytes:
 
 def b64_block(data: bytes) -> dict:
     return {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": base64.b64encode(data).decode()}}
-
-
-def peak_rss_growth(action) -> int:
-    """Bytes the process's peak RSS grew by while `action()` ran (Linux: clear_refs resets the peak)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-    def status(key: str) -> int:
-        with open("/proc/self/status") as f:
-            line = next(line for line in f if line.startswith(key + ":"))
-        return int(line.split()[1]) * 1024
-
-    before = status("VmRSS")
-    action()
-    return status("VmHWM") - before
 
 
 # ---- memory --------------------------------------------------------------------------------------

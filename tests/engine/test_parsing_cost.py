@@ -6,25 +6,16 @@ on this thread only, so other processes on the machine do not count."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
 from kawai.engine.chat_format import HERMES
 from kawai.engine.json_stream import JsonStream
 from kawai.engine.output_parser import OutputParser, ToolCallEnd, ToolCallStart, ToolInputDelta
+from costs import cpu_seconds
 
 HEAD = '<tool_call>\n{"name": "f", "arguments": {"a": '
 SMALL, LARGE = 4000, 32000
-
-
-def cpu_seconds(action) -> float:
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.thread_time()
-        action()
-        best = min(best, time.thread_time() - t0)
-    return best
 
 
 def primed(seed: str) -> OutputParser:

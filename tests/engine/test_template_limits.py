@@ -10,22 +10,10 @@ import time
 import pytest
 
 from kawai.engine.chat_template import ChatTemplate, TemplateLimitError
+from costs import peak_rss_growth
 
 MB = 1024 * 1024
 MESSAGES = [{"role": "user", "content": "x"}]
-
-
-def peak_rss_growth(action) -> int:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-    def status(key: str) -> int:
-        with open("/proc/self/status") as f:
-            return int(next(line for line in f if line.startswith(key + ":")).split()[1]) * 1024
-
-    before = status("VmRSS")
-    action()
-    return status("VmHWM") - before
 
 
 def test_a_recursive_macro_without_loops_is_timed():

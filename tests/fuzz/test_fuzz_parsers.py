@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from kawai.engine.gguf import open_gguf
 from kawai.engine.json_stream import JsonStream, JsonStreamError
 from kawai.engine.output_parser import OutputParser
 from tiny_models import write_tiny_model
+from costs import cpu_seconds
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -161,15 +161,6 @@ def test_gguf_reader(gguf_seed, tmp_path_factory, data):
 
 
 # ---- cost ----------------------------------------------------------------------------------------------
-
-
-def cpu_seconds(action) -> float:
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.thread_time()
-        action()
-        best = min(best, time.thread_time() - t0)
-    return best
 
 
 def linear(make, run, small: int = 300) -> None:
