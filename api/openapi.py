@@ -88,9 +88,10 @@ ERROR_STATUSES = {
     "413": "The body is larger than 32 MB.",
     "429": "Too many requests of this token in flight, or its quota used up; see `retry-after`.",
     "500": "Internal error; the request id is in the `request-id` header.",
+    "503": "The server is shutting down (draining); uvicorn's own 503 at its connection limit is plain text.",
     "529": "Overloaded: the model's queue is full; retry after `retry-after` seconds.",
 }
-GENERATING = ("400", "401", "403", "404", "405", "413", "429", "500", "529")
+GENERATING = ("400", "401", "403", "404", "405", "413", "429", "500", "503", "529")
 READING = ("400", "401", "403", "404", "405", "429", "500")
 
 # Request fields that also take a plain string (their BeforeValidator turns it into one text block).
@@ -210,6 +211,9 @@ def _operation(op_id: str, summary: str, grant: str, *, ok: str, errors: tuple[s
     responses = {"200": _response("OK" + (" (an event stream with `stream: true`)" if stream else ""), content)}
     for status in errors:
         responses[status] = _response(ERROR_STATUSES[status], _json(error_schema))
+    if "503" in responses:  # uvicorn's plain-text 503 comes before the app: no request id
+        responses["503"]["content"]["text/plain"] = {"schema": {"type": "string"}}
+        responses["503"]["headers"] = {"request-id": {"schema": {"type": "string"}, "required": False}}
     out: dict[str, Any] = {"operationId": op_id, "summary": summary,
                            "description": f"Needs a token with the `{grant}` grant.", "responses": responses}
     if body is not None:
