@@ -287,17 +287,18 @@ def _user(m: Message, tool_names: dict[str, str], load: ImageLoader | None) -> l
 
 def _content(blocks, sep: str, load: ImageLoader | None) -> str | list[dict[str, Any]]:
     """Text and image blocks -> a string (text only) or parts; consecutive texts joined by sep."""
-    parts: list[dict[str, Any]] = []
+    parts: list[Any] = []  # image parts, and lists of consecutive texts (joined once: linear in the blocks)
     for b in blocks:
         if isinstance(b, ImageBlock):
             if load is None:
                 raise InvalidRequestError("images are not accepted here")
             parts.append({"type": "image", "image": load(b)})
         elif isinstance(b, TextBlock) and b.text:
-            if parts and parts[-1]["type"] == "text":
-                parts[-1] = {"type": "text", "text": parts[-1]["text"] + sep + b.text}
+            if parts and isinstance(parts[-1], list):
+                parts[-1].append(b.text)
             else:
-                parts.append({"type": "text", "text": b.text})
+                parts.append([b.text])
+    parts = [{"type": "text", "text": sep.join(p)} if isinstance(p, list) else p for p in parts]
     if all(p["type"] == "text" for p in parts):
         return "".join(p["text"] for p in parts)
     return parts

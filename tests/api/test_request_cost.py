@@ -29,8 +29,6 @@ def build_seconds(llm, n: int) -> float:
     return time.thread_time() - t0
 
 
-@pytest.mark.xfail(strict=True, reason="api/prompt.py _content joins consecutive text blocks with `+` in a loop "
-                                       "(quadratic); collect them in a list and join once (file owned elsewhere)")
 def test_many_text_blocks_in_one_message_build_in_linear_time(tiny_llm):
     small = min(build_seconds(tiny_llm, 2000) for _ in range(3))
     large = build_seconds(tiny_llm, 16000)
