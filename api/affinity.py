@@ -29,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
+from kawai.api.limits import MAX_JSON_VALUES, count_json_values
 from kawai.api.routes_messages import VOLATILE_SYSTEM_PREFIXES
 
 MAX_ENTRIES = 200_000  # chain hashes remembered (about 30 MB); the least recently used go first
@@ -36,7 +37,11 @@ MAX_ENTRIES = 200_000  # chain hashes remembered (about 30 MB); the least recent
 
 def affinity_chain(tenant: str | None, body: bytes) -> tuple[str, ...]:
     """The chain of prefix hashes of a Messages request body; () when it is not a JSON object with a
-    list of messages (the replica answers it with its usual 400, and the router balances by load)."""
+    list of messages (the replica answers it with its usual 400, and the router balances by load), or
+    when it holds more JSON values than a replica accepts (api/limits.py: counted before decoding, so a
+    hostile body costs the proxy no more memory than it costs a replica)."""
+    if count_json_values(body) > MAX_JSON_VALUES:
+        return ()
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):

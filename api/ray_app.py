@@ -152,7 +152,9 @@ class Relay:
         if body is None:
             return  # the client left before sending its request
         is_messages = scope["method"] == "POST" and scope["path"] == "/v1/messages"
-        chain = affinity_chain(tenant_key(_presented_token(scope)), body) if is_messages else ()
+        chain = ()
+        if is_messages:  # decoding up to 32 MB of JSON is CPU work: off the proxy's event loop
+            chain = await asyncio.to_thread(affinity_chain, tenant_key(_presented_token(scope)), body)
         request = RelayedRequest({k: scope[k] for k in SCOPE_KEYS if k in scope}, body, chain)
         stream = self.engine.remote(request)
         watcher = asyncio.create_task(_cancel_on_disconnect(receive, stream))

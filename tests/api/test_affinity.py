@@ -90,3 +90,17 @@ def test_table_is_bounded_least_recently_used_first():
     assert table.lookup(b, ["B"]) == (None, 0)  # b's links were the oldest
     assert table.lookup(c, ["C"]) == ("C", 2)
 
+
+
+def test_a_body_with_more_values_than_a_replica_accepts_has_no_chain():
+    """Counted before decoding: the proxy never builds a million Python objects for a request the replica
+    refuses with 400 anyway."""
+    from kawai.api.limits import MAX_JSON_VALUES, count_json_values
+
+    def body(n: int) -> bytes:
+        numbers = b",".join([b"0"] * n)
+        return b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "metadata": [' + numbers + b"]}"
+
+    n = MAX_JSON_VALUES - count_json_values(body(1)) + 1  # the most a replica accepts
+    assert count_json_values(body(n)) == MAX_JSON_VALUES and affinity_chain(None, body(n)) != ()
+    assert affinity_chain(None, body(n + 1)) == ()
