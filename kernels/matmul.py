@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kawai.kernels import matmul_kernels as mk
-from kawai.kernels.matmul_pack import PACK_SPECS, repack_rows
+from kawai.kernels.formats import DENSE_TYPES, FORMATS, PACKED_TYPES
+from kawai.kernels.matmul_pack import decode_blocks, repack_rows
 from kawai.kernels.matmul_simd import BLOCK_BYTES, FORMAT_CODES, GROUPS
 from kawai.kernels.qtypes import GGMLType
 
-DENSE_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})
-MATMUL_TYPES = DENSE_TYPES | frozenset(PACK_SPECS)
+MATMUL_TYPES = DENSE_TYPES | PACKED_TYPES  # dense weights are multiplied in float32, the others repacked
 PARALLEL_QUANTIZE_TOKENS = 16  # fewer tokens are quantized on one thread (a parallel launch costs more)
 
 
@@ -127,7 +127,7 @@ def pack(raw: np.ndarray, qtype: GGMLType, cols: int) -> PackedMatrix:
     if qtype == GGMLType.BF16:  # bf16 is the top half of a float32
         bits = np.ascontiguousarray(raw).view("<u2").astype(np.uint32) << 16
         return PackedMatrix(qtype, rows, cols, "dense", bits.view(np.float32))
-    spec = PACK_SPECS[qtype]
+    spec = FORMATS[qtype].pack
     w, scales, mins = repack_rows(raw, qtype, cols)
     return PackedMatrix(qtype, rows, cols, spec.fmt, w, scales, mins, spec.group, spec.offset)
 
@@ -136,15 +136,7 @@ def unpack(w: PackedMatrix) -> np.ndarray:
     """The float32 weights (R, C) a PackedMatrix stands for (for tests and debugging)."""
     if w.fmt == "dense":
         return w.weights.copy()
-    blocks = w.weights.reshape(-1, BLOCK_BYTES[w.fmt])
-    if w.fmt in ("s8", "u8"):
-        q = blocks.view(np.int8 if w.fmt == "s8" else np.uint8).astype(np.float32)
-    else:
-        q = np.concatenate([blocks[:, :16] & 15, blocks[:, :16] >> 4], axis=1).astype(np.int64)
-        if w.fmt == "u5":
-            bits = np.ascontiguousarray(blocks[:, 16:20]).view("<u4").astype(np.int64)  # (R*B, 1)
-            q |= ((bits >> np.arange(32)) & 1) << 4
-        q = q.astype(np.float32)
+    q = decode_blocks(w.weights.reshape(-1, BLOCK_BYTES[w.fmt]), w.fmt)  # (R*B, 32)
     q = (q - np.float32(w.offset)).reshape(w.rows, w.cols)
     out = np.repeat(w.scales, w.group, axis=1) * q
     if w.mins.shape[1]:

@@ -2,7 +2,9 @@
 
 A quantized tensor row is a sequence of blocks; each block encodes `block_size` weights in `type_size`
 bytes. The enum lives in `kernels/` because both the GGUF reader (engine) and the kernels need it, and
-imports flow api -> engine -> kernels.
+imports flow api -> engine -> kernels. It names every type a GGUF file may hold; the ones the engine
+computes with are the rows of kernels/formats.py (`FORMATS`, `SUPPORTED_TYPES`). Pure Python: reading
+a file's tensor table never loads Numba.
 """
 
 from __future__ import annotations
@@ -54,11 +56,6 @@ class GGMLType(IntEnum):
         """Bytes per block."""
         return _SIZES[self][1]
 
-    @property
-    def supported(self) -> bool:
-        """True when the engine can dequantize and multiply tensors of this type."""
-        return self in SUPPORTED_TYPES
-
     def row_bytes(self, n_elements: int) -> int:
         """Bytes taken by `n_elements` weights (must be a multiple of block_size)."""
         return n_elements // self.block_size * self.type_size
@@ -99,12 +96,3 @@ _SIZES: dict[GGMLType, tuple[int, int]] = {
     GGMLType.TQ2_0: (256, 66),
     GGMLType.MXFP4: (32, 17),
 }
-
-# The types this engine computes with; others are read but rejected when a tensor is used.
-SUPPORTED_TYPES = frozenset(
-    {
-        GGMLType.F32, GGMLType.F16, GGMLType.BF16,
-        GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
-        GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.Q8_K,
-    }
-)

@@ -1,8 +1,9 @@
-"""Dequantizers: kernels/reference.py and kernels/dequant.py, bit for bit against gguf.quants (the oracle).
+"""Dequantizers: tests/quant_reference.py (NumPy, the spec) and kernels/dequant.py (the Numba block
+decoders of kernels/formats.py), bit for bit against gguf.quants (the oracle).
 
 Bit-exact means equal float32 bit patterns (so -0.0 != +0.0 and NaN payloads count), not np.allclose.
-Random blocks cover every format; the two catalog models cover every real tensor (big ones by a sample
-of rows, always including the first and last).
+Random blocks cover every format of the table (`FORMATS`); the two catalog models cover every real
+tensor (big ones by a sample of rows, always including the first and last).
 """
 
 from __future__ import annotations
@@ -14,21 +15,15 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf import quants as oracle
 
+import quant_reference as reference
 from kawai.engine.gguf import open_gguf
-from kawai.kernels import dequant, reference
+from kawai.kernels import dequant
+from kawai.kernels.formats import FORMATS, unpack_scale_min_k4
 from kawai.kernels.qtypes import GGMLType
 from python_runner import run_python
 
-QUANTIZED = [
-    GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
-    GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K,
-]
-# Byte offsets of the f16 scale fields in each block: random bytes there could be NaN/inf.
-F16_FIELDS = {
-    GGMLType.Q4_0: [0], GGMLType.Q4_1: [0, 2], GGMLType.Q5_0: [0], GGMLType.Q5_1: [0, 2],
-    GGMLType.Q8_0: [0], GGMLType.Q2_K: [80, 82], GGMLType.Q3_K: [108], GGMLType.Q4_K: [0, 2],
-    GGMLType.Q5_K: [0, 2], GGMLType.Q6_K: [208],
-}
+# Every quantized row of the table; gguf.quants has no Q8_K (tested on its own below).
+QUANTIZED = [t for t, row in FORMATS.items() if row.block_size > 1 and t != GGMLType.Q8_K]
 # Scale values that exercise the f16 widening: zero, negative zero, subnormals, the largest half.
 SPECIAL_SCALES = np.array([0.0, -0.0, 6e-8, -3e-5, 65504.0, -1.0, 2.0**-14], dtype=np.float16)
 FULL_TENSOR_ELEMENTS = 1 << 19  # compare bigger tensors on a sample of rows
@@ -56,7 +51,7 @@ def oracle_dequantize(raw: np.ndarray, qtype: GGMLType, shape: tuple[int, ...]) 
 def random_blocks(qtype: GGMLType, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
     """(n_blocks, type_size) random bytes with finite f16 scales, some of them special values."""
     raw = rng.integers(0, 256, (n_blocks, qtype.type_size), dtype=np.uint8)
-    for at in F16_FIELDS[qtype]:
+    for at in FORMATS[qtype].f16_fields:  # random bytes there could be NaN/inf
         magnitude = rng.choice([1e-4, 1e-2, 1.0, 100.0], n_blocks)
         scales = (rng.standard_normal(n_blocks) * magnitude).astype(np.float16)
         scales[: len(SPECIAL_SCALES)] = rng.permutation(SPECIAL_SCALES)
@@ -135,7 +130,7 @@ def test_q4_k_scale_min_unpacking_by_hand():
     packed[0, 0:4] = want_scales[:4] | ((want_scales[4:] >> 4) << 6)
     packed[0, 4:8] = want_mins[:4] | ((want_mins[4:] >> 4) << 6)
     packed[0, 8:12] = (want_scales[4:] & 0x0F) | ((want_mins[4:] & 0x0F) << 4)
-    scales, mins = reference.unpack_scale_min_k4(packed)
+    scales, mins = unpack_scale_min_k4(packed)
     np.testing.assert_array_equal(scales[0], want_scales)
     np.testing.assert_array_equal(mins[0], want_mins)
 
@@ -256,8 +251,11 @@ def test_bad_rows_are_a_clear_error(call, message):
 def test_kernels_run_without_jit():
     script = textwrap.dedent(
         """
+        import sys
         import numpy as np
-        from kawai.kernels import dequant, reference
+        sys.path.insert(0, "tests")
+        import quant_reference as reference
+        from kawai.kernels import dequant
         from kawai.kernels.qtypes import GGMLType
         rng = np.random.default_rng(7)
         for qtype in reference.BLOCK_DEQUANTIZERS:

@@ -1,6 +1,8 @@
 """Readable NumPy dequantizers, one per GGML format: the spec the fast kernels are tested against.
 
-Every function takes `blocks` (n_blocks, type_size) uint8 and returns (n_blocks, block_size) float32.
+Test-only: the engine runs the Numba block decoders of kernels/formats.py; tests/test_formats.py checks
+that every row of that table has its function here. Every function takes `blocks` (n_blocks, type_size)
+uint8 and returns (n_blocks, block_size) float32.
 All arithmetic is float32 in the same order as ggml's C reference (`dequantize_row_*` in ggml-quants.c),
 so results are bit-exact with it and with `gguf.quants`. Layouts are little-endian; "f16" is an IEEE
 half. docs/quantization.md explains each format at more length.
@@ -10,12 +12,13 @@ Shape letters: n = blocks, s = sub-blocks per block, l = weights per sub-block.
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Callable
 
 import numpy as np
 
+from kawai.kernels.dequant import as_blocks
+from kawai.kernels.formats import unpack_scale_min_k4
 from kawai.kernels.qtypes import GGMLType
 
 F32 = np.float32
@@ -174,19 +177,6 @@ def dequant_q3_k(blocks: np.ndarray) -> np.ndarray:
     return (scale * q.reshape(-1, 16, 16).astype(F32)).reshape(-1, 256)
 
 
-def unpack_scale_min_k4(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 12) bytes -> 8 six-bit scales and 8 six-bit mins, each (n, 8) uint8 (ggml's get_scale_min_k4).
-
-        byte 0..3    scale j low 6 bits   | bits 6-7: scale j+4 high bits
-        byte 4..7    min j low 6 bits     | bits 6-7: min j+4 high bits
-        byte 8..11   low nibble: scale j+4 low 4 bits; high nibble: min j+4 low 4 bits
-    """
-    a, b, c = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
-    scales = np.concatenate([a & 63, (c & 0x0F) | ((a >> 6) << 4)], axis=1)
-    mins = np.concatenate([b & 63, (c >> 4) | ((b >> 6) << 4)], axis=1)
-    return scales, mins
-
-
 def dequant_q4_k(blocks: np.ndarray) -> np.ndarray:
     """Q4_K: 256 weights in 144 bytes; 8 sub-blocks of 32, each with a 6-bit scale and a 6-bit min.
 
@@ -273,38 +263,6 @@ BLOCK_DEQUANTIZERS: dict[GGMLType, Callable[[np.ndarray], np.ndarray]] = {
     GGMLType.Q6_K: dequant_q6_k,
     GGMLType.Q8_K: dequant_q8_k,
 }
-
-
-def as_blocks(raw: np.ndarray, qtype: GGMLType, shape: tuple[int, ...]) -> np.ndarray:
-    """Check that `raw` holds exactly a `qtype` tensor of `shape`; return it as (n_blocks, type_size).
-
-    Raises ValueError naming the mismatch (shared by the fast kernels in kernels/dequant.py).
-    """
-    try:
-        qtype = GGMLType(qtype)
-    except ValueError:
-        raise ValueError(f"unknown ggml type id {qtype!r}") from None
-    if qtype not in BLOCK_DEQUANTIZERS:
-        raise ValueError(f"tensor type {qtype.name} cannot be dequantized (not supported)")
-    raw = np.asarray(raw)
-    if raw.dtype != np.uint8:
-        raise ValueError(f"raw tensor bytes must be uint8, got {raw.dtype}")
-    try:
-        dims = tuple(operator.index(n) for n in shape)
-    except TypeError:
-        raise ValueError(f"shape {shape!r} must be a tuple of integers") from None
-    if not dims or any(n < 1 for n in dims):
-        raise ValueError(f"shape {dims} must have at least one dimension, all >= 1")
-    if dims[-1] % qtype.block_size:
-        raise ValueError(
-            f"row length {dims[-1]} is not a multiple of the {qtype.name} block size {qtype.block_size}"
-        )
-    n_blocks = math.prod(dims) // qtype.block_size  # Python ints: no wrapping
-    if raw.size != n_blocks * qtype.type_size:
-        raise ValueError(
-            f"{qtype.name} tensor of shape {dims} needs {n_blocks * qtype.type_size} bytes, got {raw.size}"
-        )
-    return np.ascontiguousarray(raw).reshape(n_blocks, qtype.type_size)
 
 
 def dequantize(raw: np.ndarray, qtype: GGMLType, shape: tuple[int, ...]) -> np.ndarray:
