@@ -16,7 +16,7 @@ import operator
 
 import numpy as np
 
-from kawai.kernels.formats import FORMATS, PARALLEL_MIN_ELEMENTS, dequantize_blocks  # noqa: F401
+from kawai.kernels.formats import DRIVERS, FORMATS, PARALLEL_MIN_ELEMENTS  # noqa: F401  (tests use it)
 from kawai.kernels.qtypes import GGMLType
 
 F32 = np.float32
@@ -67,7 +67,7 @@ def dequantize(raw: np.ndarray, qtype: GGMLType, shape: tuple[int, ...]) -> np.n
     blocks.flags.writeable = False  # one compiled specialization for memmaps and in-memory arrays alike
     qtype = GGMLType(qtype)
     out = np.empty((blocks.shape[0], qtype.block_size), dtype=F32)  # (n_blocks, block_size)
-    dequantize_blocks(qtype, blocks, out)
+    DRIVERS[qtype](blocks, out)
     return out.reshape(tuple(operator.index(n) for n in shape))
 
 

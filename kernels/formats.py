@@ -3,7 +3,8 @@
 A row ties together what the rest of the package needs to know about a format:
 
     qtype        the GGMLType (its block size and bytes per block come from kernels/qtypes.py)
-    block        the Numba block decoder: b (type_size,) uint8 -> y (block_size,) float32
+    block        the Numba block decoder (blocks, i, out): block i of blocks (N, type_size) uint8 ->
+                 out[i] (block_size,) float32
     f16_fields   byte offsets of the f16 scales in a block (random test blocks keep them finite)
     pack         how the matmul stores it (`PackSpec`, kernels/matmul_pack.py), or None for the dense
                  float types (multiplied in float32) and Q8_K (an activation format, never a weight)
@@ -83,25 +84,27 @@ def _i8(byte):
     return (int(byte) ^ 0x80) - 0x80
 
 
-def scale_min_k4(s, j):
-    """Six-bit scale and min of sub-block j (0..7) from the 12 packed bytes s (Q4_K, Q5_K; ggml's
-    get_scale_min_k4). Sub-block j < 4: low 6 bits of bytes j and j+4; j >= 4: a nibble of byte j+4 plus
-    the top 2 bits of bytes j-4 (scale) and j (min) -- the trap: not the other way round.
+def scale_min_k4(b, at, j):
+    """Six-bit scale and min of sub-block j (0..7) from the 12 packed bytes at b[at:at+12] (Q4_K, Q5_K;
+    ggml's get_scale_min_k4). Sub-block j < 4: low 6 bits of bytes j and j+4; j >= 4: a nibble of byte
+    j+4 plus the top 2 bits of bytes j-4 (scale) and j (min) -- the trap: not the other way round.
 
-    s[k] is byte k: of one block in the Numba kernels (`_scale_min_k4`, compiled from this source), or
-    of every block at once in NumPy (s = blocks[:, 4:16].T, rows of N bytes; `unpack_scale_min_k4`).
-    No intermediate exceeds 63, so the same operations are exact on uint8 scalars and arrays alike."""
+    b[k] is byte k: of one block in the Numba kernels (`_scale_min_k4`, compiled from this source), or of
+    every block at once in NumPy (b = blocks.T, rows of N bytes; `unpack_scale_min_k4`). np.int64 widens
+    a byte and an array of bytes alike (as `int` would in the kernels), so both compute the same."""
+    i64 = np.int64
     if j < 4:
-        return s[j] & 63, s[j + 4] & 63
-    return (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4)
+        return i64(b[at + j]) & 63, i64(b[at + j + 4]) & 63
+    return ((i64(b[at + j + 4]) & 0x0F) | ((i64(b[at + j - 4]) >> 6) << 4),
+            (i64(b[at + j + 4]) >> 4) | ((i64(b[at + j]) >> 6) << 4))
 
 
 _scale_min_k4 = njit(cache=True)(scale_min_k4)  # the kernels' compiled copy of the one definition
 
 
 def unpack_scale_min_k4(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 12) packed bytes -> 8 six-bit scales and 8 six-bit mins, each (N, 8) uint8."""
-    pairs = [scale_min_k4(packed.T, j) for j in range(8)]
+    """(N, 12) packed bytes -> 8 six-bit scales and 8 six-bit mins, each (N, 8) int64."""
+    pairs = [scale_min_k4(packed.T, 0, j) for j in range(8)]
     return np.stack([sc for sc, _ in pairs], axis=1), np.stack([mn for _, mn in pairs], axis=1)
 
 
@@ -149,20 +152,21 @@ _NIBBLE_SHIFT = 4 * ((_E256 // 32) % 2)
 
 
 @njit(cache=True)
-def _f16_block(b, y):
-    y[0] = f16_to_f32(b[0], b[1])
+def _f16_block(blocks, i, out):  # indexed in place, not sliced: the drivers' loop then vectorizes
+    out[i, 0] = f16_to_f32(blocks[i, 0], blocks[i, 1])
 
 
 @njit(cache=True)
-def _bf16_block(b, y):
-    y[0] = bf16_to_f32(b[0], b[1])
+def _bf16_block(blocks, i, out):
+    out[i, 0] = bf16_to_f32(blocks[i, 0], blocks[i, 1])
 
 
 # --- 32-weight blocks: their bytes already are a packed matmul format, so repacking copies them ------
 
 
 @njit(cache=True)
-def _q4_0_block(b, y):  # d f16 | qs[16]: byte j = q[j] | q[j+16] << 4;  x = d * (q - 8)
+def _q4_0_block(blocks, i, out):  # d f16 | qs[16]: byte j = q[j] | q[j+16] << 4;  x = d * (q - 8)
+    b, y = blocks[i], out[i]  # (type_size,), (block_size,)
     d = f16_to_f32(b[0], b[1])
     for j in range(16):
         q = int(b[2 + j])
@@ -171,7 +175,8 @@ def _q4_0_block(b, y):  # d f16 | qs[16]: byte j = q[j] | q[j+16] << 4;  x = d *
 
 
 @njit(cache=True)
-def _q4_1_block(b, y):  # d f16 | m f16 | qs[16];  x = d * q + m
+def _q4_1_block(blocks, i, out):  # d f16 | m f16 | qs[16];  x = d * q + m
+    b, y = blocks[i], out[i]  # (type_size,), (block_size,)
     d = f16_to_f32(b[0], b[1])
     m = f16_to_f32(b[2], b[3])
     for j in range(16):
@@ -181,7 +186,8 @@ def _q4_1_block(b, y):  # d f16 | m f16 | qs[16];  x = d * q + m
 
 
 @njit(cache=True)
-def _q5_0_block(b, y):  # d f16 | qh u32 (bit j: bit 4 of q[j]) | qs[16];  x = d * (q - 16)
+def _q5_0_block(blocks, i, out):  # d f16 | qh u32 (bit j: bit 4 of q[j]) | qs[16];  x = d * (q - 16)
+    b, y = blocks[i], out[i]  # (type_size,), (block_size,)
     d = f16_to_f32(b[0], b[1])
     qh = int(b[2]) | (int(b[3]) << 8) | (int(b[4]) << 16) | (int(b[5]) << 24)
     for j in range(16):
@@ -193,7 +199,8 @@ def _q5_0_block(b, y):  # d f16 | qh u32 (bit j: bit 4 of q[j]) | qs[16];  x = d
 
 
 @njit(cache=True)
-def _q5_1_block(b, y):  # d f16 | m f16 | qh u32 | qs[16];  x = d * q + m
+def _q5_1_block(blocks, i, out):  # d f16 | m f16 | qh u32 | qs[16];  x = d * q + m
+    b, y = blocks[i], out[i]  # (type_size,), (block_size,)
     d = f16_to_f32(b[0], b[1])
     m = f16_to_f32(b[2], b[3])
     qh = int(b[4]) | (int(b[5]) << 8) | (int(b[6]) << 16) | (int(b[7]) << 24)
@@ -206,7 +213,8 @@ def _q5_1_block(b, y):  # d f16 | m f16 | qh u32 | qs[16];  x = d * q + m
 
 
 @njit(cache=True)
-def _q8_0_block(b, y):  # d f16 | qs: int8[32];  x = d * q
+def _q8_0_block(blocks, i, out):  # d f16 | qs: int8[32];  x = d * q
+    b, y = blocks[i], out[i]  # (type_size,), (block_size,)
     d = f16_to_f32(b[0], b[1])
     for j in range(32):
         y[j] = d * F32(_i8(b[2 + j]))
@@ -216,7 +224,8 @@ def _q8_0_block(b, y):  # d f16 | qs: int8[32];  x = d * q
 
 
 @njit(cache=True)
-def _q2_k_block(b, y):  # scales[16] (sc | m << 4) | qs[64] | d f16 | dmin f16
+def _q2_k_block(blocks, i, out):  # scales[16] (sc | m << 4) | qs[64] | d f16 | dmin f16
+    b, y = blocks[i], out[i]  # (type_size,), (block_size,)
     d = f16_to_f32(b[80], b[81])
     dmin = f16_to_f32(b[82], b[83])
     for s in range(16):  # 16 sub-blocks of 16: element 128*h + 32*j + l, s = element // 16
@@ -237,7 +246,8 @@ def _q2_k_pack(b: np.ndarray) -> Decoded:
 
 
 @njit(cache=True)
-def _q3_k_block(b, y):  # hmask[32] | qs[64] | scales[12] (16 six-bit, biased 32) | d f16
+def _q3_k_block(blocks, i, out):  # hmask[32] | qs[64] | scales[12] (16 six-bit, biased 32) | d f16
+    b, y = blocks[i], out[i]  # (type_size,), (block_size,)
     d = f16_to_f32(b[108], b[109])
     for s in range(16):
         low = (int(b[96 + s % 8]) >> (4 * (s // 8))) & 0x0F
@@ -263,13 +273,13 @@ def _q3_k_pack(b: np.ndarray) -> Decoded:
 
 
 @njit(cache=True)
-def _q4_k_block(b, y):  # d f16 | dmin f16 | scales[12] | qs[128]
+def _q4_k_block(blocks, i, out):  # d f16 | dmin f16 | scales[12] | qs[128]
+    b, y = blocks[i], out[i]  # (type_size,), (block_size,)
     d = f16_to_f32(b[0], b[1])
     dmin = f16_to_f32(b[2], b[3])
-    scales = b[4:16]
     for c in range(4):  # chunks of 64: sub-blocks 2c (low nibbles) and 2c+1 (high nibbles)
-        sc0, m0 = _scale_min_k4(scales, 2 * c)
-        sc1, m1 = _scale_min_k4(scales, 2 * c + 1)
+        sc0, m0 = _scale_min_k4(b, 4, 2 * c)
+        sc1, m1 = _scale_min_k4(b, 4, 2 * c + 1)
         scale0, offset0 = d * F32(sc0), dmin * F32(m0)
         scale1, offset1 = d * F32(sc1), dmin * F32(m1)
         for l in range(32):
@@ -286,13 +296,13 @@ def _q4_k_pack(b: np.ndarray) -> Decoded:
 
 
 @njit(cache=True)
-def _q5_k_block(b, y):  # d f16 | dmin f16 | scales[12] | qh[32] | qs[128] as Q4_K
+def _q5_k_block(blocks, i, out):  # d f16 | dmin f16 | scales[12] | qh[32] | qs[128] as Q4_K
+    b, y = blocks[i], out[i]  # (type_size,), (block_size,)
     d = f16_to_f32(b[0], b[1])
     dmin = f16_to_f32(b[2], b[3])
-    scales = b[4:16]
     for c in range(4):
-        sc0, m0 = _scale_min_k4(scales, 2 * c)
-        sc1, m1 = _scale_min_k4(scales, 2 * c + 1)
+        sc0, m0 = _scale_min_k4(b, 4, 2 * c)
+        sc1, m1 = _scale_min_k4(b, 4, 2 * c + 1)
         scale0, offset0 = d * F32(sc0), dmin * F32(m0)
         scale1, offset1 = d * F32(sc1), dmin * F32(m1)
         for l in range(32):
@@ -312,7 +322,8 @@ def _q5_k_pack(b: np.ndarray) -> Decoded:
 
 
 @njit(cache=True)
-def _q6_k_block(b, y):  # ql[128] | qh[64] | scales: int8[16] | d f16;  x = d * sc * (q - 32)
+def _q6_k_block(blocks, i, out):  # ql[128] | qh[64] | scales: int8[16] | d f16;  x = d * sc * (q - 32)
+    b, y = blocks[i], out[i]  # (type_size,), (block_size,)
     d = f16_to_f32(b[208], b[209])
     for half in range(2):  # weights 128*half + 32*j + l, j = 0..3: four weights per (ql, qh) byte pair
         ql, qh, sc, out = 64 * half, 128 + 32 * half, 192 + 8 * half, 128 * half
@@ -338,7 +349,8 @@ def _q6_k_pack(b: np.ndarray) -> Decoded:
 
 
 @njit(cache=True)
-def _q8_k_block(b, y):  # d f32 | qs: int8[256] | bsums: int16[16] (not needed to dequantize)
+def _q8_k_block(blocks, i, out):  # d f32 | qs: int8[256] | bsums: int16[16] (not needed to dequantize)
+    b, y = blocks[i], out[i]  # (type_size,), (block_size,)
     d = _f32_at(b, 0)
     for j in range(256):
         y[j] = d * F32(_i8(b[4 + j]))
@@ -416,21 +428,21 @@ PACKED_TYPES = frozenset(t for t, row in FORMATS.items() if row.pack is not None
 PARALLEL_MIN_ELEMENTS = 1 << 16
 
 
-def decode_block(type_id, b, y):
-    """b (type_size,) uint8 -> y (block_size,) float32 by the block decoder of GGML type id `type_id`.
-    (Plain Python here, for NUMBA_DISABLE_JIT=1; compiled code uses the overload below.)"""
-    FORMATS[GGMLType(type_id)].block(b, y)
+def decode_block(type_id, blocks, i, out):
+    """Block i of blocks (N, type_size) uint8 -> out[i] (block_size,) float32 by the block decoder of GGML
+    type id `type_id`. (Plain Python here, for NUMBA_DISABLE_JIT=1; compiled code uses the overload below.)"""
+    FORMATS[GGMLType(type_id)].block(blocks, i, out)
 
 
-@overload(decode_block, prefer_literal=True)
-def _decode_block_jit(type_id, b, y):
+@overload(decode_block, prefer_literal=True, inline="always")
+def _decode_block_jit(type_id, blocks, i, out):
     """In a driver `type_id` is a constant (a literal type), so the call is the format's decoder itself."""
     if not isinstance(type_id, types.IntegerLiteral):
         return None
     block = FORMATS[GGMLType(type_id.literal_value)].block
 
-    def impl(type_id, b, y):
-        block(b, y)
+    def impl(type_id, blocks, i, out):
+        block(blocks, i, out)
 
     return impl
 
@@ -445,20 +457,17 @@ def _make_driver(type_id: int):
     def driver(blocks, out):
         if blocks.shape[0] * out.shape[1] < PARALLEL_MIN_ELEMENTS:
             for i in range(blocks.shape[0]):
-                decode_block(type_id, blocks[i], out[i])
+                decode_block(type_id, blocks, i, out)
         else:
             for i in prange(blocks.shape[0]):
-                decode_block(type_id, blocks[i], out[i])
+                decode_block(type_id, blocks, i, out)
 
     return driver
 
 
-_DRIVERS = {t: _make_driver(int(t)) for t, row in FORMATS.items() if row.block is not None}
+def _copy_f32(blocks: np.ndarray, out: np.ndarray) -> None:
+    out[:] = blocks.view("<f4")  # (N, 1): already float32, a copy is all it takes
 
 
-def dequantize_blocks(qtype: GGMLType, blocks: np.ndarray, out: np.ndarray) -> None:
-    """blocks (N, type_size) uint8 -> out (N, block_size) float32, for a supported `qtype`."""
-    if FORMATS[qtype].block is None:  # F32
-        out[:] = blocks.view("<f4")  # (N, 1): already float32, a copy is all it takes
-    else:
-        _DRIVERS[qtype](blocks, out)
+# DRIVERS[qtype](blocks (N, type_size) uint8, out (N, block_size) float32): every supported type.
+DRIVERS = {t: _copy_f32 if row.block is None else _make_driver(int(t)) for t, row in FORMATS.items()}
