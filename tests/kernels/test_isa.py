@@ -117,19 +117,21 @@ import numba
 import numpy as np
 from gguf import GGMLQuantizationType, quants
 from kawai.kernels import isa, matmul_simd as simd
+from kawai.kernels.formats import FORMATS, PACKED_TYPES
 from kawai.kernels.matmul import matmul, pack
 from kawai.kernels.qtypes import GGMLType
 from numba.core.registry import cpu_target
 
 rng = np.random.default_rng(0)
 cases, outputs = [], []
-for qtype, cols in ((GGMLType.Q8_0, 288), (GGMLType.Q5_0, 256), (GGMLType.Q4_1, 96), (GGMLType.Q4_K, 512),
-                    (GGMLType.Q6_K, 256), (GGMLType.Q5_K, 768), (GGMLType.Q3_K, 256), (GGMLType.Q4_0, 32)):
+# every packed type of the table; odd block counts (9, 3), a single block, more than one pair of super-blocks
+COLS = {GGMLType.Q8_0: 288, GGMLType.Q4_1: 96, GGMLType.Q4_0: 32, GGMLType.Q4_K: 512, GGMLType.Q5_K: 768}
+for qtype in sorted(PACKED_TYPES):
+    cols = COLS.get(qtype, 256)
     rows = 37
     if qtype.block_size == 256:  # random bits, sane f16 scales
         raw = rng.integers(0, 256, (rows * cols // 256, qtype.type_size), dtype=np.uint8)
-        halves = {GGMLType.Q4_K: (0, 2), GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,), GGMLType.Q3_K: (108,)}
-        for at in halves[qtype]:
+        for at in FORMATS[qtype].f16_fields:
             raw[:, at:at + 2] = np.full(len(raw), 0.01, "<f2").view(np.uint8).reshape(-1, 2)
         raw = raw.reshape(rows, -1)
     else:

@@ -20,6 +20,7 @@ from gguf import quants as gguf_quants
 
 from kawai.engine.gguf import open_gguf
 from kawai.kernels import matmul_simd as simd
+from kawai.kernels.formats import DENSE_TYPES as DENSE, FORMATS
 from kawai.kernels.matmul import (
     MATMUL_TYPES,
     PARALLEL_QUANTIZE_TOKENS,
@@ -43,14 +44,8 @@ from python_runner import run_python
 # activations); float32 accumulation of dense weights 9.6e-8..1.4e-7.
 QUANT_BOUND = 1e-2
 DENSE_BOUND = 3e-7
-QUANT_TYPES = sorted(t for t in MATMUL_TYPES if t.block_size > 1)
-DENSE_TYPES = [GGMLType.F32, GGMLType.F16, GGMLType.BF16]
-# Byte offsets of the f16 scale fields in each block: random bytes elsewhere, sane halves here.
-HALF_FIELDS = {
-    GGMLType.Q4_0: (0,), GGMLType.Q4_1: (0, 2), GGMLType.Q5_0: (0,), GGMLType.Q5_1: (0, 2),
-    GGMLType.Q8_0: (0,), GGMLType.Q2_K: (80, 82), GGMLType.Q3_K: (108,), GGMLType.Q4_K: (0, 2),
-    GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,),
-}
+QUANT_TYPES = sorted(t for t in MATMUL_TYPES if t.block_size > 1)  # the table's rows with a PackSpec
+DENSE_TYPES = sorted(DENSE)
 
 
 def oracle_dequant(raw: np.ndarray, qtype: GGMLType, cols: int) -> np.ndarray:
@@ -71,7 +66,7 @@ def random_raw(qtype: GGMLType, rows: int, cols: int, rng: np.random.Generator, 
             return w.view(np.uint8)
         return gguf_quants.quantize(w, GGMLQuantizationType(int(qtype))).view(np.uint8).reshape(rows, -1)
     blocks = rng.integers(0, 256, (rows * cols // qtype.block_size, qtype.type_size), dtype=np.uint8)
-    for at in HALF_FIELDS[qtype]:
+    for at in FORMATS[qtype].f16_fields:  # random bytes elsewhere, sane halves here
         halves = (rng.random(blocks.shape[0]) * 0.02 + 0.001).astype("<f2")
         blocks[:, at : at + 2] = halves.view(np.uint8).reshape(-1, 2)
     return blocks.reshape(rows, -1)
