@@ -10,8 +10,8 @@ A row ties together what the rest of the package needs to know about a format:
                  float types (multiplied in float32) and Q8_K (an activation format, never a weight)
 
 and everything else is derived from the table: the supported types (`SUPPORTED_TYPES`), the dequantize
-drivers (`dequantize_blocks`, one compiled per type in use), the matmul types (kernels/matmul.py), and the
-test parameters (tests/test_formats.py checks that every row is complete). docs/quantization.md, "Adding
+drivers (`DRIVERS`, each compiled when its type is first used), the matmul types (`DENSE_TYPES`,
+`PACKED_TYPES`), and the test parameters (tests/test_formats.py checks that every row is complete). docs/quantization.md, "Adding
 a quant format", lists what a new row needs.
 
 Each format's section below holds its block decoder and, for the K-quants, the NumPy decoder that turns
@@ -20,7 +20,8 @@ decoders are plain loops in the same float32 operation order as ggml's C referen
 in ggml-quants.c), so they are bit-exact with it and with `gguf.quants`. Numba has no float16, so halves
 are widened by bit manipulation (`f16_to_f32`), exact for every value including subnormals, infinities
 and NaN payloads. Integers are read with `int(...)` so the kernels compute the same with
-NUMBA_DISABLE_JIT=1 (NumPy scalars would wrap in uint8). Layout diagrams: docs/quantization.md.
+NUMBA_DISABLE_JIT=1 (NumPy scalars would wrap in uint8). Layout diagrams: docs/quantization.md and the
+readable NumPy decoders of tests/quant_reference.py (the spec these are tested against).
 
 Shape letters: N blocks, E weights per block (block_size), S scales per block.
 """
