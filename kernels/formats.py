@@ -11,8 +11,8 @@ A row ties together what the rest of the package needs to know about a format:
 
 and everything else is derived from the table: the supported types (`SUPPORTED_TYPES`), the dequantize
 drivers (`DRIVERS`, each compiled when its type is first used), the matmul types (`DENSE_TYPES`,
-`PACKED_TYPES`), and the test parameters (tests/test_formats.py checks that every row is complete). docs/quantization.md, "Adding
-a quant format", lists what a new row needs.
+`PACKED_TYPES`), and the test parameters (tests/kernels/test_formats.py checks that every row is
+complete). docs/quantization.md, "Adding a quant format", lists what a new row needs.
 
 Each format's section below holds its block decoder and, for the K-quants, the NumPy decoder that turns
 its blocks into the integer quants and float scales of the matmul layout (`PackSpec.decode`). The block
@@ -21,7 +21,7 @@ in ggml-quants.c), so they are bit-exact with it and with `gguf.quants`. Numba h
 are widened by bit manipulation (`f16_to_f32`), exact for every value including subnormals, infinities
 and NaN payloads. Integers are read with `int(...)` so the kernels compute the same with
 NUMBA_DISABLE_JIT=1 (NumPy scalars would wrap in uint8). Layout diagrams: docs/quantization.md and the
-readable NumPy decoders of tests/quant_reference.py (the spec these are tested against).
+readable NumPy decoders of tests/kernels/quant_reference.py (the spec these are tested against).
 
 Shape letters: N blocks, E weights per block (block_size), S scales per block.
 """

@@ -1,4 +1,4 @@
-"""Dequantizers: tests/quant_reference.py (NumPy, the spec) and kernels/dequant.py (the Numba block
+"""Dequantizers: tests/kernels/quant_reference.py (NumPy, the spec) and kernels/dequant.py (the Numba block
 decoders of kernels/formats.py), bit for bit against gguf.quants (the oracle).
 
 Bit-exact means equal float32 bit patterns (so -0.0 != +0.0 and NaN payloads count), not np.allclose.
@@ -253,7 +253,7 @@ def test_kernels_run_without_jit():
         """
         import sys
         import numpy as np
-        sys.path.insert(0, "tests")
+        sys.path.insert(0, "tests/kernels")
         import quant_reference as reference
         from kawai.kernels import dequant
         from kawai.kernels.qtypes import GGMLType

@@ -1,6 +1,6 @@
 """Readable NumPy dequantizers, one per GGML format: the spec the fast kernels are tested against.
 
-Test-only: the engine runs the Numba block decoders of kernels/formats.py; tests/test_formats.py checks
+Test-only: the engine runs the Numba block decoders of kernels/formats.py; tests/kernels/test_formats.py checks
 that every row of that table has its function here. Every function takes `blocks` (n_blocks, type_size)
 uint8 and returns (n_blocks, block_size) float32.
 All arithmetic is float32 in the same order as ggml's C reference (`dequantize_row_*` in ggml-quants.c),
