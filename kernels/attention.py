@@ -45,6 +45,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
+from kawai.kernels import isa
 from kawai.kernels.ops import exp_inplace
 
 Q_TILE = 16  # query rows per job: with G = 7 (Qwen2.5-0.5B), 112 query vectors share each widened tile
@@ -104,11 +105,14 @@ def _f16_bits_to_f32_llvm(typingctx, h):
     return types.float32(types.uint16), codegen
 
 
-def _host_has_f16c() -> bool:
-    return bool(llvm_binding.get_host_cpu_features().get("f16c", False))
+def _target_has_f16c() -> bool:
+    """F16C among the features Numba compiles for: the host's, less what a forced KAWAI_ISA switches off
+    (`portable` drops it; without it LLVM lowers `fpext half` to a libcall the JIT cannot link)."""
+    host = dict(llvm_binding.get_host_cpu_features())
+    return "+f16c" in isa.target_features(isa.ISA, host).split(",")
 
 
-HARDWARE_F16 = not numba.config.DISABLE_JIT and _host_has_f16c()
+HARDWARE_F16 = not numba.config.DISABLE_JIT and _target_has_f16c()
 
 
 def as_float32(x):
