@@ -443,7 +443,7 @@ def _decode_block_jit(type_id, blocks, i, out):
     block = FORMATS[GGMLType(type_id.literal_value)].block
 
     def impl(type_id, blocks, i, out):
-        block(blocks, i, out)
+        block(blocks, np.int64(i), out)  # prange counts in uint64: one compiled decoder for both loops
 
     return impl
 
