@@ -443,7 +443,7 @@ def _decode_block_jit(type_id, blocks, i, out):
     block = FORMATS[GGMLType(type_id.literal_value)].block
 
     def impl(type_id, blocks, i, out):
-        block(blocks, np.int64(i), out)  # prange counts in uint64: one compiled decoder for both loops
+        block(blocks, i, out)
 
     return impl
 
@@ -459,7 +459,7 @@ def _make_driver(type_id: int):
         if blocks.shape[0] * out.shape[1] < PARALLEL_MIN_ELEMENTS:
             for i in range(blocks.shape[0]):
                 decode_block(type_id, blocks, i, out)
-        else:
+        else:  # (the prange index is a uint64: the decoder is compiled for it too; a cast to int64 cost speed)
             for i in prange(blocks.shape[0]):
                 decode_block(type_id, blocks, i, out)
 
