@@ -73,10 +73,23 @@ def bf16_to_f32(lo, hi):
 
 
 @njit(cache=True)
+def _u32_at(b, i):
+    """The little-endian uint32 in b[i:i+4], as an int."""
+    return int(b[i]) | (int(b[i + 1]) << 8) | (int(b[i + 2]) << 16) | (int(b[i + 3]) << 24)
+
+
+@njit(cache=True)
 def _f32_at(b, i):
     """The little-endian float32 in b[i:i+4]."""
-    bits = int(b[i]) | (int(b[i + 1]) << 8) | (int(b[i + 2]) << 16) | (int(b[i + 3]) << 24)
-    return np.uint32(bits).view(np.float32)
+    return np.uint32(_u32_at(b, i)).view(np.float32)
+
+
+@njit(cache=True)
+def _five_bit_pair(b, qs_at, qh, j):
+    """Q5_0/Q5_1 quants j and j + 16 (0..31): the nibbles of byte qs_at + j, bit 4 from bits j and j + 16
+    of the u32 `qh`."""
+    q = int(b[qs_at + j])
+    return (q & 0x0F) | (((qh >> j) & 1) << 4), (q >> 4) | (((qh >> (j + 16)) & 1) << 4)
 
 
 @njit(cache=True)
@@ -190,11 +203,9 @@ def _q4_1_block(blocks, i, out):  # d f16 | m f16 | qs[16];  x = d * q + m
 def _q5_0_block(blocks, i, out):  # d f16 | qh u32 (bit j: bit 4 of q[j]) | qs[16];  x = d * (q - 16)
     b, y = blocks[i], out[i]  # (type_size,), (block_size,)
     d = f16_to_f32(b[0], b[1])
-    qh = int(b[2]) | (int(b[3]) << 8) | (int(b[4]) << 16) | (int(b[5]) << 24)
+    qh = _u32_at(b, 2)
     for j in range(16):
-        q = int(b[6 + j])
-        lo = (q & 0x0F) | (((qh >> j) & 1) << 4)
-        hi = (q >> 4) | (((qh >> (j + 16)) & 1) << 4)
+        lo, hi = _five_bit_pair(b, 6, qh, j)
         y[j] = d * F32(lo - 16)
         y[j + 16] = d * F32(hi - 16)
 
@@ -204,11 +215,9 @@ def _q5_1_block(blocks, i, out):  # d f16 | m f16 | qh u32 | qs[16];  x = d * q 
     b, y = blocks[i], out[i]  # (type_size,), (block_size,)
     d = f16_to_f32(b[0], b[1])
     m = f16_to_f32(b[2], b[3])
-    qh = int(b[4]) | (int(b[5]) << 8) | (int(b[6]) << 16) | (int(b[7]) << 24)
+    qh = _u32_at(b, 4)
     for j in range(16):
-        q = int(b[8 + j])
-        lo = (q & 0x0F) | (((qh >> j) & 1) << 4)
-        hi = (q >> 4) | (((qh >> (j + 16)) & 1) << 4)
+        lo, hi = _five_bit_pair(b, 8, qh, j)
         y[j] = d * F32(lo) + m
         y[j + 16] = d * F32(hi) + m
 
@@ -274,15 +283,20 @@ def _q3_k_pack(b: np.ndarray) -> Decoded:
 
 
 @njit(cache=True)
+def _k4_chunk_scales(b, d, dmin, c):
+    """Q4_K/Q5_K chunk c (64 weights, sub-blocks 2c and 2c+1): scale d * sc and offset dmin * m of each."""
+    sc0, m0 = _scale_min_k4(b, 4, 2 * c)
+    sc1, m1 = _scale_min_k4(b, 4, 2 * c + 1)
+    return d * F32(sc0), dmin * F32(m0), d * F32(sc1), dmin * F32(m1)
+
+
+@njit(cache=True)
 def _q4_k_block(blocks, i, out):  # d f16 | dmin f16 | scales[12] | qs[128]
     b, y = blocks[i], out[i]  # (type_size,), (block_size,)
     d = f16_to_f32(b[0], b[1])
     dmin = f16_to_f32(b[2], b[3])
     for c in range(4):  # chunks of 64: sub-blocks 2c (low nibbles) and 2c+1 (high nibbles)
-        sc0, m0 = _scale_min_k4(b, 4, 2 * c)
-        sc1, m1 = _scale_min_k4(b, 4, 2 * c + 1)
-        scale0, offset0 = d * F32(sc0), dmin * F32(m0)
-        scale1, offset1 = d * F32(sc1), dmin * F32(m1)
+        scale0, offset0, scale1, offset1 = _k4_chunk_scales(b, d, dmin, c)
         for l in range(32):
             q = int(b[16 + 32 * c + l])
             y[64 * c + l] = scale0 * F32(q & 0x0F) - offset0
@@ -302,10 +316,7 @@ def _q5_k_block(blocks, i, out):  # d f16 | dmin f16 | scales[12] | qh[32] | qs[
     d = f16_to_f32(b[0], b[1])
     dmin = f16_to_f32(b[2], b[3])
     for c in range(4):
-        sc0, m0 = _scale_min_k4(b, 4, 2 * c)
-        sc1, m1 = _scale_min_k4(b, 4, 2 * c + 1)
-        scale0, offset0 = d * F32(sc0), dmin * F32(m0)
-        scale1, offset1 = d * F32(sc1), dmin * F32(m1)
+        scale0, offset0, scale1, offset1 = _k4_chunk_scales(b, d, dmin, c)
         for l in range(32):
             q = int(b[48 + 32 * c + l])
             qh = int(b[16 + l])
