@@ -30,5 +30,7 @@ def run_python_failing(script: str, *args: str, jit: bool = True, env: dict[str,
 
 def _run(script: str, args, jit: bool, env: dict[str, str] | None, timeout: float) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, NUMBA_DISABLE_JIT="0" if jit else "1", **(env or {}))
+    if not jit and "KAWAI_ISA" not in (env or {}):
+        full_env.pop("KAWAI_ISA", None)  # an ISA path is a compile target: forcing one without the JIT is an error
     return subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
