@@ -56,7 +56,7 @@ def forward(cfg: ModelConfig, weights: Weights, chunks: Sequence[Chunk], caches:
     The B chunks are stacked into one activation matrix (N rows), so every projection is one matmul that
     reads each weight once for the whole step; attention is per sequence, over its own cache. Rows are
     independent (matmuls, norms and RoPE work row by row), so a sequence gets bit for bit the logits it
-    would get alone (tests/engine/test_batching.py). Nothing is written to a cache unless every check passes;
+    would get alone (tests/engine/test_model_batch.py). Nothing is written to a cache unless every check passes;
     a cache's ids advance only once every layer has stored its keys and values.
     """
     chunks = [check_chunk(cfg, c, cache) for c, cache in _pairs(chunks, caches)]
