@@ -39,6 +39,7 @@ from kawai.api.state import LoadedModel, check_aliases, ServerSettings, ServerSt
 from kawai.api.api_keys import TokenStore
 from kawai.api.worker import Worker
 from kawai.engine.errors import KawaiError
+from kawai.engine.served import ServedModel
 
 log = logging.getLogger("kawai.server")
 
@@ -74,7 +75,7 @@ def build_routes() -> list[Route]:
     ]
 
 
-def create_app(settings: ServerSettings, models: Sequence[str | Path | object]) -> Starlette:
+def create_app(settings: ServerSettings, models: Sequence[str | Path | ServedModel]) -> Starlette:
     """models: catalog ids or .gguf paths to load at start-up (or already loaded engine.LLM objects)."""
     if not models:
         raise KawaiError("no model to serve")
@@ -125,7 +126,7 @@ def create_app(settings: ServerSettings, models: Sequence[str | Path | object]) 
     return app
 
 
-async def _load_models(state: ServerState, models: Sequence[str | Path | object]) -> None:
+async def _load_models(state: ServerState, models: Sequence[str | Path | ServedModel]) -> None:
     from kawai import engine
 
     for spec in models:

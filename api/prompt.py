@@ -53,6 +53,7 @@ from kawai.engine.chat_format import HERMES, ChatFormat
 from kawai.engine.chat_template import TemplateFailedError
 from kawai.engine.errors import ContextLengthError, KawaiError
 from kawai.engine.generate import Prompt as EnginePrompt
+from kawai.engine.served import ServedModel
 
 log = logging.getLogger("kawai.prompt")
 
@@ -73,7 +74,7 @@ class Prompt:
     chat_format: ChatFormat = HERMES  # the model's reply syntax (llm.chat_format)
 
 
-async def fetch_images(llm, req: CountTokensRequest, policy: ImagePolicy, refuse_images: bool = False) -> list[bytes]:
+async def fetch_images(llm: ServedModel, req: CountTokensRequest, policy: ImagePolicy, refuse_images: bool = False) -> list[bytes]:
     """The bytes of the request's images in order (checked: a vision model, at most 100 images), URLs
     downloaded concurrently under the policy's one deadline. On the event loop: no thread waits."""
     blocks = _image_blocks(llm, _for_model(llm, req, refuse_images))
@@ -81,7 +82,7 @@ async def fetch_images(llm, req: CountTokensRequest, policy: ImagePolicy, refuse
 
 
 def build_prompt(
-    llm,
+    llm: ServedModel,
     req: CountTokensRequest,
     images: ImagePolicy | None = None,
     refuse_images: bool = False,
@@ -124,25 +125,21 @@ def _shown(e: KawaiError) -> str:
     return "the template failed while rendering it" if isinstance(e, TemplateFailedError) else str(e)
 
 
-def check_context(llm, prompt: Prompt) -> None:
-    """Only a prompt that does not fit is refused. `max_tokens` is a ceiling, not a reservation: a reply
-    that reaches the end of the context stops there with stop_reason `model_context_window_exceeded`
-    (as the Anthropic API does). The message is the API's, which clients parse (Claude Code compacts)."""
-    n = len(prompt.ids)
-    if n > llm.n_ctx:
-        raise InvalidRequestError(
-            f"prompt is too long: {n} tokens > {llm.n_ctx} maximum (the context window of model {llm.id!r})"
-        )
+def check_context(llm: ServedModel, prompt: Prompt) -> None:
+    """Only a prompt that does not fit is refused (the engine's check, LLM.check_context, as a 400).
+    `max_tokens` is a ceiling, not a reservation: a reply that reaches the end of the context stops there
+    with stop_reason `model_context_window_exceeded` (as the Anthropic API does). The message is the
+    API's, which clients parse (Claude Code compacts)."""
+    try:
+        llm.check_context(len(prompt.ids))
+    except ContextLengthError as e:
+        raise InvalidRequestError(str(e)) from None
 
 
-def supports_images(llm) -> bool:
-    return bool(getattr(llm, "has_vision", False))
-
-
-def _for_model(llm, req: CountTokensRequest, refuse_images: bool) -> CountTokensRequest:
+def _for_model(llm: ServedModel, req: CountTokensRequest, refuse_images: bool) -> CountTokensRequest:
     """For a model without vision, every image block (tool results included) becomes the
     IMAGE_PLACEHOLDER text, unless images are refused (then _image_blocks names the model)."""
-    if supports_images(llm) or refuse_images or not _all_image_blocks(req):
+    if llm.has_vision or refuse_images or not _all_image_blocks(req):
         return req
 
     def swap(blocks):
@@ -165,11 +162,11 @@ def _all_image_blocks(req: CountTokensRequest) -> list[ImageBlock]:
     return blocks
 
 
-def _image_blocks(llm, req: CountTokensRequest) -> list[ImageBlock]:
+def _image_blocks(llm: ServedModel, req: CountTokensRequest) -> list[ImageBlock]:
     """The request's image blocks in order; images only for a vision model, at most
     MAX_IMAGES_PER_REQUEST (checked before any is loaded)."""
     blocks = _all_image_blocks(req)
-    if blocks and not supports_images(llm):
+    if blocks and not llm.has_vision:
         raise InvalidRequestError(
             f"model {llm.id!r} does not support images (it has no vision encoder); "
             "send text only or use a vision model"
@@ -179,13 +176,9 @@ def _image_blocks(llm, req: CountTokensRequest) -> list[ImageBlock]:
     return blocks
 
 
-def _image_budget(llm) -> tuple[Callable[[int, int], int], int, int]:
+def _image_budget(llm: ServedModel) -> tuple[Callable[[int, int], int], int, int | None]:
     """(prompt tokens of an image of width x height, the context window, the encoder's max pixels)."""
-    from kawai.engine.vision.multimodal import image_token_count
-
-    projector = llm.projector
-    return (lambda w, h: image_token_count(projector, w, h) + 2,  # + the image's start and end tokens
-            llm.n_ctx, projector.config.image.max_pixels)
+    return llm.image_tokens, llm.n_ctx, llm.max_image_pixels
 
 
 def _forced_call_opening(req: CountTokensRequest, fmt: ChatFormat) -> str:

@@ -41,6 +41,7 @@ from kawai.api.worker import Failed, Finished, Job, Started, StepChannel
 from kawai.engine.generate import ThinkingBudget
 from kawai.engine.output_parser import OutputParser, ThinkingDelta, ThinkingEnd, ToolCallEnd
 from kawai.engine.sampling import SamplingParams, SamplingParamsError
+from kawai.engine.served import ServedModel
 
 # engine finish_reason -> Anthropic stop_reason (eos becomes tool_use when the reply called a tool)
 STOP_REASONS = {
@@ -118,7 +119,7 @@ async def count_tokens(request: Request) -> Response:
     return JSONResponse(TokenCount(input_tokens=len(prompt.ids)).model_dump())
 
 
-async def prompt_of(server, llm, req, request_id: str) -> Prompt:
+async def prompt_of(server, llm: ServedModel, req, request_id: str) -> Prompt:
     """Images downloaded on the event loop, then decoding, rendering and tokenizing in a worker thread
     under the server's own limiter (so slow image hosts or heavy prompts never hold Starlette's pool)."""
     policy, refuse = server.settings.image_policy, server.settings.refuse_images

@@ -23,6 +23,7 @@ from kawai.api.api_keys import TokenStore
 from kawai.api.worker import Worker
 from kawai.engine.errors import KawaiError
 from kawai.engine.kv_cache import DEFAULT_KV_DTYPE
+from kawai.engine.served import ServedModel
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # the Anthropic API's limit
 PROMPT_BUILDERS = 4  # request bodies decoded, prompts rendered and tokenized at once (threads of their own)
@@ -64,7 +65,7 @@ class ServerSettings:
 
 @dataclass
 class LoadedModel:
-    llm: object  # engine.LLM
+    llm: ServedModel  # engine.LLM
     worker: Worker
     created_at: datetime
     display_name: str

@@ -2,7 +2,7 @@
 
     grammar = reply_grammar(llm, req, prompt)   # engine.constraint.Grammar, or None = unconstrained
 
-When there is one (Lark text compiled by llguidance, cached per grammar in `llm.grammars`):
+When there is one (Lark text compiled by llguidance, cached per grammar by `llm.compile_grammar`):
 
 | request | the reply |
 |---|---|
@@ -33,11 +33,12 @@ from kawai.api.prompt import Prompt
 from kawai.api.wire import MessagesRequest, Tool, ToolChoiceAny, ToolChoiceTool
 from kawai.engine.chat_format import CALL_NAME_OPEN, CALL_SEPARATOR
 from kawai.engine.constraint import GrammarError, json_rule, json_schema_error
+from kawai.engine.served import ServedModel
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
-def reply_grammar(llm, req: MessagesRequest, prompt: Prompt):
+def reply_grammar(llm: ServedModel, req: MessagesRequest, prompt: Prompt):
     """The compiled grammar for this request's reply, or None; InvalidRequestError for a schema the
     engine cannot enforce. Compiling the first grammar of a model builds llguidance's view of its
     vocabulary (~2 s for 150k tokens): call off the event loop."""
@@ -47,7 +48,7 @@ def reply_grammar(llm, req: MessagesRequest, prompt: Prompt):
     if req.thinking_on or prompt.in_thinking:
         raise InvalidRequestError("thinking may not be enabled with output_config.format or strict tools")
     try:
-        return llm.grammars.compile(lark)
+        return llm.compile_grammar(lark)
     except GrammarError as e:
         raise InvalidRequestError(f"cannot constrain the reply: {e}") from None
 

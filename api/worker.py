@@ -39,10 +39,9 @@ from kawai.api.errors import OverloadedError, RateLimitError, UnavailableError
 from kawai.api.metrics import TPOT_BUCKETS, TTFT_BUCKETS, Metrics
 from kawai.engine.errors import KawaiError
 from kawai.engine.generate import Prompt, Step, ThinkingBudget
-from kawai.engine.kv_cache import KVCache
-from kawai.engine.prefix_cache import open_prefix_cache
 from kawai.engine.sampling import SamplingParams
-from kawai.engine.scheduler import CHUNK, MAX_SEQUENCES, Request, Running, Scheduler
+from kawai.engine.scheduler import CHUNK, MAX_SEQUENCES, Request, Running
+from kawai.engine.served import ServedModel
 
 log = logging.getLogger("kawai.worker")
 access_log = logging.getLogger("kawai.access")
@@ -120,7 +119,7 @@ class Job:
 class Worker:
     def __init__(
         self,
-        llm,
+        llm: ServedModel,
         queue_size: int,
         *,
         max_sequences: int = MAX_SEQUENCES,
@@ -139,15 +138,15 @@ class Worker:
         self.llm = llm
         self.queue_size = max(0, queue_size)
         if kv_memory is None:
-            context = kv_cache_bytes(llm)
+            context = llm.kv_bytes()
             kv_memory = max(context, min(2 * max_sequences * context, default_kv_memory()))
         try:
-            self.pool = open_prefix_cache(llm, kv_memory, disk_dir=kv_dir, disk_bytes=kv_disk, on_ready=self._wake)
+            self.pool = llm.prefix_cache(kv_memory, disk_dir=kv_dir, disk_bytes=kv_disk, on_ready=self._wake)
         except KawaiError as e:
             raise KawaiError(f"{e} (raise --kv-memory or lower --ctx)") from None
         self.max_sequences = max(1, max_sequences)
         self.max_per_tenant = max_per_tenant
-        self.scheduler = Scheduler(llm, self.pool, max_sequences=self.max_sequences, chunk=prefill_chunk)
+        self.scheduler = llm.scheduler(self.pool, max_sequences=self.max_sequences, chunk=prefill_chunk)
         self.metrics = metrics or Metrics()
         self.wedge_seconds = wedge_seconds
         self._cond = threading.Condition()
@@ -243,7 +242,7 @@ class Worker:
 
     def _run(self) -> None:
         """The supervisor: run the loop; when it dies, fail the running sequences and restart it."""
-        _use_engine_threads(self.llm)
+        self.llm.use_threads()
         backoff = RESTART_BACKOFF[0]
         try:
             while True:
@@ -457,11 +456,6 @@ class Worker:
             yield "kawai_kv_disk_evicted_files_total", labels, disk.evicted_files, "Block files removed for --kv-disk."
 
 
-def kv_cache_bytes(llm, n_ctx: int | None = None) -> int:
-    """Bytes of keys and values for n_ctx positions (default: the model's context), in the cache's dtype."""
-    return KVCache.bytes_for(llm.config, llm.n_ctx if n_ctx is None else n_ctx, llm.kv_dtype)
-
-
 def default_kv_memory() -> int:
     """The KV budget of a model when none is given: a fraction of physical memory. Pages of a cache are
     committed as positions are written, so this bounds the worst case (every slot full), not the start."""
@@ -478,12 +472,3 @@ def parse_bytes(text: str) -> int:
 
 def format_bytes(n: int | None) -> str:
     return "?" if n is None else f"{n / 2**20:.1f} MiB"
-
-
-def _use_engine_threads(llm) -> None:
-    """Numba's thread count is per calling thread: apply the one chosen at load time to this thread."""
-    n = getattr(llm, "threads", None)
-    if n:
-        from kawai.engine.compute_threads import configure_threads
-
-        configure_threads(n)

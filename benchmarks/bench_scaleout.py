@@ -46,7 +46,7 @@ from kawai.api.state import ServerSettings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEM = "You are a helpful assistant. Answer in one short sentence, plainly and without lists."
-SLOT_BYTES_0_5B_1K = 24 * 2**20  # one 1024-token KV cache of the 0.5B (api/worker.py: kv_cache_bytes)
+SLOT_BYTES_0_5B_1K = 24 * 2**20  # one 1024-token KV cache of the 0.5B (engine.LLM.kv_bytes)
 
 
 def free_port() -> int:

@@ -20,16 +20,16 @@ from kawai.engine import catalog
 from kawai.engine.chat_format import ChatFormat, chat_format_for
 from kawai.engine.chat_template import ChatTemplate
 from kawai.engine.config import ModelConfig
-from kawai.engine.constraint import GrammarCompiler
+from kawai.engine.constraint import Grammar, GrammarCompiler
 from kawai.engine.errors import ContextLengthError, KawaiError
 from kawai.engine.generate import Prompt
 from kawai.engine.gguf import GGUFFile, open_gguf
 from kawai.engine.kv_cache import DEFAULT_KV_DTYPE, KVCache, check_kv_dtype
 from kawai.engine.model import Chunk, check_ids, forward
-from kawai.engine.prefix_cache import OneCache
+from kawai.engine.prefix_cache import OneCache, PrefixCache, open_prefix_cache
 from kawai.engine.sampling import SamplingParams
 from kawai.engine.compute_threads import configure_threads
-from kawai.engine.scheduler import CHUNK, Generation, Request, Scheduler
+from kawai.engine.scheduler import CHUNK, MAX_SEQUENCES, CacheLender, Generation, Request, Scheduler
 from kawai.engine.tokenizer import Tokenizer
 from kawai.engine.weights import load_weights
 from kawai.kernels import matmul
@@ -47,7 +47,7 @@ log = logging.getLogger("kawai.engine")
 class LLM:
     """A loaded model. Attributes: id, path, config, n_ctx, kv_dtype (the KV caches' storage type),
     tokenizer, chat_template, weights, load_seconds (file, weights, tokenizer), compile_seconds (kernel
-    warm-up), threads."""
+    warm-up), threads. The server uses it through engine.served.ServedModel, the part declared for api/."""
 
     def __init__(
         self,
@@ -84,7 +84,16 @@ class LLM:
         """True when a vision projector is loaded: prompts may contain images."""
         return self.projector is not None
 
-    supports_images = has_vision  # the name api/prompt.py asks for
+    @property
+    def max_image_pixels(self) -> int | None:
+        """Pixels the vision encoder takes at most per image; None without vision."""
+        return None if self.projector is None else self.projector.config.image.max_pixels
+
+    @property
+    def display_name(self) -> str:
+        """The GGUF's `general.name` when it has one, else the id (/v1/models' display_name)."""
+        name = self.gguf.metadata.get("general.name")
+        return name if isinstance(name, str) and name else self.id
 
     def __repr__(self) -> str:
         return f"LLM(id={self.id!r}, arch={self.config.arch!r}, n_ctx={self.n_ctx})"
@@ -184,15 +193,28 @@ class LLM:
         return Prompt(ids, tuple(images), text + suffix, self.vision_tokens.image_pad if images else None)
 
     def _image_ids(self, image) -> list[int]:
+        n = self.image_tokens(*image.size)  # KawaiError without vision
+        t = self.vision_tokens
+        return [t.start] + [t.image_pad] * (n - 2) + [t.end]
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """Prompt tokens of one image of width x height: its image pads, its start and end tokens."""
         if not self.has_vision:
             raise KawaiError(f"model {self.id!r} does not take images (no vision projector is loaded)")
         from kawai.engine.vision.multimodal import image_token_count
 
-        t = self.vision_tokens
-        return [t.start] + [t.image_pad] * image_token_count(self.projector, *image.size) + [t.end]
+        return image_token_count(self.projector, width, height) + 2
 
     def count_tokens(self, text: str) -> int:
         return len(self.encode_prompt(text))
+
+    def check_context(self, n_tokens: int) -> None:
+        """ContextLengthError when a prompt of n_tokens does not fit the context window; the message is
+        the Anthropic API's, which clients parse (Claude Code compacts on it)."""
+        if n_tokens > self.n_ctx:
+            raise ContextLengthError(
+                f"prompt is too long: {n_tokens} tokens > {self.n_ctx} maximum (the context window of model {self.id!r})"
+            )
 
     def count_chat_tokens(self, messages: list[dict], **kwargs) -> int:
         """Prompt tokens of a conversation, image tokens included: len(encode_chat(...).ids)."""
@@ -207,10 +229,14 @@ class LLM:
             raise KawaiError(f"cache size must be an integer in 1..{self.n_ctx}, got {max_seq!r}")
         return KVCache(self.config, max_seq, self.kv_dtype)
 
-    @property
-    def cache_bytes(self) -> int:
-        """Bytes of one full-context KV cache (`new_cache()`)."""
-        return KVCache.bytes_for(self.config, self.n_ctx, self.kv_dtype)
+    def kv_bytes(self, n_positions: int | None = None) -> int:
+        """Bytes of keys and values for n_positions (default: n_ctx, a `new_cache()`), in the cache's dtype."""
+        return KVCache.bytes_for(self.config, self.n_ctx if n_positions is None else n_positions, self.kv_dtype)
+
+    def use_threads(self) -> None:
+        """Apply the thread count chosen at load time to the calling thread (Numba's is per thread)."""
+        if self.threads:
+            configure_threads(self.threads)
 
     def forward_batch(self, chunks: list[Chunk], caches: list[KVCache]) -> list[np.ndarray]:
         """One step of several sequences (engine.model.forward): per sequence logits (1, V), or (n, V)."""
@@ -233,8 +259,7 @@ class LLM:
         ids = self.check_ids(ids)
         if not ids:
             raise KawaiError("logits() needs at least one token")
-        if len(ids) > self.n_ctx:
-            raise ContextLengthError(f"{len(ids)} tokens do not fit the context window of {self.n_ctx}")
+        self.check_context(len(ids))
         cache = KVCache(self.config, len(ids), self.kv_dtype)
         return np.asarray(self.forward(ids, cache, all_logits=True), dtype=np.float32)
 
@@ -251,7 +276,28 @@ class LLM:
         prompt = prompt if isinstance(prompt, Prompt) else Prompt(self.check_ids(prompt))
         lender = OneCache(self.new_cache() if cache is None else cache)
         request = Request(prompt, params, should_stop=should_stop or (lambda: False))
-        return Generation(Scheduler(self, lender, max_sequences=1), request)
+        return Generation(self.scheduler(lender, max_sequences=1), request)
+
+    def scheduler(self, lender: CacheLender, *, max_sequences: int = MAX_SEQUENCES, chunk: int = CHUNK) -> Scheduler:
+        """The step loop of this model (engine/scheduler.py): up to max_sequences sequences, `chunk` prompt
+        rows per step, KV caches from `lender` (a PrefixCache, or OneCache)."""
+        return Scheduler(self, lender, max_sequences=max_sequences, chunk=chunk)
+
+    def prefix_cache(
+        self,
+        memory_bytes: int,
+        *,
+        disk_dir: Path | None = None,
+        disk_bytes: int | None = None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> PrefixCache:
+        """This model's prefix cache (engine.prefix_cache.open_prefix_cache): memory_bytes of KV memory,
+        and the disk tier with disk_dir and disk_bytes."""
+        return open_prefix_cache(self, memory_bytes, disk_dir=disk_dir, disk_bytes=disk_bytes, on_ready=on_ready)
+
+    def compile_grammar(self, lark: str) -> Grammar:
+        """A Lark grammar compiled for this model's vocabulary (engine/constraint.py; cached per text)."""
+        return self.grammars.compile(lark)
 
     # ---- images ---------------------------------------------------------------------------------
 

@@ -175,11 +175,11 @@ def _serve_on_ray(args, settings, specs: list[str]) -> int:
 def _check_kv_memory(settings, llms: list) -> None:
     """--kv-memory must hold at least one block of KV memory of every model (prompts longer than it
     holds are refused with 529)."""
-    from kawai.api.worker import format_bytes, kv_cache_bytes
+    from kawai.api.worker import format_bytes
     from kawai.engine.prefix_cache import BLOCK_TOKENS
 
     for llm in llms:
-        need = kv_cache_bytes(llm, BLOCK_TOKENS)
+        need = llm.kv_bytes(BLOCK_TOKENS)
         if settings.kv_memory is not None and settings.kv_memory < need:
             raise KawaiError(
                 f"--kv-memory {format_bytes(settings.kv_memory)} holds no KV block of {llm.id}: {BLOCK_TOKENS} "
