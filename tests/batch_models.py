@@ -26,13 +26,9 @@ def tiny_llm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vision_llm(tmp_path_factory):
-    from vision_models import tiny_hf_model, write_language_model, write_mmproj
+    from vision_models import write_tiny_vl
 
-    root = tmp_path_factory.mktemp("vl")
-    hf = tiny_hf_model("qwen2vl")
-    path = write_language_model(hf, root / "tiny-vl-f32.gguf")
-    write_mmproj(hf, root / "tiny-vl.mmproj.gguf")
-    return engine.load(path, threads=1, exact=True)
+    return engine.load(write_tiny_vl(tmp_path_factory.mktemp("vl"))[0], threads=1, exact=True)
 
 
 def picture_prompt(llm, suffix=""):

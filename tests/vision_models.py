@@ -159,6 +159,13 @@ def write_language_model(model, path: str | Path, qtype: str = "f32") -> Path:
     return path
 
 
+def write_tiny_vl(root: Path) -> tuple[Path, Path]:
+    """A tiny Qwen2-VL GGUF and its projector next to it, under the names `kawai pull` gives them (so
+    engine.load finds the projector): (model path, projector path)."""
+    hf = tiny_hf_model("qwen2vl")
+    return write_language_model(hf, root / "tiny-vl-f32.gguf"), write_mmproj(hf, root / "tiny-vl.mmproj.gguf")
+
+
 def write_mmproj(model, path: str | Path) -> Path:
     """The vision tower as llama.cpp's `Qwen2VLVisionModel` converter writes it: arch "clip", Q/K/V split
     out of qkv, the Conv3d split into two Conv2d halves, 2-D tensors F16, 1-D tensors F32."""

@@ -26,7 +26,7 @@ from kawai.engine.vision.multimodal import image_token_count
 from kawai.engine.vision.preprocess import DOWNSCALE_MARGIN, decode_image
 from api_harness import LiveServer
 from pictures import photo
-from vision_models import tiny_hf_model, write_language_model, write_mmproj
+from vision_models import write_tiny_vl
 from costs import peak_rss_growth
 
 MB = 1024 * 1024
@@ -34,11 +34,7 @@ MB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vl")
-    hf = tiny_hf_model("qwen2vl")
-    path = write_language_model(hf, root / "tiny-vl-f32.gguf")
-    write_mmproj(hf, root / "tiny-vl.mmproj.gguf")
-    return engine.load(path, threads=1, exact=True)
+    return engine.load(write_tiny_vl(tmp_path_factory.mktemp("vl"))[0], threads=1, exact=True)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from kawai.engine.sampling import SamplingParams
 from kawai.engine.vision.image_prompt import image_prompt
 from kawai.engine.vision.multimodal import encode_image, find_projector
 from pictures import photo
-from vision_models import tiny_hf_model, write_language_model, write_mmproj
+from vision_models import write_tiny_vl
 
 PHOTO = photo(100, 73, seed=1)  # 12 image tokens
 PHOTO2 = photo(260, 150, seed=2)  # 45 image tokens
@@ -39,11 +39,7 @@ def png(image: Image.Image) -> bytes:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vl")
-    hf = tiny_hf_model("qwen2vl")
-    model = write_language_model(hf, root / "tiny-vl-f32.gguf")
-    mmproj = write_mmproj(hf, root / "tiny-vl.mmproj.gguf")  # the name `kawai pull` gives a projector
-    return model, mmproj
+    return write_tiny_vl(tmp_path_factory.mktemp("vl"))
 
 
 @pytest.fixture(scope="module")
