@@ -151,12 +151,11 @@ async def _load_models(state: ServerState, models: Sequence[str | Path | ServedM
         state.metrics.add_gauges(worker.gauges)
         state.metrics.add_gauges(worker.counters, kind="counter")
         worker.start()
-        name = llm.gguf.metadata.get("general.name") if hasattr(llm, "gguf") else None
         state.models[llm.id] = LoadedModel(
             llm=llm,
             worker=worker,
             created_at=model_created_at(Path(llm.path)),
-            display_name=name if isinstance(name, str) and name else llm.id,
+            display_name=llm.display_name,
         )
 
 

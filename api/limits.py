@@ -6,9 +6,7 @@ and the number of JSON values a request body may hold.
 
 It is the server's one per-token limit (`kawai serve --max-per-token`): counted from the first byte, it
 also covers what comes before a job reaches the engine's queue -- reading a body of up to 32 MB, decoding
-it, downloading images, rendering the prompt -- and one count covers every model served. (The engine
-thread's own `max_per_tenant`, api/worker.py, counted the same requests again from their queueing, per
-model, and could refuse a request while the job of the token's previous one was still being reaped.) A request over the limit gets 429 `rate_limit_error` with
+it, downloading images, rendering the prompt -- and one count covers every model served. A request over the limit gets 429 `rate_limit_error` with
 `retry-after` before its body is read. Only the generating routes are counted (/v1/messages*,
 /v1/chat/completions).
 """

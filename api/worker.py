@@ -2,8 +2,9 @@
 event loop.
 
 `submit(job)` never waits. A job starts at once when fewer than `max_sequences` run, else it waits in a
-bounded queue; past `max_sequences + queue_size` it is refused with 529, and past `max_per_tenant`
-in-flight requests of one API token with 429. While draining (SIGTERM) new jobs get 503.
+bounded queue; past `max_sequences + queue_size` it is refused with 529. While draining (SIGTERM) new jobs
+get 503. (The per-token limit on requests in flight, 429, is api/limits.py's InFlightLimit: it counts a
+request from its first byte, across models.)
 
 Each loop iteration: drop cancelled waiting jobs, admit waiting jobs in order while the scheduler has a
 free slot and the prefix cache (engine/prefix_cache.py) lends each a KV cache (a job whose blocks are being
@@ -32,10 +33,10 @@ import os
 import re
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 
-from kawai.api.errors import OverloadedError, RateLimitError, UnavailableError
+from kawai.api.errors import OverloadedError, UnavailableError
 from kawai.api.metrics import TPOT_BUCKETS, TTFT_BUCKETS, Metrics
 from kawai.engine.errors import KawaiError
 from kawai.engine.generate import Prompt, Step, ThinkingBudget
@@ -126,7 +127,6 @@ class Worker:
         kv_memory: int | None = None,
         kv_dir=None,
         kv_disk: int | None = None,
-        max_per_tenant: int | None = None,
         prefill_chunk: int = CHUNK,
         metrics: Metrics | None = None,
         wedge_seconds: float = WEDGE_SECONDS,
@@ -145,14 +145,12 @@ class Worker:
         except KawaiError as e:
             raise KawaiError(f"{e} (raise --kv-memory or lower --ctx)") from None
         self.max_sequences = max(1, max_sequences)
-        self.max_per_tenant = max_per_tenant
         self.scheduler = llm.scheduler(self.pool, max_sequences=self.max_sequences, chunk=prefill_chunk)
         self.metrics = metrics or Metrics()
         self.wedge_seconds = wedge_seconds
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._active: list[Running] = []  # the scheduler's running sequences, read under the lock
-        self._per_tenant: Counter = Counter()  # in-flight jobs (waiting or running) per tenant
         self._pending = 0  # jobs accepted and not yet finished
         self._n_active = 0
         self._admitting = True
@@ -187,17 +185,12 @@ class Worker:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        """Queue a job, or raise at once: 529 engine stopped or full, 503 draining, 429 tenant limit."""
+        """Queue a job, or raise at once: 529 engine stopped or full, 503 draining."""
         with self._cond:
             if not self.alive:
                 raise OverloadedError("The engine is not running.")
             if not self._admitting:
                 raise UnavailableError("The server is shutting down; retry on another instance or later.")
-            if self.max_per_tenant is not None and self._per_tenant[job.tenant] >= self.max_per_tenant:
-                raise RateLimitError(
-                    f"Too many concurrent requests for this token (limit {self.max_per_tenant}); retry shortly.",
-                    headers={"retry-after": "1"},
-                )
             if not self.pool.fits(len(job.prompt.ids)):
                 raise OverloadedError(
                     f"Overloaded: a prompt of {len(job.prompt.ids)} tokens does not fit the KV memory of model "
@@ -210,7 +203,6 @@ class Worker:
                 )
             self._waiting.append(job)
             self._pending += 1
-            self._per_tenant[job.tenant] += 1
             self._cond.notify()
 
     def stop_admitting(self) -> None:
@@ -369,9 +361,6 @@ class Worker:
     def _done(self, job: Job) -> None:
         with self._cond:
             self._pending -= 1
-            self._per_tenant[job.tenant] -= 1
-            if self._per_tenant[job.tenant] <= 0:
-                del self._per_tenant[job.tenant]
 
     def _fail_job(self, job: Job) -> None:
         """A job that never became a sequence ends with Failed."""
