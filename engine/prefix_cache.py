@@ -432,7 +432,7 @@ def open_prefix_cache(
     from kawai.engine.kv_disk import DiskCache
 
     dtype = llm.new_cache(1).k.dtype
-    kv_format = f"{dtype.name}/{'exact' if getattr(llm.weights, 'exact', False) else 'packed'}"
+    kv_format = f"{dtype.name}/{'exact' if llm.weights.exact else 'packed'}"
     disk = None
     if disk_dir is not None and disk_bytes and llm.n_ctx >= block_tokens:  # else no block ever fills
         sha = model_sha256(llm.path)
