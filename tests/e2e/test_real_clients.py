@@ -42,25 +42,22 @@ def npm_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(default_model_path, tmp_path_factory):
-    """`kawai serve -m MODEL --port P` as a user runs it (auth on: the first start prints a token)."""
+    """`kawai serve -m MODEL --port P` as a user runs it (auth on: the first start creates a token; with
+    output that is not a terminal it goes to $KAWAI_HOME/first-token, as docs/security.md says)."""
     home = tmp_path_factory.mktemp("home")
     port = free_port()
     log = (home / "server.log").open("w")
     env = {**os.environ, "KAWAI_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     env.pop("KAWAI_THREADS", None)  # as a user runs it: every core
     p = subprocess.Popen([sys.executable, "-P", "-m", "kawai.api.cli", "serve", "-m", str(default_model_path),
-                          "--port", str(port)], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=log)
+                          "--port", str(port)], cwd=ROOT, env=env, text=True, stdout=log, stderr=log)
     try:
-        token = None
-        deadline = time.monotonic() + 300
-        while token is None:
-            line = p.stdout.readline()
-            assert (line or p.poll() is None) and time.monotonic() < deadline, (home / "server.log").read_text()
-            token = next((w for w in line.split() if w.startswith("kawai-")), None)
         url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
         while not _healthy(url):
             assert p.poll() is None and time.monotonic() < deadline, (home / "server.log").read_text()
             time.sleep(0.5)
+        token = next(w for w in (home / "first-token").read_text().split() if w.startswith("kawai-"))
         yield url, token, home / "server.log"
     finally:
         p.terminate()
