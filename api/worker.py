@@ -152,7 +152,6 @@ class Worker:
         self._waiting: deque[Job] = deque()
         self._active: list[Running] = []  # the scheduler's running sequences, read under the lock
         self._pending = 0  # jobs accepted and not yet finished
-        self._n_active = 0
         self._admitting = True
         self._stopping = False
         self._woken = False  # a disk look-up ended since the engine last checked
@@ -179,7 +178,7 @@ class Worker:
     @property
     def active_sequences(self) -> int:
         with self._cond:
-            return self._n_active
+            return len(self._active)
 
     def start(self) -> None:
         self._thread.start()
@@ -310,7 +309,6 @@ class Worker:
             with self._cond:
                 self._waiting.popleft()
                 self._active = list(self.scheduler.running)
-                self._n_active = len(self._active)
             self._count("kawai_prefix_cache_hit_tokens_total", "Prompt tokens reused from the prefix cache.",
                         seq.stats.cached_tokens)
             job.channel.put(Started(seq.stats.cached_tokens))  # an image prompt's cache starts empty: 0
@@ -354,7 +352,6 @@ class Worker:
         item (so a client that sees the end also sees the slot free in /metrics)."""
         with self._cond:
             self._active = list(self.scheduler.running)
-            self._n_active = len(self._active)
         self._done(seq.request.tag)
         seq.request.tag.channel.put(last)
 
@@ -377,7 +374,6 @@ class Worker:
             self.scheduler.running.clear()
         with self._cond:
             self._active = []
-            self._n_active = 0
         for seq in failed:
             self._fail_job(seq.request.tag)
 
@@ -387,7 +383,6 @@ class Worker:
             jobs = list(self._waiting) + [s.request.tag for s in self._active]
             self._waiting.clear()
             self._active.clear()
-            self._n_active = 0
         for job in jobs:
             job.channel.put(Failed())
             self._done(job)

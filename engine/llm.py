@@ -311,10 +311,12 @@ class LLM:
         check_image_prompt(self.projector, prompt.ids, prompt.images, self.vision_tokens.image_pad)
 
     def encode_image_prompt(self, prompt: Prompt) -> ImagePrompt:
-        """The prompt's images encoded (vision encoder, timed) and its rows placed at M-RoPE positions."""
+        """The prompt's images encoded (vision encoder, timed) and its rows placed at M-RoPE positions. The
+        scheduler has run check_image_prompt at admission; encode_image_prompt checks the rows again, cheaply."""
         from kawai.engine.vision.image_prompt import encode_image_prompt
 
-        self.check_image_prompt(prompt)
+        if not self.has_vision:
+            raise KawaiError(f"model {self.id!r} does not take images (no vision projector is loaded)")
         return encode_image_prompt(self.config, self.projector, prompt.ids, prompt.images, self.vision_tokens.image_pad)
 
     def check_ids(self, ids: Sequence[int]) -> list[int]:
