@@ -127,12 +127,16 @@ def unpack_scale_min_k4(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class Decoded:
-    """One format's blocks as integers: the stored quants q (N, E) uint8 (the signed quant + the format's
-    offset), scale and min (N, S) float32 (min may be None)."""
+    """One K-quant's super-blocks as integers: the stored quants q (N, E) uint8 (the signed quant + the
+    format's offset), the integer sub-block scales (N, S) int8 and the super-block's float scale d (N, 1)
+    float32, and the same pair for the mins (None without mins). Group g's scale is d * scale[:, g] and
+    its min dmin * min[:, g], each one float32 product, as ggml's dequantizers compute them."""
 
     q: np.ndarray
     scale: np.ndarray
-    min: np.ndarray | None
+    d: np.ndarray
+    min: np.ndarray | None = None
+    dmin: np.ndarray | None = None
 
 
 def _bits(blocks: np.ndarray, byte_index: np.ndarray, shift: np.ndarray, mask: int) -> np.ndarray:
@@ -144,9 +148,14 @@ def _bits(blocks: np.ndarray, byte_index: np.ndarray, shift: np.ndarray, mask: i
     return picked
 
 
+def f16_bits(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The little-endian half at byte `at` of each block, as float16 (N, 1)."""
+    return np.ascontiguousarray(blocks[:, at : at + 2]).view("<f2")
+
+
 def f16_field(blocks: np.ndarray, at: int) -> np.ndarray:
     """The little-endian half at byte `at` of each block, as float32 (N, 1)."""
-    return np.ascontiguousarray(blocks[:, at : at + 2]).view("<f2").astype(F32)
+    return f16_bits(blocks, at).astype(F32)
 
 
 _E256 = np.arange(256)
@@ -252,7 +261,7 @@ def _q2_k_pack(b: np.ndarray) -> Decoded:
     q = _bits(b, 16 + _PLANE2_BYTE, _PLANE2_SHIFT, 3)
     d, dmin = f16_field(b, 80), f16_field(b, 82)
     sc = b[:, 0:16]
-    return Decoded(q, d * (sc & 15).astype(F32), -(dmin * (sc >> 4).astype(F32)))
+    return Decoded(q, (sc & 15).astype(np.int8), d, (sc >> 4).astype(np.int8), -dmin)
 
 
 @njit(cache=True)
@@ -278,8 +287,8 @@ def _q3_k_pack(b: np.ndarray) -> Decoded:
     q = low2 | (high << 2)  # value low2 - 4 when the mask bit is 0, else low2: stored as value + 4
     sc_lo = _bits(b, 96 + _G16 % 8, 4 * (_G16 // 8), 15)
     sc_hi = _bits(b, 104 + _G16 % 4, 2 * (_G16 // 4), 3)
-    sc = ((sc_lo | (sc_hi << 4)).astype(np.int16) - 32).astype(F32)
-    return Decoded(q, f16_field(b, 108) * sc, None)
+    sc = ((sc_lo | (sc_hi << 4)).astype(np.int16) - 32).astype(np.int8)
+    return Decoded(q, sc, f16_field(b, 108))
 
 
 @njit(cache=True)
@@ -307,7 +316,7 @@ def _q4_k_pack(b: np.ndarray) -> Decoded:
     q = _bits(b, 16 + _NIBBLE_BYTE, _NIBBLE_SHIFT, 15)
     sc, m = unpack_scale_min_k4(b[:, 4:16])
     d, dmin = f16_field(b, 0), f16_field(b, 2)
-    return Decoded(q, d * sc.astype(F32), -(dmin * m.astype(F32)))
+    return Decoded(q, sc.astype(np.int8), d, m.astype(np.int8), -dmin)
 
 
 @njit(cache=True)
@@ -330,7 +339,7 @@ def _q5_k_pack(b: np.ndarray) -> Decoded:
     q = _bits(b, 48 + _NIBBLE_BYTE, _NIBBLE_SHIFT, 15) | (_bits(b, 16 + _PLANE1_BYTE, _PLANE1_SHIFT, 1) << 4)
     sc, m = unpack_scale_min_k4(b[:, 4:16])
     d, dmin = f16_field(b, 0), f16_field(b, 2)
-    return Decoded(q, d * sc.astype(F32), -(dmin * m.astype(F32)))
+    return Decoded(q, sc.astype(np.int8), d, m.astype(np.int8), -dmin)
 
 
 @njit(cache=True)
@@ -356,8 +365,7 @@ def _q6_k_pack(b: np.ndarray) -> Decoded:
     # Low 4 bits: byte (e // 128) * 64 + e % 64, nibble (e % 128) // 64; high 2 bits: the 2-bit plane.
     low4 = _bits(b, (_E256 // 128) * 64 + _E256 % 64, 4 * ((_E256 % 128) // 64), 15)
     q = low4 | (_bits(b, 128 + _PLANE2_BYTE, _PLANE2_SHIFT, 3) << 4)  # value + 32
-    sc = b[:, 192:208].view(np.int8).astype(F32)
-    return Decoded(q, f16_field(b, 208) * sc, None)
+    return Decoded(q, b[:, 192:208].view(np.int8), f16_field(b, 208))
 
 
 @njit(cache=True)
@@ -377,12 +385,15 @@ class PackSpec:
 
         W[k] = scale[k // group] * (q[k] - offset) + min[k // group]
 
-    `fmt` is the packed block format of kernels/matmul_simd.py ("s8", "u8", "u4", "u5"), `group` the
-    weights per scale, `offset` the constant added to the signed quants to make them the stored unsigned
-    ones, `has_min` whether there are mins. Exactly one of:
+    `fmt` is the packed block format of kernels/matmul_simd.py ("s8", "u8", "u6", "u4", "u5"), `group`
+    the weights per scale, `offset` the constant added to the signed quants to make them the stored
+    unsigned ones, `has_min` whether there are mins. Exactly one of:
         `copy`    byte ranges of a block that, concatenated, are already the packed block (32-weight
-                  formats; the scale, and the min if any, are the block's f16 fields in order)
-        `decode`  blocks (N, type_size) -> Decoded: the quants are re-encoded into `fmt` (K-quants)."""
+                  formats; the scale, and the min if any, are the block's f16 fields in order, kept as
+                  float16: scale[g] = f16 s[g])
+        `decode`  blocks (N, type_size) -> Decoded (K-quants): the quants are re-encoded into `fmt`, the
+                  scales kept as the format's int8 sub-scales and one float32 per super-block of 256
+                  weights: scale[g] = d[g // (256 / group)] * s[g] (and the mins alike)."""
 
     fmt: str
     group: int
@@ -423,7 +434,7 @@ _ROWS = (
     QuantFormat(GGMLType.Q3_K, _q3_k_block, (108,), PackSpec("u8", 16, 4, False, decode=_q3_k_pack)),
     QuantFormat(GGMLType.Q4_K, _q4_k_block, (0, 2), PackSpec("u4", 32, 0, True, decode=_q4_k_pack)),
     QuantFormat(GGMLType.Q5_K, _q5_k_block, (0, 2), PackSpec("u5", 32, 0, True, decode=_q5_k_pack)),
-    QuantFormat(GGMLType.Q6_K, _q6_k_block, (208,), PackSpec("u8", 16, 32, False, decode=_q6_k_pack)),
+    QuantFormat(GGMLType.Q6_K, _q6_k_block, (208,), PackSpec("u6", 16, 32, False, decode=_q6_k_pack)),
     QuantFormat(GGMLType.Q8_K, _q8_k_block),  # f32 scale; the activation format of k-quant dot products
 )
 FORMATS: dict[GGMLType, QuantFormat] = {row.qtype: row for row in _ROWS}

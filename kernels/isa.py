@@ -36,11 +36,11 @@ ISAS = ("avx512vnni", "avx512bw", "avxvnni", "avx2", "portable")  # best first
 ENV_VAR = "KAWAI_ISA"
 
 # The LLVM features each path needs.
-REQUIRED = {
-    "avx512vnni": ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni"),
-    "avx512bw": ("avx2", "fma", "avx512f", "avx512bw", "avx512vl"),
-    "avxvnni": ("avx2", "fma", "avxvnni"),
-    "avx2": ("avx2", "fma"),
+REQUIRED = {  # f16c: the kernels widen float16 scales with vcvtph2ps (every AVX2 CPU has it)
+    "avx512vnni": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni"),
+    "avx512bw": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"),
+    "avxvnni": ("avx2", "fma", "f16c", "avxvnni"),
+    "avx2": ("avx2", "fma", "f16c"),
     "portable": (),
 }
 # The LLVM features a forced path switches off (with every feature that depends on them): what a CPU of

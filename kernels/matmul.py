@@ -13,7 +13,9 @@
 Letters: n tokens, R weight rows (outputs), C cols (inputs), B = C // 32 blocks, P bytes per block.
 
 Quantized weights become structure-of-arrays (kernels/matmul_pack.py): packed integer quants (R, B*P)
-uint8 (8, 5 or 4 bits per weight) and float32 scales (and mins) per 32 or 16 weights. The activations
+uint8 (8, 6, 5 or 4 bits per weight) and scales (and mins) per 32 or 16 weights, as compact as the GGUF
+file keeps them (float16, or int8 sub-scales of a float32 per 256 weights): a decode step reads about
+the file's bytes, so its speed is the memory's. The activations
 are quantized per call to int8 per block of 32 (kernels/matmul_kernels.py), and the block dot products
 run in integers (kernels/matmul_simd.py), so results differ from float64 x @ dequant(W).T by about 5e-3
 of the output norm (tests bound it by 1e-2). Dense weights (F32/F16/BF16, or `pack_dense`) are multiplied
@@ -48,9 +50,12 @@ class PackedMatrix:
     """A weight matrix in the kernels' layout. `nbytes` counts the resident bytes of all arrays.
 
     fmt "dense": weights (R, C) float32. Otherwise (kernels/matmul_pack.py) weights (R, B*P) uint8
-    packed quants q, scales (R, C // group) float32, mins (R, C // group) or (R, 0), and
+    packed quants q, scales (R, C // group) and mins (R, C // group) or (R, 0), and
 
-        W[r, k] = scales[r, k // group] * (q[r, k] - offset) + mins[r, k // group]
+        W[r, k] = scale(r, k // group) * (q[r, k] - offset) + min(r, k // group)
+
+    where scale(r, g) is scales[r, g] itself (float16: the 32-weight formats), or the int8 sub-scale
+    times its super-block's super_scales[r, k // 256] (float32: the K-quants), and min(r, g) alike.
     """
 
     qtype: GGMLType
@@ -58,8 +63,10 @@ class PackedMatrix:
     cols: int
     fmt: str
     weights: np.ndarray
-    scales: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.float32))
-    mins: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.float32))
+    scales: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.float16))
+    mins: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.float16))
+    super_scales: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.float32))
+    super_mins: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.float32))
     group: int = 0
     offset: int = 0
 
@@ -69,11 +76,18 @@ class PackedMatrix:
             expected = [(self.weights, np.float32, (self.rows, self.cols))]
         elif self.fmt in BLOCK_BYTES and self.group in (16, 32) and self.cols % 32 == 0:
             groups = self.cols // self.group
+            small = self.scales.dtype if self.scales.dtype in (np.float16, np.int8) else np.float16
+            supers = self.cols // 256 if small == np.int8 else 0
+            has_min = self.mins.size > 0
             expected = [(self.weights, np.uint8, (self.rows, self.cols // 32 * BLOCK_BYTES[self.fmt])),
-                        (self.scales, np.float32, (self.rows, groups)),
-                        (self.mins, np.float32, (self.rows, groups if self.mins.size else 0))]
+                        (self.scales, small, (self.rows, groups)),
+                        (self.mins, small, (self.rows, groups if has_min else 0)),
+                        (self.super_scales, np.float32, (self.rows, supers)),
+                        (self.super_mins, np.float32, (self.rows, supers if has_min else 0))]
             if 32 // self.group != GROUPS[self.fmt]:
                 raise MatmulError(f"format {self.fmt!r} needs a scale per {32 // GROUPS[self.fmt]} weights")
+            if supers and self.cols % 256:
+                raise MatmulError(f"int8 sub-scales need super-blocks of 256 weights, got {self.cols} cols")
         else:
             raise MatmulError(f"no packed format {self.fmt!r} with groups of {self.group} for {self.cols} cols")
         for arr, dtype, shape in expected:
@@ -82,11 +96,22 @@ class PackedMatrix:
 
     @property
     def nbytes(self) -> int:
-        return int(self.weights.nbytes + self.scales.nbytes + self.mins.nbytes)
+        return int(sum(a.nbytes for a in (self.weights, self.scales, self.mins, self.super_scales, self.super_mins)))
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.rows, self.cols)
+
+    def group_scales(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scale, min) per group as float32 (R, C // group), each formed as the kernels form it;
+        min is (R, 0) without mins."""
+        out = []
+        for small, big in ((self.scales, self.super_scales), (self.mins, self.super_mins)):
+            value = small.astype(np.float32)
+            if big.shape[1] and small.shape[1]:
+                value = np.repeat(big, small.shape[1] // big.shape[1], axis=1) * value  # float32 products
+            out.append(value)
+        return out[0], out[1]
 
 
 def pack_dense(w: np.ndarray, qtype: GGMLType = GGMLType.F32) -> PackedMatrix:
@@ -128,8 +153,9 @@ def pack(raw: np.ndarray, qtype: GGMLType, cols: int) -> PackedMatrix:
         bits = np.ascontiguousarray(raw).view("<u2").astype(np.uint32) << 16
         return PackedMatrix(qtype, rows, cols, "dense", bits.view(np.float32))
     spec = FORMATS[qtype].pack
-    w, scales, mins = repack_rows(raw, qtype, cols)
-    return PackedMatrix(qtype, rows, cols, spec.fmt, w, scales, mins, spec.group, spec.offset)
+    r = repack_rows(raw, qtype, cols)
+    return PackedMatrix(qtype, rows, cols, spec.fmt, r.w, r.scales, r.mins, r.super_scales, r.super_mins,
+                        spec.group, spec.offset)
 
 
 def unpack(w: PackedMatrix) -> np.ndarray:
@@ -138,9 +164,10 @@ def unpack(w: PackedMatrix) -> np.ndarray:
         return w.weights.copy()
     q = decode_blocks(w.weights.reshape(-1, BLOCK_BYTES[w.fmt]), w.fmt)  # (R*B, 32)
     q = (q - np.float32(w.offset)).reshape(w.rows, w.cols)
-    out = np.repeat(w.scales, w.group, axis=1) * q
-    if w.mins.shape[1]:
-        out += np.repeat(w.mins, w.group, axis=1)
+    scales, mins = w.group_scales()
+    out = np.repeat(scales, w.group, axis=1) * q
+    if mins.shape[1]:
+        out += np.repeat(mins, w.group, axis=1)
     return out
 
 
@@ -181,11 +208,17 @@ def _apply(w: PackedMatrix, x: np.ndarray, xa: QuantizedActivations | None) -> n
         return y
     qsums = xa.qsum16 if w.group == 16 else xa.qsum32
     if w.mins.shape[1]:  # bias = sum mins * xqsum
-        coefs, factor = w.mins, 1.0
+        coefs, super_coefs, factor = w.mins, w.super_mins, 1.0
     else:  # bias = -offset * sum scales * xqsum
-        coefs, factor = w.scales, -float(w.offset)
-    mk.gemm_quant(FORMAT_CODES[w.fmt], w.weights, w.scales, coefs, factor, xa.q, xa.d, qsums, y)
+        coefs, super_coefs, factor = w.scales, w.super_scales, -float(w.offset)
+    mk.gemm_quant(FORMAT_CODES[w.fmt], w.weights, kernel_view(w.scales), kernel_view(coefs), w.super_scales,
+                  super_coefs, factor, xa.q, xa.d, qsums, y)
     return y
+
+
+def kernel_view(a: np.ndarray) -> np.ndarray:
+    """Scales as the kernels take them: float16 as its uint16 bits (Numba has no float16), int8 unchanged."""
+    return a.view(np.uint16) if a.dtype == np.float16 else a
 
 
 def matmul(w: PackedMatrix, x: np.ndarray) -> np.ndarray:
@@ -209,9 +242,12 @@ def matmul_fused(ws: list[PackedMatrix], x: np.ndarray) -> list[np.ndarray]:
     return [_apply(w, x, xa) for w in ws]
 
 
+ARRAYS = ("weights", "scales", "mins", "super_scales", "super_mins")  # a PackedMatrix's arrays, one row per row
+
+
 def _stack_key(w: PackedMatrix) -> tuple:
     """Matrices with equal keys can share one kernel launch: same format, scales and bias layout."""
-    return (w.qtype, w.fmt, w.cols, w.group, w.offset, w.mins.shape[1] > 0)
+    return (w.qtype, w.fmt, w.cols, w.group, w.offset, w.mins.shape[1] > 0, w.scales.dtype)
 
 
 @dataclass(frozen=True, eq=False)
@@ -235,16 +271,15 @@ def _concat_rows(ws: list[PackedMatrix]) -> PackedMatrix:
     first = ws[0]
     if len(ws) == 1:
         return first
-    joined = [np.concatenate([getattr(w, name) for w in ws]) for name in ("weights", "scales", "mins")]
+    joined = [np.concatenate([getattr(w, name) for w in ws]) for name in ARRAYS]
     return PackedMatrix(first.qtype, sum(w.rows for w in ws), first.cols, first.fmt, *joined,
                         group=first.group, offset=first.offset)
 
 
 def select_rows(w: PackedMatrix, rows: slice | np.ndarray) -> PackedMatrix:
     """Some rows of w as a PackedMatrix: a view for a slice, a copy for an index array (k,)."""
-    weights = w.weights[rows]
-    return PackedMatrix(w.qtype, weights.shape[0], w.cols, w.fmt, weights, w.scales[rows], w.mins[rows],
-                        w.group, w.offset)
+    picked = [getattr(w, name)[rows] for name in ARRAYS]
+    return PackedMatrix(w.qtype, picked[0].shape[0], w.cols, w.fmt, *picked, group=w.group, offset=w.offset)
 
 
 def stack(ws: Sequence[PackedMatrix]) -> StackedMatrix:

@@ -9,6 +9,8 @@ either mins m (R, B*G) or a constant offset:
 
     W[r, k] = s[r, k // g] * (q[r, k] - offset) + m[r, k // g]          g = 32 // G
 
+(each s and m a float16, or an int8 times a float32 per 256 weights: kernels/matmul_pack.py).
+
 Activations are quantized once per call to int8 per block of 32 (Q8_0-like: d = amax / 127). Then
 
     y[t, r] = sum_b sum_g s * d * isum  +  sum_g (m - offset * s) * xqsum[t, g]
@@ -33,7 +35,7 @@ from kawai.kernels import matmul_simd as simd
 ROW_CHUNK = 16  # output rows per parallel work item
 DENSE_TOKEN_TILE = 8  # tokens per sweep over a chunk of dense weight rows
 
-FMT_S8, FMT_U8, FMT_U4, FMT_U5 = simd.FMT_S8, simd.FMT_U8, simd.FMT_U4, simd.FMT_U5
+FMT_S8, FMT_U8, FMT_U4, FMT_U5, FMT_U6 = simd.FMT_S8, simd.FMT_U8, simd.FMT_U4, simd.FMT_U5, simd.FMT_U6
 TOKEN_TILE = simd.TOKEN_TILE  # tokens per prefill tile: 8 on the 512-bit paths, else 4
 
 
@@ -89,66 +91,79 @@ def _store_tile(y, t0, r, o):
 
 
 @njit(cache=True)
-def _rows_t1(fmt, w, row_bytes, s, m, n_groups, x, xd, xqsum, t, n_blocks, bias_factor, r_lo, r_hi, y):
+def _rows_t1(fmt, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t, n_blocks, bias_factor, r_lo, r_hi, y):
     """y[t, r_lo:r_hi] for one token. The format is chosen once per run of rows, so each loop holds its
     block dot inline (a branch per row cost ~20% of a decode matmul)."""
     if fmt == FMT_S8:
         for r in range(r_lo, r_hi):
-            y[t, r] = simd.dot_s8_t1(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t, n_blocks, bias_factor)
+            y[t, r] = simd.dot_s8_t1(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t, n_blocks,
+                                     bias_factor)
     elif fmt == FMT_U8:
         for r in range(r_lo, r_hi):
-            y[t, r] = simd.dot_u8_t1(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t, n_blocks, bias_factor)
+            y[t, r] = simd.dot_u8_t1(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t, n_blocks,
+                                     bias_factor)
+    elif fmt == FMT_U6:
+        for r in range(r_lo, r_hi):
+            y[t, r] = simd.dot_u6_t1(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t, n_blocks,
+                                     bias_factor)
     elif fmt == FMT_U4:
         for r in range(r_lo, r_hi):
-            y[t, r] = simd.dot_u4_t1(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t, n_blocks, bias_factor)
+            y[t, r] = simd.dot_u4_t1(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t, n_blocks,
+                                     bias_factor)
     else:
         for r in range(r_lo, r_hi):
-            y[t, r] = simd.dot_u5_t1(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t, n_blocks, bias_factor)
+            y[t, r] = simd.dot_u5_t1(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t, n_blocks,
+                                     bias_factor)
 
 
 @njit(cache=True)
-def _rows_tile(fmt, w, row_bytes, s, m, n_groups, x, xd, xqsum, t0, n_blocks, bias_factor, r_lo, r_hi, y):
+def _rows_tile(fmt, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t0, n_blocks, bias_factor, r_lo, r_hi, y):
     """y[t0:t0+TOKEN_TILE, r_lo:r_hi]: a tile of tokens, each weight row read and decoded once for all of them."""
     if fmt == FMT_S8:
         for r in range(r_lo, r_hi):
-            _store_tile(y, t0, r, simd.dot_s8_tile(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t0, n_blocks,
-                                                   bias_factor))
+            _store_tile(y, t0, r, simd.dot_s8_tile(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t0,
+                                                   n_blocks, bias_factor))
     elif fmt == FMT_U8:
         for r in range(r_lo, r_hi):
-            _store_tile(y, t0, r, simd.dot_u8_tile(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t0, n_blocks,
-                                                   bias_factor))
+            _store_tile(y, t0, r, simd.dot_u8_tile(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t0,
+                                                   n_blocks, bias_factor))
+    elif fmt == FMT_U6:
+        for r in range(r_lo, r_hi):
+            _store_tile(y, t0, r, simd.dot_u6_tile(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t0,
+                                                   n_blocks, bias_factor))
     elif fmt == FMT_U4:
         for r in range(r_lo, r_hi):
-            _store_tile(y, t0, r, simd.dot_u4_tile(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t0, n_blocks,
-                                                   bias_factor))
+            _store_tile(y, t0, r, simd.dot_u4_tile(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t0,
+                                                   n_blocks, bias_factor))
     else:
         for r in range(r_lo, r_hi):
-            _store_tile(y, t0, r, simd.dot_u5_tile(w, r * row_bytes, s, m, r * n_groups, x, xd, xqsum, t0, n_blocks,
-                                                   bias_factor))
+            _store_tile(y, t0, r, simd.dot_u5_tile(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t0,
+                                                   n_blocks, bias_factor))
 
 
 @njit(parallel=True, cache=True)
-def gemm_quant(fmt, w, s, m, bias_factor, xq, xd, xqsum, y):
-    """y (n, R) for packed weights w (R, B*P), scales s (R, B*G), bias coefficients m (R, B*G: the mins,
-    or the scales for formats with an offset; bias_factor 1 or -offset); xq (n*B*32,) int8, xd (n*B,),
+def gemm_quant(fmt, w, s, m, ss, sm, bias_factor, xq, xd, xqsum, y):
+    """y (n, R) for packed weights w (R, B*P), scales s (R, B*G) as float16 bits (uint16) or int8 with
+    super-scales ss (R, B // 8) float32 (else (R, 0)), bias coefficients m and sm alike (the mins, or
+    the scales for formats with an offset; bias_factor 1 or -offset); xq (n*B*32,) int8, xd (n*B,),
     xqsum (n*B*G,) the per-group sums of the quantized x (all C-contiguous)."""
     rows, row_bytes = w.shape
     n = y.shape[0]
     n_blocks = xd.shape[0] // n
     n_groups = s.shape[1]  # per row: B*G
-    wf = w.reshape(-1)
-    sf = s.reshape(-1)
-    mf = m.reshape(-1)
+    wf, sf, mf, ssf, smf = w.reshape(-1), s.reshape(-1), m.reshape(-1), ss.reshape(-1), sm.reshape(-1)
     n_chunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
     for c in prange(n_chunks):
         r_lo = c * ROW_CHUNK
         r_hi = min(rows, r_lo + ROW_CHUNK)
         t0 = 0
         while t0 + TOKEN_TILE <= n:  # prefill: tiles of tokens, each weight row decoded once per tile
-            _rows_tile(fmt, wf, row_bytes, sf, mf, n_groups, xq, xd, xqsum, t0, n_blocks, bias_factor, r_lo, r_hi, y)
+            _rows_tile(fmt, wf, row_bytes, sf, mf, ssf, smf, n_groups, xq, xd, xqsum, t0, n_blocks, bias_factor,
+                       r_lo, r_hi, y)
             t0 += TOKEN_TILE
         for t in range(t0, n):  # single tokens: row after row, one sequential stream through the weights
-            _rows_t1(fmt, wf, row_bytes, sf, mf, n_groups, xq, xd, xqsum, t, n_blocks, bias_factor, r_lo, r_hi, y)
+            _rows_t1(fmt, wf, row_bytes, sf, mf, ssf, smf, n_groups, xq, xd, xqsum, t, n_blocks, bias_factor,
+                     r_lo, r_hi, y)
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"})

@@ -62,13 +62,15 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from kawai.kernels.formats import f16_to_f32
 from kawai.kernels.isa import ISA
 
-BLOCK_BYTES = {"s8": 32, "u8": 32, "u4": 16, "u5": 20}
-GROUPS = {"s8": 1, "u8": 2, "u4": 1, "u5": 1}  # scales per block of 32
+BLOCK_BYTES = {"s8": 32, "u8": 32, "u6": 24, "u4": 16, "u5": 20}
+GROUPS = {"s8": 1, "u8": 2, "u6": 2, "u4": 1, "u5": 1}  # scales per block of 32
 SIGNED_FORMATS = frozenset({"s8"})  # signed quants: no bias term
-FMT_S8, FMT_U8, FMT_U4, FMT_U5 = 0, 1, 2, 3  # format codes passed to the Numba kernels
-FORMAT_CODES = {"s8": FMT_S8, "u8": FMT_U8, "u4": FMT_U4, "u5": FMT_U5}
+FMT_S8, FMT_U8, FMT_U4, FMT_U5, FMT_U6 = 0, 1, 2, 3, 4  # format codes passed to the Numba kernels
+FORMAT_CODES = {"s8": FMT_S8, "u8": FMT_U8, "u4": FMT_U4, "u5": FMT_U5, "u6": FMT_U6}
+SUPER_BLOCKS = 8  # blocks of 32 per float32 super-scale (int8 sub-scales: the K-quants' 256 weights)
 
 WIDE_ISAS = frozenset({"avx512bw", "avx512vnni"})  # 512-bit vectors: two blocks per instruction
 VNNI_ISAS = frozenset({"avxvnni", "avx512vnni"})  # vpdpbusd
@@ -117,6 +119,11 @@ def _decode_block(builder: ir.IRBuilder, wp, w_off, fmt: str):
     low = builder.and_(packed, _consts(_I8, [15] * 16))
     high = builder.lshr(packed, _consts(_I8, [4] * 16))
     q = _shuffle(builder, low, high, range(32))
+    if fmt == "u6":  # byte i of the 8 high bytes: bits 4-5 of elements i + 8k at bits 2k, 2k+1
+        high = _load(builder, wp, builder.add(w_off, ir.Constant(_I64, 16)), _vec(_I64, 1))
+        spread = builder.lshr(_shuffle(builder, high, high, [0] * 4), _consts(_I64, [0, 2, 4, 6]))
+        pairs = builder.and_(builder.bitcast(spread, _vec(_I8, 32)), _consts(_I8, [3] * 32))
+        q = builder.or_(q, builder.shl(pairs, _consts(_I8, [4] * 32)))
     if fmt == "u5":
         bits = _load(builder, wp, builder.add(w_off, ir.Constant(_I64, 16)), _vec(_I8, 4))
         spread = _shuffle(builder, bits, bits, [j // 8 for j in range(32)])  # byte j // 8 holds bit j
@@ -164,15 +171,17 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
 
     Each token has its own accumulator (16 float lanes: even blocks in 0-7, odd blocks in 8-15) and sees
     the same operations whatever nt and the vector width are."""
-    wp, sp, mp, xp, xdp, xqp = (cgutils.create_struct_proxy(sig.args[i])(context, builder, value=args[i]).data
-                                for i in (0, 2, 3, 5, 6, 7))
-    w_off, g_off, t0, n_blocks = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 4, 8, 9))
-    bias_factor = context.cast(builder, args[10], sig.args[10], types.float32)
+    wp, sp, mp, ssp, smp, xp, xdp, xqp = (cgutils.create_struct_proxy(sig.args[i])(context, builder, value=args[i]).data
+                                          for i in (0, 2, 3, 4, 5, 7, 8, 9))
+    w_off, g_off, t0, n_blocks = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 6, 10, 11))
+    bias_factor = context.cast(builder, args[12], sig.args[12], types.float32)
     i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
     v8f32, v16f32 = _vec(_F32, 8), _vec(_F32, 16)
     n_groups = GROUPS[fmt]
     signed = fmt in SIGNED_FORMATS
     wide = isa in WIDE_ISAS
+    int_scales = sig.args[2].dtype == types.int8  # int8 sub-scales x float32 super-scales, else float16
+    super_base = builder.sdiv(g_off, i64(SUPER_BLOCKS * n_groups))  # the row's first super-block
     # accs[i]: token i's 16 lanes, as one <16 x float> (wide) or [even, odd] <8 x float> halves
     if wide:
         accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f32, None)) for _ in range(nt)]
@@ -186,6 +195,23 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
     def token_block(i, b):
         return builder.add(builder.mul(n_blocks, builder.add(t0, i64(i))), b)  # token t0+i, block b
 
+    def group_values(small_p, super_p, at, n: int):
+        """n (1 or 8, or 2G) float32 scales or mins of the row's groups at..at+n-1 (they share one
+        super-block): float16 widened, or int8 times the super-block's float32."""
+        if not int_scales:
+            halves = _load(builder, small_p, builder.add(g_off, at), _vec(_I16, n))
+            return builder.fpext(builder.bitcast(halves, _vec(ir.HalfType(), n)), _vec(_F32, n))
+        values = builder.sitofp(_load(builder, small_p, builder.add(g_off, at), _vec(_I8, n)), _vec(_F32, n))
+        sup = _load(builder, super_p, builder.add(super_base, builder.sdiv(at, i64(SUPER_BLOCKS * n_groups))),
+                    _vec(_F32, 1))
+        return builder.fmul(_shuffle(builder, sup, sup, [0] * n), values)
+
+    def block_scales(b, n_blocks_here: int, lanes: int):
+        """The scales of blocks b..b+n_blocks_here-1, each group's repeated over its lanes: <lanes x float>."""
+        v = group_values(sp, ssp, builder.mul(b, i64(n_groups)), n_blocks_here * n_groups)
+        count = n_blocks_here * n_groups
+        return _shuffle(builder, v, v, [j * count // lanes for j in range(lanes)])
+
     def accumulate(acc, isums, scale, dx):
         """acc + float(isums) * (scale * dx), one rounding per lane (FMA)."""
         return _call(builder, f"llvm.fma.v{isums.type.count}f32", acc.type,
@@ -194,7 +220,7 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
     def narrow_block(b, half):
         """Block b into lanes 0-7 (half 0) or 8-15 (half 1) of every token's accumulator, 256 bits."""
         q = quants(b)
-        scale = _load_spread(builder, sp, builder.add(g_off, builder.mul(b, i64(n_groups))), n_groups, 8)
+        scale = block_scales(b, 1, 8)
         isa_256 = "avxvnni" if isa in VNNI_ISAS else "avx2"  # the same integers at 256 bits
         for i in range(nt):
             blk = token_block(i, b)
@@ -211,7 +237,7 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
     def wide_pair(b):
         """Blocks b (lanes 0-7) and b + 1 (lanes 8-15) of every token, in 512-bit instructions."""
         q = _shuffle(builder, quants(b), quants(builder.add(b, i64(1))), range(64))
-        scale = _load_spread(builder, sp, builder.add(g_off, builder.mul(b, i64(n_groups))), 2 * n_groups, 16)
+        scale = block_scales(b, 2, 16)
         for i in range(nt):
             blk = token_block(i, b)
             x = _load(builder, xp, builder.mul(blk, i64(32)), _vec(_I8, 64))
@@ -225,7 +251,7 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
         vec_accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f32, None)) for _ in range(nt)]
         with cgutils.for_range(builder, builder.sdiv(n_all, i64(8))) as loop:
             at = builder.mul(loop.index, i64(8))
-            coefs = _load(builder, mp, builder.add(g_off, at), v8f32)
+            coefs = group_values(mp, smp, at, 8)
             for i in range(nt):
                 sums = _load(builder, xqp, builder.add(builder.mul(n_all, builder.add(t0, i64(i))), at), v8f32)
                 builder.store(_call(builder, "llvm.fma.v8f32", v8f32, [coefs, sums, builder.load(vec_accs[i])]),
@@ -234,7 +260,7 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
             builder.store(_hsum8(builder, builder.load(vec_accs[i])), biases[i])
         with cgutils.for_range(builder, builder.srem(n_all, i64(8))) as loop:
             at = builder.add(builder.mul(builder.sdiv(n_all, i64(8)), i64(8)), loop.index)
-            coef = _load(builder, mp, builder.add(g_off, at), _F32)
+            coef = builder.extract_element(group_values(mp, smp, at, 1), ir.Constant(_I32, 0))
             for i in range(nt):
                 xq_sum = _load(builder, xqp, builder.add(builder.mul(n_all, builder.add(t0, i64(i))), at), _F32)
                 builder.store(_call(builder, "llvm.fma.f32", _F32, [coef, xq_sum, builder.load(biases[i])]),
@@ -267,15 +293,16 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
 
 def _make_intrinsic(fmt: str, nt: int, isa: str):
     @intrinsic
-    def dot(typingctx, w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
+    def dot(typingctx, w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
         # The IR reads raw data pointers: only flat C-contiguous arrays of the expected dtypes type-check.
-        expected = {w: types.uint8, s: types.float32, m: types.float32, x: types.int8, xd: types.float32,
-                    xqsum: types.float32}
-        for arr, dtype in expected.items():
+        small = s.dtype if isinstance(s, types.Array) and s.dtype in (types.uint16, types.int8) else None
+        expected = [(w, types.uint8), (s, small), (m, small), (ss, types.float32), (sm, types.float32),
+                    (x, types.int8), (xd, types.float32), (xqsum, types.float32)]
+        for arr, dtype in expected:
             if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and arr.dtype == dtype):
                 return None
         ret = types.float32 if nt == 1 else types.UniTuple(types.float32, nt)
-        sig = ret(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
+        sig = ret(w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
 
         def codegen(context, builder, signature, args):
             return _emit_dot(context, builder, signature, args, fmt, nt, isa)
@@ -299,15 +326,29 @@ def _decode_portable(fmt, w, at, q):
     if fmt == FMT_U5:
         for j in range(32):
             q[j] |= ((int(w[at + 16 + j // 8]) >> (j % 8)) & 1) << 4
+    if fmt == FMT_U6:
+        for j in range(32):
+            q[j] |= ((int(w[at + 16 + j % 8]) >> (2 * (j // 8))) & 3) << 4
 
 
 @numba.njit(cache=True)
-def dot_portable(fmt, w, w_off, s, m, g_off, x, xd, xqsum, t, n_blocks, bias_factor):
+def group_value(small, supers, at, per_super):
+    """Group `at`'s scale (or min) as float32: a float16 given as its bits (no super-scales), or an int8
+    sub-scale times its super-block's float32 (`per_super` groups per super-block)."""
+    if supers.shape[0] == 0:
+        h = int(small[at])
+        return f16_to_f32(h & 0xFF, h >> 8)
+    return supers[at // per_super] * np.float32(small[at])
+
+
+@numba.njit(cache=True)
+def dot_portable(fmt, w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t, n_blocks, bias_factor):
     """One row (bytes from w_off, groups from g_off) and token t, in plain loops: what the intrinsics
     compute (up to float rounding order)."""
-    n_groups = 2 if fmt == FMT_U8 else 1
+    n_groups = 2 if (fmt == FMT_U8 or fmt == FMT_U6) else 1
     group = 32 // n_groups
-    block_bytes = 32 if (fmt == FMT_S8 or fmt == FMT_U8) else (16 if fmt == FMT_U4 else 20)
+    per_super = SUPER_BLOCKS * n_groups
+    block_bytes = 32 if (fmt == FMT_S8 or fmt == FMT_U8) else (16 if fmt == FMT_U4 else (24 if fmt == FMT_U6 else 20))
     q = np.empty(32, np.int32)
     total = np.float32(0.0)
     bias = np.float32(0.0)
@@ -319,8 +360,9 @@ def dot_portable(fmt, w, w_off, s, m, g_off, x, xd, xqsum, t, n_blocks, bias_fac
             for j in range(g * group, g * group + group):
                 isum += int(q[j]) * int(x[blk * 32 + j])
             at_g = g_off + b * n_groups + g
-            total += s[at_g] * xd[blk] * np.float32(isum)
-            bias += m[at_g] * xqsum[blk * n_groups + g]
+            total += group_value(s, ss, at_g, per_super) * xd[blk] * np.float32(isum)
+            if fmt != FMT_S8:
+                bias += group_value(m, sm, at_g, per_super) * xqsum[blk * n_groups + g]
     if fmt == FMT_S8:
         return total
     return total + np.float32(bias_factor) * bias
@@ -331,15 +373,15 @@ def _make_portable(fmt: str, nt: int):
 
     if nt == 1:
         @numba.njit(cache=True)
-        def dot(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
-            return dot_portable(code, w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
+        def dot(w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
+            return dot_portable(code, w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
     else:  # a tile of 4 tokens
         @numba.njit(cache=True)
-        def dot(w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
-            return (dot_portable(code, w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor),
-                    dot_portable(code, w, w_off, s, m, g_off, x, xd, xqsum, t0 + 1, n_blocks, bias_factor),
-                    dot_portable(code, w, w_off, s, m, g_off, x, xd, xqsum, t0 + 2, n_blocks, bias_factor),
-                    dot_portable(code, w, w_off, s, m, g_off, x, xd, xqsum, t0 + 3, n_blocks, bias_factor))
+        def dot(w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
+            return (dot_portable(code, w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0, n_blocks, bias_factor),
+                    dot_portable(code, w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0 + 1, n_blocks, bias_factor),
+                    dot_portable(code, w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0 + 2, n_blocks, bias_factor),
+                    dot_portable(code, w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0 + 3, n_blocks, bias_factor))
     return dot
 
 
@@ -356,3 +398,5 @@ dot_u4_t1 = _make("u4", 1)
 dot_u4_tile = _make("u4", TOKEN_TILE)
 dot_u5_t1 = _make("u5", 1)
 dot_u5_tile = _make("u5", TOKEN_TILE)
+dot_u6_t1 = _make("u6", 1)
+dot_u6_tile = _make("u6", TOKEN_TILE)

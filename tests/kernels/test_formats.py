@@ -18,7 +18,7 @@ from kawai.kernels.qtypes import GGMLType
 
 ROWS = list(FORMATS.values())
 NOT_A_WEIGHT = {GGMLType.Q8_K}  # the activation format of k-quant dot products: dequantized, never multiplied
-STORED_MAX = {"s8": 255, "u8": 63, "u4": 15, "u5": 31}  # largest stored quant (u8: vpmaddubsw pairs fit an i16)
+STORED_MAX = {"s8": 255, "u8": 63, "u6": 63, "u4": 15, "u5": 31}  # largest stored quant (u8: vpmaddubsw pairs fit an i16)
 
 
 def random_blocks(row, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
@@ -75,10 +75,12 @@ def test_pack_decoders_fit_their_packed_format(row):
     assert isinstance(dec, Decoded)
     assert dec.q.shape == (n, row.block_size) and dec.q.dtype == np.uint8
     assert int(dec.q.max()) <= STORED_MAX[spec.fmt]
-    assert dec.scale.shape == (n, row.block_size // spec.group) and dec.scale.dtype == np.float32
-    assert (dec.min is not None) == spec.has_min
+    assert dec.scale.shape == (n, row.block_size // spec.group) and dec.scale.dtype == np.int8
+    assert dec.d.shape == (n, 1) and dec.d.dtype == np.float32
+    assert (dec.min is not None) == (dec.dmin is not None) == spec.has_min
     if spec.has_min:
-        assert dec.min.shape == dec.scale.shape and dec.min.dtype == np.float32
+        assert dec.min.shape == dec.scale.shape and dec.min.dtype == np.int8
+        assert dec.dmin.shape == dec.d.shape and dec.dmin.dtype == np.float32
 
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: r.qtype.name)

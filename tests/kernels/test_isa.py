@@ -15,7 +15,7 @@ from python_runner import run_python, run_python_failing
 SAPPHIRE_RAPIDS = {f: True for f in ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni",
                                      "avxvnni", "amx-tile")}
 HASWELL = {f: True for f in ("avx", "avx2", "fma", "f16c")}
-CASCADE_LAKE = {f: True for f in ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni")}
+CASCADE_LAKE = {f: True for f in ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni")}
 HOST = dict(llvm_binding.get_host_cpu_features())
 HOST_FLAT = llvm_binding.get_host_cpu_features().flatten()
 
@@ -82,12 +82,12 @@ EXPECTED_ASM = {
 }
 DOTS_ASM = """
 @numba.njit  # a fresh, uncached function: Numba can show its assembly
-def dots(w, s, x, xd, xqsum, n_blocks):
-    return (simd.dot_s8_t1(w, 0, s, s, 0, x, xd, xqsum, 0, n_blocks, 0.0),
-            simd.dot_u5_tile(w, 0, s, s, 0, x, xd, xqsum, 0, n_blocks, -16.0))
+def dots(w, s, ss, x, xd, xqsum, n_blocks):
+    return (simd.dot_s8_t1(w, 0, s, s, ss, ss, 0, x, xd, xqsum, 0, n_blocks, 0.0),
+            simd.dot_u5_tile(w, 0, s, s, ss, ss, 0, x, xd, xqsum, 0, n_blocks, -16.0))
 
 zeros8, zeros32 = np.zeros(4096, np.uint8), np.zeros(4096, np.float32)
-dots(zeros8, zeros32, zeros8.view(np.int8), zeros32, zeros32, 4)
+dots(zeros8, zeros8.view(np.int8), zeros32, zeros8.view(np.int8), zeros32, zeros32, 8)
 asm = dots.inspect_asm(dots.signatures[0])
 found = {i: i in asm for i in sorted({i for both in EXPECTED_ASM.values() for part in both for i in part})}
 """

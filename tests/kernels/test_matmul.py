@@ -242,41 +242,55 @@ def test_real_smollm_tensors(smollm_model_path):
 
 
 @numba.njit
-def _dots(fmt, w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
+def _dots(fmt, w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
     """(t1, tile) dot products of format `fmt` on the same arguments."""
-    a = (w, w_off, s, m, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
+    a = (w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
     if fmt == simd.FMT_S8:
         return simd.dot_s8_t1(*a), simd.dot_s8_tile(*a)
     if fmt == simd.FMT_U8:
         return simd.dot_u8_t1(*a), simd.dot_u8_tile(*a)
+    if fmt == simd.FMT_U6:
+        return simd.dot_u6_t1(*a), simd.dot_u6_tile(*a)
     if fmt == simd.FMT_U4:
         return simd.dot_u4_t1(*a), simd.dot_u4_tile(*a)
     return simd.dot_u5_t1(*a), simd.dot_u5_tile(*a)
 
 
+@pytest.mark.parametrize("scales", ["float16", "int8"])
 @pytest.mark.parametrize("fmt", sorted(simd.FORMAT_CODES))
-def test_dots_match_portable_definition(fmt):
-    """The dot products (AVX2 intrinsics where available) against `dot_portable`, on a row and tokens
-    inside larger arrays, with extreme values: w = -128 (s8) or the largest quant, |x| = 127."""
+def test_dots_match_portable_definition(fmt, scales):
+    """The dot products (SIMD intrinsics where available) against `dot_portable`, on a row and tokens
+    inside larger arrays, with extreme values: w = -128 (s8) or the largest quant, |x| = 127; scales as
+    float16 (an odd block count: the last block alone) or as int8 sub-scales of float32 super-scales."""
     rng = np.random.default_rng(6)
     code = simd.FORMAT_CODES[fmt]
-    n_blocks, rows, tokens = 9, 3, simd.TOKEN_TILE + 3
+    n_blocks = 9 if scales == "float16" else 2 * simd.SUPER_BLOCKS
+    rows, tokens = 3, simd.TOKEN_TILE + 3
     block_bytes, n_groups = simd.BLOCK_BYTES[fmt], simd.GROUPS[fmt]
     w = rng.integers(0, 256, (rows, n_blocks * block_bytes), dtype=np.uint8)
     if fmt == "u8":
         w %= 64  # "u8" quants are 0..63
-    w[:, :block_bytes] = {"s8": 128, "u8": 63, "u4": 255, "u5": 255}[fmt]  # block 0: the largest magnitude
-    s = rng.random(rows * n_blocks * n_groups).astype(np.float32)
-    m = rng.standard_normal(rows * n_blocks * n_groups).astype(np.float32)
+    w[:, :block_bytes] = {"s8": 128, "u8": 63, "u6": 255, "u4": 255, "u5": 255}[fmt]  # block 0: the largest
+    n_all = rows * n_blocks * n_groups
+    if scales == "float16":
+        s = rng.random(n_all).astype(np.float16).view(np.uint16)
+        m = rng.standard_normal(n_all).astype(np.float16).view(np.uint16)
+        ss = sm = np.zeros(0, np.float32)
+    else:
+        s = rng.integers(-128, 128, n_all).astype(np.int8)
+        m = rng.integers(-128, 128, n_all).astype(np.int8)
+        ss = rng.random(rows * n_blocks // simd.SUPER_BLOCKS).astype(np.float32)
+        sm = rng.standard_normal(ss.shape[0]).astype(np.float32)
     x = rng.integers(-127, 128, (tokens, n_blocks * 32)).astype(np.int8)
     x[:, :32] = -127 if fmt in simd.SIGNED_FORMATS else np.where(np.arange(32) % 2, 127, -127)
     x = x.reshape(-1)
     xd = rng.random(tokens * n_blocks).astype(np.float32)
     xqsum = rng.standard_normal(tokens * n_blocks * n_groups).astype(np.float32)
     row, t0 = 1, 2
-    args = (w.reshape(-1), row * w.shape[1], s, m, row * n_blocks * n_groups, x, xd, xqsum, t0, n_blocks, -0.75)
+    args = (w.reshape(-1), row * w.shape[1], s, m, ss, sm, row * n_blocks * n_groups, x, xd, xqsum, t0, n_blocks,
+            -0.75)
     one, tile = _dots(code, *args)
-    expected = [simd.dot_portable(code, *args[:8], t0 + i, n_blocks, -0.75) for i in range(simd.TOKEN_TILE)]
+    expected = [simd.dot_portable(code, *args[:10], t0 + i, n_blocks, -0.75) for i in range(simd.TOKEN_TILE)]
     np.testing.assert_allclose([one, *tile], [expected[0], *expected], rtol=1e-5)
     assert one == tile[0]  # the same operations for the same token, bit for bit
 
@@ -312,8 +326,8 @@ def test_packed_matrix_is_frozen_and_reports_bytes():
     rng = np.random.default_rng(9)
     packed = pack(random_raw(GGMLType.Q4_K, 8, 256, rng), GGMLType.Q4_K, 256)
     assert isinstance(packed, PackedMatrix)
-    # u4 quants 16 bytes + f32 scale + f32 min per 32 weights
-    assert packed.nbytes == 8 * 256 // 32 * (16 + 4 + 4)
+    # u4 quants 16 bytes + int8 scale + int8 min per 32 weights, float32 d and dmin per 256: 4.75 bits
+    assert packed.nbytes == 8 * (256 // 32 * (16 + 1 + 1) + 4 + 4)
     with pytest.raises(AttributeError):
         packed.rows = 3
 
@@ -369,14 +383,20 @@ def test_runs_without_jit():
 def test_packed_matrix_rejects_inconsistent_arrays():
     """The kernels read without bounds checks, so a PackedMatrix checks its arrays when it is built."""
     good = pack(random_raw(GGMLType.Q5_0, 4, 64, np.random.default_rng(0)), GGMLType.Q5_0, 64)
+    arrays = dict(scales=good.scales, mins=good.mins, group=32, offset=16)
     with pytest.raises(MatmulError, match="C-contiguous"):
-        PackedMatrix(good.qtype, 4, 64, "u5", good.weights[:, :20], good.scales, good.mins, 32, 16)
+        PackedMatrix(good.qtype, 4, 64, "u5", good.weights[:, :20], **arrays)
     with pytest.raises(MatmulError, match="C-contiguous"):
-        PackedMatrix(good.qtype, 5, 64, "u5", good.weights, good.scales, good.mins, 32, 16)
+        PackedMatrix(good.qtype, 5, 64, "u5", good.weights, **arrays)
+    with pytest.raises(MatmulError, match="C-contiguous"):  # float32 scales: not a stored scale type
+        PackedMatrix(good.qtype, 4, 64, "u5", good.weights, **{**arrays, "scales": good.scales.astype(np.float32)})
     with pytest.raises(MatmulError, match="format"):
-        PackedMatrix(good.qtype, 4, 64, "u7", good.weights, good.scales, good.mins, 32, 16)
+        PackedMatrix(good.qtype, 4, 64, "u7", good.weights, **arrays)
     with pytest.raises(MatmulError, match="per 32"):
-        PackedMatrix(good.qtype, 4, 64, "u5", good.weights, good.scales, good.mins, 16, 16)
+        PackedMatrix(good.qtype, 4, 64, "u5", good.weights, **{**arrays, "group": 16})
+    k = pack(random_raw(GGMLType.Q4_K, 4, 256, np.random.default_rng(1)), GGMLType.Q4_K, 256)
+    with pytest.raises(MatmulError, match="C-contiguous"):  # int8 sub-scales need their super-scales
+        PackedMatrix(k.qtype, 4, 256, "u4", k.weights, k.scales, k.mins, group=32)
 
 
 def test_openmp_threads_spin_briefly_unless_the_user_says_otherwise():
