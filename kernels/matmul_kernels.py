@@ -36,6 +36,7 @@ ROW_CHUNK = 16  # output rows per parallel work item
 DENSE_TOKEN_TILE = 8  # tokens per sweep over a chunk of dense weight rows
 
 FMT_S8, FMT_U8, FMT_U4, FMT_U5, FMT_U6 = simd.FMT_S8, simd.FMT_U8, simd.FMT_U4, simd.FMT_U5, simd.FMT_U6
+DX_LANES = simd.DX_LANES
 TOKEN_TILE = simd.TOKEN_TILE  # tokens per prefill tile: 8 on the 512-bit paths, else 4
 
 
@@ -53,8 +54,9 @@ def block_scale(x, t, b):
 
 @njit(cache=True)
 def _quantize_token(x, t, xq, xd, xqsum16, xqsum32):
-    """Row t of x (n, C) f32 -> xq[t] (B*32,) int8, xd[t] (B,) scales d = amax / 127, xqsum16[t] (2B,)
-    the sums of the quantized values per 16 times d, xqsum32[t] (B,) the sums of each pair of those."""
+    """Row t of x (n, C) f32 -> xq[t] (B*32,) int8, xd[t] (8B,) scales d = amax / 127, each block's
+    repeated over 8 lanes (the kernels load them as vectors, no shuffle), xqsum16[t] (2B,) the sums of
+    the quantized values per 16 times d, xqsum32[t] (B,) the sums of each pair of those."""
     n_blocks = x.shape[1] // 32
     for b in range(n_blocks):
         d, inv = block_scale(x, t, b)
@@ -66,12 +68,13 @@ def _quantize_token(x, t, xq, xd, xqsum16, xqsum32):
                 qs += q
             xqsum16[t, 2 * b + half] = d * np.float32(qs)
         xqsum32[t, b] = xqsum16[t, 2 * b] + xqsum16[t, 2 * b + 1]
-        xd[t, b] = d
+        for lane in range(DX_LANES):
+            xd[t, DX_LANES * b + lane] = d
 
 
 @njit(cache=True)
 def quantize_activations(x, xq, xd, xqsum16, xqsum32):
-    """x (n, C) f32 -> xq (n, B*32) int8, xd (n, B), xqsum16 (n, 2B), xqsum32 (n, B): see `_quantize_token`."""
+    """x (n, C) f32 -> xq (n, B*32) int8, xd (n, 8B), xqsum16 (n, 2B), xqsum32 (n, B): see `_quantize_token`."""
     for t in range(x.shape[0]):
         _quantize_token(x, t, xq, xd, xqsum16, xqsum32)
 
@@ -145,11 +148,11 @@ def _rows_tile(fmt, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t0, n_bl
 def gemm_quant(fmt, w, s, m, ss, sm, bias_factor, xq, xd, xqsum, y):
     """y (n, R) for packed weights w (R, B*P), scales s (R, B*G) as float16 bits (uint16) or int8 with
     super-scales ss (R, B // 8) float32 (else (R, 0)), bias coefficients m and sm alike (the mins, or
-    the scales for formats with an offset; bias_factor 1 or -offset); xq (n*B*32,) int8, xd (n*B,),
+    the scales for formats with an offset; bias_factor 1 or -offset); xq (n*B*32,) int8, xd (n*B*8,),
     xqsum (n*B*G,) the per-group sums of the quantized x (all C-contiguous)."""
     rows, row_bytes = w.shape
     n = y.shape[0]
-    n_blocks = xd.shape[0] // n
+    n_blocks = xd.shape[0] // (n * DX_LANES)
     n_groups = s.shape[1]  # per row: B*G
     wf, sf, mf, ssf, smf = w.reshape(-1), s.reshape(-1), m.reshape(-1), ss.reshape(-1), sm.reshape(-1)
     n_chunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK

@@ -70,6 +70,11 @@ GROUPS = {"s8": 1, "u8": 2, "u6": 2, "u4": 1, "u5": 1}  # scales per block of 32
 SIGNED_FORMATS = frozenset({"s8"})  # signed quants: no bias term
 FMT_S8, FMT_U8, FMT_U4, FMT_U5, FMT_U6 = 0, 1, 2, 3, 4  # format codes passed to the Numba kernels
 FORMAT_CODES = {"s8": FMT_S8, "u8": FMT_U8, "u4": FMT_U4, "u5": FMT_U5, "u6": FMT_U6}
+# A single token streams the weights from memory once, computing little per byte: the hardware prefetcher
+# alone left the core waiting (one thread read ~6.5 GB/s of a ~16 GB/s stream). Each block step asks for
+# the bytes this far ahead (docs/benchmarks.md: 512 B gained 1.4x, 1-4 KiB 1.6x, on Sapphire Rapids).
+PREFETCH_BYTES = 2048
+DX_LANES = 8  # each block's activation scale is stored 8 times: the lanes of its partial sums
 SUPER_BLOCKS = 8  # blocks of 32 per float32 super-scale (int8 sub-scales: the K-quants' 256 weights)
 
 WIDE_ISAS = frozenset({"avx512bw", "avx512vnni"})  # 512-bit vectors: two blocks per instruction
@@ -98,12 +103,6 @@ def _shuffle(builder: ir.IRBuilder, a, b, indices):
 def _load(builder: ir.IRBuilder, base_ptr, offset, ty: ir.Type):
     """Load a value of type `ty` from base_ptr + offset elements (unaligned)."""
     return builder.load(builder.bitcast(builder.gep(base_ptr, [offset]), ty.as_pointer()), align=1)
-
-
-def _load_spread(builder: ir.IRBuilder, base_ptr, offset, n: int, lanes: int):
-    """n floats from base_ptr + offset, each repeated over lanes // n consecutive lanes: <lanes x float>."""
-    v = _load(builder, base_ptr, offset, _vec(_F32, n))
-    return _shuffle(builder, v, v, [j * n // lanes for j in range(lanes)])
 
 
 def _call(builder: ir.IRBuilder, name: str, ret: ir.Type, args):
@@ -206,27 +205,29 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
                     _vec(_F32, 1))
         return builder.fmul(_shuffle(builder, sup, sup, [0] * n), values)
 
+    def spread(v, first: int, count: int, lanes: int):
+        """Groups first..first+count-1 of the float vector v, each repeated over lanes // count lanes."""
+        return _shuffle(builder, v, v, [first + j * count // lanes for j in range(lanes)])
+
     def block_scales(b, n_blocks_here: int, lanes: int):
         """The scales of blocks b..b+n_blocks_here-1, each group's repeated over its lanes: <lanes x float>."""
-        v = group_values(sp, ssp, builder.mul(b, i64(n_groups)), n_blocks_here * n_groups)
         count = n_blocks_here * n_groups
-        return _shuffle(builder, v, v, [j * count // lanes for j in range(lanes)])
+        return spread(group_values(sp, ssp, builder.mul(b, i64(n_groups)), count), 0, count, lanes)
 
     def accumulate(acc, isums, scale, dx):
         """acc + float(isums) * (scale * dx), one rounding per lane (FMA)."""
         return _call(builder, f"llvm.fma.v{isums.type.count}f32", acc.type,
                      [builder.sitofp(isums, acc.type), builder.fmul(scale, dx), acc])
 
-    def narrow_block(b, half):
+    def narrow_block(b, half, scale):
         """Block b into lanes 0-7 (half 0) or 8-15 (half 1) of every token's accumulator, 256 bits."""
         q = quants(b)
-        scale = block_scales(b, 1, 8)
         isa_256 = "avxvnni" if isa in VNNI_ISAS else "avx2"  # the same integers at 256 bits
         for i in range(nt):
             blk = token_block(i, b)
             isums = _integer_dot(builder, isa_256, q, _load(builder, xp, builder.mul(blk, i64(32)), _vec(_I8, 32)),
                                  signed)
-            dx = _load_spread(builder, xdp, blk, 1, 8)
+            dx = _load(builder, xdp, builder.mul(blk, i64(DX_LANES)), v8f32)
             if wide:  # the last block of an odd count: only lanes 0-7 change
                 acc = builder.load(accs[i])
                 low = accumulate(_shuffle(builder, acc, acc, range(8)), isums, scale, dx)
@@ -234,14 +235,13 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
             else:
                 builder.store(accumulate(builder.load(accs[i][half]), isums, scale, dx), accs[i][half])
 
-    def wide_pair(b):
+    def wide_pair(b, scale):
         """Blocks b (lanes 0-7) and b + 1 (lanes 8-15) of every token, in 512-bit instructions."""
         q = _shuffle(builder, quants(b), quants(builder.add(b, i64(1))), range(64))
-        scale = block_scales(b, 2, 16)
         for i in range(nt):
             blk = token_block(i, b)
             x = _load(builder, xp, builder.mul(blk, i64(32)), _vec(_I8, 64))
-            dx = _load_spread(builder, xdp, blk, 2, 16)
+            dx = _load(builder, xdp, builder.mul(blk, i64(DX_LANES)), v16f32)
             isums = _integer_dot(builder, isa, q, x, signed)
             builder.store(accumulate(builder.load(accs[i]), isums, scale, dx), accs[i])
 
@@ -266,15 +266,42 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
                 builder.store(_call(builder, "llvm.fma.f32", _F32, [coef, xq_sum, builder.load(biases[i])]),
                               biases[i])
 
-    with cgutils.for_range(builder, builder.sdiv(n_blocks, i64(2))) as loop:  # pairs of blocks
-        b = builder.mul(loop.index, i64(2))
+    def blocks_pair(b, scale_of):
+        """Blocks b and b + 1; scale_of(k, lanes): the spread scales of block b + k (k = 0, 1), or of
+        both (k = None) for the wide paths."""
         if wide:
-            wide_pair(b)
+            wide_pair(b, scale_of(None, 16))
         else:
-            narrow_block(b, 0)
-            narrow_block(builder.add(b, i64(1)), 1)
-    with builder.if_then(builder.icmp_signed("!=", builder.srem(n_blocks, i64(2)), i64(0))):  # an odd last block
-        narrow_block(builder.sub(n_blocks, i64(1)), 0)
+            narrow_block(b, 0, scale_of(0, 8))
+            narrow_block(builder.add(b, i64(1)), 1, scale_of(1, 8))
+
+    def prefetch(b, nbytes: int):
+        """Ask for the weight bytes PREFETCH_BYTES ahead of block b (nbytes of them) to be brought to cache."""
+        at = builder.add(builder.add(w_off, builder.mul(b, i64(BLOCK_BYTES[fmt]))), i64(PREFETCH_BYTES))
+        for line in range(0, nbytes, 64):
+            ptr = builder.bitcast(builder.gep(wp, [builder.add(at, i64(line))]), ir.IntType(8).as_pointer())
+            _call(builder, "llvm.prefetch.p0", ir.VoidType(), [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3),
+                                                              ir.Constant(_I32, 1)])
+
+    if int_scales:  # a super-block per step (n_blocks is a multiple of 8): its scales formed once
+        with cgutils.for_range(builder, builder.sdiv(n_blocks, i64(SUPER_BLOCKS))) as loop:
+            b0 = builder.mul(loop.index, i64(SUPER_BLOCKS))
+            if nt == 1 and PREFETCH_BYTES:
+                prefetch(b0, SUPER_BLOCKS * BLOCK_BYTES[fmt])
+            sb_scales = group_values(sp, ssp, builder.mul(b0, i64(n_groups)), SUPER_BLOCKS * n_groups)
+            for k in range(0, SUPER_BLOCKS, 2):
+                blocks_pair(builder.add(b0, i64(k)), lambda j, lanes, k=k: spread(
+                    sb_scales, (k + (j or 0)) * n_groups, (2 if j is None else 1) * n_groups, lanes))
+    else:
+        with cgutils.for_range(builder, builder.sdiv(n_blocks, i64(2))) as loop:  # pairs of blocks
+            b = builder.mul(loop.index, i64(2))
+            if nt == 1 and PREFETCH_BYTES:
+                prefetch(b, 2 * BLOCK_BYTES[fmt])
+            blocks_pair(b, lambda j, lanes, b=b: block_scales(b if j is None else builder.add(b, i64(j)),
+                                                              2 if j is None else 1, lanes))
+        with builder.if_then(builder.icmp_signed("!=", builder.srem(n_blocks, i64(2)), i64(0))):  # odd last block
+            last = builder.sub(n_blocks, i64(1))
+            narrow_block(last, 0, block_scales(last, 1, 8))
     if not signed:
         bias_terms()
     outs = []
@@ -360,7 +387,7 @@ def dot_portable(fmt, w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t, n_blocks, 
             for j in range(g * group, g * group + group):
                 isum += int(q[j]) * int(x[blk * 32 + j])
             at_g = g_off + b * n_groups + g
-            total += group_value(s, ss, at_g, per_super) * xd[blk] * np.float32(isum)
+            total += group_value(s, ss, at_g, per_super) * xd[blk * DX_LANES] * np.float32(isum)
             if fmt != FMT_S8:
                 bias += group_value(m, sm, at_g, per_super) * xqsum[blk * n_groups + g]
     if fmt == FMT_S8:

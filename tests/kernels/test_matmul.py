@@ -284,7 +284,7 @@ def test_dots_match_portable_definition(fmt, scales):
     x = rng.integers(-127, 128, (tokens, n_blocks * 32)).astype(np.int8)
     x[:, :32] = -127 if fmt in simd.SIGNED_FORMATS else np.where(np.arange(32) % 2, 127, -127)
     x = x.reshape(-1)
-    xd = rng.random(tokens * n_blocks).astype(np.float32)
+    xd = np.repeat(rng.random(tokens * n_blocks).astype(np.float32), simd.DX_LANES)  # over each block's lanes
     xqsum = rng.standard_normal(tokens * n_blocks * n_groups).astype(np.float32)
     row, t0 = 1, 2
     args = (w.reshape(-1), row * w.shape[1], s, m, ss, sm, row * n_blocks * n_groups, x, xd, xqsum, t0, n_blocks,
