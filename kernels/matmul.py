@@ -173,7 +173,7 @@ def unpack(w: PackedMatrix) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class QuantizedActivations:
-    """x (n, C) as int8 per block of 32: q (n*B*32,) int8, d (n*B*8,) scales (each block's over 8 lanes), and the sums of the quantized
+    """x (n, C) as int8 per block of 32: q (n*B*32,) int8, d (n*B,) scales, and the sums of the quantized
     x per group of 16 and of 32, (n*2B,) and (n*B,) float32 (they carry the mins and offsets)."""
 
     q: np.ndarray
@@ -186,7 +186,7 @@ def quantize_activations(x: np.ndarray) -> QuantizedActivations:
     n, cols = x.shape
     n_blocks = cols // 32
     xq = np.empty((n, n_blocks * 32), np.int8)
-    xd = np.empty((n, n_blocks * mk.DX_LANES), np.float32)
+    xd = np.empty((n, n_blocks), np.float32)
     qsum16 = np.empty((n, 2 * n_blocks), np.float32)
     qsum32 = np.empty((n, n_blocks), np.float32)
     quantize = mk.quantize_activations_parallel if n >= PARALLEL_QUANTIZE_TOKENS else mk.quantize_activations
@@ -320,8 +320,10 @@ def matmul_stacked(s: StackedMatrix, x: np.ndarray) -> list[np.ndarray]:
 
 
 def warmup() -> float:
-    """Compile (or load from Numba's cache) every matmul kernel on tiny shapes; returns the seconds taken.
-    One quantized and one dense type suffice: all formats share one compiled kernel signature."""
+    """Compile (or load from Numba's cache) the matmul kernels on tiny shapes; returns the seconds taken:
+    the dense one, activation quantization, and the gemms of a format with float16 scales (Q8_0) and one
+    with int8 sub-scales (Q4_K). Each packed format has its own gemm (kernels/matmul_kernels.py): a
+    model's others compile on its first forward (engine/llm.py's warm-up runs one)."""
     start = time.perf_counter()
     for n in (5, PARALLEL_QUANTIZE_TOKENS):  # tiles of 4 tokens, a single token, parallel quantization
         x = np.ones((n, 256), np.float32)

@@ -28,7 +28,8 @@ row) output goes through the same float operations whatever n is.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from kawai.kernels import matmul_simd as simd
 
@@ -36,7 +37,6 @@ ROW_CHUNK = 16  # output rows per parallel work item
 DENSE_TOKEN_TILE = 8  # tokens per sweep over a chunk of dense weight rows
 
 FMT_S8, FMT_U8, FMT_U4, FMT_U5, FMT_U6 = simd.FMT_S8, simd.FMT_U8, simd.FMT_U4, simd.FMT_U5, simd.FMT_U6
-DX_LANES = simd.DX_LANES
 TOKEN_TILE = simd.TOKEN_TILE  # tokens per prefill tile: 8 on the 512-bit paths, else 4
 
 
@@ -54,9 +54,8 @@ def block_scale(x, t, b):
 
 @njit(cache=True)
 def _quantize_token(x, t, xq, xd, xqsum16, xqsum32):
-    """Row t of x (n, C) f32 -> xq[t] (B*32,) int8, xd[t] (8B,) scales d = amax / 127, each block's
-    repeated over 8 lanes (the kernels load them as vectors, no shuffle), xqsum16[t] (2B,) the sums of
-    the quantized values per 16 times d, xqsum32[t] (B,) the sums of each pair of those."""
+    """Row t of x (n, C) f32 -> xq[t] (B*32,) int8, xd[t] (B,) scales d = amax / 127, xqsum16[t] (2B,)
+    the sums of the quantized values per 16 times d, xqsum32[t] (B,) the sums of each pair of those."""
     n_blocks = x.shape[1] // 32
     for b in range(n_blocks):
         d, inv = block_scale(x, t, b)
@@ -68,13 +67,12 @@ def _quantize_token(x, t, xq, xd, xqsum16, xqsum32):
                 qs += q
             xqsum16[t, 2 * b + half] = d * np.float32(qs)
         xqsum32[t, b] = xqsum16[t, 2 * b] + xqsum16[t, 2 * b + 1]
-        for lane in range(DX_LANES):
-            xd[t, DX_LANES * b + lane] = d
+        xd[t, b] = d
 
 
 @njit(cache=True)
 def quantize_activations(x, xq, xd, xqsum16, xqsum32):
-    """x (n, C) f32 -> xq (n, B*32) int8, xd (n, 8B), xqsum16 (n, 2B), xqsum32 (n, B): see `_quantize_token`."""
+    """x (n, C) f32 -> xq (n, B*32) int8, xd (n, B), xqsum16 (n, 2B), xqsum32 (n, B): see `_quantize_token`."""
     for t in range(x.shape[0]):
         _quantize_token(x, t, xq, xd, xqsum16, xqsum32)
 
@@ -93,80 +91,91 @@ def _store_tile(y, t0, r, o):
         y[t0 + i, r] = o[i]
 
 
-@njit(cache=True)
-def _rows_t1(fmt, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t, n_blocks, bias_factor, r_lo, r_hi, y):
-    """y[t, r_lo:r_hi] for one token. The format is chosen once per run of rows, so each loop holds its
-    block dot inline (a branch per row cost ~20% of a decode matmul)."""
-    if fmt == FMT_S8:
-        for r in range(r_lo, r_hi):
-            y[t, r] = simd.dot_s8_t1(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t, n_blocks,
-                                     bias_factor)
-    elif fmt == FMT_U8:
-        for r in range(r_lo, r_hi):
-            y[t, r] = simd.dot_u8_t1(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t, n_blocks,
-                                     bias_factor)
-    elif fmt == FMT_U6:
-        for r in range(r_lo, r_hi):
-            y[t, r] = simd.dot_u6_t1(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t, n_blocks,
-                                     bias_factor)
-    elif fmt == FMT_U4:
-        for r in range(r_lo, r_hi):
-            y[t, r] = simd.dot_u4_t1(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t, n_blocks,
-                                     bias_factor)
-    else:
-        for r in range(r_lo, r_hi):
-            y[t, r] = simd.dot_u5_t1(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t, n_blocks,
-                                     bias_factor)
+def rows_t1(fmt, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t, n_blocks, bias_factor, r_lo, r_hi, y):
+    """y[t, r_lo:r_hi] for one token, row after row: one sequential stream through the weights. (Plain
+    Python here, for NUMBA_DISABLE_JIT=1; compiled code uses the overload below.)"""
+    dot = simd.DOTS[fmt][0]
+    for r in range(r_lo, r_hi):
+        y[t, r] = dot(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t, n_blocks, bias_factor)
 
 
-@njit(cache=True)
-def _rows_tile(fmt, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t0, n_blocks, bias_factor, r_lo, r_hi, y):
+def rows_tile(fmt, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t0, n_blocks, bias_factor, r_lo, r_hi,
+              y):
     """y[t0:t0+TOKEN_TILE, r_lo:r_hi]: a tile of tokens, each weight row read and decoded once for all of them."""
-    if fmt == FMT_S8:
-        for r in range(r_lo, r_hi):
-            _store_tile(y, t0, r, simd.dot_s8_tile(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t0,
-                                                   n_blocks, bias_factor))
-    elif fmt == FMT_U8:
-        for r in range(r_lo, r_hi):
-            _store_tile(y, t0, r, simd.dot_u8_tile(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t0,
-                                                   n_blocks, bias_factor))
-    elif fmt == FMT_U6:
-        for r in range(r_lo, r_hi):
-            _store_tile(y, t0, r, simd.dot_u6_tile(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t0,
-                                                   n_blocks, bias_factor))
-    elif fmt == FMT_U4:
-        for r in range(r_lo, r_hi):
-            _store_tile(y, t0, r, simd.dot_u4_tile(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t0,
-                                                   n_blocks, bias_factor))
-    else:
-        for r in range(r_lo, r_hi):
-            _store_tile(y, t0, r, simd.dot_u5_tile(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t0,
-                                                   n_blocks, bias_factor))
+    dot = simd.DOTS[fmt][1]
+    for r in range(r_lo, r_hi):
+        _store_tile(y, t0, r, dot(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t0, n_blocks,
+                                  bias_factor))
 
 
-@njit(parallel=True, cache=True)
+@overload(rows_t1, prefer_literal=True)
+def _rows_t1_jit(fmt, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t, n_blocks, bias_factor, r_lo, r_hi,
+                 y):
+    """In a format's gemm `fmt` is a constant (a literal type): the loop holds that format's block dot alone."""
+    if not isinstance(fmt, types.IntegerLiteral):
+        return None
+    dot = simd.DOTS[fmt.literal_value][0]
+
+    def impl(fmt, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t, n_blocks, bias_factor, r_lo, r_hi, y):
+        for r in range(r_lo, r_hi):
+            y[t, r] = dot(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t, n_blocks,
+                          bias_factor)
+
+    return impl
+
+
+@overload(rows_tile, prefer_literal=True)
+def _rows_tile_jit(fmt, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t0, n_blocks, bias_factor, r_lo,
+                   r_hi, y):
+    if not isinstance(fmt, types.IntegerLiteral):
+        return None
+    dot = simd.DOTS[fmt.literal_value][1]
+
+    def impl(fmt, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t0, n_blocks, bias_factor, r_lo, r_hi, y):
+        for r in range(r_lo, r_hi):
+            _store_tile(y, t0, r, dot(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t0,
+                                      n_blocks, bias_factor))
+
+    return impl
+
+
+def _make_gemm(fmt: int):
+    """The gemm of one packed format. Numba types the captured int as a constant, so each is compiled, and
+    cached, as if written out for its format alone (one function holding every format's loops ran its
+    prefill tiles ~10% slower: LLVM allocated registers for the largest)."""
+
+    @njit(parallel=True, cache=True)
+    def gemm(w, s, m, ss, sm, bias_factor, xq, xd, xqsum, y):
+        rows, row_bytes = w.shape
+        n = y.shape[0]
+        n_blocks = xd.shape[0] // n
+        n_groups = s.shape[1]  # per row: B*G
+        wf, sf, mf, ssf, smf = w.reshape(-1), s.reshape(-1), m.reshape(-1), ss.reshape(-1), sm.reshape(-1)
+        n_chunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
+        for c in prange(n_chunks):
+            r_lo = c * ROW_CHUNK
+            r_hi = min(rows, r_lo + ROW_CHUNK)
+            t0 = 0
+            while t0 + TOKEN_TILE <= n:  # prefill: tiles of tokens, each weight row decoded once per tile
+                rows_tile(fmt, wf, row_bytes, sf, mf, ssf, smf, n_groups, xq, xd, xqsum, t0, n_blocks, bias_factor,
+                          r_lo, r_hi, y)
+                t0 += TOKEN_TILE
+            for t in range(t0, n):  # single tokens: row after row, one sequential stream through the weights
+                rows_t1(fmt, wf, row_bytes, sf, mf, ssf, smf, n_groups, xq, xd, xqsum, t, n_blocks, bias_factor,
+                        r_lo, r_hi, y)
+
+    return gemm
+
+
+GEMMS = {code: _make_gemm(code) for code in simd.FORMAT_CODES.values()}
+
+
 def gemm_quant(fmt, w, s, m, ss, sm, bias_factor, xq, xd, xqsum, y):
-    """y (n, R) for packed weights w (R, B*P), scales s (R, B*G) as float16 bits (uint16) or int8 with
-    super-scales ss (R, B // 8) float32 (else (R, 0)), bias coefficients m and sm alike (the mins, or
-    the scales for formats with an offset; bias_factor 1 or -offset); xq (n*B*32,) int8, xd (n*B*8,),
-    xqsum (n*B*G,) the per-group sums of the quantized x (all C-contiguous)."""
-    rows, row_bytes = w.shape
-    n = y.shape[0]
-    n_blocks = xd.shape[0] // (n * DX_LANES)
-    n_groups = s.shape[1]  # per row: B*G
-    wf, sf, mf, ssf, smf = w.reshape(-1), s.reshape(-1), m.reshape(-1), ss.reshape(-1), sm.reshape(-1)
-    n_chunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
-    for c in prange(n_chunks):
-        r_lo = c * ROW_CHUNK
-        r_hi = min(rows, r_lo + ROW_CHUNK)
-        t0 = 0
-        while t0 + TOKEN_TILE <= n:  # prefill: tiles of tokens, each weight row decoded once per tile
-            _rows_tile(fmt, wf, row_bytes, sf, mf, ssf, smf, n_groups, xq, xd, xqsum, t0, n_blocks, bias_factor,
-                       r_lo, r_hi, y)
-            t0 += TOKEN_TILE
-        for t in range(t0, n):  # single tokens: row after row, one sequential stream through the weights
-            _rows_t1(fmt, wf, row_bytes, sf, mf, ssf, smf, n_groups, xq, xd, xqsum, t, n_blocks, bias_factor,
-                     r_lo, r_hi, y)
+    """y (n, R) for packed weights of format code `fmt`: w (R, B*P), scales s (R, B*G) as float16 bits
+    (uint16) or int8 with super-scales ss (R, B // 8) float32 (else (R, 0)), bias coefficients m and sm
+    alike (the mins, or the scales for formats with an offset; bias_factor 1 or -offset); xq (n*B*32,)
+    int8, xd (n*B,), xqsum (n*B*G,) the per-group sums of the quantized x (all C-contiguous)."""
+    GEMMS[fmt](w, s, m, ss, sm, bias_factor, xq, xd, xqsum, y)
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"})

@@ -60,7 +60,7 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from kawai.kernels.formats import f16_to_f32
 from kawai.kernels.isa import ISA
@@ -74,7 +74,6 @@ FORMAT_CODES = {"s8": FMT_S8, "u8": FMT_U8, "u4": FMT_U4, "u5": FMT_U5, "u6": FM
 # alone left the core waiting (one thread read ~6.5 GB/s of a ~16 GB/s stream). Each block step asks for
 # the bytes this far ahead (docs/benchmarks.md: 512 B gained 1.4x, 1-4 KiB 1.6x, on Sapphire Rapids).
 PREFETCH_BYTES = 2048
-DX_LANES = 8  # each block's activation scale is stored 8 times: the lanes of its partial sums
 SUPER_BLOCKS = 8  # blocks of 32 per float32 super-scale (int8 sub-scales: the K-quants' 256 weights)
 
 WIDE_ISAS = frozenset({"avx512bw", "avx512vnni"})  # 512-bit vectors: two blocks per instruction
@@ -103,6 +102,12 @@ def _shuffle(builder: ir.IRBuilder, a, b, indices):
 def _load(builder: ir.IRBuilder, base_ptr, offset, ty: ir.Type):
     """Load a value of type `ty` from base_ptr + offset elements (unaligned)."""
     return builder.load(builder.bitcast(builder.gep(base_ptr, [offset]), ty.as_pointer()), align=1)
+
+
+def _load_spread(builder: ir.IRBuilder, base_ptr, offset, n: int, lanes: int):
+    """n floats from base_ptr + offset, each repeated over lanes // n consecutive lanes: <lanes x float>."""
+    v = _load(builder, base_ptr, offset, _vec(_F32, n))
+    return _shuffle(builder, v, v, [j * n // lanes for j in range(lanes)])
 
 
 def _call(builder: ir.IRBuilder, name: str, ret: ir.Type, args):
@@ -179,7 +184,8 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
     n_groups = GROUPS[fmt]
     signed = fmt in SIGNED_FORMATS
     wide = isa in WIDE_ISAS
-    int_scales = sig.args[2].dtype == types.int8  # int8 sub-scales x float32 super-scales, else float16
+    scale_type = sig.args[2].dtype  # int8 (x float32 super-scales), float16 bits (uint16) or float32
+    int_scales = scale_type == types.int8
     super_base = builder.sdiv(g_off, i64(SUPER_BLOCKS * n_groups))  # the row's first super-block
     # accs[i]: token i's 16 lanes, as one <16 x float> (wide) or [even, odd] <8 x float> halves
     if wide:
@@ -196,8 +202,10 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
 
     def group_values(small_p, super_p, at, n: int):
         """n (1 or 8, or 2G) float32 scales or mins of the row's groups at..at+n-1 (they share one
-        super-block): float16 widened, or int8 times the super-block's float32."""
-        if not int_scales:
+        super-block): float32 as stored, float16 widened, or int8 times the super-block's float32."""
+        if scale_type == types.float32:
+            return _load(builder, small_p, builder.add(g_off, at), _vec(_F32, n))
+        if scale_type == types.uint16:
             halves = _load(builder, small_p, builder.add(g_off, at), _vec(_I16, n))
             return builder.fpext(builder.bitcast(halves, _vec(ir.HalfType(), n)), _vec(_F32, n))
         values = builder.sitofp(_load(builder, small_p, builder.add(g_off, at), _vec(_I8, n)), _vec(_F32, n))
@@ -227,7 +235,7 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
             blk = token_block(i, b)
             isums = _integer_dot(builder, isa_256, q, _load(builder, xp, builder.mul(blk, i64(32)), _vec(_I8, 32)),
                                  signed)
-            dx = _load(builder, xdp, builder.mul(blk, i64(DX_LANES)), v8f32)
+            dx = _load_spread(builder, xdp, blk, 1, 8)
             if wide:  # the last block of an odd count: only lanes 0-7 change
                 acc = builder.load(accs[i])
                 low = accumulate(_shuffle(builder, acc, acc, range(8)), isums, scale, dx)
@@ -241,7 +249,7 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
         for i in range(nt):
             blk = token_block(i, b)
             x = _load(builder, xp, builder.mul(blk, i64(32)), _vec(_I8, 64))
-            dx = _load(builder, xdp, builder.mul(blk, i64(DX_LANES)), v16f32)
+            dx = _load_spread(builder, xdp, blk, 2, 16)
             isums = _integer_dot(builder, isa, q, x, signed)
             builder.store(accumulate(builder.load(accs[i]), isums, scale, dx), accs[i])
 
@@ -283,7 +291,7 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
             _call(builder, "llvm.prefetch.p0", ir.VoidType(), [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3),
                                                               ir.Constant(_I32, 1)])
 
-    if int_scales:  # a super-block per step (n_blocks is a multiple of 8): its scales formed once
+    if int_scales and nt == 1:  # a super-block per step (n_blocks is a multiple of 8): its scales formed once
         with cgutils.for_range(builder, builder.sdiv(n_blocks, i64(SUPER_BLOCKS))) as loop:
             b0 = builder.mul(loop.index, i64(SUPER_BLOCKS))
             if nt == 1 and PREFETCH_BYTES:
@@ -322,7 +330,7 @@ def _make_intrinsic(fmt: str, nt: int, isa: str):
     @intrinsic
     def dot(typingctx, w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
         # The IR reads raw data pointers: only flat C-contiguous arrays of the expected dtypes type-check.
-        small = s.dtype if isinstance(s, types.Array) and s.dtype in (types.uint16, types.int8) else None
+        small = s.dtype if isinstance(s, types.Array) and s.dtype in (types.float32, types.uint16, types.int8) else None
         expected = [(w, types.uint8), (s, small), (m, small), (ss, types.float32), (sm, types.float32),
                     (x, types.int8), (xd, types.float32), (xqsum, types.float32)]
         for arr, dtype in expected:
@@ -358,14 +366,30 @@ def _decode_portable(fmt, w, at, q):
             q[j] |= ((int(w[at + 16 + j % 8]) >> (2 * (j // 8))) & 3) << 4
 
 
+def widen(v):
+    """A stored scale as float32: float32 as is, float16 bits (uint16) widened, int8 converted. (Plain
+    Python here, for NUMBA_DISABLE_JIT=1; compiled code uses the overload below.)"""
+    if isinstance(v, np.uint16):
+        return np.float32(np.uint16(v).view(np.float16))
+    return np.float32(v)
+
+
+@overload(widen)
+def _widen_jit(v):
+    if v == types.uint16:
+        return lambda v: f16_to_f32(int(v) & 0xFF, int(v) >> 8)
+    if v in (types.float32, types.int8):
+        return lambda v: np.float32(v)
+    return None
+
+
 @numba.njit(cache=True)
 def group_value(small, supers, at, per_super):
-    """Group `at`'s scale (or min) as float32: a float16 given as its bits (no super-scales), or an int8
-    sub-scale times its super-block's float32 (`per_super` groups per super-block)."""
+    """Group `at`'s scale (or min) as float32: small[at] widened (float32, float16 bits), or with
+    super-scales, the int8 sub-scale times its super-block's float32 (`per_super` groups per super-block)."""
     if supers.shape[0] == 0:
-        h = int(small[at])
-        return f16_to_f32(h & 0xFF, h >> 8)
-    return supers[at // per_super] * np.float32(small[at])
+        return widen(small[at])
+    return supers[at // per_super] * widen(small[at])
 
 
 @numba.njit(cache=True)
@@ -387,7 +411,7 @@ def dot_portable(fmt, w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t, n_blocks, 
             for j in range(g * group, g * group + group):
                 isum += int(q[j]) * int(x[blk * 32 + j])
             at_g = g_off + b * n_groups + g
-            total += group_value(s, ss, at_g, per_super) * xd[blk * DX_LANES] * np.float32(isum)
+            total += group_value(s, ss, at_g, per_super) * xd[blk] * np.float32(isum)
             if fmt != FMT_S8:
                 bias += group_value(m, sm, at_g, per_super) * xqsum[blk * n_groups + g]
     if fmt == FMT_S8:
@@ -427,3 +451,5 @@ dot_u5_t1 = _make("u5", 1)
 dot_u5_tile = _make("u5", TOKEN_TILE)
 dot_u6_t1 = _make("u6", 1)
 dot_u6_tile = _make("u6", TOKEN_TILE)
+DOTS = {FMT_S8: (dot_s8_t1, dot_s8_tile), FMT_U8: (dot_u8_t1, dot_u8_tile), FMT_U6: (dot_u6_t1, dot_u6_tile),
+        FMT_U4: (dot_u4_t1, dot_u4_tile), FMT_U5: (dot_u5_t1, dot_u5_tile)}  # format code -> (one token, tile)

@@ -32,5 +32,6 @@ def _run(script: str, args, jit: bool, env: dict[str, str] | None, timeout: floa
     full_env = dict(os.environ, NUMBA_DISABLE_JIT="0" if jit else "1", **(env or {}))
     if not jit and "KAWAI_ISA" not in (env or {}):
         full_env.pop("KAWAI_ISA", None)  # an ISA path is a compile target: forcing one without the JIT is an error
-    return subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=full_env, capture_output=True,
+    # -P: the repo root (the cwd) is never on sys.path, so nothing imports as a top-level "kernels"/"engine"
+    return subprocess.run([sys.executable, "-P", "-c", script, *args], cwd=ROOT, env=full_env, capture_output=True,
                           text=True, timeout=timeout)

@@ -122,11 +122,11 @@ def test_read_bandwidth_is_plausible():
 
 def _child_peak_rss(parent_code: str) -> tuple[float, float]:
     code = (
-        "import numpy as np; from engine.bench import peak_rss_mb; before = peak_rss_mb(); "
+        "import numpy as np; from kawai.engine.bench import peak_rss_mb; before = peak_rss_mb(); "
         "block = np.ones(200 << 20, dtype=np.uint8); print(before, peak_rss_mb())"
     )
-    parent = f"{parent_code}; import subprocess, sys; subprocess.run([sys.executable, '-c', {code!r}])"
-    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout
+    parent = f"{parent_code}; import subprocess, sys; subprocess.run([sys.executable, '-P', '-c', {code!r}])"
+    out = subprocess.run([sys.executable, "-P", "-c", parent], capture_output=True, text=True, check=True).stdout
     before, after = map(float, out.split())
     return before, after
 

@@ -284,7 +284,7 @@ def test_dots_match_portable_definition(fmt, scales):
     x = rng.integers(-127, 128, (tokens, n_blocks * 32)).astype(np.int8)
     x[:, :32] = -127 if fmt in simd.SIGNED_FORMATS else np.where(np.arange(32) % 2, 127, -127)
     x = x.reshape(-1)
-    xd = np.repeat(rng.random(tokens * n_blocks).astype(np.float32), simd.DX_LANES)  # over each block's lanes
+    xd = rng.random(tokens * n_blocks).astype(np.float32)
     xqsum = rng.standard_normal(tokens * n_blocks * n_groups).astype(np.float32)
     row, t0 = 1, 2
     args = (w.reshape(-1), row * w.shape[1], s, m, ss, sm, row * n_blocks * n_groups, x, xd, xqsum, t0, n_blocks,
@@ -320,6 +320,20 @@ def test_bad_inputs_raise_matmul_error():
         matmul_fused([packed, pack_dense(np.zeros((2, 32), np.float32))], np.zeros((1, 64), np.float32))
     with pytest.raises(MatmulError, match="2-D"):
         pack_dense(np.zeros(5, np.float32))
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
+def test_packed_weights_cost_about_their_gguf_bytes(qtype):
+    """A decode step streams every weight once, so its speed is the bytes it reads: the packed layout
+    keeps the file's scales (float16, or int8 sub-scales of a float32 per 256), within 6% of the GGUF
+    bytes. Q2_K and Q3_K are the exception, one byte per quant ("u8")."""
+    rows, cols = 8, 512
+    packed = pack(random_raw(qtype, rows, cols, np.random.default_rng(3)), qtype, cols)
+    gguf_bytes = rows * qtype.row_bytes(cols)
+    if qtype in (GGMLType.Q2_K, GGMLType.Q3_K):  # 8 bits per quant, int8 scales and mins per 16, 2 floats per 256
+        assert packed.nbytes * 8 / (rows * cols) <= 8 + 1 + 0.25
+    else:
+        assert packed.nbytes <= 1.06 * gguf_bytes, (packed.nbytes, gguf_bytes)
 
 
 def test_packed_matrix_is_frozen_and_reports_bytes():
@@ -404,13 +418,14 @@ def test_openmp_threads_spin_briefly_unless_the_user_says_otherwise():
     every launch wait for a sleeping thread (kernels/threads.py). A user's setting always wins."""
     from kawai.kernels.threads import SPIN_COUNT
 
-    code = ("import os; from kernels.threads import configure_threads; configure_threads(1); "
+    code = ("import os; from kawai.kernels.threads import configure_threads; configure_threads(1); "
             "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
 
     def settings(**extra):
-        out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
-                             check=True)
+        # -P: the repo root is never a top-level package (a "kernels.threads" would poison Numba's cache)
+        out = subprocess.run([sys.executable, "-P", "-c", code], env={**env, **extra}, capture_output=True,
+                             text=True, check=True)
         return out.stdout.split()
 
     assert settings() == [SPIN_COUNT, "None"]
