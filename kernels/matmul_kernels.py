@@ -38,6 +38,7 @@ DENSE_TOKEN_TILE = 8  # tokens per sweep over a chunk of dense weight rows
 
 FMT_S8, FMT_U8, FMT_U4, FMT_U5, FMT_U6 = simd.FMT_S8, simd.FMT_U8, simd.FMT_U4, simd.FMT_U5, simd.FMT_U6
 TOKEN_TILE = simd.TOKEN_TILE  # tokens per prefill tile: 8 on the 512-bit paths, else 4
+SMALL_TILE = simd.SMALL_TILE  # tokens per tile of a few sequences' decode step
 
 
 @njit(cache=True)
@@ -86,23 +87,23 @@ def quantize_activations_parallel(x, xq, xd, xqsum16, xqsum32):
 
 @njit(cache=True)
 def _store_tile(y, t0, r, o):
-    """y[t0 + i, r] = o[i] for the TOKEN_TILE outputs of one row."""
-    for i in range(TOKEN_TILE):
+    """y[t0 + i, r] = o[i] for the outputs of one row with a tile of tokens."""
+    for i in range(len(o)):
         y[t0 + i, r] = o[i]
 
 
 def rows_t1(fmt, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t, n_blocks, bias_factor, r_lo, r_hi, y):
     """y[t, r_lo:r_hi] for one token, row after row: one sequential stream through the weights. (Plain
     Python here, for NUMBA_DISABLE_JIT=1; compiled code uses the overload below.)"""
-    dot = simd.DOTS[fmt][0]
+    dot = simd.DOTS[fmt][1]
     for r in range(r_lo, r_hi):
         y[t, r] = dot(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t, n_blocks, bias_factor)
 
 
-def rows_tile(fmt, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t0, n_blocks, bias_factor, r_lo, r_hi,
-              y):
-    """y[t0:t0+TOKEN_TILE, r_lo:r_hi]: a tile of tokens, each weight row read and decoded once for all of them."""
-    dot = simd.DOTS[fmt][1]
+def rows_tile(fmt, size, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t0, n_blocks, bias_factor, r_lo,
+              r_hi, y):
+    """y[t0:t0+size, r_lo:r_hi]: a tile of tokens, each weight row read and decoded once for all of them."""
+    dot = simd.DOTS[fmt][size]
     for r in range(r_lo, r_hi):
         _store_tile(y, t0, r, dot(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t0, n_blocks,
                                   bias_factor))
@@ -114,7 +115,7 @@ def _rows_t1_jit(fmt, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t, n_b
     """In a format's gemm `fmt` is a constant (a literal type): the loop holds that format's block dot alone."""
     if not isinstance(fmt, types.IntegerLiteral):
         return None
-    dot = simd.DOTS[fmt.literal_value][0]
+    dot = simd.DOTS[fmt.literal_value][1]
 
     def impl(fmt, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t, n_blocks, bias_factor, r_lo, r_hi, y):
         for r in range(r_lo, r_hi):
@@ -125,13 +126,13 @@ def _rows_t1_jit(fmt, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t, n_b
 
 
 @overload(rows_tile, prefer_literal=True)
-def _rows_tile_jit(fmt, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t0, n_blocks, bias_factor, r_lo,
+def _rows_tile_jit(fmt, size, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t0, n_blocks, bias_factor, r_lo,
                    r_hi, y):
-    if not isinstance(fmt, types.IntegerLiteral):
+    if not (isinstance(fmt, types.IntegerLiteral) and isinstance(size, types.IntegerLiteral)):
         return None
-    dot = simd.DOTS[fmt.literal_value][1]
+    dot = simd.DOTS[fmt.literal_value][size.literal_value]
 
-    def impl(fmt, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t0, n_blocks, bias_factor, r_lo, r_hi, y):
+    def impl(fmt, size, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t0, n_blocks, bias_factor, r_lo, r_hi, y):
         for r in range(r_lo, r_hi):
             _store_tile(y, t0, r, dot(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t0,
                                       n_blocks, bias_factor))
@@ -157,9 +158,13 @@ def _make_gemm(fmt: int):
             r_hi = min(rows, r_lo + ROW_CHUNK)
             t0 = 0
             while t0 + TOKEN_TILE <= n:  # prefill: tiles of tokens, each weight row decoded once per tile
-                rows_tile(fmt, wf, row_bytes, sf, mf, ssf, smf, n_groups, xq, xd, xqsum, t0, n_blocks, bias_factor,
-                          r_lo, r_hi, y)
+                rows_tile(fmt, TOKEN_TILE, wf, row_bytes, sf, mf, ssf, smf, n_groups, xq, xd, xqsum, t0, n_blocks,
+                          bias_factor, r_lo, r_hi, y)
                 t0 += TOKEN_TILE
+            while t0 + SMALL_TILE <= n:  # a few sequences' decode step (on the paths whose tiles are larger)
+                rows_tile(fmt, SMALL_TILE, wf, row_bytes, sf, mf, ssf, smf, n_groups, xq, xd, xqsum, t0, n_blocks,
+                          bias_factor, r_lo, r_hi, y)
+                t0 += SMALL_TILE
             for t in range(t0, n):  # single tokens: row after row, one sequential stream through the weights
                 rows_t1(fmt, wf, row_bytes, sf, mf, ssf, smf, n_groups, xq, xd, xqsum, t, n_blocks, bias_factor,
                         r_lo, r_hi, y)

@@ -82,6 +82,7 @@ AVAILABLE = ISA != "portable"  # the intrinsics are in use
 # Tokens per prefill tile (each weight row is decoded once per tile; measured in docs/benchmarks.md). The
 # 256-bit paths hold two 8-lane accumulators per token in 16 registers; the 512-bit ones one in 32.
 TOKEN_TILE = 8 if ISA in WIDE_ISAS else 4
+SMALL_TILE = 4  # tokens per tile of a batched decode step (n < TOKEN_TILE): the weights stream once for them
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _F32 = ir.FloatType()
@@ -291,10 +292,10 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
             _call(builder, "llvm.prefetch.p0", ir.VoidType(), [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3),
                                                               ir.Constant(_I32, 1)])
 
-    if int_scales and nt == 1:  # a super-block per step (n_blocks is a multiple of 8): its scales formed once
+    if int_scales:  # a super-block per step (n_blocks is a multiple of 8): its scales formed once
         with cgutils.for_range(builder, builder.sdiv(n_blocks, i64(SUPER_BLOCKS))) as loop:
             b0 = builder.mul(loop.index, i64(SUPER_BLOCKS))
-            if nt == 1 and PREFETCH_BYTES:
+            if nt <= SMALL_TILE and PREFETCH_BYTES:
                 prefetch(b0, SUPER_BLOCKS * BLOCK_BYTES[fmt])
             sb_scales = group_values(sp, ssp, builder.mul(b0, i64(n_groups)), SUPER_BLOCKS * n_groups)
             for k in range(0, SUPER_BLOCKS, 2):
@@ -303,7 +304,7 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
     else:
         with cgutils.for_range(builder, builder.sdiv(n_blocks, i64(2))) as loop:  # pairs of blocks
             b = builder.mul(loop.index, i64(2))
-            if nt == 1 and PREFETCH_BYTES:
+            if nt <= SMALL_TILE and PREFETCH_BYTES:
                 prefetch(b, 2 * BLOCK_BYTES[fmt])
             blocks_pair(b, lambda j, lanes, b=b: block_scales(b if j is None else builder.add(b, i64(j)),
                                                               2 if j is None else 1, lanes))
@@ -440,16 +441,11 @@ def _make(fmt: str, nt: int):
     return _make_intrinsic(fmt, nt, ISA) if AVAILABLE else _make_portable(fmt, nt)
 
 
-# Dot products dot_<fmt>_t1 (one weight row with one token: decode) and dot_<fmt>_tile (with TOKEN_TILE).
-dot_s8_t1 = _make("s8", 1)
-dot_s8_tile = _make("s8", TOKEN_TILE)
-dot_u8_t1 = _make("u8", 1)
-dot_u8_tile = _make("u8", TOKEN_TILE)
-dot_u4_t1 = _make("u4", 1)
-dot_u4_tile = _make("u4", TOKEN_TILE)
-dot_u5_t1 = _make("u5", 1)
-dot_u5_tile = _make("u5", TOKEN_TILE)
-dot_u6_t1 = _make("u6", 1)
-dot_u6_tile = _make("u6", TOKEN_TILE)
-DOTS = {FMT_S8: (dot_s8_t1, dot_s8_tile), FMT_U8: (dot_u8_t1, dot_u8_tile), FMT_U6: (dot_u6_t1, dot_u6_tile),
-        FMT_U4: (dot_u4_t1, dot_u4_tile), FMT_U5: (dot_u5_t1, dot_u5_tile)}  # format code -> (one token, tile)
+# DOTS[code][n]: the dot product of one weight row with n tokens, n in 1 (decode), TOKEN_TILE (prefill)
+# and SMALL_TILE (a batched decode step of a few sequences, which would otherwise run its tokens one at a time).
+DOTS = {code: {n: _make(fmt, n) for n in sorted({1, SMALL_TILE, TOKEN_TILE})} for fmt, code in FORMAT_CODES.items()}
+dot_s8_t1, dot_s8_tile = DOTS[FMT_S8][1], DOTS[FMT_S8][TOKEN_TILE]
+dot_u8_t1, dot_u8_tile = DOTS[FMT_U8][1], DOTS[FMT_U8][TOKEN_TILE]
+dot_u6_t1, dot_u6_tile = DOTS[FMT_U6][1], DOTS[FMT_U6][TOKEN_TILE]
+dot_u4_t1, dot_u4_tile = DOTS[FMT_U4][1], DOTS[FMT_U4][TOKEN_TILE]
+dot_u5_t1, dot_u5_tile = DOTS[FMT_U5][1], DOTS[FMT_U5][TOKEN_TILE]
