@@ -43,6 +43,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from kawai.kernels import isa
@@ -195,52 +196,55 @@ def attention_partial(q, k_cache, v_cache, start, scale, o_part, m_part, l_part)
 def _attend_tiles(q, k_cache, v_cache, start, scale, kv, r0, r1, t_lo, t_hi, o_out, m_out, l_out):
     """Rows r0..r1-1, the query heads of key/value head kv, over tiles t_lo..t_hi-1 (positions
     t_lo*T.. ; each row stops at its causal limit). Writes o_out (n, H, hd), m_out and l_out (n, H).
-    Query vector u is row r0 + u // G, head kv*G + u % G; their count is padded to a multiple of 4
-    (zero queries, never written out) for `_scores`."""
+    Query vector u is row r0 + u // G, head kv*G + u % G. Their count is padded to a multiple of MR, and
+    the accumulators' width to a multiple of NC, for `block_product` (zero padding, never written out)."""
     n_heads, head_dim = q.shape[1], q.shape[2]
     group = n_heads // k_cache.shape[0]
     mq = (r1 - r0) * group
-    qs = np.zeros(((mq + 3) // 4 * 4, head_dim), np.float32)  # (G R padded, hd) scaled queries
+    rows = (mq + MR - 1) // MR * MR  # G R padded
+    width = (head_dim + NC - 1) // NC * NC  # hd padded
+    qs = np.zeros((rows, head_dim), np.float32)  # (G R padded, hd) scaled queries
     for u in range(mq):
         qrow = q[r0 + u // group, kv * group + u % group]
         for j in range(head_dim):
             qs[u, j] = qrow[j] * scale
-    acc = np.zeros((qs.shape[0], head_dim), np.float32)  # (G R padded, hd) o
+    acc = np.zeros((rows, width), np.float32)  # (G R padded, hd padded) o
     m = np.full(mq, -np.inf, np.float32)  # (G R,)
     total = np.zeros(mq, np.float32)  # (G R,) l
-    kt = np.zeros((KV_TILE, head_dim), np.float32)  # (T, hd) keys of the tile
-    vt = np.zeros((KV_TILE, head_dim), np.float32)  # (T, hd) values of the tile
-    scores = np.empty((qs.shape[0], KV_TILE), np.float32)  # (G R padded, T), then weights
+    scores = np.zeros((rows, KV_TILE), np.float32)  # (G R padded, T), then weights
     bits = np.empty(KV_TILE, np.int32)  # exp_inplace scratch
     keys = k_cache[kv]  # (hd, S)
     values = v_cache[kv]  # (S, hd)
+    # One block of query vectors (decode) uses each key and value once: the products read the cache
+    # itself, widening as they load. Several blocks share a widened float32 copy of the tile.
+    direct = rows == MR and width == head_dim
+    kt = np.zeros((head_dim, KV_TILE), np.float32)  # (hd, T) keys of the tile
+    vt = np.zeros((KV_TILE, width), np.float32)  # (T, hd padded) values of the tile
     for t in range(t_lo, min(t_hi, (start + r1 + KV_TILE - 1) // KV_TILE)):
         p0 = t * KV_TILE
         count = min(KV_TILE, start + r1 - p0)  # positions of the tile that the last row sees
-        end = (count + 7) // 8 * 8  # <= T: `_accumulate` takes 8 positions at a time
-        # Widen to float32; keys to position-major. Rows past `count` keep finite older values.
-        for j in range(head_dim):
-            src = keys[j, p0 : p0 + count]
-            for p in range(count):
-                kt[p, j] = as_float32(src[p])
-        for p in range(count):
-            src = values[p0 + p]
-            dst = vt[p]
-            for j in range(head_dim):
-                dst[j] = as_float32(src[j])
-        _scores(qs, kt, scores)  # (G R padded, T) over the whole tile; row u uses [:valid]
-        for u in range(qs.shape[0]):
-            # scores[u] -> weights exp(s - m_new) for p < valid, 0 for valid <= p < end
+        # scores (G R, T) = qs (G R, hd) @ keys (hd, T); columns past `count` are never read
+        if direct and p0 + KV_TILE <= keys.shape[1]:
+            products(scores, qs, keys, 0, p0, head_dim, False)
+        else:
+            for j in range(head_dim):  # widen; columns past `count` keep finite older values (or 0)
+                src = keys[j, p0 : p0 + count]
+                dst = kt[j]
+                for p in range(count):
+                    dst[p] = as_float32(src[p])
+            products(scores, qs, kt, 0, 0, head_dim, False)
+        for u in range(rows):
+            # scores[u] -> weights exp(s - m_new) for p < valid, 0 for valid <= p < count
             valid = min(count, start + r0 + u // group + 1 - p0) if u < mq else 0  # causal limit
             s = scores[u]
             if valid <= 0:  # a row that does not reach this tile, or padding
-                s[:end] = 0.0
+                s[:count] = 0.0
                 continue
             m_new = max(m[u], _max(s, valid))
             for p in range(valid):
                 s[p] -= m_new
             exp_inplace(s, valid, bits)
-            s[valid:end] = 0.0
+            s[valid:count] = 0.0
             alpha = np.float32(math.exp(m[u] - m_new))  # 0 on the first tile (m = -inf)
             total[u] = total[u] * alpha + _sum(s, valid)
             m[u] = m_new
@@ -248,11 +252,20 @@ def _attend_tiles(q, k_cache, v_cache, start, scale, kv, r0, r1, t_lo, t_hi, o_o
                 a = acc[u]
                 for j in range(head_dim):
                     a[j] *= alpha
-        _accumulate(scores, end, vt, acc)
+        # acc (G R, hd) += weights (G R, count) @ values (count, hd)
+        if direct:
+            products(acc, scores, values, p0, 0, count, True)
+        else:
+            for p in range(count):
+                src = values[p0 + p]
+                dst = vt[p]
+                for j in range(head_dim):
+                    dst[j] = as_float32(src[j])
+            products(acc, scores, vt, 0, 0, count, True)
     for u in range(mq):
         i = r0 + u // group
         h = kv * group + u % group
-        o_out[i, h, :] = acc[u]
+        o_out[i, h, :] = acc[u, :head_dim]
         m_out[i, h] = m[u]
         l_out[i, h] = total[u]
 
@@ -275,47 +288,94 @@ def _sum(x, n):
     return total
 
 
-@njit(cache=True, fastmath={"reassoc", "contract"})
-def _scores(qs, kt, scores):
-    """scores[u, p] = qs[u] . kt[p]. qs (M, hd) with M a multiple of 4; kt (T, hd); scores (M, T).
-    Four queries per pass share each key load, and the dot products are summed in vector lanes
-    (reassociated: the order differs from a sequential sum, fixed for given shapes)."""
-    head_dim = qs.shape[1]
-    for u in range(0, qs.shape[0], 4):
-        q0, q1, q2, q3 = qs[u], qs[u + 1], qs[u + 2], qs[u + 3]
-        for p in range(KV_TILE):
-            k = kt[p]
-            s0 = s1 = s2 = s3 = np.float32(0.0)
-            for j in range(head_dim):
-                kj = k[j]
-                s0 += q0[j] * kj
-                s1 += q1[j] * kj
-                s2 += q2[j] * kj
-                s3 += q3[j] * kj
-            scores[u, p], scores[u + 1, p], scores[u + 2, p], scores[u + 3, p] = s0, s1, s2, s3
+# ---- the matrix products: one register-blocked micro-kernel ----------------------------------------
+#
+# Both products of a tile are small matrix products C (+)= A B with B's rows contiguous: the scores
+# qs (G R, hd) @ keys (hd, T) and the value update weights (G R, T) @ values (T, hd). A block of MR rows
+# x NC columns of C is computed by the outer-product micro-kernel of every BLAS:
+#
+#     for kk < k:  b = B[kk, 0:NC] (as float32)      for r < MR:  c_r += A[r, kk] * b    (FMA, NC lanes)
+#
+# with the MR accumulators of NC lanes kept in registers over the whole k loop: per kk, one load of B
+# (NC / 16 vector loads) serves MR FMAs, and no horizontal sum is ever needed. 512-bit paths have 32
+# vector registers: 8 x 2 accumulators of 16 lanes; 256-bit ones 16: 3 x 4 of 8 lanes.
+
+MR = 8 if isa.ISA in ("avx512vnni", "avx512bw") else (3 if isa.ISA != "portable" else 4)  # rows per block
+NC = 32  # columns per block
+SIMD = isa.ISA != "portable" and HARDWARE_F16  # the LLVM micro-kernel (else plain loops)
 
 
-@njit(cache=True, fastmath={"contract"})
-def _accumulate(w, end, vt, acc):
-    """acc[u] += sum_p w[u, p] vt[p] over p < end. w (M, T) weights, M a multiple of 4, end a multiple
-    of 8; vt (T, hd); acc (M, hd). Four queries and four value rows per pass: each accumulator load and
-    store serves four products, each value load four queries."""
-    head_dim = acc.shape[1]
-    for u in range(0, acc.shape[0], 4):
-        a0, a1, a2, a3 = acc[u], acc[u + 1], acc[u + 2], acc[u + 3]
-        x0, x1, x2, x3 = w[u], w[u + 1], w[u + 2], w[u + 3]
-        for p in range(0, end, 4):
-            v0, v1, v2, v3 = vt[p], vt[p + 1], vt[p + 2], vt[p + 3]
-            w00, w01, w02, w03 = x0[p], x0[p + 1], x0[p + 2], x0[p + 3]
-            w10, w11, w12, w13 = x1[p], x1[p + 1], x1[p + 2], x1[p + 3]
-            w20, w21, w22, w23 = x2[p], x2[p + 1], x2[p + 2], x2[p + 3]
-            w30, w31, w32, w33 = x3[p], x3[p + 1], x3[p + 2], x3[p + 3]
-            for j in range(head_dim):
-                y0, y1, y2, y3 = v0[j], v1[j], v2[j], v3[j]
-                a0[j] += w00 * y0 + w01 * y1 + w02 * y2 + w03 * y3
-                a1[j] += w10 * y0 + w11 * y1 + w12 * y2 + w13 * y3
-                a2[j] += w20 * y0 + w21 * y1 + w22 * y2 + w23 * y3
-                a3[j] += w30 * y0 + w31 * y1 + w32 * y2 + w33 * y3
+def _block_product_portable(c, ci, cj, a, ai, b, bi, bj, k, accumulate):
+    """c[ci+r, cj:cj+NC] (+)= sum over kk < k of a[ai+r, kk] * b[bi+kk, bj:bj+NC], for r < MR: the
+    definition of the micro-kernel, in plain loops. c, a float32 (2-D); b float32 or float16 bits."""
+    for r in range(MR):
+        out = c[ci + r, cj : cj + NC]
+        if not accumulate:
+            out[:] = 0.0
+        for kk in range(k):
+            x = a[ai + r, kk]
+            src = b[bi + kk, bj : bj + NC]
+            for j in range(NC):
+                out[j] += x * as_float32(src[j])
+
+
+def _emit_block_product(context, builder, sig, args):
+    """IR of `block_product` (its docstring): MR <NC x float> accumulators in allocas (promoted to
+    registers by LLVM), a loop over kk, and one add into c at the end."""
+    c, a, b = (context.make_array(sig.args[i])(context, builder, value=args[i]) for i in (0, 3, 5))
+    ci, cj, ai, bi, bj, k = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 4, 6, 7, 8))
+    accumulate = context.cast(builder, args[9], sig.args[9], types.boolean)
+    f32, i64 = ir.FloatType(), ir.IntType(64)
+    vec = ir.VectorType(f32, NC)
+    ldc, lda, ldb = (builder.extract_value(x.shape, 1) for x in (c, a, b))
+    half = sig.args[5].dtype == types.uint16
+    b_vec = ir.VectorType(ir.HalfType() if half else f32, NC)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{NC}f32")
+    zeros = ir.Constant(ir.VectorType(ir.IntType(32), NC), None)
+
+    def at(ptr, row, col):  # &ptr[row * ld + col] for a row-major matrix of leading dimension ld
+        return builder.gep(ptr[0], [builder.add(builder.mul(row, ptr[1]), col)])
+
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(MR)]
+    with cgutils.for_range(builder, k) as loop:
+        kk = loop.index
+        row = builder.load(builder.bitcast(at((b.data, ldb), builder.add(bi, kk), bj), b_vec.as_pointer()), align=1)
+        if half:
+            row = builder.fpext(row, vec)
+        for r in range(MR):
+            x = builder.load(at((a.data, lda), builder.add(ai, ir.Constant(i64, r)), kk))
+            spread = builder.shuffle_vector(builder.insert_element(ir.Constant(vec, ir.Undefined), x,
+                                                                   ir.Constant(ir.IntType(32), 0)),
+                                            ir.Constant(vec, ir.Undefined), zeros)
+            builder.store(builder.call(fma, [spread, row, builder.load(accs[r])]), accs[r])
+    for r in range(MR):
+        ptr = builder.bitcast(at((c.data, ldc), builder.add(ci, ir.Constant(i64, r)), cj), vec.as_pointer())
+        total = builder.load(accs[r])
+        with builder.if_then(accumulate):
+            builder.store(builder.fadd(builder.load(ptr, align=4), total), accs[r])
+        builder.store(builder.load(accs[r]), ptr, align=4)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _block_product_llvm(typingctx, c, ci, cj, a, ai, b, bi, bj, k, accumulate):
+    for arr, dtypes in ((c, (types.float32,)), (a, (types.float32,)), (b, (types.float32, types.uint16))):
+        if not (isinstance(arr, types.Array) and arr.ndim == 2 and arr.layout == "C" and arr.dtype in dtypes):
+            return None
+    return types.void(c, ci, cj, a, ai, b, bi, bj, k, accumulate), _emit_block_product
+
+
+block_product = _block_product_llvm if SIMD else njit(cache=True, fastmath={"contract"})(_block_product_portable)
+block_product.__doc__ = _block_product_portable.__doc__
+
+
+@njit(cache=True)
+def products(c, a, b, bi, bj, k, accumulate):
+    """c (+)= a[:, :k] @ b[bi : bi+k, bj : bj+N]. c (M, N) and a (M, >= k) float32, M a multiple of MR
+    and N of NC; b float32 or float16 bits. Block by block of MR x NC (`block_product`)."""
+    for cj in range(0, c.shape[1], NC):
+        for ci in range(0, c.shape[0], MR):
+            block_product(c, ci, cj, a, ci, b, bi, bj + cj, k, accumulate)
 
 
 @njit(cache=True)
