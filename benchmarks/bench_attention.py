@@ -47,6 +47,7 @@ def load_base(rev: str, folder: Path):
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("attention_base", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # for Numba's cache, which finds functions by module name
     spec.loader.exec_module(module)
     return module
 

@@ -47,7 +47,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from kawai.kernels import isa
-from kawai.kernels.ops import exp_inplace
+from kawai.kernels.ops import EXP2_TAYLOR, exp_inplace
 
 Q_TILE = 16  # query rows per job: with G = 7 (Qwen2.5-0.5B), 112 query vectors share each widened tile
 KV_TILE = 64  # positions per tile: the float32 key and value tiles (2 x 64 x hd x 4 bytes) stay in L1
@@ -212,7 +212,6 @@ def _attend_tiles(q, k_cache, v_cache, start, scale, kv, r0, r1, t_lo, t_hi, o_o
     m = np.full(mq, -np.inf, np.float32)  # (G R,)
     total = np.zeros(mq, np.float32)  # (G R,) l
     scores = np.zeros((rows, KV_TILE), np.float32)  # (G R padded, T), then weights
-    bits = np.empty(KV_TILE, np.int32)  # exp_inplace scratch
     keys = k_cache[kv]  # (hd, S)
     values = v_cache[kv]  # (S, hd)
     # One block of query vectors (decode) uses each key and value once: the products read the cache
@@ -225,43 +224,39 @@ def _attend_tiles(q, k_cache, v_cache, start, scale, kv, r0, r1, t_lo, t_hi, o_o
         count = min(KV_TILE, start + r1 - p0)  # positions of the tile that the last row sees
         # scores (G R, T) = qs (G R, hd) @ keys (hd, T); columns past `count` are never read
         if direct and p0 + KV_TILE <= keys.shape[1]:
-            products(scores, qs, keys, 0, p0, head_dim, False)
+            scores_product(scores, qs, keys, p0, head_dim)
         else:
             for j in range(head_dim):  # widen; columns past `count` keep finite older values (or 0)
                 src = keys[j, p0 : p0 + count]
                 dst = kt[j]
                 for p in range(count):
                     dst[p] = as_float32(src[p])
-            products(scores, qs, kt, 0, 0, head_dim, False)
+            scores_product(scores, qs, kt, 0, head_dim)
         for u in range(rows):
-            # scores[u] -> weights exp(s - m_new) for p < valid, 0 for valid <= p < count
+            # scores[u] -> weights exp(s - m_new) for p < valid, else 0; m, l, o rescaled to m_new
             valid = min(count, start + r0 + u // group + 1 - p0) if u < mq else 0  # causal limit
-            s = scores[u]
             if valid <= 0:  # a row that does not reach this tile, or padding
-                s[:count] = 0.0
+                scores[u, :] = 0.0
                 continue
-            m_new = max(m[u], _max(s, valid))
-            for p in range(valid):
-                s[p] -= m_new
-            exp_inplace(s, valid, bits)
-            s[valid:count] = 0.0
-            alpha = np.float32(math.exp(m[u] - m_new))  # 0 on the first tile (m = -inf)
-            total[u] = total[u] * alpha + _sum(s, valid)
-            m[u] = m_new
-            if alpha != 1.0:
+            m_new, tile_sum = softmax_tile(scores[u], valid, m[u])
+            if m_new != m[u]:
+                alpha = np.float32(math.exp(m[u] - m_new))  # 0 on the first tile (m = -inf)
+                total[u] *= alpha
                 a = acc[u]
                 for j in range(head_dim):
                     a[j] *= alpha
+            total[u] += tile_sum
+            m[u] = m_new
         # acc (G R, hd) += weights (G R, count) @ values (count, hd)
         if direct:
-            products(acc, scores, values, p0, 0, count, True)
+            values_product(acc, scores, values, p0, count)
         else:
             for p in range(count):
                 src = values[p0 + p]
                 dst = vt[p]
                 for j in range(head_dim):
                     dst[j] = as_float32(src[j])
-            products(acc, scores, vt, 0, 0, count, True)
+            values_product(acc, scores, vt, 0, count)
     for u in range(mq):
         i = r0 + u // group
         h = kv * group + u % group
@@ -288,94 +283,210 @@ def _sum(x, n):
     return total
 
 
-# ---- the matrix products: one register-blocked micro-kernel ----------------------------------------
+# ---- the tile's arithmetic: a register-blocked micro-kernel and the softmax update ----------------
 #
 # Both products of a tile are small matrix products C (+)= A B with B's rows contiguous: the scores
-# qs (G R, hd) @ keys (hd, T) and the value update weights (G R, T) @ values (T, hd). A block of MR rows
-# x NC columns of C is computed by the outer-product micro-kernel of every BLAS:
+# qs (G R, hd) @ keys (hd, T) and the value update weights (G R, T) @ values (T, hd). A block of `rows`
+# rows x NC columns of C is computed by the outer-product micro-kernel of every BLAS:
 #
-#     for kk < k:  b = B[kk, 0:NC] (as float32)      for r < MR:  c_r += A[r, kk] * b    (FMA, NC lanes)
+#     for kk < k:  b = B[kk, 0:NC] (as float32)      for r < rows:  c_r += A[r, kk] * b    (FMA, NC lanes)
 #
-# with the MR accumulators of NC lanes kept in registers over the whole k loop: per kk, one load of B
-# (NC / 16 vector loads) serves MR FMAs, and no horizontal sum is ever needed. 512-bit paths have 32
-# vector registers: 8 x 2 accumulators of 16 lanes; 256-bit ones 16: 3 x 4 of 8 lanes.
+# with the accumulators kept in registers over the whole k loop: one load of B serves `rows` FMAs, and no
+# horizontal sum is ever needed. The scores sum hd products, some large, of either sign: they keep
+# `chains` = 2 accumulators per row (even and odd kk), added at the end, which halves the rounding a single
+# running sum would collect. Register budget: 512-bit paths have 32 vector registers, NC = 32 lanes is
+# two; values 8 rows (16 accumulators), scores 4 rows x 2 chains. 256-bit paths have 16: NC = 16 lanes
+# is two registers, values 6 rows, scores 3 rows x 2 chains.
 
-MR = 8 if isa.ISA in ("avx512vnni", "avx512bw") else (3 if isa.ISA != "portable" else 4)  # rows per block
-NC = 32  # columns per block
-SIMD = isa.ISA != "portable" and HARDWARE_F16  # the LLVM micro-kernel (else plain loops)
+WIDE = isa.ISA in ("avx512vnni", "avx512bw")
+SIMD = isa.ISA != "portable" and HARDWARE_F16  # the LLVM versions below (else the plain-loop definitions)
+NC = 32 if WIDE else 16  # columns per block
+MR = 8 if WIDE else 6  # rows per block of the value products (and the padding of G R)
+MR_SCORES = 4 if WIDE else 3  # rows per block of the score products (a divisor of MR)
+CHAINS = 2  # running sums per score
 
 
-def _block_product_portable(c, ci, cj, a, ai, b, bi, bj, k, accumulate):
-    """c[ci+r, cj:cj+NC] (+)= sum over kk < k of a[ai+r, kk] * b[bi+kk, bj:bj+NC], for r < MR: the
-    definition of the micro-kernel, in plain loops. c, a float32 (2-D); b float32 or float16 bits."""
-    for r in range(MR):
-        out = c[ci + r, cj : cj + NC]
-        if not accumulate:
-            out[:] = 0.0
+def _block_product_portable(c, ci, cj, a, ai, b, bi, bj, k, accumulate, rows, chains):
+    """c[ci+r, cj:cj+NC] (+)= sum over kk < k of a[ai+r, kk] * b[bi+kk, bj:bj+NC], for r < rows: the
+    definition of the micro-kernel, in plain loops. c, a float32 (2-D); b float32 or float16 bits.
+    Products with kk % chains == h go to running sum h (an odd last kk to sum 0); the sums are added."""
+    part = np.zeros((chains, NC), np.float32)
+    for r in range(rows):
+        part[:] = 0.0
         for kk in range(k):
             x = a[ai + r, kk]
             src = b[bi + kk, bj : bj + NC]
+            chain = part[kk % chains if kk < k // chains * chains else 0]
             for j in range(NC):
-                out[j] += x * as_float32(src[j])
+                chain[j] += x * as_float32(src[j])
+        out = c[ci + r, cj : cj + NC]
+        if not accumulate:
+            out[:] = 0.0
+        for h in range(chains):
+            out += part[h]
 
 
-def _emit_block_product(context, builder, sig, args):
-    """IR of `block_product` (its docstring): MR <NC x float> accumulators in allocas (promoted to
-    registers by LLVM), a loop over kk, and one add into c at the end."""
+def _emit_block_product(context, builder, sig, args, rows, chains):
+    """IR of `_block_product_portable` for fixed rows and chains: rows x chains <NC x float> accumulators
+    in allocas (promoted to registers by LLVM), a loop over kk, one add into c at the end."""
     c, a, b = (context.make_array(sig.args[i])(context, builder, value=args[i]) for i in (0, 3, 5))
     ci, cj, ai, bi, bj, k = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 4, 6, 7, 8))
     accumulate = context.cast(builder, args[9], sig.args[9], types.boolean)
-    f32, i64 = ir.FloatType(), ir.IntType(64)
+    f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
     vec = ir.VectorType(f32, NC)
-    ldc, lda, ldb = (builder.extract_value(x.shape, 1) for x in (c, a, b))
     half = sig.args[5].dtype == types.uint16
     b_vec = ir.VectorType(ir.HalfType() if half else f32, NC)
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{NC}f32")
-    zeros = ir.Constant(ir.VectorType(ir.IntType(32), NC), None)
 
-    def at(ptr, row, col):  # &ptr[row * ld + col] for a row-major matrix of leading dimension ld
-        return builder.gep(ptr[0], [builder.add(builder.mul(row, ptr[1]), col)])
+    def at(array, row, col):  # &array[row, col], row-major
+        return builder.gep(array.data, [builder.add(builder.mul(row, builder.extract_value(array.shape, 1)), col)])
 
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(MR)]
-    with cgutils.for_range(builder, k) as loop:
-        kk = loop.index
-        row = builder.load(builder.bitcast(at((b.data, ldb), builder.add(bi, kk), bj), b_vec.as_pointer()), align=1)
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(rows)] for _ in range(chains)]
+
+    def step(kk, chain):
+        row = builder.load(builder.bitcast(at(b, builder.add(bi, kk), bj), b_vec.as_pointer()), align=1)
         if half:
             row = builder.fpext(row, vec)
-        for r in range(MR):
-            x = builder.load(at((a.data, lda), builder.add(ai, ir.Constant(i64, r)), kk))
+        for r in range(rows):
+            x = builder.load(at(a, builder.add(ai, ir.Constant(i64, r)), kk))
             spread = builder.shuffle_vector(builder.insert_element(ir.Constant(vec, ir.Undefined), x,
-                                                                   ir.Constant(ir.IntType(32), 0)),
-                                            ir.Constant(vec, ir.Undefined), zeros)
-            builder.store(builder.call(fma, [spread, row, builder.load(accs[r])]), accs[r])
-    for r in range(MR):
-        ptr = builder.bitcast(at((c.data, ldc), builder.add(ci, ir.Constant(i64, r)), cj), vec.as_pointer())
-        total = builder.load(accs[r])
+                                                                   ir.Constant(i32, 0)),
+                                            ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(i32, NC), None))
+            builder.store(builder.call(fma, [spread, row, builder.load(accs[chain][r])]), accs[chain][r])
+
+    full = builder.sdiv(k, ir.Constant(i64, chains))
+    with cgutils.for_range(builder, full) as loop:
+        for h in range(chains):
+            step(builder.add(builder.mul(loop.index, ir.Constant(i64, chains)), ir.Constant(i64, h)), h)
+    with cgutils.for_range(builder, builder.srem(k, ir.Constant(i64, chains))) as loop:
+        step(builder.add(builder.mul(full, ir.Constant(i64, chains)), loop.index), 0)
+    for r in range(rows):
+        ptr = builder.bitcast(at(c, builder.add(ci, ir.Constant(i64, r)), cj), vec.as_pointer())
+        total = builder.load(accs[0][r])
+        for h in range(1, chains):
+            total = builder.fadd(total, builder.load(accs[h][r]))
+        builder.store(total, accs[0][r])
         with builder.if_then(accumulate):
-            builder.store(builder.fadd(builder.load(ptr, align=4), total), accs[r])
-        builder.store(builder.load(accs[r]), ptr, align=4)
+            builder.store(builder.fadd(builder.load(ptr, align=4), total), accs[0][r])
+        builder.store(builder.load(accs[0][r]), ptr, align=4)
     return context.get_dummy_value()
 
 
-@intrinsic
-def _block_product_llvm(typingctx, c, ci, cj, a, ai, b, bi, bj, k, accumulate):
-    for arr, dtypes in ((c, (types.float32,)), (a, (types.float32,)), (b, (types.float32, types.uint16))):
-        if not (isinstance(arr, types.Array) and arr.ndim == 2 and arr.layout == "C" and arr.dtype in dtypes):
-            return None
-    return types.void(c, ci, cj, a, ai, b, bi, bj, k, accumulate), _emit_block_product
+def _make_block_product(rows: int, chains: int):
+    """block(c, ci, cj, a, ai, b, bi, bj, k, accumulate): `_block_product_portable` for these rows and chains."""
+    if not SIMD:
+        @njit(cache=True, fastmath={"contract"})
+        def block(c, ci, cj, a, ai, b, bi, bj, k, accumulate):
+            _block_product_portable(c, ci, cj, a, ai, b, bi, bj, k, accumulate, rows, chains)
+        return block
+
+    @intrinsic
+    def block(typingctx, c, ci, cj, a, ai, b, bi, bj, k, accumulate):
+        for arr, dtypes in ((c, (types.float32,)), (a, (types.float32,)), (b, (types.float32, types.uint16))):
+            if not (isinstance(arr, types.Array) and arr.ndim == 2 and arr.layout == "C" and arr.dtype in dtypes):
+                return None
+
+        def codegen(context, builder, sig, args):
+            return _emit_block_product(context, builder, sig, args, rows, chains)
+
+        return types.void(c, ci, cj, a, ai, b, bi, bj, k, accumulate), codegen
+
+    return block
 
 
-block_product = _block_product_llvm if SIMD else njit(cache=True, fastmath={"contract"})(_block_product_portable)
-block_product.__doc__ = _block_product_portable.__doc__
+_block_product_portable = njit(cache=True, fastmath={"contract"})(_block_product_portable)
+score_block = _make_block_product(MR_SCORES, CHAINS)
+value_block = _make_block_product(MR, 1)
 
 
 @njit(cache=True)
-def products(c, a, b, bi, bj, k, accumulate):
-    """c (+)= a[:, :k] @ b[bi : bi+k, bj : bj+N]. c (M, N) and a (M, >= k) float32, M a multiple of MR
-    and N of NC; b float32 or float16 bits. Block by block of MR x NC (`block_product`)."""
-    for cj in range(0, c.shape[1], NC):
-        for ci in range(0, c.shape[0], MR):
-            block_product(c, ci, cj, a, ci, b, bi, bj + cj, k, accumulate)
+def scores_product(scores, qs, keys, p0, head_dim):
+    """scores (M, T) = qs (M, hd) @ keys[:, p0 : p0+T]; keys (hd, >= p0+T) float32 or float16 bits."""
+    for cj in range(0, scores.shape[1], NC):
+        for ci in range(0, scores.shape[0], MR_SCORES):
+            score_block(scores, ci, cj, qs, ci, keys, 0, p0 + cj, head_dim, False)
+
+
+@njit(cache=True)
+def values_product(acc, weights, values, p0, count):
+    """acc (M, hd) += weights[:, :count] @ values[p0 : p0+count, :hd] (M a multiple of MR, hd of NC)."""
+    for cj in range(0, acc.shape[1], NC):
+        for ci in range(0, acc.shape[0], MR):
+            value_block(acc, ci, cj, weights, ci, values, p0, cj, count, True)
+
+
+def _softmax_tile_portable(s, valid, m_old):
+    """One query vector's online-softmax step over a tile. s (T,) its scores, valid >= 1 of them visible:
+    m_new = max(m_old, s[:valid]); s[:valid] = exp(s - m_new), s[valid:] = 0; -> (m_new, sum of s)."""
+    m_new = max(m_old, _max(s, valid))
+    for p in range(valid):
+        s[p] -= m_new
+    exp_inplace(s, valid, np.empty(valid, np.int32))
+    s[valid:] = 0.0
+    return m_new, _sum(s, valid)
+
+
+def _emit_softmax_tile(context, builder, sig, args):
+    """IR of `_softmax_tile_portable` on the whole tile as one <T x float> (LLVM splits it into vector
+    registers): lanes p >= valid are selected away, max and sum are fixed-order trees, and exp is
+    exp_inplace's: 2^k * P(f), k = rint(x log2 e), P its Taylor polynomial, 2^k built as exponent bits."""
+    s = context.make_array(sig.args[0])(context, builder, value=args[0])
+    valid = context.cast(builder, args[1], sig.args[1], types.int32)
+    m_old = context.cast(builder, args[2], sig.args[2], types.float32)
+    f32, i32 = ir.FloatType(), ir.IntType(32)
+    vec, ivec = ir.VectorType(f32, KV_TILE), ir.VectorType(i32, KV_TILE)
+
+    def splat(value, ty=vec):
+        return ir.Constant(ty, [ir.Constant(ty.element, value)] * KV_TILE)
+
+    def intrinsic_call(name, *operands):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * len(operands)), name)
+        return builder.call(fn, operands)
+
+    def tree(v, combine):  # combine(halves) down to one lane, in a fixed order
+        n = KV_TILE
+        while n > 1:
+            n //= 2
+            lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, n), list(range(n))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, n), list(range(n, 2 * n))))
+            v = combine(lo, hi)
+        return builder.extract_element(v, ir.Constant(i32, 0))
+
+    def vmax(x, y):
+        return builder.select(builder.fcmp_ordered(">", x, y), x, y)
+
+    ptr = builder.bitcast(s.data, vec.as_pointer())
+    lanes = ir.Constant(ivec, list(range(KV_TILE)))
+    visible = builder.icmp_signed("<", lanes, builder.shuffle_vector(
+        builder.insert_element(ir.Constant(ivec, ir.Undefined), valid, ir.Constant(i32, 0)),
+        ir.Constant(ivec, ir.Undefined), ir.Constant(ivec, None)))
+    x = builder.select(visible, builder.load(ptr, align=4), splat(-math.inf))
+    m_new = vmax(m_old, tree(x, vmax))
+    m_spread = builder.shuffle_vector(builder.insert_element(ir.Constant(vec, ir.Undefined), m_new,
+                                                             ir.Constant(i32, 0)),
+                                      ir.Constant(vec, ir.Undefined), ir.Constant(ivec, None))
+    t = builder.fmul(builder.fsub(x, m_spread), splat(1.4426950408889634))  # x - m_new <= 0, in log2 units
+    t = vmax(t, splat(-125.0))
+    k = intrinsic_call(f"llvm.rint.v{KV_TILE}f32", t)
+    f = builder.fsub(t, k)
+    y = splat(EXP2_TAYLOR[0])
+    for coefficient in EXP2_TAYLOR[1:]:
+        y = intrinsic_call(f"llvm.fma.v{KV_TILE}f32", y, f, splat(coefficient))
+    scale = builder.bitcast(builder.shl(builder.add(builder.fptosi(k, ivec), splat(127, ivec)), splat(23, ivec)), vec)
+    e = builder.select(visible, builder.fmul(y, scale), splat(0.0))
+    builder.store(e, ptr, align=4)
+    total = tree(e, builder.fadd)
+    return context.make_tuple(builder, sig.return_type, [m_new, total])
+
+
+if SIMD:
+    @intrinsic
+    def softmax_tile(typingctx, s, valid, m_old):
+        if not (isinstance(s, types.Array) and s.ndim == 1 and s.layout == "C" and s.dtype == types.float32):
+            return None
+        return types.UniTuple(types.float32, 2)(s, valid, m_old), _emit_softmax_tile
+else:
+    softmax_tile = njit(cache=True)(_softmax_tile_portable)
 
 
 @njit(cache=True)
