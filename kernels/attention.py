@@ -49,8 +49,8 @@ from numba.extending import intrinsic, overload
 from kawai.kernels import isa
 from kawai.kernels.ops import EXP2_TAYLOR, exp_inplace
 
-Q_TILE = 16  # query rows per job: with G = 7 (Qwen2.5-0.5B), 112 query vectors share each widened tile
-KV_TILE = 64  # positions per tile: the float32 key and value tiles (2 x 64 x hd x 4 bytes) stay in L1
+Q_TILE = 32  # query rows per job: with G = 7 (Qwen2.5-0.5B), 224 query vectors share each widened tile
+KV_TILE = 128  # positions per tile (measured: 64 and 256 are slower)
 MIN_SPLIT_TILES = 4  # a KV split covers at least this many tiles, so its setup and merge stay small
 JOBS_PER_THREAD = 4  # decode splits its positions until there are this many jobs per thread
 

@@ -79,14 +79,17 @@ def _cache(k_all, v_all, max_seq, dtype):
     return k_cache, v_cache
 
 
+T, R = A.KV_TILE, A.Q_TILE
 CASES = [  # n, start, heads, kv_heads, hd
     (1, 0, 4, 2, 32),  # the first token
     (1, 37, 14, 2, 64),  # decode, one partial tile
-    (1, 300, 9, 3, 64),  # decode over several tiles, 3 query heads per KV head
+    (1, 2 * T + 44, 9, 3, 64),  # decode over several tiles, 3 query heads per KV head
+    (1, 3 * T + 5, 14, 2, 128),  # decode, 7 query heads per KV head, wide heads
     (9, 0, 4, 4, 32),  # prefill, no grouping
-    (40, 23, 6, 2, 32),  # prefill after a cached prefix, rows across a tile edge
-    (33, 100, 9, 3, 64),  # three query tiles, the last one short
-    (70, 130, 8, 1, 128),  # one KV head for all, wide heads
+    (40, T - 17, 6, 2, 32),  # prefill after a cached prefix, rows across a tile edge
+    (2 * R + 1, 100, 9, 3, 64),  # three query tiles, the last one short
+    (70, T + 2, 8, 1, 128),  # one KV head for all, wide heads
+    (5, T + 20, 4, 2, 80),  # a head size that is not a multiple of the micro-kernel's columns
 ]
 
 
