@@ -224,6 +224,10 @@ def _attend_tiles(q, k_cache, v_cache, start, scale, kv, r0, r1, t_lo, t_hi, o_o
         count = min(KV_TILE, start + r1 - p0)  # positions of the tile that the last row sees
         # scores (G R, T) = qs (G R, hd) @ keys (hd, T); columns past `count` are never read
         if direct and p0 + KV_TILE <= keys.shape[1]:
+            if p0 + 2 * KV_TILE <= keys.shape[1]:  # the next tile's keys: hd rows far apart
+                for j in range(head_dim):
+                    for p in range(p0 + KV_TILE, p0 + 2 * KV_TILE, 32):
+                        prefetch(keys, j, p)
             scores_product(scores, qs, keys, p0, head_dim)
         else:
             for j in range(head_dim):  # widen; columns past `count` keep finite older values (or 0)
@@ -306,37 +310,37 @@ MR_SCORES = 4 if WIDE else 3  # rows per block of the score products (a divisor 
 CHAINS = 2  # running sums per score
 
 
-def _block_product_portable(c, ci, cj, a, ai, b, bi, bj, k, accumulate, rows, chains):
-    """c[ci+r, cj:cj+NC] (+)= sum over kk < k of a[ai+r, kk] * b[bi+kk, bj:bj+NC], for r < rows: the
+def _block_product_portable(c, ci, cj, a, ai, b, bi, bj, k, accumulate, rows, cols, chains):
+    """c[ci+r, cj:cj+cols] (+)= sum over kk < k of a[ai+r, kk] * b[bi+kk, bj:bj+cols], for r < rows: the
     definition of the micro-kernel, in plain loops. c, a float32 (2-D); b float32 or float16 bits.
     Products with kk % chains == h go to running sum h (an odd last kk to sum 0); the sums are added."""
-    part = np.zeros((chains, NC), np.float32)
+    part = np.zeros((chains, cols), np.float32)
     for r in range(rows):
         part[:] = 0.0
         for kk in range(k):
             x = a[ai + r, kk]
-            src = b[bi + kk, bj : bj + NC]
+            src = b[bi + kk, bj : bj + cols]
             chain = part[kk % chains if kk < k // chains * chains else 0]
-            for j in range(NC):
+            for j in range(cols):
                 chain[j] += x * as_float32(src[j])
-        out = c[ci + r, cj : cj + NC]
+        out = c[ci + r, cj : cj + cols]
         if not accumulate:
             out[:] = 0.0
         for h in range(chains):
             out += part[h]
 
 
-def _emit_block_product(context, builder, sig, args, rows, chains):
-    """IR of `_block_product_portable` for fixed rows and chains: rows x chains <NC x float> accumulators
+def _emit_block_product(context, builder, sig, args, rows, cols, chains):
+    """IR of `_block_product_portable` for fixed sizes: rows x chains <cols x float> accumulators
     in allocas (promoted to registers by LLVM), a loop over kk, one add into c at the end."""
     c, a, b = (context.make_array(sig.args[i])(context, builder, value=args[i]) for i in (0, 3, 5))
     ci, cj, ai, bi, bj, k = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 4, 6, 7, 8))
     accumulate = context.cast(builder, args[9], sig.args[9], types.boolean)
     f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
-    vec = ir.VectorType(f32, NC)
+    vec = ir.VectorType(f32, cols)
     half = sig.args[5].dtype == types.uint16
-    b_vec = ir.VectorType(ir.HalfType() if half else f32, NC)
-    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{NC}f32")
+    b_vec = ir.VectorType(ir.HalfType() if half else f32, cols)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{cols}f32")
 
     def at(array, row, col):  # &array[row, col], row-major
         return builder.gep(array.data, [builder.add(builder.mul(row, builder.extract_value(array.shape, 1)), col)])
@@ -351,7 +355,7 @@ def _emit_block_product(context, builder, sig, args, rows, chains):
             x = builder.load(at(a, builder.add(ai, ir.Constant(i64, r)), kk))
             spread = builder.shuffle_vector(builder.insert_element(ir.Constant(vec, ir.Undefined), x,
                                                                    ir.Constant(i32, 0)),
-                                            ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(i32, NC), None))
+                                            ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(i32, cols), None))
             builder.store(builder.call(fma, [spread, row, builder.load(accs[chain][r])]), accs[chain][r])
 
     full = builder.sdiv(k, ir.Constant(i64, chains))
@@ -372,12 +376,12 @@ def _emit_block_product(context, builder, sig, args, rows, chains):
     return context.get_dummy_value()
 
 
-def _make_block_product(rows: int, chains: int):
-    """block(c, ci, cj, a, ai, b, bi, bj, k, accumulate): `_block_product_portable` for these rows and chains."""
+def _make_block_product(rows: int, cols: int, chains: int):
+    """block(c, ci, cj, a, ai, b, bi, bj, k, accumulate): `_block_product_portable` for these sizes."""
     if not SIMD:
         @njit(cache=True, fastmath={"contract"})
         def block(c, ci, cj, a, ai, b, bi, bj, k, accumulate):
-            _block_product_portable(c, ci, cj, a, ai, b, bi, bj, k, accumulate, rows, chains)
+            _block_product_portable(c, ci, cj, a, ai, b, bi, bj, k, accumulate, rows, cols, chains)
         return block
 
     @intrinsic
@@ -387,7 +391,7 @@ def _make_block_product(rows: int, chains: int):
                 return None
 
         def codegen(context, builder, sig, args):
-            return _emit_block_product(context, builder, sig, args, rows, chains)
+            return _emit_block_product(context, builder, sig, args, rows, cols, chains)
 
         return types.void(c, ci, cj, a, ai, b, bi, bj, k, accumulate), codegen
 
@@ -395,8 +399,8 @@ def _make_block_product(rows: int, chains: int):
 
 
 _block_product_portable = njit(cache=True, fastmath={"contract"})(_block_product_portable)
-score_block = _make_block_product(MR_SCORES, CHAINS)
-value_block = _make_block_product(MR, 1)
+score_block = _make_block_product(MR_SCORES, NC, CHAINS)
+value_block = _make_block_product(MR, NC, 1)
 
 
 @njit(cache=True)
@@ -413,6 +417,31 @@ def values_product(acc, weights, values, p0, count):
     for cj in range(0, acc.shape[1], NC):
         for ci in range(0, acc.shape[0], MR):
             value_block(acc, ci, cj, weights, ci, values, p0, cj, count, True)
+
+
+def _prefetch_portable(array, i, j):
+    """Ask the CPU to bring array[i, j]'s cache line closer (a hint: no effect on results)."""
+
+
+@intrinsic
+def _prefetch_llvm(typingctx, array, i, j):
+    if not (isinstance(array, types.Array) and array.ndim == 2 and array.layout == "C"):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, value=args[0])
+        i, j = (context.cast(builder, args[k], sig.args[k], types.int64) for k in (1, 2))
+        ptr = builder.gep(a.data, [builder.add(builder.mul(i, builder.extract_value(a.shape, 1)), j)])
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, i, j), codegen
+
+
+prefetch = _prefetch_llvm if SIMD else njit(cache=True)(_prefetch_portable)
 
 
 def _softmax_tile_portable(s, valid, m_old):
