@@ -223,11 +223,11 @@ def _attend_tiles(q, k_cache, v_cache, start, scale, kv, r0, r1, t_lo, t_hi, o_o
         p0 = t * KV_TILE
         count = min(KV_TILE, start + r1 - p0)  # positions of the tile that the last row sees
         # scores (G R, T) = qs (G R, hd) @ keys (hd, T); columns past `count` are never read
+        if p0 + 2 * KV_TILE <= keys.shape[1]:  # the next tile's keys: hd short runs far apart, which
+            for j in range(head_dim):  # the hardware prefetchers do not foresee; one hint per 64 bytes
+                for p in range(p0 + KV_TILE, p0 + 2 * KV_TILE, 64 // keys.itemsize):
+                    prefetch(keys, j, p)
         if direct and p0 + KV_TILE <= keys.shape[1]:
-            if p0 + 2 * KV_TILE <= keys.shape[1]:  # the next tile's keys: hd rows far apart
-                for j in range(head_dim):
-                    for p in range(p0 + KV_TILE, p0 + 2 * KV_TILE, 32):
-                        prefetch(keys, j, p)
             scores_product(scores, qs, keys, p0, head_dim)
         else:
             for j in range(head_dim):  # widen; columns past `count` keep finite older values (or 0)
@@ -290,125 +290,100 @@ def _sum(x, n):
 # ---- the tile's arithmetic: a register-blocked micro-kernel and the softmax update ----------------
 #
 # Both products of a tile are small matrix products C (+)= A B with B's rows contiguous: the scores
-# qs (G R, hd) @ keys (hd, T) and the value update weights (G R, T) @ values (T, hd). A block of `rows`
+# qs (G R, hd) @ keys (hd, T) and the value update weights (G R, T) @ values (T, hd). A block of MR
 # rows x NC columns of C is computed by the outer-product micro-kernel of every BLAS:
 #
-#     for kk < k:  b = B[kk, 0:NC] (as float32)      for r < rows:  c_r += A[r, kk] * b    (FMA, NC lanes)
+#     for kk < k:  b = B[kk, 0:NC] (as float32)      for r < MR:  c_r += A[r, kk] * b    (FMA, NC lanes)
 #
-# with the accumulators kept in registers over the whole k loop: one load of B serves `rows` FMAs, and no
-# horizontal sum is ever needed. The scores sum hd products, some large, of either sign: they keep
-# `chains` = 2 accumulators per row (even and odd kk), added at the end, which halves the rounding a single
-# running sum would collect. Register budget: 512-bit paths have 32 vector registers, NC = 32 lanes is
-# two; values 8 rows (16 accumulators), scores 4 rows x 2 chains. 256-bit paths have 16: NC = 16 lanes
-# is two registers, values 6 rows, scores 3 rows x 2 chains.
+# with the MR accumulators kept in registers over the whole k loop: one load of B serves MR FMAs, and no
+# horizontal sum is ever needed. 512-bit paths have 32 vector registers: NC = 32 lanes is two, and MR = 8
+# rows take 16 accumulators; 256-bit paths have 16: NC = 16 lanes, MR = 6 rows, 12 accumulators.
+# A score sums hd products, some large, of either sign: it is summed as two halves of hd, each from zero,
+# then added, which halves the rounding error one running sum would collect (SCORE_PARTS).
 
 WIDE = isa.ISA in ("avx512vnni", "avx512bw")
-SIMD = isa.ISA != "portable" and HARDWARE_F16  # the LLVM versions below (else the plain-loop definitions)
+SIMD = isa.ISA != "portable" and HARDWARE_F16  # the LLVM micro-kernel (else its plain-loop definition)
 NC = 32 if WIDE else 16  # columns per block
-MR = 8 if WIDE else 6  # rows per block of the value products (and the padding of G R)
-MR_SCORES = 4 if WIDE else 3  # rows per block of the score products (a divisor of MR)
-CHAINS = 2  # running sums per score
+MR = 8 if WIDE else 6  # rows per block (and the padding of G R)
+SCORE_PARTS = 2  # partial sums per score
 
 
-def _block_product_portable(c, ci, cj, a, ai, b, bi, bj, k, accumulate, rows, cols, chains):
-    """c[ci+r, cj:cj+cols] (+)= sum over kk < k of a[ai+r, kk] * b[bi+kk, bj:bj+cols], for r < rows: the
-    definition of the micro-kernel, in plain loops. c, a float32 (2-D); b float32 or float16 bits.
-    Products with kk % chains == h go to running sum h (an odd last kk to sum 0); the sums are added."""
-    part = np.zeros((chains, cols), np.float32)
-    for r in range(rows):
+def _block_product_portable(c, ci, cj, a, ai, aj, b, bi, bj, k, accumulate):
+    """c[ci+r, cj:cj+NC] (+)= sum over kk < k of a[ai+r, aj+kk] * b[bi+kk, bj:bj+NC], for r < MR: the
+    definition of the micro-kernel, in plain loops. c, a float32 (2-D); b float32 or float16 bits."""
+    part = np.empty(NC, np.float32)
+    for r in range(MR):
         part[:] = 0.0
         for kk in range(k):
-            x = a[ai + r, kk]
-            src = b[bi + kk, bj : bj + cols]
-            chain = part[kk % chains if kk < k // chains * chains else 0]
-            for j in range(cols):
-                chain[j] += x * as_float32(src[j])
-        out = c[ci + r, cj : cj + cols]
-        if not accumulate:
-            out[:] = 0.0
-        for h in range(chains):
-            out += part[h]
+            x = a[ai + r, aj + kk]
+            src = b[bi + kk, bj : bj + NC]
+            for j in range(NC):
+                part[j] += x * as_float32(src[j])
+        out = c[ci + r, cj : cj + NC]
+        if accumulate:
+            out += part
+        else:
+            out[:] = part
 
 
-def _emit_block_product(context, builder, sig, args, rows, cols, chains):
-    """IR of `_block_product_portable` for fixed sizes: rows x chains <cols x float> accumulators
-    in allocas (promoted to registers by LLVM), a loop over kk, one add into c at the end."""
-    c, a, b = (context.make_array(sig.args[i])(context, builder, value=args[i]) for i in (0, 3, 5))
-    ci, cj, ai, bi, bj, k = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 4, 6, 7, 8))
-    accumulate = context.cast(builder, args[9], sig.args[9], types.boolean)
+def _emit_block_product(context, builder, sig, args):
+    """IR of `_block_product_portable`: MR <NC x float> accumulators in allocas (promoted to registers by
+    LLVM), a loop over kk, one store (or add) into c at the end."""
+    c, a, b = (context.make_array(sig.args[i])(context, builder, value=args[i]) for i in (0, 3, 6))
+    ci, cj, ai, aj, bi, bj, k = (context.cast(builder, args[i], sig.args[i], types.int64)
+                                 for i in (1, 2, 4, 5, 7, 8, 9))
+    accumulate = context.cast(builder, args[10], sig.args[10], types.boolean)
     f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
-    vec = ir.VectorType(f32, cols)
-    half = sig.args[5].dtype == types.uint16
-    b_vec = ir.VectorType(ir.HalfType() if half else f32, cols)
-    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{cols}f32")
+    vec = ir.VectorType(f32, NC)
+    half = sig.args[6].dtype == types.uint16
+    b_vec = ir.VectorType(ir.HalfType() if half else f32, NC)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{NC}f32")
 
     def at(array, row, col):  # &array[row, col], row-major
         return builder.gep(array.data, [builder.add(builder.mul(row, builder.extract_value(array.shape, 1)), col)])
 
-    accs = [[cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(rows)] for _ in range(chains)]
-
-    def step(kk, chain):
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(MR)]
+    with cgutils.for_range(builder, k) as loop:
+        kk = loop.index
         row = builder.load(builder.bitcast(at(b, builder.add(bi, kk), bj), b_vec.as_pointer()), align=1)
         if half:
             row = builder.fpext(row, vec)
-        for r in range(rows):
-            x = builder.load(at(a, builder.add(ai, ir.Constant(i64, r)), kk))
+        for r in range(MR):
+            x = builder.load(at(a, builder.add(ai, ir.Constant(i64, r)), builder.add(aj, kk)))
             spread = builder.shuffle_vector(builder.insert_element(ir.Constant(vec, ir.Undefined), x,
                                                                    ir.Constant(i32, 0)),
-                                            ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(i32, cols), None))
-            builder.store(builder.call(fma, [spread, row, builder.load(accs[chain][r])]), accs[chain][r])
-
-    full = builder.sdiv(k, ir.Constant(i64, chains))
-    with cgutils.for_range(builder, full) as loop:
-        for h in range(chains):
-            step(builder.add(builder.mul(loop.index, ir.Constant(i64, chains)), ir.Constant(i64, h)), h)
-    with cgutils.for_range(builder, builder.srem(k, ir.Constant(i64, chains))) as loop:
-        step(builder.add(builder.mul(full, ir.Constant(i64, chains)), loop.index), 0)
-    for r in range(rows):
+                                            ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(i32, NC), None))
+            builder.store(builder.call(fma, [spread, row, builder.load(accs[r])]), accs[r])
+    for r in range(MR):
         ptr = builder.bitcast(at(c, builder.add(ci, ir.Constant(i64, r)), cj), vec.as_pointer())
-        total = builder.load(accs[0][r])
-        for h in range(1, chains):
-            total = builder.fadd(total, builder.load(accs[h][r]))
-        builder.store(total, accs[0][r])
         with builder.if_then(accumulate):
-            builder.store(builder.fadd(builder.load(ptr, align=4), total), accs[0][r])
-        builder.store(builder.load(accs[0][r]), ptr, align=4)
+            builder.store(builder.fadd(builder.load(ptr, align=4), builder.load(accs[r])), accs[r])
+        builder.store(builder.load(accs[r]), ptr, align=4)
     return context.get_dummy_value()
 
 
-def _make_block_product(rows: int, cols: int, chains: int):
-    """block(c, ci, cj, a, ai, b, bi, bj, k, accumulate): `_block_product_portable` for these sizes."""
-    if not SIMD:
-        @njit(cache=True, fastmath={"contract"})
-        def block(c, ci, cj, a, ai, b, bi, bj, k, accumulate):
-            _block_product_portable(c, ci, cj, a, ai, b, bi, bj, k, accumulate, rows, cols, chains)
-        return block
-
-    @intrinsic
-    def block(typingctx, c, ci, cj, a, ai, b, bi, bj, k, accumulate):
-        for arr, dtypes in ((c, (types.float32,)), (a, (types.float32,)), (b, (types.float32, types.uint16))):
-            if not (isinstance(arr, types.Array) and arr.ndim == 2 and arr.layout == "C" and arr.dtype in dtypes):
-                return None
-
-        def codegen(context, builder, sig, args):
-            return _emit_block_product(context, builder, sig, args, rows, cols, chains)
-
-        return types.void(c, ci, cj, a, ai, b, bi, bj, k, accumulate), codegen
-
-    return block
+@intrinsic
+def _block_product_llvm(typingctx, c, ci, cj, a, ai, aj, b, bi, bj, k, accumulate):
+    for arr, dtypes in ((c, (types.float32,)), (a, (types.float32,)), (b, (types.float32, types.uint16))):
+        if not (isinstance(arr, types.Array) and arr.ndim == 2 and arr.layout == "C" and arr.dtype in dtypes):
+            return None
+    return types.void(c, ci, cj, a, ai, aj, b, bi, bj, k, accumulate), _emit_block_product
 
 
 _block_product_portable = njit(cache=True, fastmath={"contract"})(_block_product_portable)
-score_block = _make_block_product(MR_SCORES, NC, CHAINS)
-value_block = _make_block_product(MR, NC, 1)
+block_product = _block_product_llvm if SIMD else _block_product_portable
 
 
 @njit(cache=True)
 def scores_product(scores, qs, keys, p0, head_dim):
-    """scores (M, T) = qs (M, hd) @ keys[:, p0 : p0+T]; keys (hd, >= p0+T) float32 or float16 bits."""
+    """scores (M, T) = qs (M, hd) @ keys[:, p0 : p0+T] (M a multiple of MR); keys (hd, >= p0+T) float32
+    or float16 bits. Each score is the sum of SCORE_PARTS partial sums over consecutive ranges of hd."""
     for cj in range(0, scores.shape[1], NC):
-        for ci in range(0, scores.shape[0], MR_SCORES):
-            score_block(scores, ci, cj, qs, ci, keys, 0, p0 + cj, head_dim, False)
+        for ci in range(0, scores.shape[0], MR):
+            for part in range(SCORE_PARTS):
+                j0 = part * head_dim // SCORE_PARTS
+                j1 = (part + 1) * head_dim // SCORE_PARTS
+                block_product(scores, ci, cj, qs, ci, j0, keys, j0, p0 + cj, j1 - j0, part > 0)
 
 
 @njit(cache=True)
@@ -416,7 +391,7 @@ def values_product(acc, weights, values, p0, count):
     """acc (M, hd) += weights[:, :count] @ values[p0 : p0+count, :hd] (M a multiple of MR, hd of NC)."""
     for cj in range(0, acc.shape[1], NC):
         for ci in range(0, acc.shape[0], MR):
-            value_block(acc, ci, cj, weights, ci, values, p0, cj, count, True)
+            block_product(acc, ci, cj, weights, ci, 0, values, p0, cj, count, True)
 
 
 def _prefetch_portable(array, i, j):
