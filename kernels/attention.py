@@ -298,14 +298,14 @@ def _sum(x, n):
 # with the MR accumulators kept in registers over the whole k loop: one load of B serves MR FMAs, and no
 # horizontal sum is ever needed. 512-bit paths have 32 vector registers: NC = 32 lanes is two, and MR = 8
 # rows take 16 accumulators; 256-bit paths have 16: NC = 16 lanes, MR = 6 rows, 12 accumulators.
-# A score sums hd products, some large, of either sign: it is summed as two halves of hd, each from zero,
-# then added, which halves the rounding error one running sum would collect (SCORE_PARTS).
+# A score sums hd products, some large, of either sign: it is summed in parts of at most SCORE_PART of
+# them, each from zero, then added, which cuts the rounding error one running sum would collect.
 
 WIDE = isa.ISA in ("avx512vnni", "avx512bw")
 SIMD = isa.ISA != "portable" and HARDWARE_F16  # the LLVM micro-kernel (else its plain-loop definition)
 NC = 32 if WIDE else 16  # columns per block
 MR = 8 if WIDE else 6  # rows per block (and the padding of G R)
-SCORE_PARTS = 2  # partial sums per score
+SCORE_PART = 32  # products per partial sum of a score
 
 
 def _block_product_portable(c, ci, cj, a, ai, aj, b, bi, bj, k, accumulate):
@@ -377,12 +377,13 @@ block_product = _block_product_llvm if SIMD else _block_product_portable
 @njit(cache=True)
 def scores_product(scores, qs, keys, p0, head_dim):
     """scores (M, T) = qs (M, hd) @ keys[:, p0 : p0+T] (M a multiple of MR); keys (hd, >= p0+T) float32
-    or float16 bits. Each score is the sum of SCORE_PARTS partial sums over consecutive ranges of hd."""
+    or float16 bits. Each score is the sum of partial sums over consecutive ranges of hd (SCORE_PART)."""
+    parts = (head_dim + SCORE_PART - 1) // SCORE_PART
     for cj in range(0, scores.shape[1], NC):
         for ci in range(0, scores.shape[0], MR):
-            for part in range(SCORE_PARTS):
-                j0 = part * head_dim // SCORE_PARTS
-                j1 = (part + 1) * head_dim // SCORE_PARTS
+            for part in range(parts):
+                j0 = part * head_dim // parts
+                j1 = (part + 1) * head_dim // parts
                 block_product(scores, ci, cj, qs, ci, j0, keys, j0, p0 + cj, j1 - j0, part > 0)
 
 
