@@ -31,6 +31,12 @@ positions are split into P ranges ("flash-decoding") to give every thread work, 
 results are merged. Memory: a job holds (G R, hd) accumulators and two (T, hd) tiles; the partial
 results are (P, n, H, hd) -- nothing grows with n x L.
 
+Per tile the work is two small matrix products, scores (G R, T) = qs (G R, hd) @ keys (hd, T) and
+o (G R, hd) += weights (G R, T) @ values (T, hd), both done by one register-blocked micro-kernel
+(`block_product`), and a softmax step per query vector (`softmax_tile`), each emitted as LLVM IR next to
+its plain-loop definition (the portable path). A decode row's G query vectors are one micro-kernel
+block: it reads the float16 cache directly instead of a widened copy.
+
 Every kernel takes C-contiguous arrays and runs unchanged with NUMBA_DISABLE_JIT=1.
 """
 

@@ -66,7 +66,8 @@ def rope(x, positions, inv_freq, neox):
                 v[b] = x0 * sin[j] + x1 * cos[j]
 
 
-# 2^f = exp(f ln 2) by its Taylor polynomial, highest degree first: (ln 2)^i / i! for i = 6..0
+# 2^f = exp(f ln 2) by its Taylor polynomial, highest degree first: (ln 2)^i / i! for i = 6..0. Also used
+# by kernels/attention.py's `softmax_tile` (whose cached kernels do not see edits here: clear its cache).
 EXP2_TAYLOR = (1.5403530393381606e-4, 1.3333558146428443e-3, 9.618129107628477e-3, 5.550410866482158e-2,
                0.2402265069591007, 0.6931471805599453, 1.0)
 

@@ -134,14 +134,17 @@ def test_float16_cache_stays_close_to_float32():
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
 def test_attention_ignores_positions_past_the_query(dtype):
     """Garbage after the causal limit (e.g. a truncated cache's old tail) must not leak in, even inside
-    the tile that holds the limit."""
+    the tile that holds the limit, whether the tile is widened or (6 query vectors: one micro-kernel
+    block) read from the cache directly."""
     rng = np.random.default_rng(4)
     q = randn(rng, 3, 2, 16)
-    k_cache = randn(rng, 1, 16, 100).astype(dtype)
-    v_cache = randn(rng, 1, 100, 16).astype(dtype)
+    capacity = A.KV_TILE + 100
+    k_cache = randn(rng, 1, 16, capacity).astype(dtype)
+    v_cache = randn(rng, 1, capacity, 16).astype(dtype)
     out_a, out_b = np.empty_like(q), np.empty_like(q)
     A.attention(q, k_cache, v_cache, 68, np.float32(0.25), out_a)  # rows see positions ..68, ..69, ..70
-    k_cache[:, :, 71:] = 6e4
+    k_cache[:, :, 71:90] = 6e4
+    k_cache[:, :, 90:] = np.nan
     v_cache[:, 71:] = np.nan
     A.attention(q, k_cache, v_cache, 68, np.float32(0.25), out_b)
     np.testing.assert_array_equal(out_a, out_b)
