@@ -339,13 +339,14 @@ def _block_product_portable(c, ci, cj, a, ai, aj, b, bi, bj, k, part, accumulate
                 out[:] = run
 
 
-def _emit_block_product(context, builder, sig, args):
-    """IR of `_block_product_portable`: MR <NC x float> accumulators in allocas (promoted to registers by
-    LLVM), a loop over runs, in it a loop over kk, then one store (or add) into c."""
+def _emit_block_product(context, builder, sig, args, part):
+    """IR of `_block_product_portable` for a fixed `part`: MR <NC x float> accumulators in allocas
+    (promoted to registers by LLVM); per run, a loop over its kk (of constant length: unrolled), then one
+    store (or add) into c."""
     c, a, b = (context.make_array(sig.args[i])(context, builder, value=args[i]) for i in (0, 3, 6))
-    ci, cj, ai, aj, bi, bj, k, part = (context.cast(builder, args[i], sig.args[i], types.int64)
-                                       for i in (1, 2, 4, 5, 7, 8, 9, 10))
-    accumulate = context.cast(builder, args[11], sig.args[11], types.boolean)
+    ci, cj, ai, aj, bi, bj, k = (context.cast(builder, args[i], sig.args[i], types.int64)
+                                 for i in (1, 2, 4, 5, 7, 8, 9))
+    accumulate = context.cast(builder, args[10], sig.args[10], types.boolean)
     f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
     vec = ir.VectorType(f32, NC)
     half = sig.args[6].dtype == types.uint16
@@ -356,13 +357,11 @@ def _emit_block_product(context, builder, sig, args):
         return builder.gep(array.data, [builder.add(builder.mul(row, builder.extract_value(array.shape, 1)), col)])
 
     accs = [cgutils.alloca_once(builder, vec) for _ in range(MR)]
-    runs = builder.sdiv(builder.add(k, builder.sub(part, ir.Constant(i64, 1))), part)
-    with cgutils.for_range(builder, runs) as outer:
-        k0 = builder.mul(outer.index, part)
+
+    def run(k0, length, add):
+        """c (+)= the products of kk = k0 .. k0+length-1, summed from zero."""
         for r in range(MR):
             builder.store(ir.Constant(vec, None), accs[r])
-        length = builder.sub(k, k0)
-        length = builder.select(builder.icmp_signed("<", part, length), part, length)
         with cgutils.for_range(builder, length) as loop:
             kk = builder.add(k0, loop.index)
             row = builder.load(builder.bitcast(at(b, builder.add(bi, kk), bj), b_vec.as_pointer()), align=1)
@@ -374,25 +373,48 @@ def _emit_block_product(context, builder, sig, args):
                     builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(i32, 0)),
                     ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(i32, NC), None))
                 builder.store(builder.call(fma, [spread, row, builder.load(accs[r])]), accs[r])
-        add = builder.or_(accumulate, builder.icmp_signed(">", outer.index, ir.Constant(i64, 0)))
         for r in range(MR):
             ptr = builder.bitcast(at(c, builder.add(ci, ir.Constant(i64, r)), cj), vec.as_pointer())
             with builder.if_then(add):
                 builder.store(builder.fadd(builder.load(ptr, align=4), builder.load(accs[r])), accs[r])
             builder.store(builder.load(accs[r]), ptr, align=4)
+
+    full = builder.sdiv(k, ir.Constant(i64, part))  # whole runs, then the rest
+    with cgutils.for_range(builder, full) as outer:
+        run(builder.mul(outer.index, ir.Constant(i64, part)), ir.Constant(i64, part),
+            builder.or_(accumulate, builder.icmp_signed(">", outer.index, ir.Constant(i64, 0))))
+    rest = builder.srem(k, ir.Constant(i64, part))
+    with builder.if_then(builder.icmp_signed(">", rest, ir.Constant(i64, 0))):
+        run(builder.mul(full, ir.Constant(i64, part)), rest,
+            builder.or_(accumulate, builder.icmp_signed(">", full, ir.Constant(i64, 0))))
     return context.get_dummy_value()
 
 
-@intrinsic
-def _block_product_llvm(typingctx, c, ci, cj, a, ai, aj, b, bi, bj, k, part, accumulate):
-    for arr, dtypes in ((c, (types.float32,)), (a, (types.float32,)), (b, (types.float32, types.uint16))):
-        if not (isinstance(arr, types.Array) and arr.ndim == 2 and arr.layout == "C" and arr.dtype in dtypes):
-            return None
-    return types.void(c, ci, cj, a, ai, aj, b, bi, bj, k, part, accumulate), _emit_block_product
+def _make_block_product(part: int):
+    """block(c, ci, cj, a, ai, aj, b, bi, bj, k, accumulate): `_block_product_portable` in runs of `part`."""
+    if not SIMD:
+        @njit(cache=True)
+        def block(c, ci, cj, a, ai, aj, b, bi, bj, k, accumulate):
+            _block_product_portable(c, ci, cj, a, ai, aj, b, bi, bj, k, part, accumulate)
+        return block
+
+    @intrinsic
+    def block(typingctx, c, ci, cj, a, ai, aj, b, bi, bj, k, accumulate):
+        for arr, dtypes in ((c, (types.float32,)), (a, (types.float32,)), (b, (types.float32, types.uint16))):
+            if not (isinstance(arr, types.Array) and arr.ndim == 2 and arr.layout == "C" and arr.dtype in dtypes):
+                return None
+
+        def codegen(context, builder, signature, args):
+            return _emit_block_product(context, builder, signature, args, part)
+
+        return types.void(c, ci, cj, a, ai, aj, b, bi, bj, k, accumulate), codegen
+
+    return block
 
 
 _block_product_portable = njit(cache=True, fastmath={"contract"})(_block_product_portable)
-block_product = _block_product_llvm if SIMD else _block_product_portable
+score_block = _make_block_product(SCORE_PART)
+value_block = _make_block_product(VALUE_PART)
 
 
 @njit(cache=True)
@@ -401,7 +423,7 @@ def scores_product(scores, qs, keys, p0, head_dim):
     or float16 bits."""
     for cj in range(0, scores.shape[1], NC):
         for ci in range(0, scores.shape[0], MR):
-            block_product(scores, ci, cj, qs, ci, 0, keys, 0, p0 + cj, head_dim, SCORE_PART, False)
+            score_block(scores, ci, cj, qs, ci, 0, keys, 0, p0 + cj, head_dim, False)
 
 
 @njit(cache=True)
@@ -409,7 +431,7 @@ def values_product(acc, weights, values, p0, count):
     """acc (M, hd) += weights[:, :count] @ values[p0 : p0+count, :hd] (M a multiple of MR, hd of NC)."""
     for cj in range(0, acc.shape[1], NC):
         for ci in range(0, acc.shape[0], MR):
-            block_product(acc, ci, cj, weights, ci, 0, values, p0, cj, count, VALUE_PART, True)
+            value_block(acc, ci, cj, weights, ci, 0, values, p0, cj, count, True)
 
 
 def _prefetch_portable(array, i, j):
