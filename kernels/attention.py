@@ -31,6 +31,12 @@ positions are split into P ranges ("flash-decoding") to give every thread work, 
 results are merged. Memory: a job holds (G R, hd) accumulators and two (T, hd) tiles; the partial
 results are (P, n, H, hd) -- nothing grows with n x L.
 
+Per tile the work is two small matrix products, scores (G R, T) = qs (G R, hd) @ keys (hd, T) and
+o (G R, hd) += weights (G R, T) @ values (T, hd), both done by one register-blocked micro-kernel
+(`score_block`, `value_block`), and a softmax step per query vector (`softmax_tile`), each emitted as
+LLVM IR next to its plain-loop definition (the portable path). A decode row's G query vectors are one
+micro-kernel block: it reads the float16 cache directly instead of a widened copy.
+
 Every kernel takes C-contiguous arrays and runs unchanged with NUMBA_DISABLE_JIT=1.
 """
 
@@ -43,13 +49,14 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from kawai.kernels import isa
-from kawai.kernels.ops import exp_inplace
+from kawai.kernels.ops import EXP2_TAYLOR, exp_inplace
 
-Q_TILE = 16  # query rows per job: with G = 7 (Qwen2.5-0.5B), 112 query vectors share each widened tile
-KV_TILE = 64  # positions per tile: the float32 key and value tiles (2 x 64 x hd x 4 bytes) stay in L1
+Q_TILE = 32  # query rows per job: with G = 7 (Qwen2.5-0.5B), 224 query vectors share each widened tile
+KV_TILE = 128  # positions per tile (measured: 64 and 256 are slower)
 MIN_SPLIT_TILES = 4  # a KV split covers at least this many tiles, so its setup and merge stay small
 JOBS_PER_THREAD = 4  # decode splits its positions until there are this many jobs per thread
 
@@ -195,64 +202,75 @@ def attention_partial(q, k_cache, v_cache, start, scale, o_part, m_part, l_part)
 def _attend_tiles(q, k_cache, v_cache, start, scale, kv, r0, r1, t_lo, t_hi, o_out, m_out, l_out):
     """Rows r0..r1-1, the query heads of key/value head kv, over tiles t_lo..t_hi-1 (positions
     t_lo*T.. ; each row stops at its causal limit). Writes o_out (n, H, hd), m_out and l_out (n, H).
-    Query vector u is row r0 + u // G, head kv*G + u % G; their count is padded to a multiple of 4
-    (zero queries, never written out) for `_scores`."""
+    Query vector u is row r0 + u // G, head kv*G + u % G. Their count is padded to a multiple of MR, and
+    the accumulators' width to a multiple of NC, for the micro-kernel (zero padding, never written out)."""
     n_heads, head_dim = q.shape[1], q.shape[2]
     group = n_heads // k_cache.shape[0]
     mq = (r1 - r0) * group
-    qs = np.zeros(((mq + 3) // 4 * 4, head_dim), np.float32)  # (G R padded, hd) scaled queries
+    rows = (mq + MR - 1) // MR * MR  # G R padded
+    width = (head_dim + NC - 1) // NC * NC  # hd padded
+    qs = np.zeros((rows, head_dim), np.float32)  # (G R padded, hd) scaled queries
     for u in range(mq):
         qrow = q[r0 + u // group, kv * group + u % group]
         for j in range(head_dim):
             qs[u, j] = qrow[j] * scale
-    acc = np.zeros((qs.shape[0], head_dim), np.float32)  # (G R padded, hd) o
+    acc = np.zeros((rows, width), np.float32)  # (G R padded, hd padded) o
     m = np.full(mq, -np.inf, np.float32)  # (G R,)
     total = np.zeros(mq, np.float32)  # (G R,) l
-    kt = np.zeros((KV_TILE, head_dim), np.float32)  # (T, hd) keys of the tile
-    vt = np.zeros((KV_TILE, head_dim), np.float32)  # (T, hd) values of the tile
-    scores = np.empty((qs.shape[0], KV_TILE), np.float32)  # (G R padded, T), then weights
-    bits = np.empty(KV_TILE, np.int32)  # exp_inplace scratch
+    scores = np.zeros((rows, KV_TILE), np.float32)  # (G R padded, T), then weights
     keys = k_cache[kv]  # (hd, S)
     values = v_cache[kv]  # (S, hd)
+    # One block of query vectors (decode) uses each key and value once: the products read the cache
+    # itself, widening as they load. Several blocks share a widened float32 copy of the tile.
+    direct = rows == MR and width == head_dim
+    kt = np.zeros((head_dim, KV_TILE), np.float32)  # (hd, T) keys of the tile
+    vt = np.zeros((KV_TILE, width), np.float32)  # (T, hd padded) values of the tile
     for t in range(t_lo, min(t_hi, (start + r1 + KV_TILE - 1) // KV_TILE)):
         p0 = t * KV_TILE
         count = min(KV_TILE, start + r1 - p0)  # positions of the tile that the last row sees
-        end = (count + 7) // 8 * 8  # <= T: `_accumulate` takes 8 positions at a time
-        # Widen to float32; keys to position-major. Rows past `count` keep finite older values.
-        for j in range(head_dim):
-            src = keys[j, p0 : p0 + count]
-            for p in range(count):
-                kt[p, j] = as_float32(src[p])
-        for p in range(count):
-            src = values[p0 + p]
-            dst = vt[p]
-            for j in range(head_dim):
-                dst[j] = as_float32(src[j])
-        _scores(qs, kt, scores)  # (G R padded, T) over the whole tile; row u uses [:valid]
-        for u in range(qs.shape[0]):
-            # scores[u] -> weights exp(s - m_new) for p < valid, 0 for valid <= p < end
+        # scores (G R, T) = qs (G R, hd) @ keys (hd, T); columns past `count` are never read
+        if p0 + 2 * KV_TILE <= keys.shape[1]:  # the next tile's keys: hd short runs far apart, which
+            for j in range(head_dim):  # the hardware prefetchers do not foresee; one hint per 64 bytes
+                for p in range(p0 + KV_TILE, p0 + 2 * KV_TILE, 64 // keys.itemsize):
+                    prefetch(keys, j, p)
+        if direct and p0 + KV_TILE <= keys.shape[1]:
+            scores_product(scores, qs, keys, p0, head_dim)
+        else:
+            for j in range(head_dim):  # widen; columns past `count` keep finite older values (or 0)
+                src = keys[j, p0 : p0 + count]
+                dst = kt[j]
+                for p in range(count):
+                    dst[p] = as_float32(src[p])
+            scores_product(scores, qs, kt, 0, head_dim)
+        for u in range(rows):
+            # scores[u] -> weights exp(s - m_new) for p < valid, else 0; m, l, o rescaled to m_new
             valid = min(count, start + r0 + u // group + 1 - p0) if u < mq else 0  # causal limit
-            s = scores[u]
             if valid <= 0:  # a row that does not reach this tile, or padding
-                s[:end] = 0.0
+                scores[u, :] = 0.0
                 continue
-            m_new = max(m[u], _max(s, valid))
-            for p in range(valid):
-                s[p] -= m_new
-            exp_inplace(s, valid, bits)
-            s[valid:end] = 0.0
-            alpha = np.float32(math.exp(m[u] - m_new))  # 0 on the first tile (m = -inf)
-            total[u] = total[u] * alpha + _sum(s, valid)
-            m[u] = m_new
-            if alpha != 1.0:
+            m_new, tile_sum = softmax_tile(scores[u], valid, m[u])
+            if m_new != m[u]:
+                alpha = np.float32(math.exp(m[u] - m_new))  # 0 on the first tile (m = -inf)
+                total[u] *= alpha
                 a = acc[u]
                 for j in range(head_dim):
                     a[j] *= alpha
-        _accumulate(scores, end, vt, acc)
+            total[u] += tile_sum
+            m[u] = m_new
+        # acc (G R, hd) += weights (G R, count) @ values (count, hd)
+        if direct:
+            values_product(acc, scores, values, p0, count)
+        else:
+            for p in range(count):
+                src = values[p0 + p]
+                dst = vt[p]
+                for j in range(head_dim):
+                    dst[j] = as_float32(src[j])
+            values_product(acc, scores, vt, 0, count)
     for u in range(mq):
         i = r0 + u // group
         h = kv * group + u % group
-        o_out[i, h, :] = acc[u]
+        o_out[i, h, :] = acc[u, :head_dim]
         m_out[i, h] = m[u]
         l_out[i, h] = total[u]
 
@@ -275,47 +293,245 @@ def _sum(x, n):
     return total
 
 
-@njit(cache=True, fastmath={"reassoc", "contract"})
-def _scores(qs, kt, scores):
-    """scores[u, p] = qs[u] . kt[p]. qs (M, hd) with M a multiple of 4; kt (T, hd); scores (M, T).
-    Four queries per pass share each key load, and the dot products are summed in vector lanes
-    (reassociated: the order differs from a sequential sum, fixed for given shapes)."""
-    head_dim = qs.shape[1]
-    for u in range(0, qs.shape[0], 4):
-        q0, q1, q2, q3 = qs[u], qs[u + 1], qs[u + 2], qs[u + 3]
-        for p in range(KV_TILE):
-            k = kt[p]
-            s0 = s1 = s2 = s3 = np.float32(0.0)
-            for j in range(head_dim):
-                kj = k[j]
-                s0 += q0[j] * kj
-                s1 += q1[j] * kj
-                s2 += q2[j] * kj
-                s3 += q3[j] * kj
-            scores[u, p], scores[u + 1, p], scores[u + 2, p], scores[u + 3, p] = s0, s1, s2, s3
+# ---- the tile's arithmetic: a register-blocked micro-kernel and the softmax update ----------------
+#
+# Both products of a tile are small matrix products C (+)= A B with B's rows contiguous: the scores
+# qs (G R, hd) @ keys (hd, T) and the value update weights (G R, T) @ values (T, hd). A block of MR
+# rows x NC columns of C is computed by the outer-product micro-kernel of every BLAS:
+#
+#     for kk < k:  b = B[kk, 0:NC] (as float32)      for r < MR:  c_r += A[r, kk] * b    (FMA, NC lanes)
+#
+# with the MR accumulators kept in registers over the whole k loop: one load of B serves MR FMAs, and no
+# horizontal sum is ever needed. 512-bit paths have 32 vector registers: NC = 32 lanes is two, and MR = 8
+# rows take 16 accumulators; 256-bit paths have 16: NC = 16 lanes, MR = 6 rows, 12 accumulators.
+#
+# The sum over kk is taken in runs of `part` consecutive terms, each run from zero in registers and then
+# added to C: a long running sum collects rounding error in proportion to its size, and real models'
+# scores sum large products of either sign (a few "massive" dimensions of q and k). The teacher-forced
+# agreement of tests/engine/test_model_real.py measured it (SmolLM2, hd = 64): with two runs per score and
+# one per tile of values, 11 of 362 top-1 tokens differed from transformers'; with runs of 16 and 32, 4
+# (as with the earlier kernel's 16-lane sums).
+
+WIDE = isa.ISA in ("avx512vnni", "avx512bw")
+SIMD = isa.ISA != "portable" and HARDWARE_F16  # the LLVM micro-kernel (else its plain-loop definition)
+NC = 32 if WIDE else 16  # columns per block
+MR = 8 if WIDE else 6  # rows per block (and the padding of G R)
+SCORE_PART = 16  # key dimensions per partial sum of a score
+VALUE_PART = 32  # positions per partial sum of an output
 
 
-@njit(cache=True, fastmath={"contract"})
-def _accumulate(w, end, vt, acc):
-    """acc[u] += sum_p w[u, p] vt[p] over p < end. w (M, T) weights, M a multiple of 4, end a multiple
-    of 8; vt (T, hd); acc (M, hd). Four queries and four value rows per pass: each accumulator load and
-    store serves four products, each value load four queries."""
-    head_dim = acc.shape[1]
-    for u in range(0, acc.shape[0], 4):
-        a0, a1, a2, a3 = acc[u], acc[u + 1], acc[u + 2], acc[u + 3]
-        x0, x1, x2, x3 = w[u], w[u + 1], w[u + 2], w[u + 3]
-        for p in range(0, end, 4):
-            v0, v1, v2, v3 = vt[p], vt[p + 1], vt[p + 2], vt[p + 3]
-            w00, w01, w02, w03 = x0[p], x0[p + 1], x0[p + 2], x0[p + 3]
-            w10, w11, w12, w13 = x1[p], x1[p + 1], x1[p + 2], x1[p + 3]
-            w20, w21, w22, w23 = x2[p], x2[p + 1], x2[p + 2], x2[p + 3]
-            w30, w31, w32, w33 = x3[p], x3[p + 1], x3[p + 2], x3[p + 3]
-            for j in range(head_dim):
-                y0, y1, y2, y3 = v0[j], v1[j], v2[j], v3[j]
-                a0[j] += w00 * y0 + w01 * y1 + w02 * y2 + w03 * y3
-                a1[j] += w10 * y0 + w11 * y1 + w12 * y2 + w13 * y3
-                a2[j] += w20 * y0 + w21 * y1 + w22 * y2 + w23 * y3
-                a3[j] += w30 * y0 + w31 * y1 + w32 * y2 + w33 * y3
+def _block_product_portable(c, ci, cj, a, ai, aj, b, bi, bj, k, part, accumulate):
+    """c[ci+r, cj:cj+NC] (+)= sum over kk < k of a[ai+r, aj+kk] * b[bi+kk, bj:bj+NC], for r < MR, summed
+    in runs of `part` terms added to c in turn (the first one stored unless accumulate): the definition of
+    the micro-kernel, in plain loops. c, a float32 (2-D); b float32 or float16 bits."""
+    run = np.empty(NC, np.float32)
+    for r in range(MR):
+        out = c[ci + r, cj : cj + NC]
+        for k0 in range(0, k, part):
+            run[:] = 0.0
+            for kk in range(k0, min(k, k0 + part)):
+                x = a[ai + r, aj + kk]
+                src = b[bi + kk, bj : bj + NC]
+                for j in range(NC):
+                    run[j] += x * as_float32(src[j])
+            if accumulate or k0 > 0:
+                out += run
+            else:
+                out[:] = run
+
+
+def _emit_block_product(context, builder, sig, args, part):
+    """IR of `_block_product_portable` for a fixed `part`: MR <NC x float> accumulators in allocas
+    (promoted to registers by LLVM); per run, a loop over its kk (of constant length: unrolled), then one
+    store (or add) into c."""
+    c, a, b = (context.make_array(sig.args[i])(context, builder, value=args[i]) for i in (0, 3, 6))
+    ci, cj, ai, aj, bi, bj, k = (context.cast(builder, args[i], sig.args[i], types.int64)
+                                 for i in (1, 2, 4, 5, 7, 8, 9))
+    accumulate = context.cast(builder, args[10], sig.args[10], types.boolean)
+    f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+    vec = ir.VectorType(f32, NC)
+    half = sig.args[6].dtype == types.uint16
+    b_vec = ir.VectorType(ir.HalfType() if half else f32, NC)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{NC}f32")
+
+    def at(array, row, col):  # &array[row, col], row-major
+        return builder.gep(array.data, [builder.add(builder.mul(row, builder.extract_value(array.shape, 1)), col)])
+
+    accs = [cgutils.alloca_once(builder, vec) for _ in range(MR)]
+
+    def run(k0, length, add):
+        """c (+)= the products of kk = k0 .. k0+length-1, summed from zero."""
+        for r in range(MR):
+            builder.store(ir.Constant(vec, None), accs[r])
+        with cgutils.for_range(builder, length) as loop:
+            kk = builder.add(k0, loop.index)
+            row = builder.load(builder.bitcast(at(b, builder.add(bi, kk), bj), b_vec.as_pointer()), align=1)
+            if half:
+                row = builder.fpext(row, vec)
+            for r in range(MR):
+                x = builder.load(at(a, builder.add(ai, ir.Constant(i64, r)), builder.add(aj, kk)))
+                spread = builder.shuffle_vector(
+                    builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(i32, 0)),
+                    ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(i32, NC), None))
+                builder.store(builder.call(fma, [spread, row, builder.load(accs[r])]), accs[r])
+        for r in range(MR):
+            ptr = builder.bitcast(at(c, builder.add(ci, ir.Constant(i64, r)), cj), vec.as_pointer())
+            with builder.if_then(add):
+                builder.store(builder.fadd(builder.load(ptr, align=4), builder.load(accs[r])), accs[r])
+            builder.store(builder.load(accs[r]), ptr, align=4)
+
+    full = builder.sdiv(k, ir.Constant(i64, part))  # whole runs, then the rest
+    with cgutils.for_range(builder, full) as outer:
+        run(builder.mul(outer.index, ir.Constant(i64, part)), ir.Constant(i64, part),
+            builder.or_(accumulate, builder.icmp_signed(">", outer.index, ir.Constant(i64, 0))))
+    rest = builder.srem(k, ir.Constant(i64, part))
+    with builder.if_then(builder.icmp_signed(">", rest, ir.Constant(i64, 0))):
+        run(builder.mul(full, ir.Constant(i64, part)), rest,
+            builder.or_(accumulate, builder.icmp_signed(">", full, ir.Constant(i64, 0))))
+    return context.get_dummy_value()
+
+
+def _make_block_product(part: int):
+    """block(c, ci, cj, a, ai, aj, b, bi, bj, k, accumulate): `_block_product_portable` in runs of `part`."""
+    if not SIMD:
+        @njit(cache=True)
+        def block(c, ci, cj, a, ai, aj, b, bi, bj, k, accumulate):
+            _block_product_portable(c, ci, cj, a, ai, aj, b, bi, bj, k, part, accumulate)
+        return block
+
+    @intrinsic
+    def block(typingctx, c, ci, cj, a, ai, aj, b, bi, bj, k, accumulate):
+        for arr, dtypes in ((c, (types.float32,)), (a, (types.float32,)), (b, (types.float32, types.uint16))):
+            if not (isinstance(arr, types.Array) and arr.ndim == 2 and arr.layout == "C" and arr.dtype in dtypes):
+                return None
+
+        def codegen(context, builder, signature, args):
+            return _emit_block_product(context, builder, signature, args, part)
+
+        return types.void(c, ci, cj, a, ai, aj, b, bi, bj, k, accumulate), codegen
+
+    return block
+
+
+_block_product_portable = njit(cache=True, fastmath={"contract"})(_block_product_portable)
+score_block = _make_block_product(SCORE_PART)
+value_block = _make_block_product(VALUE_PART)
+
+
+@njit(cache=True)
+def scores_product(scores, qs, keys, p0, head_dim):
+    """scores (M, T) = qs (M, hd) @ keys[:, p0 : p0+T] (M a multiple of MR); keys (hd, >= p0+T) float32
+    or float16 bits."""
+    for cj in range(0, scores.shape[1], NC):
+        for ci in range(0, scores.shape[0], MR):
+            score_block(scores, ci, cj, qs, ci, 0, keys, 0, p0 + cj, head_dim, False)
+
+
+@njit(cache=True)
+def values_product(acc, weights, values, p0, count):
+    """acc (M, hd) += weights[:, :count] @ values[p0 : p0+count, :hd] (M a multiple of MR, hd of NC)."""
+    for cj in range(0, acc.shape[1], NC):
+        for ci in range(0, acc.shape[0], MR):
+            value_block(acc, ci, cj, weights, ci, 0, values, p0, cj, count, True)
+
+
+def _prefetch_portable(array, i, j):
+    """Ask the CPU to bring array[i, j]'s cache line closer (a hint: no effect on results)."""
+
+
+@intrinsic
+def _prefetch_llvm(typingctx, array, i, j):
+    if not (isinstance(array, types.Array) and array.ndim == 2 and array.layout == "C"):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, value=args[0])
+        i, j = (context.cast(builder, args[k], sig.args[k], types.int64) for k in (1, 2))
+        ptr = builder.gep(a.data, [builder.add(builder.mul(i, builder.extract_value(a.shape, 1)), j)])
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, i, j), codegen
+
+
+prefetch = _prefetch_llvm if SIMD else njit(cache=True)(_prefetch_portable)
+
+
+def _softmax_tile_portable(s, valid, m_old):
+    """One query vector's online-softmax step over a tile. s (T,) its scores, valid >= 1 of them visible:
+    m_new = max(m_old, s[:valid]); s[:valid] = exp(s - m_new), s[valid:] = 0; -> (m_new, sum of s)."""
+    m_new = max(m_old, _max(s, valid))
+    for p in range(valid):
+        s[p] -= m_new
+    exp_inplace(s, valid, np.empty(valid, np.int32))
+    s[valid:] = 0.0
+    return m_new, _sum(s, valid)
+
+
+def _emit_softmax_tile(context, builder, sig, args):
+    """IR of `_softmax_tile_portable` on the whole tile as one <T x float> (LLVM splits it into vector
+    registers): lanes p >= valid are selected away, max and sum are fixed-order trees, and exp is
+    exp_inplace's: 2^k * P(f), k = rint(x log2 e), P its Taylor polynomial, 2^k built as exponent bits."""
+    s = context.make_array(sig.args[0])(context, builder, value=args[0])
+    valid = context.cast(builder, args[1], sig.args[1], types.int32)
+    m_old = context.cast(builder, args[2], sig.args[2], types.float32)
+    f32, i32 = ir.FloatType(), ir.IntType(32)
+    vec, ivec = ir.VectorType(f32, KV_TILE), ir.VectorType(i32, KV_TILE)
+
+    def splat(value, ty=vec):
+        return ir.Constant(ty, [ir.Constant(ty.element, value)] * KV_TILE)
+
+    def intrinsic_call(name, *operands):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * len(operands)), name)
+        return builder.call(fn, operands)
+
+    def tree(v, combine):  # combine(halves) down to one lane, in a fixed order
+        n = KV_TILE
+        while n > 1:
+            n //= 2
+            lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, n), list(range(n))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, n), list(range(n, 2 * n))))
+            v = combine(lo, hi)
+        return builder.extract_element(v, ir.Constant(i32, 0))
+
+    def vmax(x, y):
+        return builder.select(builder.fcmp_ordered(">", x, y), x, y)
+
+    ptr = builder.bitcast(s.data, vec.as_pointer())
+    lanes = ir.Constant(ivec, list(range(KV_TILE)))
+    visible = builder.icmp_signed("<", lanes, builder.shuffle_vector(
+        builder.insert_element(ir.Constant(ivec, ir.Undefined), valid, ir.Constant(i32, 0)),
+        ir.Constant(ivec, ir.Undefined), ir.Constant(ivec, None)))
+    x = builder.select(visible, builder.load(ptr, align=4), splat(-math.inf))
+    m_new = vmax(m_old, tree(x, vmax))
+    m_spread = builder.shuffle_vector(builder.insert_element(ir.Constant(vec, ir.Undefined), m_new,
+                                                             ir.Constant(i32, 0)),
+                                      ir.Constant(vec, ir.Undefined), ir.Constant(ivec, None))
+    t = builder.fmul(builder.fsub(x, m_spread), splat(1.4426950408889634))  # x - m_new <= 0, in log2 units
+    t = vmax(t, splat(-125.0))
+    k = intrinsic_call(f"llvm.rint.v{KV_TILE}f32", t)
+    f = builder.fsub(t, k)
+    y = splat(EXP2_TAYLOR[0])
+    for coefficient in EXP2_TAYLOR[1:]:
+        y = intrinsic_call(f"llvm.fma.v{KV_TILE}f32", y, f, splat(coefficient))
+    scale = builder.bitcast(builder.shl(builder.add(builder.fptosi(k, ivec), splat(127, ivec)), splat(23, ivec)), vec)
+    e = builder.select(visible, builder.fmul(y, scale), splat(0.0))
+    builder.store(e, ptr, align=4)
+    total = tree(e, builder.fadd)
+    return context.make_tuple(builder, sig.return_type, [m_new, total])
+
+
+if SIMD:
+    @intrinsic
+    def softmax_tile(typingctx, s, valid, m_old):
+        if not (isinstance(s, types.Array) and s.ndim == 1 and s.layout == "C" and s.dtype == types.float32):
+            return None
+        return types.UniTuple(types.float32, 2)(s, valid, m_old), _emit_softmax_tile
+else:
+    softmax_tile = njit(cache=True)(_softmax_tile_portable)
 
 
 @njit(cache=True)

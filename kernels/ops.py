@@ -66,6 +66,12 @@ def rope(x, positions, inv_freq, neox):
                 v[b] = x0 * sin[j] + x1 * cos[j]
 
 
+# 2^f = exp(f ln 2) by its Taylor polynomial, highest degree first: (ln 2)^i / i! for i = 6..0. Also used
+# by kernels/attention.py's `softmax_tile` (whose cached kernels do not see edits here: clear its cache).
+EXP2_TAYLOR = (1.5403530393381606e-4, 1.3333558146428443e-3, 9.618129107628477e-3, 5.550410866482158e-2,
+               0.2402265069591007, 0.6931471805599453, 1.0)
+
+
 @njit(cache=True, fastmath={"contract"})
 def exp_inplace(x, n, bits):
     """x[:n] = exp(x[:n]) in float32, for x within about [-87, 88] (clamped beyond); bits (>= n,) int32
@@ -76,13 +82,10 @@ def exp_inplace(x, n, bits):
         t = min(max(x[p] * np.float32(1.4426950408889634), np.float32(-125.0)), np.float32(127.0))
         k = np.float32(np.rint(t))
         f = t - k
-        y = np.float32(1.5403530393381606e-4)  # ln(2)^6 / 6!
-        y = y * f + np.float32(1.3333558146428443e-3)
-        y = y * f + np.float32(9.618129107628477e-3)
-        y = y * f + np.float32(5.550410866482158e-2)
-        y = y * f + np.float32(0.2402265069591007)
-        y = y * f + np.float32(0.6931471805599453)
-        x[p] = y * f + np.float32(1.0)
+        y = np.float32(EXP2_TAYLOR[0])
+        for c in EXP2_TAYLOR[1:]:
+            y = y * f + np.float32(c)
+        x[p] = y
         bits[p] = (np.int32(k) + np.int32(127)) << np.int32(23)
     scale = bits[:n].view(np.float32)  # 2^k
     for p in range(n):

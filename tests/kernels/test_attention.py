@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+
+import llvmlite.binding as llvm_binding
 import numpy as np
 import pytest
 import torch
@@ -10,6 +13,7 @@ import torch.nn.functional as F
 from numba import njit
 
 from kawai.kernels import attention as A
+from kawai.kernels import isa
 from python_runner import run_python
 
 
@@ -79,14 +83,17 @@ def _cache(k_all, v_all, max_seq, dtype):
     return k_cache, v_cache
 
 
+T, R = A.KV_TILE, A.Q_TILE
 CASES = [  # n, start, heads, kv_heads, hd
     (1, 0, 4, 2, 32),  # the first token
     (1, 37, 14, 2, 64),  # decode, one partial tile
-    (1, 300, 9, 3, 64),  # decode over several tiles, 3 query heads per KV head
+    (1, 2 * T + 44, 9, 3, 64),  # decode over several tiles, 3 query heads per KV head
+    (1, 3 * T + 5, 14, 2, 128),  # decode, 7 query heads per KV head, wide heads
     (9, 0, 4, 4, 32),  # prefill, no grouping
-    (40, 23, 6, 2, 32),  # prefill after a cached prefix, rows across a tile edge
-    (33, 100, 9, 3, 64),  # three query tiles, the last one short
-    (70, 130, 8, 1, 128),  # one KV head for all, wide heads
+    (40, T - 17, 6, 2, 32),  # prefill after a cached prefix, rows across a tile edge
+    (2 * R + 1, 100, 9, 3, 64),  # three query tiles, the last one short
+    (70, T + 2, 8, 1, 128),  # one KV head for all, wide heads
+    (5, T + 20, 4, 2, 80),  # a head size that is not a multiple of the micro-kernel's columns
 ]
 
 
@@ -127,14 +134,17 @@ def test_float16_cache_stays_close_to_float32():
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
 def test_attention_ignores_positions_past_the_query(dtype):
     """Garbage after the causal limit (e.g. a truncated cache's old tail) must not leak in, even inside
-    the tile that holds the limit."""
+    the tile that holds the limit, whether the tile is widened or (6 query vectors: one micro-kernel
+    block) read from the cache directly."""
     rng = np.random.default_rng(4)
     q = randn(rng, 3, 2, 16)
-    k_cache = randn(rng, 1, 16, 100).astype(dtype)
-    v_cache = randn(rng, 1, 100, 16).astype(dtype)
+    capacity = A.KV_TILE + 100
+    k_cache = randn(rng, 1, 16, capacity).astype(dtype)
+    v_cache = randn(rng, 1, capacity, 16).astype(dtype)
     out_a, out_b = np.empty_like(q), np.empty_like(q)
     A.attention(q, k_cache, v_cache, 68, np.float32(0.25), out_a)  # rows see positions ..68, ..69, ..70
-    k_cache[:, :, 71:] = 6e4
+    k_cache[:, :, 71:90] = 6e4
+    k_cache[:, :, 90:] = np.nan
     v_cache[:, 71:] = np.nan
     A.attention(q, k_cache, v_cache, 68, np.float32(0.25), out_b)
     np.testing.assert_array_equal(out_a, out_b)
@@ -174,3 +184,44 @@ np.save(sys.argv[1], np.stack(outs))
             run_python(script, str(target), jit=jit)
             results.append(np.load(target))
     np.testing.assert_allclose(results[0], results[1], rtol=0, atol=1e-6)
+
+
+# ---- every instruction-set path -------------------------------------------------------------------
+
+SCRIPT_PATH = """
+import json
+import numpy as np
+from kawai.kernels import attention as A, isa
+
+rng = np.random.default_rng(1)
+errors = []
+for n, start, heads, kv_heads, hd in [(1, 3 * A.KV_TILE + 5, 14, 2, 64), (1, 2 * A.KV_TILE, 6, 1, 128),
+                                      (40, A.KV_TILE - 17, 6, 2, 32), (9, 150, 4, 2, 80)]:
+    total = start + n
+    k_all = (rng.standard_normal((total, kv_heads, hd)) * 2).astype(np.float32)
+    v_all = rng.standard_normal((total, kv_heads, hd)).astype(np.float32)
+    q = (rng.standard_normal((n, heads, hd)) * 2).astype(np.float32)
+    for dtype in (np.float32, np.float16):
+        k_cache = np.zeros((kv_heads, hd, total + 200), dtype)
+        v_cache = np.zeros((kv_heads, total + 200, hd), dtype)
+        k_cache[:, :, :total] = k_all.transpose(1, 2, 0)
+        v_cache[:, :total] = v_all.transpose(1, 0, 2)
+        expected = A.attention_reference(q, k_cache[:, :, :total].transpose(2, 0, 1),
+                                         v_cache[:, :total].transpose(1, 0, 2), start, hd**-0.5)
+        for splits in (1, 3):
+            out = np.empty_like(q)
+            A.attention(q, k_cache, v_cache, start, np.float32(hd**-0.5), out, splits=splits)
+            errors.append(float(np.abs(out - expected).max()))
+print(json.dumps({"isa": isa.ISA, "simd": A.SIMD, "rows": A.MR, "cols": A.NC, "errors": errors}))
+"""
+
+
+@pytest.mark.parametrize("path", isa.supported(dict(llvm_binding.get_host_cpu_features())))
+def test_every_isa_path_matches_the_definition(path):
+    """Each path this CPU allows (its own micro-kernel sizes, the portable loops without FMA) against the
+    definition: decode over several tiles with 7 and 6 query heads per KV head, prefill across a tile edge,
+    a head size that is not a multiple of the columns."""
+    run = json.loads(run_python(SCRIPT_PATH, env={"KAWAI_ISA": path}).splitlines()[-1])
+    assert run["isa"] == path and run["simd"] == (path != "portable")
+    assert run["cols"] == (32 if path in ("avx512vnni", "avx512bw") else 16)
+    assert max(run["errors"]) < 5e-6, run
