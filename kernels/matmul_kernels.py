@@ -38,7 +38,7 @@ DENSE_TOKEN_TILE = 8  # tokens per sweep over a chunk of dense weight rows
 
 FMT_S8, FMT_U8, FMT_U4, FMT_U5, FMT_U6 = simd.FMT_S8, simd.FMT_U8, simd.FMT_U4, simd.FMT_U5, simd.FMT_U6
 TOKEN_TILE = simd.TOKEN_TILE  # tokens per prefill tile: 8 on the 512-bit paths, else 4
-SMALL_TILE = simd.SMALL_TILE  # tokens per tile of a few sequences' decode step
+SMALL_TILE, PAIR_TILE = simd.SMALL_TILE, simd.PAIR_TILE  # tiles of a few sequences' decode step
 
 
 @njit(cache=True)
@@ -165,6 +165,10 @@ def _make_gemm(fmt: int):
                 rows_tile(fmt, SMALL_TILE, wf, row_bytes, sf, mf, ssf, smf, n_groups, xq, xd, xqsum, t0, n_blocks,
                           bias_factor, r_lo, r_hi, y)
                 t0 += SMALL_TILE
+            while t0 + PAIR_TILE <= n:
+                rows_tile(fmt, PAIR_TILE, wf, row_bytes, sf, mf, ssf, smf, n_groups, xq, xd, xqsum, t0, n_blocks,
+                          bias_factor, r_lo, r_hi, y)
+                t0 += PAIR_TILE
             for t in range(t0, n):  # single tokens: row after row, one sequential stream through the weights
                 rows_t1(fmt, wf, row_bytes, sf, mf, ssf, smf, n_groups, xq, xd, xqsum, t, n_blocks, bias_factor,
                         r_lo, r_hi, y)

@@ -70,9 +70,11 @@ GROUPS = {"s8": 1, "u8": 2, "u6": 2, "u4": 1, "u5": 1}  # scales per block of 32
 SIGNED_FORMATS = frozenset({"s8"})  # signed quants: no bias term
 FMT_S8, FMT_U8, FMT_U4, FMT_U5, FMT_U6 = 0, 1, 2, 3, 4  # format codes passed to the Numba kernels
 FORMAT_CODES = {"s8": FMT_S8, "u8": FMT_U8, "u4": FMT_U4, "u5": FMT_U5, "u6": FMT_U6}
-# A single token streams the weights from memory once, computing little per byte: the hardware prefetcher
+# A decode step streams the weights from memory once, computing little per byte: the hardware prefetcher
 # alone left the core waiting (one thread read ~6.5 GB/s of a ~16 GB/s stream). Each block step asks for
-# the bytes this far ahead (docs/benchmarks.md: 512 B gained 1.4x, 1-4 KiB 1.6x, on Sapphire Rapids).
+# the bytes this far ahead (docs/quantization.md: 512 B gained 1.4x, 1-4 KiB 1.6x, on Sapphire Rapids).
+# A tile of 8 tokens of a batched decode waited as well (8 rows: 98 -> 69 ms); a prefill tile finds the
+# rows in cache after its first pass, and the prefetch costs it nothing measurable.
 PREFETCH_BYTES = 2048
 SUPER_BLOCKS = 8  # blocks of 32 per float32 super-scale (int8 sub-scales: the K-quants' 256 weights)
 
@@ -82,7 +84,9 @@ AVAILABLE = ISA != "portable"  # the intrinsics are in use
 # Tokens per prefill tile (each weight row is decoded once per tile; measured in docs/benchmarks.md). The
 # 256-bit paths hold two 8-lane accumulators per token in 16 registers; the 512-bit ones one in 32.
 TOKEN_TILE = 8 if ISA in WIDE_ISAS else 4
-SMALL_TILE = 4  # tokens per tile of a batched decode step (n < TOKEN_TILE): the weights stream once for them
+# Tiles of a batched decode step of a few sequences (n < TOKEN_TILE), which would otherwise run its tokens
+# one at a time: each weight row streams once for the tile.
+SMALL_TILE, PAIR_TILE = 4, 2
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _F32 = ir.FloatType()
@@ -295,7 +299,7 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
     if int_scales:  # a super-block per step (n_blocks is a multiple of 8): its scales formed once
         with cgutils.for_range(builder, builder.sdiv(n_blocks, i64(SUPER_BLOCKS))) as loop:
             b0 = builder.mul(loop.index, i64(SUPER_BLOCKS))
-            if nt <= SMALL_TILE and PREFETCH_BYTES:
+            if PREFETCH_BYTES:
                 prefetch(b0, SUPER_BLOCKS * BLOCK_BYTES[fmt])
             sb_scales = group_values(sp, ssp, builder.mul(b0, i64(n_groups)), SUPER_BLOCKS * n_groups)
             for k in range(0, SUPER_BLOCKS, 2):
@@ -304,7 +308,7 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
     else:
         with cgutils.for_range(builder, builder.sdiv(n_blocks, i64(2))) as loop:  # pairs of blocks
             b = builder.mul(loop.index, i64(2))
-            if nt <= SMALL_TILE and PREFETCH_BYTES:
+            if PREFETCH_BYTES:
                 prefetch(b, 2 * BLOCK_BYTES[fmt])
             blocks_pair(b, lambda j, lanes, b=b: block_scales(b if j is None else builder.add(b, i64(j)),
                                                               2 if j is None else 1, lanes))
@@ -427,6 +431,11 @@ def _make_portable(fmt: str, nt: int):
         @numba.njit(cache=True)
         def dot(w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
             return dot_portable(code, w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
+    elif nt == 2:
+        @numba.njit(cache=True)
+        def dot(w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
+            return (dot_portable(code, w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0, n_blocks, bias_factor),
+                    dot_portable(code, w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0 + 1, n_blocks, bias_factor))
     else:  # a tile of 4 tokens
         @numba.njit(cache=True)
         def dot(w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
@@ -441,9 +450,10 @@ def _make(fmt: str, nt: int):
     return _make_intrinsic(fmt, nt, ISA) if AVAILABLE else _make_portable(fmt, nt)
 
 
-# DOTS[code][n]: the dot product of one weight row with n tokens, n in 1 (decode), TOKEN_TILE (prefill)
-# and SMALL_TILE (a batched decode step of a few sequences, which would otherwise run its tokens one at a time).
-DOTS = {code: {n: _make(fmt, n) for n in sorted({1, SMALL_TILE, TOKEN_TILE})} for fmt, code in FORMAT_CODES.items()}
+# DOTS[code][n]: the dot product of one weight row with n tokens, n in 1 (decode), TOKEN_TILE (prefill),
+# SMALL_TILE and PAIR_TILE (a batched decode step of a few sequences).
+DOTS = {code: {n: _make(fmt, n) for n in sorted({1, PAIR_TILE, SMALL_TILE, TOKEN_TILE})}
+        for fmt, code in FORMAT_CODES.items()}
 dot_s8_t1, dot_s8_tile = DOTS[FMT_S8][1], DOTS[FMT_S8][TOKEN_TILE]
 dot_u8_t1, dot_u8_tile = DOTS[FMT_U8][1], DOTS[FMT_U8][TOKEN_TILE]
 dot_u6_t1, dot_u6_tile = DOTS[FMT_U6][1], DOTS[FMT_U6][TOKEN_TILE]

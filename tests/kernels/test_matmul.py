@@ -136,15 +136,14 @@ def test_pack_dense_is_float32_exact_product():
 
 @pytest.mark.parametrize("qtype", QUANT_TYPES + [GGMLType.F32], ids=lambda t: t.name)
 def test_prefill_rows_equal_single_token_rows(qtype):
-    """A token's output does not depend on the other tokens of the call (tiles of 4, the tail, and the
-    threaded activation quantization of long inputs)."""
+    """A token's output does not depend on the other tokens of the call: every tile size (8, 4, 2), the
+    single-token tail, and the threaded activation quantization of long inputs."""
     rng = np.random.default_rng(7)
     packed = pack(random_raw(qtype, 24, 256, rng), qtype, 256)
-    n = PARALLEL_QUANTIZE_TOKENS + 1
-    x = rng.standard_normal((n, 256)).astype(np.float32)
-    y = matmul(packed, x)
-    for i in range(n):
-        np.testing.assert_array_equal(y[i], matmul(packed, x[i : i + 1])[0])
+    x = rng.standard_normal((PARALLEL_QUANTIZE_TOKENS + 7, 256)).astype(np.float32)
+    alone = np.concatenate([matmul(packed, x[i : i + 1]) for i in range(len(x))])
+    for n in (2, 3, 5, 7, 8, PARALLEL_QUANTIZE_TOKENS + 7):  # 23 = 8 + 8 + 4 + 2 + 1 on the 512-bit paths
+        np.testing.assert_array_equal(matmul(packed, x[:n]), alone[:n])
 
 
 def test_fused_equals_separate():
@@ -241,19 +240,14 @@ def test_real_smollm_tensors(smollm_model_path):
 # --- the SIMD row dot products against their portable definition -----------------------------------
 
 
-@numba.njit
-def _dots(fmt, w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
-    """(t1, tile) dot products of format `fmt` on the same arguments."""
-    a = (w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
-    if fmt == simd.FMT_S8:
-        return simd.dot_s8_t1(*a), simd.dot_s8_tile(*a)
-    if fmt == simd.FMT_U8:
-        return simd.dot_u8_t1(*a), simd.dot_u8_tile(*a)
-    if fmt == simd.FMT_U6:
-        return simd.dot_u6_t1(*a), simd.dot_u6_tile(*a)
-    if fmt == simd.FMT_U4:
-        return simd.dot_u4_t1(*a), simd.dot_u4_tile(*a)
-    return simd.dot_u5_t1(*a), simd.dot_u5_tile(*a)
+def _jitted(dot):
+    """A jitted caller of one dot product (intrinsics are called from compiled code only)."""
+
+    @numba.njit
+    def call(w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0, n_blocks, bias_factor):
+        return dot(w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0, n_blocks, bias_factor)
+
+    return call
 
 
 @pytest.mark.parametrize("scales", ["float16", "int8"])
@@ -289,10 +283,14 @@ def test_dots_match_portable_definition(fmt, scales):
     row, t0 = 1, 2
     args = (w.reshape(-1), row * w.shape[1], s, m, ss, sm, row * n_blocks * n_groups, x, xd, xqsum, t0, n_blocks,
             -0.75)
-    one, tile = _dots(code, *args)
     expected = [simd.dot_portable(code, *args[:10], t0 + i, n_blocks, -0.75) for i in range(simd.TOKEN_TILE)]
-    np.testing.assert_allclose([one, *tile], [expected[0], *expected], rtol=1e-5)
-    assert one == tile[0]  # the same operations for the same token, bit for bit
+    one = _jitted(simd.DOTS[code][1])(*args)
+    np.testing.assert_allclose(one, expected[0], rtol=1e-5)
+    for size, dot in simd.DOTS[code].items():
+        if size > 1:
+            tile = _jitted(dot)(*args)
+            np.testing.assert_allclose(tile, expected[:size], rtol=1e-5)
+            assert tile[0] == one  # the same operations for the same token, bit for bit, whatever the tile
 
 
 # --- errors ---------------------------------------------------------------------------------------
