@@ -20,16 +20,26 @@ API token cannot learn another's prompts from time to first token (docs/serving.
 
 **Memory.** Each sequence gets its own KVCache; the OS commits its pages as positions are written
 (engine/kv_cache.py: lazy_zeros), so physical memory follows the positions used. The budget is
-accounted in whole blocks: a sequence is admitted when the blocks of its whole prompt fit (idle caches are
-evicted, least recently used first, to make room), and it reserves one more block each time decoding
+accounted in whole blocks of each cache's own positions (a shared block is counted once, by the cache
+holding it): a sequence is admitted when the blocks of its prompt past its shared prefix fit (idle caches
+are evicted, least recently used first, to make room), and it reserves one more block each time decoding
 crosses a block boundary; when none is left, `reserve` says so and the scheduler ends that sequence
 (`context_full`). A prompt longer than the whole budget can never run: `fits` is False.
 
-**Sharing.** The index maps a block's hash to the caches holding it (live or idle): its holders are its
-reference count, and the block stays findable until the last of them is evicted. A new prompt takes the
-longest chain of blocks some cache holds and copies those positions into its own cache (copy on admit:
-attention reads one contiguous cache per sequence). A finished conversation whose tokens the new prompt
-extends entirely (the next turn) is handed over without copying, token-exact, generated tokens included.
+**Matching.** The index maps a block's hash to the caches holding it (live or idle); a block stays
+findable until the last of them is evicted. A finished conversation whose tokens the new prompt extends
+entirely (the next turn) is handed over as it is, token-exact, generated tokens included. Otherwise the
+new prompt takes the longest chain of blocks some cache holds (or a finished conversation sharing more
+tokens): its whole blocks are shared, the rest (under a block) copied.
+
+**Sharing.** A new cache reads its first P positions (whole blocks) in place from the cache holding them,
+its source (KVCache.shared; the model attends over both, engine/model.py), instead of copying them. A
+source is always a cache that shares nothing itself: matching a reader's blocks shares its prefix from its
+source and copies the reader's own positions. The entries reading a source are its reference count: while
+any exists, the source is never evicted (its readers go first, least recently used first), never cut
+below what they read (a next turn only appends), and one released after an error (`reusable` False) is
+cut to what they read, unfindable, and dropped with its last reader. So the shared positions never change
+or disappear under a live reader. A tenant never shares another's blocks (their names differ).
 
 **Disk.** With a DiskCache, each full prompt block a sequence fills is copied and queued for the disk
 writer thread (the engine never waits for it). A prompt whose blocks are not all in memory is first looked
@@ -362,7 +372,8 @@ class PrefixCache:
         """Whether `positions` more fit once every idle cache that may go is evicted: not `keep`, and not
         a cache that a leased or kept entry reads its prefix from."""
         stay = {e for e in self._entries.values() if e.leased} | {e for e in keep if e is not None}
-        stay |= {e.source for e in stay if e.source is not None}  # sources are never readers themselves
+        while more := {e.source for e in stay if e.source is not None} - stay:  # what they read stays too
+            stay |= more
         return self._used - sum(e.reserved for e in self._entries.values() if e not in stay) + positions <= self.budget
 
     def _victim(self, keep: tuple[_Entry | None, ...]) -> _Entry | None:
@@ -446,7 +457,10 @@ class PrefixCache:
         if not self._room(positions, keep):
             return False
         while self._used + positions > self.budget:
-            self._drop(self._victim(keep))
+            victim = self._victim(keep)
+            if victim is None:
+                return False
+            self._drop(victim)
             self._evictions += 1
         return True
 
