@@ -159,22 +159,20 @@ def attention(q, k_cache, v_cache, start, scale, out, splits=None, prefix=None):
     prefix's partial results merge with the cache's like KV splits: the same attention as over one
     cache holding both, up to float32 rounding."""
     n, n_heads, head_dim = q.shape
-    n_kv = k_cache.shape[0]
-    threads = numba.get_num_threads()
     if splits is None:
-        splits = kv_splits(n, n_kv, start + n, threads)
-    shared = 0
+        splits = kv_splits(n, k_cache.shape[0], start + n, numba.get_num_threads())
+    shared = 0  # splits of the shared prefix's positions
     if prefix is not None and prefix[2] > 0:
-        k_prefix, v_prefix, p = prefix
-        shared = kv_splits(1, n_kv, p, threads)
+        shared = kv_splits(1, k_cache.shape[0], prefix[2], numba.get_num_threads())
     o_part = np.empty((splits + shared, n, n_heads, head_dim), np.float32)  # unnormalized outputs per split
     m_part = np.empty((splits + shared, n, n_heads), np.float32)  # running score maximum per split
     l_part = np.empty((splits + shared, n, n_heads), np.float32)  # sum of exp(score - max) per split
-    attention_partial(q, kernel_view(k_cache), kernel_view(v_cache), start, scale,
-                      o_part[:splits], m_part[:splits], l_part[:splits])
+    parts = own = (o_part, m_part, l_part)
     if shared:
-        _prefix_partial(q, kernel_view(k_prefix), kernel_view(v_prefix), p, scale,
-                        o_part[splits:], m_part[splits:], l_part[splits:])
+        own = tuple(a[:splits] for a in parts)
+        k_prefix, v_prefix, p = prefix
+        _prefix_partial(q, kernel_view(k_prefix), kernel_view(v_prefix), p, scale, *(a[splits:] for a in parts))
+    attention_partial(q, kernel_view(k_cache), kernel_view(v_cache), start, scale, *own)
     merge_splits(o_part, m_part, l_part, out)
 
 

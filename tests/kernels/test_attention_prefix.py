@@ -59,3 +59,27 @@ def test_an_empty_prefix_is_the_plain_call_bit_for_bit():
     A.attention(q, k_cache, v_cache, 47, np.float32(0.2), plain)
     A.attention(q, k_cache, v_cache, 47, np.float32(0.2), empty, prefix=(k_cache, v_cache, 0))
     np.testing.assert_array_equal(plain, empty)
+
+
+def test_attention_with_a_prefix_runs_without_jit(tmp_path):
+    """As plain Python (NUMBA_DISABLE_JIT=1) too, agreeing with the compiled kernel."""
+    from python_runner import run_python
+
+    script = """
+import sys
+import numpy as np
+from kawai.kernels import attention as A
+rng = np.random.default_rng(0)
+q = rng.standard_normal((3, 4, 8)).astype(np.float32)
+kp, vp = rng.standard_normal((2, 8, 70)).astype(np.float16), rng.standard_normal((2, 70, 8)).astype(np.float16)
+kc, vc = rng.standard_normal((2, 8, 20)).astype(np.float16), rng.standard_normal((2, 20, 8)).astype(np.float16)
+out = np.empty_like(q)
+A.attention(q, kc, vc, 10, np.float32(0.3), out, splits=2, prefix=(kp, vp, 66))
+np.save(sys.argv[1], out)
+"""
+    results = []
+    for jit in (False, True):
+        target = tmp_path / f"jit_{jit}.npy"
+        run_python(script, str(target), jit=jit)
+        results.append(np.load(target))
+    np.testing.assert_allclose(results[0], results[1], rtol=0, atol=1e-6)
