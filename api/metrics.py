@@ -12,7 +12,7 @@ read from the workers when the page is rendered. `MetricsMiddleware` counts ever
     kawai_generated_tokens_total{model}                    tokens sampled
     kawai_time_to_first_token_seconds{model}               histogram: request queued -> first token
     kawai_time_per_output_token_seconds{model}             histogram: gap between a stream's tokens
-    kawai_prefix_cache_leased / _idle_tokens / _blocks{model}  the prefix cache
+    kawai_prefix_cache_leased / _idle_tokens / _blocks / _shared_tokens{model}  the prefix cache
     kawai_kv_memory_bytes / _budget_bytes{model}           KV memory accounted, and its bound
     kawai_kv_memory_hit_tokens_total / kawai_kv_disk_hit_tokens_total / kawai_kv_created_tokens_total{model}
     kawai_kv_disk_bytes, _read_bytes_total, _load_seconds_total, _written_bytes_total,

@@ -416,6 +416,8 @@ class Worker:
         yield "kawai_prefix_cache_leased", labels, pool.leased, "KV caches used by running sequences."
         yield "kawai_prefix_cache_idle_tokens", labels, pool.idle_tokens, "Tokens held by reusable KV caches."
         yield "kawai_prefix_cache_blocks", labels, pool.blocks, "Prompt blocks findable in KV memory."
+        yield "kawai_prefix_cache_shared_tokens", labels, pool.shared_tokens, \
+            "Positions running sequences read in place from another cache (held once)."
         yield "kawai_kv_memory_bytes", labels, pool.used_bytes, "KV memory accounted to caches (whole blocks)."
         yield "kawai_kv_memory_budget_bytes", labels, pool.budget_bytes, "KV memory bound (--kv-memory)."
         if self.pool.disk is not None:

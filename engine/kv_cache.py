@@ -6,6 +6,11 @@ positions' keys and values here and records their token ids (`advance`). A cache
 (a conversation's next turn, a prefix shared by the prefix cache) prefills only what differs. The ids
 change only through `advance`, `truncate`, `copy_prefix` and `load`.
 
+A cache may read its first `base` positions from another cache (`shared`: a prefix other sequences read
+too, engine/prefix_cache.py), in place and read-only; its own arrays then hold positions base.. at index
+p - base, and `positions` joins the two. Positions and ids are absolute either way: `length` counts the
+shared positions, the model rotates and attends as if one cache held them all (engine/model.py).
+
 Memory is committed as positions are written, 4 KiB page by page (`lazy_zeros`), so a cache as long as the
 model's trained context costs only what its prompts use.
 
@@ -63,6 +68,8 @@ class KVCache:
         self.k = lazy_zeros(shape_k, KV_DTYPES[dtype])  # (n_layers, Hkv, hd, S)
         self.v = lazy_zeros(shape_v, KV_DTYPES[dtype])  # (n_layers, Hkv, S, hd)
         self.tokens: list[int] = []  # (length,) token id of each filled position (image rows: the pad id)
+        self.shared: KVCache | None = None  # holds positions 0..base-1 (never one that shares itself)
+        self.base = 0  # positions read from `shared`; own arrays hold position p at index p - base
 
     @staticmethod
     def bytes_for(cfg: ModelConfig, max_seq: int, dtype: str = DEFAULT_KV_DTYPE) -> int:
@@ -85,15 +92,26 @@ class KVCache:
         return self.max_seq - self.length
 
     def positions(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """Views of positions start..stop-1: k (n_layers, Hkv, hd, n), v (n_layers, Hkv, n, hd)."""
-        return self.k[:, :, :, start:stop], self.v[:, :, start:stop, :]
+        """Keys and values of positions start..stop-1: k (n_layers, Hkv, hd, n), v (n_layers, Hkv, n, hd);
+        views, or copies when the range spans the shared prefix and the cache's own positions."""
+        base = self.base
+        if start < base:  # some (or all) come from the shared prefix
+            k, v = self.shared.positions(start, min(stop, base))
+            if stop <= base:
+                return k, v
+            own_k, own_v = self.positions(base, stop)
+            return np.concatenate([k, own_k], axis=3), np.concatenate([v, own_v], axis=2)
+        return self.k[:, :, :, start - base : stop - base], self.v[:, :, start - base : stop - base, :]
 
     def store(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
         """Write n new keys and values, k and v (n, Hkv, hd) float32, at positions start..start+n-1 of
-        one layer (rounded to the cache's dtype, to nearest even)."""
-        n = k.shape[0]
-        self.k[layer, :, :, start : start + n] = k.transpose(1, 2, 0)  # (Hkv, hd, n)
-        self.v[layer, :, start : start + n, :] = v.transpose(1, 0, 2)  # (Hkv, n, hd)
+        one layer (rounded to the cache's dtype, to nearest even); start >= base (the shared prefix is
+        read-only)."""
+        n, lo = k.shape[0], start - self.base
+        if lo < 0:
+            raise KawaiError(f"position {start} is in the shared prefix ({self.base} positions): read-only")
+        self.k[layer, :, :, lo : lo + n] = k.transpose(1, 2, 0)  # (Hkv, hd, n)
+        self.v[layer, :, lo : lo + n, :] = v.transpose(1, 0, 2)  # (Hkv, n, hd)
 
     def advance(self, ids) -> None:
         """Record the ids (n,) whose keys and values every layer just stored at positions length.. ."""
@@ -102,29 +120,40 @@ class KVCache:
         self.tokens.extend(int(t) for t in ids)
 
     def truncate(self, n: int) -> None:
-        """Keep the first n positions (for prefix reuse); later ones are overwritten by the next forward."""
+        """Keep the first n positions (for prefix reuse); later ones are overwritten by the next forward.
+        Cut inside the shared prefix, the cache reads only its first n positions from it."""
         if not 0 <= n <= self.length:
             raise KawaiError(f"cannot truncate a KV cache of length {self.length} to {n}")
         del self.tokens[n:]
+        if n < self.base:  # no own position is left: the next ones go to index 0 again
+            self.base = n
+            if n == 0:
+                self.shared = None
 
-    def copy_prefix(self, src: KVCache, n: int) -> None:
-        """Hold src's first n positions (keys, values and ids) and nothing else."""
-        if not 0 <= n <= min(src.length, self.max_seq):
+    def copy_prefix(self, src: KVCache, n: int, share: int = 0) -> None:
+        """Hold src's first n positions (ids, keys and values) and nothing else: the first `share` of them
+        (at most what src holds itself or reads shared) are read in place from the cache holding them,
+        never written; the rest are copied into this cache's own arrays."""
+        if not 0 <= share <= n <= min(src.length, self.max_seq):
             raise KawaiError(f"cannot copy {n} positions of a KV cache of length {src.length}")
-        (src_k, src_v), (dst_k, dst_v) = src.positions(0, n), self.positions(0, n)
-        dst_k[...], dst_v[...] = src_k, src_v
+        owner = src
+        if src.shared is not None:  # src reads its first positions from another cache: share from that one
+            owner, share = src.shared, min(share, src.base)
+        self.shared, self.base = (owner, share) if share else (None, 0)
+        src_k, src_v = src.positions(share, n)
+        self.k[:, :, :, : n - share], self.v[:, :, : n - share, :] = src_k, src_v
         self.tokens = list(src.tokens[:n])
 
     def load(self, k: np.ndarray, v: np.ndarray, ids) -> None:
         """Append n positions read from elsewhere (engine/kv_disk.py): k (n_layers, Hkv, hd, n),
         v (n_layers, Hkv, n, hd) in this cache's layout, and their ids (n,)."""
-        start, n = self.length, len(ids)
+        lo, n = self.length - self.base, len(ids)
         if n > self.free or k.shape[-1] != n or v.shape[-2] != n:
             raise KawaiError(f"cannot load {n} positions into a KV cache with {self.free} free")
-        dst_k, dst_v = self.positions(start, start + n)
-        dst_k[...], dst_v[...] = k, v
+        self.k[:, :, :, lo : lo + n], self.v[:, :, lo : lo + n, :] = k, v
         self.tokens.extend(int(t) for t in ids)
 
     def __repr__(self) -> str:
-        return (f"KVCache(length={self.length}, max_seq={self.max_seq}, dtype={self.dtype}, "
+        shared = f", shared={self.base}" if self.shared is not None else ""
+        return (f"KVCache(length={self.length}{shared}, max_seq={self.max_seq}, dtype={self.dtype}, "
                 f"{self.nbytes / 2**20:.1f} MiB)")

@@ -123,7 +123,8 @@ def attention(
     i: int,
 ) -> np.ndarray:
     """Self-attention of each sequence's new rows over its cache. h (N, d) -> (N, d).
-    Stacked QKV and output projections; sequence b's keys go to its cache slots starts[b].. ."""
+    Stacked QKV and output projections; sequence b's keys go to its cache slots starts[b].. . A cache
+    reading a shared prefix (engine/kv_cache.py) attends over it and its own positions together."""
     n = h.shape[0]
     q, k, v = qkv(cfg, layer, h, ropes, inv_freq)  # (N, H, hd), (N, Hkv, hd) x2
 
@@ -132,7 +133,8 @@ def attention(
     for b, cache in enumerate(caches):
         lo, hi = offsets[b], offsets[b + 1]
         cache.store(i, starts[b], k[lo:hi], v[lo:hi])
-        causal_attention(q[lo:hi], cache.k[i], cache.v[i], starts[b], scale, out[lo:hi])
+        shared = None if cache.shared is None else (cache.shared.k[i], cache.shared.v[i], cache.base)
+        causal_attention(q[lo:hi], cache.k[i], cache.v[i], starts[b] - cache.base, scale, out[lo:hi], prefix=shared)
     return matmul(layer.attn_output, out.reshape(n, cfg.q_dim))  # (N, d)
 
 

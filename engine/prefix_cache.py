@@ -20,16 +20,26 @@ API token cannot learn another's prompts from time to first token (docs/serving.
 
 **Memory.** Each sequence gets its own KVCache; the OS commits its pages as positions are written
 (engine/kv_cache.py: lazy_zeros), so physical memory follows the positions used. The budget is
-accounted in whole blocks: a sequence is admitted when the blocks of its whole prompt fit (idle caches are
-evicted, least recently used first, to make room), and it reserves one more block each time decoding
+accounted in whole blocks of each cache's own positions (a shared block is counted once, by the cache
+holding it): a sequence is admitted when the blocks of its prompt past its shared prefix fit (idle caches
+are evicted, least recently used first, to make room), and it reserves one more block each time decoding
 crosses a block boundary; when none is left, `reserve` says so and the scheduler ends that sequence
 (`context_full`). A prompt longer than the whole budget can never run: `fits` is False.
 
-**Sharing.** The index maps a block's hash to the caches holding it (live or idle): its holders are its
-reference count, and the block stays findable until the last of them is evicted. A new prompt takes the
-longest chain of blocks some cache holds and copies those positions into its own cache (copy on admit:
-attention reads one contiguous cache per sequence). A finished conversation whose tokens the new prompt
-extends entirely (the next turn) is handed over without copying, token-exact, generated tokens included.
+**Matching.** The index maps a block's hash to the caches holding it (live or idle); a block stays
+findable until the last of them is evicted. A finished conversation whose tokens the new prompt extends
+entirely (the next turn) is handed over as it is, token-exact, generated tokens included. Otherwise the
+new prompt takes the longest chain of blocks some cache holds (or a finished conversation sharing more
+tokens): its whole blocks are shared, the rest (under a block) copied.
+
+**Sharing.** A new cache reads its first P positions (whole blocks) in place from the cache holding them,
+its source (KVCache.shared; the model attends over both, engine/model.py), instead of copying them. A
+source is always a cache that shares nothing itself: matching a reader's blocks shares its prefix from its
+source and copies the reader's own positions. The entries reading a source are its reference count: while
+any exists, the source is never evicted (its readers go first, least recently used first), never cut
+below what they read (a next turn only appends), and one released after an error (`reusable` False) is
+cut to what they read, unfindable, and dropped with its last reader. So the shared positions never change
+or disappear under a live reader. A tenant never shares another's blocks (their names differ).
 
 **Disk.** With a DiskCache, each full prompt block a sequence fills is copied and queued for the disk
 writer thread (the engine never waits for it). A prompt whose blocks are not all in memory is first looked
@@ -97,9 +107,12 @@ class _Entry:
     tenant: str | None
     root: bytes
     hashes: list[bytes] = field(default_factory=list)  # indexed full blocks, in order (a chain prefix)
-    reserved: int = 0  # positions accounted to it (whole blocks)
+    reserved: int = 0  # positions accounted to it (whole blocks of its own positions, base..)
     leased: bool = False
     disk_tokens: int = 0  # leading positions loaded from disk and not yet reused
+    source: _Entry | None = None  # the entry whose cache holds this one's shared prefix (cache.shared)
+    readers: set[_Entry] = field(default_factory=set)  # entries reading a prefix of this one's cache
+    retired: bool = False  # released as not reusable while read: unfindable, dropped with its last reader
 
 
 @dataclass(frozen=True)
@@ -108,6 +121,7 @@ class PrefixCacheStats:
     idle: int  # finished caches kept for reuse
     idle_tokens: int  # tokens held by the idle caches
     blocks: int  # distinct full blocks findable in memory
+    shared_tokens: int  # positions running sequences read in place from a cache another entry holds
     used_bytes: int  # KV memory accounted (reserved blocks of every cache)
     budget_bytes: int
     memory_hit_tokens: int  # prompt tokens served from memory so far
@@ -167,15 +181,14 @@ class PrefixCache:
         """A cache for `prompt`, holding its longest cached prefix (none with `reuse` False: image
         prompts); None when it must wait (memory is full until a running sequence ends, or its blocks
         are being looked up on disk)."""
-        with self._lock:
-            if not self._room_for(len(prompt)):
-                return None  # wait for a running sequence to end
         prompt = [int(t) for t in prompt]
         root = self._root(tenant)
         hashes = block_hashes(root, prompt, self.block_tokens) if reuse else []
         with self._lock:
-            have = self._memory_blocks(root, prompt, hashes) if self.disk is not None and hashes else len(hashes)
-            if have < len(hashes):  # the disk may hold more of the prompt than memory does
+            have = self._memory_blocks(root, prompt, hashes) if hashes else 0
+            if not self._room(self._blocks_for(len(prompt)) - have * self.block_tokens):
+                return None  # not even sharing what memory holds fits: wait for a running sequence to end
+            if self.disk is not None and have < len(hashes):  # the disk may hold more of the prompt
                 state = self._probes.get(hashes[-1])
                 if state is None:
                     if len(self._probes) >= MAX_PROBES:  # look-ups whose job went away: forget them
@@ -194,38 +207,45 @@ class PrefixCache:
 
     def _acquire(self, tenant, root: bytes, prompt: list[int], hashes: list[bytes], reuse: bool) -> Lease | None:
         B = self.block_tokens
-        need = self._blocks_for(len(prompt))
-        if not self._room_for(len(prompt)):
-            return None
+        last = len(prompt) - 1  # positions a sequence keeps at most: its last prompt token is always run
         idle, common = self._best_idle(root, prompt) if reuse else (None, 0)
         held = self._held_blocks(hashes)
         if idle is not None and common >= held * B:
-            source, n = idle, common
+            source, n = idle, min(common, last)
         elif held:
-            source, n = next(iter(self._index[hashes[held - 1]].values())), held * B
+            source, n = self._holder(hashes[held - 1]), min(held * B, last)
         else:
             source, n = None, 0
-        if source is idle and idle is not None and common == idle.cache.length:
+        entry = None
+        if source is idle and idle is not None and common == idle.cache.length and self._readers_end(idle) <= n:
             entry = idle  # the prompt extends a finished conversation (its next turn): hand it over
-        elif source is not None and self._make_room(need, keep=source):
-            entry = self._new_entry(tenant, root)  # copy the shared prefix: the source stays for others
-            entry.cache.copy_prefix(source.cache, n)
-            entry.disk_tokens, source.disk_tokens = min(n, source.disk_tokens), 0
-            self._index_blocks(entry, hashes[: n // B])
-        elif source is idle and idle is not None:
-            entry = idle  # no room for a copy: take it over, cut to the shared prefix
-            self._truncate(entry, common)
-        elif self._make_room(need, keep=None):
+        elif source is not None:
+            share = n // B * B  # whole blocks are read in place, the rest (< one block) is copied
+            if source.cache.shared is not None:
+                share = min(share, source.cache.base)  # a reader: share what it shares, copy its own part
+            if self._make_room(self._blocks_for(len(prompt) - share), keep=(source, source.source)):
+                entry = self._new_entry(tenant, root)
+                entry.cache.copy_prefix(source.cache, n, share)
+                if share:
+                    self._read_from(entry, source if source.cache.shared is None else source.source)
+                entry.disk_tokens, source.disk_tokens = min(n, source.disk_tokens), 0
+                self._index_blocks(entry, hashes[: n // B])
+            elif source is idle and self._readers_end(idle) <= n:
+                entry = idle  # no room to share: take it over, cut to the common prefix
+        if entry is None:
+            if not self._make_room(self._blocks_for(len(prompt)), keep=()):
+                return None
             entry = self._new_entry(tenant, root)
-        else:
-            return None
-        if not self._make_room(need - entry.reserved, keep=entry):
+        if entry.cache.length > n:
+            self._truncate(entry, n)
+        need = self._blocks_for(len(prompt) - entry.cache.base)
+        if not self._make_room(need - entry.reserved, keep=(entry, entry.source)):
             return None
         entry.leased = True
         self._entries.move_to_end(id(entry.cache))
         self._used += max(0, need - entry.reserved)
         entry.reserved = max(entry.reserved, need)
-        reused = max(0, min(entry.cache.length, len(prompt) - 1))  # the last prompt token is always run
+        reused = entry.cache.length
         lease = Lease(entry.cache, tenant, reused, prompt, hashes, min(entry.disk_tokens, reused))
         entry.disk_tokens = 0
         return lease
@@ -235,10 +255,10 @@ class PrefixCache:
         when the budget has no block left (the caller ends the sequence)."""
         with self._lock:
             entry = self._entries[id(lease.cache)]
-            need = self._blocks_for(n_positions)
+            need = self._blocks_for(n_positions - entry.cache.base)
             if need <= entry.reserved:
                 return True
-            if need > self.max_seq or not self._make_room(need - entry.reserved, keep=entry):
+            if n_positions > self.max_seq or not self._make_room(need - entry.reserved, keep=(entry, entry.source)):
                 return False
             self._used += need - entry.reserved
             entry.reserved = need
@@ -272,13 +292,22 @@ class PrefixCache:
 
     def release(self, lease: Lease, reusable: bool = True) -> None:
         """Give the cache back; with `reusable` False (unknown contents after an error, image prompts)
-        it is dropped and its memory freed."""
+        it is dropped and its memory freed -- once no other sequence reads its first positions: until
+        then it stays, cut to what they read (positions filled before they were shared)."""
         with self._lock:
             entry = self._entries.get(id(lease.cache))
             if entry is None:
                 return
             entry.leased = False
-            if not reusable or not entry.cache.length:
+            if entry.readers and (not reusable or not entry.cache.length):
+                self._truncate(entry, self._readers_end(entry))
+                for h in entry.hashes:  # its readers hold these blocks too (and share them from here)
+                    self._unindex(h, entry)
+                entry.hashes, entry.retired = [], True
+                keep = self._blocks_for(entry.cache.length)
+                self._used -= max(0, entry.reserved - keep)
+                entry.reserved = min(entry.reserved, keep)
+            elif not reusable or not entry.cache.length:
                 self._drop(entry)
             else:
                 self._entries.move_to_end(id(entry.cache))
@@ -288,15 +317,17 @@ class PrefixCache:
             idle = [e for e in self._entries.values() if not e.leased]
             return PrefixCacheStats(
                 len(self._entries) - len(idle), len(idle), sum(e.cache.length for e in idle), len(self._index),
+                sum(e.cache.base for e in self._entries.values() if e.leased),
                 self._used * self.bytes_per_token, self.budget * self.bytes_per_token,
                 self._memory_hits, self._disk_hits, self._created, self._evictions,
             )
 
     def clear(self) -> None:
-        """Drop every idle cache (their memory is freed); leased ones are unaffected."""
+        """Drop every idle cache (their memory is freed) that no running sequence reads; leased ones are
+        unaffected."""
         with self._lock:
-            for entry in [e for e in self._entries.values() if not e.leased]:
-                self._drop(entry)
+            while (victim := self._victim(keep=())) is not None:
+                self._drop(victim)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the disk threads, letting queued writes finish for up to `timeout` seconds."""
@@ -320,7 +351,7 @@ class PrefixCache:
             n = cache.length
             if n > have * B:
                 with self._lock:
-                    if self._make_room(n, keep=None):
+                    if self._make_room(n, keep=()):
                         entry = _Entry(cache, tenant, root, reserved=n, disk_tokens=n)
                         self._used += n
                         self._entries[id(cache)] = entry
@@ -337,9 +368,35 @@ class PrefixCache:
         """n positions rounded up to whole blocks."""
         return -(-n // self.block_tokens) * self.block_tokens
 
-    def _room_for(self, n: int) -> bool:
-        """Whether n positions fit once every idle cache is evicted."""
-        return self._blocks_for(n) <= self.budget - sum(e.reserved for e in self._entries.values() if e.leased)
+    def _room(self, positions: int, keep: tuple[_Entry | None, ...] = ()) -> bool:
+        """Whether `positions` more fit once every idle cache that may go is evicted: not `keep`, and not
+        a cache that a leased or kept entry reads its prefix from."""
+        stay = {e for e in self._entries.values() if e.leased} | {e for e in keep if e is not None}
+        while more := {e.source for e in stay if e.source is not None} - stay:  # what they read stays too
+            stay |= more
+        return self._used - sum(e.reserved for e in self._entries.values() if e not in stay) + positions <= self.budget
+
+    def _victim(self, keep: tuple[_Entry | None, ...]) -> _Entry | None:
+        """The least recently used idle entry that may be evicted now: not kept, read by no entry (a
+        cache others read goes after its readers)."""
+        for entry in self._entries.values():
+            if not entry.leased and not entry.readers and entry not in keep:
+                return entry
+        return None
+
+    def _readers_end(self, entry: _Entry) -> int:
+        """Positions of the entry's cache that other caches read: they must never change."""
+        return max((r.cache.base for r in entry.readers), default=0)
+
+    def _holder(self, h: bytes) -> _Entry:
+        """A cache holding block h, preferably one holding it in its own arrays (it can share it)."""
+        holders = list(self._index[h].values())
+        return next((e for e in holders if e.cache.shared is None), holders[0])
+
+    def _read_from(self, entry: _Entry, source: _Entry) -> None:
+        """Record that entry's cache reads its first positions from source's (reference counting)."""
+        entry.source = source
+        source.readers.add(entry)
 
     def _memory_blocks(self, root: bytes, prompt: list[int], hashes: list[bytes]) -> int:
         """Leading blocks of the prompt memory can serve: held by some cache, or by a finished
@@ -358,7 +415,7 @@ class PrefixCache:
         """The idle cache of this tenant sharing the most leading tokens with the prompt, and that count."""
         best, best_len = None, 0
         for entry in self._entries.values():
-            if entry.leased or entry.root != root:
+            if entry.leased or entry.retired or entry.root != root:
                 continue
             n = common_prefix_length(entry.cache.tokens, prompt)
             if n > best_len:
@@ -377,6 +434,8 @@ class PrefixCache:
             self._unindex(h, entry)
         del entry.hashes[keep:]
         entry.cache.truncate(n)
+        if entry.cache.shared is None and entry.source is not None:  # cut before its shared prefix ended
+            self._detach(entry)
 
     def _unindex(self, h: bytes, entry: _Entry) -> None:
         holders = self._index.get(h)
@@ -390,24 +449,39 @@ class PrefixCache:
             self._index.setdefault(h, {})[id(entry.cache)] = entry
         entry.hashes.extend(hashes)
 
-    def _make_room(self, positions: int, keep: _Entry | None) -> bool:
-        """Evict idle caches (least recently used first, never `keep`) until `positions` more fit."""
+    def _make_room(self, positions: int, keep: tuple[_Entry | None, ...]) -> bool:
+        """Evict idle caches (least recently used first; never `keep`, nor a cache others read while
+        they stay) until `positions` more fit. Evicts nothing when they cannot fit."""
         if positions <= 0:
             return True
-        for entry in [e for e in self._entries.values() if not e.leased and e is not keep]:
-            if self._used + positions <= self.budget:
-                break
-            self._drop(entry)
+        if not self._room(positions, keep):
+            return False
+        while self._used + positions > self.budget:
+            victim = self._victim(keep)
+            if victim is None:
+                return False
+            self._drop(victim)
             self._evictions += 1
-        return self._used + positions <= self.budget
+        return True
 
     def _drop(self, entry: _Entry) -> None:
+        """Forget an entry no other reads (its memory is freed with its cache)."""
+        assert not entry.readers, "a cache other sequences read is never dropped"
         for h in entry.hashes:
             self._unindex(h, entry)
         entry.hashes = []
         self._used -= entry.reserved
         entry.reserved = 0
         del self._entries[id(entry.cache)]
+        if entry.source is not None:
+            self._detach(entry)
+
+    def _detach(self, entry: _Entry) -> None:
+        """The entry no longer reads its source's cache; a retired source read by no one is dropped."""
+        source, entry.source = entry.source, None
+        source.readers.discard(entry)
+        if source.retired and not source.readers:
+            self._drop(source)
 
 
 def block_arrays(cache: KVCache, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:

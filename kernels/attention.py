@@ -148,18 +148,51 @@ def kernel_view(cache_array: np.ndarray) -> np.ndarray:
 # ---- the kernel -----------------------------------------------------------------------------------
 
 
-def attention(q, k_cache, v_cache, start, scale, out, splits=None):
+def attention(q, k_cache, v_cache, start, scale, out, splits=None, prefix=None):
     """out (n, H, hd) = causal attention of q (n, H, hd) over one layer's cache, which already holds
     positions 0..start+n-1: k_cache (Hkv, hd, S), v_cache (Hkv, S, hd), float32 or float16.
-    splits: KV ranges per row (default: `kv_splits` for this call and the thread count)."""
+    splits: KV ranges per row (default: `kv_splits` for this call and the thread count).
+
+    prefix: (k_prefix (Hkv, hd, S'), v_prefix (Hkv, S', hd), P) -- P positions before the cache's, read
+    in place from another cache's first P positions (a prompt prefix shared between sequences). Every
+    row sees all P of them; the cache's index p then holds position P + p (start counts from P). The
+    prefix's partial results merge with the cache's like KV splits: the same attention as over one
+    cache holding both, up to float32 rounding."""
     n, n_heads, head_dim = q.shape
     if splits is None:
         splits = kv_splits(n, k_cache.shape[0], start + n, numba.get_num_threads())
-    o_part = np.empty((splits, n, n_heads, head_dim), np.float32)  # unnormalized outputs per split
-    m_part = np.empty((splits, n, n_heads), np.float32)  # running score maximum per split
-    l_part = np.empty((splits, n, n_heads), np.float32)  # sum of exp(score - max) per split
-    attention_partial(q, kernel_view(k_cache), kernel_view(v_cache), start, scale, o_part, m_part, l_part)
+    shared = 0  # splits of the shared prefix's positions
+    if prefix is not None and prefix[2] > 0:
+        shared = kv_splits(1, k_cache.shape[0], prefix[2], numba.get_num_threads())
+    o_part = np.empty((splits + shared, n, n_heads, head_dim), np.float32)  # unnormalized outputs per split
+    m_part = np.empty((splits + shared, n, n_heads), np.float32)  # running score maximum per split
+    l_part = np.empty((splits + shared, n, n_heads), np.float32)  # sum of exp(score - max) per split
+    parts = own = (o_part, m_part, l_part)
+    if shared:
+        own = tuple(a[:splits] for a in parts)
+        k_prefix, v_prefix, p = prefix
+        _prefix_partial(q, kernel_view(k_prefix), kernel_view(v_prefix), p, scale, *(a[splits:] for a in parts))
+    attention_partial(q, kernel_view(k_cache), kernel_view(v_cache), start, scale, *own)
     merge_splits(o_part, m_part, l_part, out)
+
+
+def _prefix_partial(q, k_prefix, v_prefix, p, scale, o_part, m_part, l_part):
+    """Partial results of q (n, H, hd) over all P prefix positions, no causal limit: the n rows are
+    regrouped as the query heads of ONE row at position P-1 (row i, head h -> head (h // G) n G + i G +
+    h % G, still on key/value head h // G), which sees exactly positions 0..P-1. o_part (P', n, H, hd),
+    m_part and l_part (P', n, H) are written for every (row, head)."""
+    n, n_heads, head_dim = q.shape
+    n_kv = k_prefix.shape[0]
+    group = n_heads // n_kv
+    splits = o_part.shape[0]
+    rows = np.ascontiguousarray(q.reshape(n, n_kv, group, head_dim).transpose(1, 0, 2, 3)).reshape(1, -1, head_dim)
+    o = np.empty((splits, 1, n_heads * n, head_dim), np.float32)  # (P', 1, Hkv n G, hd)
+    m = np.empty((splits, 1, n_heads * n), np.float32)
+    l = np.empty((splits, 1, n_heads * n), np.float32)
+    attention_partial(rows, k_prefix, v_prefix, p - 1, scale, o, m, l)
+    o_part[...] = o.reshape(splits, n_kv, n, group, head_dim).transpose(0, 2, 1, 3, 4).reshape(o_part.shape)
+    m_part[...] = m.reshape(splits, n_kv, n, group).transpose(0, 2, 1, 3).reshape(m_part.shape)
+    l_part[...] = l.reshape(splits, n_kv, n, group).transpose(0, 2, 1, 3).reshape(l_part.shape)
 
 
 def kv_splits(n: int, n_kv: int, length: int, threads: int) -> int:

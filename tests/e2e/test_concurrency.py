@@ -148,6 +148,7 @@ def test_100_clients_that_disconnect_after_the_first_delta_leak_nothing(server, 
     assert metric(server, tokens, "kawai_active_sequences") == 0
     assert metric(server, tokens, "kawai_queue_length") == 0
     assert metric(server, tokens, "kawai_prefix_cache_leased") == 0
+    assert metric(server, tokens, "kawai_prefix_cache_shared_tokens") == 0  # no sequence reads a shared prefix
 
 
 def test_shutdown_drains_in_flight_streams_and_leaves_no_engine_thread(tiny_llm, tmp_path):

@@ -63,3 +63,30 @@ def _prefilled(llm, ids):
     cache = llm.new_cache(16)
     llm.forward(ids, cache)
     return cache
+
+
+def test_a_cache_reading_a_shared_prefix_in_place(llm):
+    """copy_prefix(src, n, share): the first `share` positions are read from src's arrays (no copy), the
+    rest copied; positions joins both; the shared positions are read-only; the forward pass continues it
+    like a cache holding everything; a cache sharing from a reader shares from the reader's source."""
+    src = _prefilled(llm, [3, 4, 5, 6, 7, 8])
+    dst = llm.new_cache(16)
+    dst.copy_prefix(src, 5, share=4)
+    assert dst.shared is src and dst.base == 4 and dst.tokens == [3, 4, 5, 6, 7]
+    for a, b in zip(dst.positions(0, 5), src.positions(0, 5)):
+        assert np.array_equal(a, b)
+    assert not np.shares_memory(dst.k, src.k) and not dst.k[:, :, :, 1:].any()  # only position 4 is its own
+    row = np.zeros((1, llm.config.n_kv_heads, llm.config.head_dim), np.float32)  # (1, Hkv, hd)
+    with pytest.raises(KawaiError, match="read-only"):
+        dst.store(0, 3, row, row)
+    want = llm.forward([9, 10], _prefilled(llm, [3, 4, 5, 6, 7]))
+    np.testing.assert_allclose(llm.forward([9, 10], dst), want, rtol=0, atol=1e-5 * np.abs(want).max())
+    third = llm.new_cache(16)
+    third.copy_prefix(dst, 7, share=6)  # dst shares 4 positions: third shares those from src, copies 3
+    assert third.shared is src and third.base == 4
+    for a, b in zip(third.positions(0, 7), dst.positions(0, 7)):
+        assert np.array_equal(a, b)
+    third.truncate(2)  # cut inside the shared prefix: reads 2 positions, owns none
+    assert third.base == 2 and third.shared is src and third.length == 2
+    third.truncate(0)
+    assert third.shared is None and third.base == 0

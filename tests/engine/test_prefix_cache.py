@@ -76,15 +76,22 @@ def test_longest_prefix_of_the_same_tenant_only(tiny_llm):
 
 
 def test_reused_keys_and_values_equal_a_fresh_prefill(tiny_llm):
-    """A conversation extended from the cache (handed over), one sharing part of it (copied), and one
-    sharing whole blocks with a running sequence all produce exactly the logits of a fresh run."""
+    """A conversation extended from the cache (handed over) and one sharing less than a block of it
+    (copied) produce exactly the logits of a fresh run; one reading a whole shared block in place gets
+    them up to float32 rounding (its attention merges the prefix's partial result with its own)."""
     pool = make_pool(tiny_llm, blocks=12)
     fill(tiny_llm, pool, None, [5, 6, 7, 8, 9, 10])
-    for prompt, reused in (([5, 6, 7, 8, 9, 10, 11, 12], 6), ([5, 6, 7, 30, 31], 3), ([5, 6, 7, 8, 40, 41], 4)):
+    for prompt, reused, shared in (([5, 6, 7, 8, 9, 10, 11, 12], 6, 0), ([5, 6, 7, 30, 31], 3, 0),
+                                   ([5, 6, 7, 8, 40, 41], 4, 4)):
         lease = pool.acquire(None, prompt)
-        assert lease.reused == reused
+        assert lease.reused == reused and lease.cache.base == shared
         got = run(tiny_llm, pool, lease)
-        assert np.array_equal(got, tiny_llm.forward(prompt, tiny_llm.new_cache()))
+        want = tiny_llm.forward(prompt, tiny_llm.new_cache())
+        if shared:
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+            assert got.argmax() == want.argmax()
+        else:
+            assert np.array_equal(got, want)
 
 
 def test_blocks_are_shared_by_hash_and_creation_counts_only_new_blocks(tiny_llm):
@@ -123,6 +130,90 @@ def test_a_shared_block_stays_until_its_last_holder_is_gone(tiny_llm):
     stats = pool.stats()
     assert stats.blocks == 0 and stats.used_bytes == 0 and stats.leased == stats.idle == 0
     assert pool.acquire("t", prompt).reused == 0
+
+
+def entries(pool: PrefixCache) -> int:
+    stats = pool.stats()
+    return stats.leased + stats.idle
+
+
+def test_two_live_sequences_with_a_common_prefix_hold_its_blocks_once(tiny_llm):
+    """The second sequence reads the first one's prompt blocks in place (no copy): memory is accounted
+    for the prefix once, plus each sequence's own blocks. A third sharing the second's conversation reads
+    the prefix from the first too and copies only what the second computed itself."""
+    pool = make_pool(tiny_llm, blocks=20)
+    per_block = pool.bytes_per_token * B
+    system = list(range(30, 42))  # three blocks
+    a = pool.acquire("t", system + [1, 2])
+    run(tiny_llm, pool, a, release=False)
+    assert pool.stats().used_bytes == 4 * per_block
+    b = pool.acquire("t", system + [7, 8, 9, 10, 11])
+    assert b.reused == 12 and b.cache.shared is a.cache and b.cache.base == 12
+    got = run(tiny_llm, pool, b, release=False)
+    want = tiny_llm.forward(system + [7, 8, 9, 10, 11], tiny_llm.new_cache())
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    stats = pool.stats()
+    assert stats.used_bytes == (4 + 2) * per_block  # a: 3 shared blocks + its own; b: its two own blocks
+    assert stats.shared_tokens == 12 and stats.blocks == 4  # b's 4th block is findable too
+    assert not np.shares_memory(a.cache.k, b.cache.k)  # b's own positions are its own
+    c = pool.acquire("t", system + [7, 8, 9, 10, 11, 12, 13])
+    assert c.reused == 16 and c.cache.shared is a.cache and c.cache.base == 12  # b's own block: copied
+    pool.release(c)
+    k, v = c.cache.positions(0, 16)
+    kb, vb = b.cache.positions(0, 16)
+    assert np.array_equal(k, kb) and np.array_equal(v, vb)
+
+
+def test_blocks_shared_by_two_live_sequences_are_freed_only_when_both_end(tiny_llm):
+    """The owner ends first and is dropped (an error): its blocks stay, unchanged and accounted, while
+    the reader runs (the reader's next tokens are still right); both ended, every byte is returned."""
+    pool = make_pool(tiny_llm, blocks=8)
+    per_block = pool.bytes_per_token * B
+    prompt = list(range(50, 59))  # two blocks and a token
+    a = pool.acquire("t", prompt)
+    run(tiny_llm, pool, a, release=False)
+    b = pool.acquire("t", prompt[:8] + [3, 4])
+    run(tiny_llm, pool, b, release=False)
+    assert b.cache.shared is a.cache
+    shared_k = a.cache.positions(0, 8)[0].copy()
+    pool.release(a, reusable=False)
+    stats = pool.stats()
+    assert stats.used_bytes == (2 + 1) * per_block and stats.shared_tokens == 8  # a's 3rd block went back
+    assert pool.clear() is None and pool.stats().used_bytes == 3 * per_block  # clear never drops what b reads
+    assert pool.acquire("u", [9] * 24) is None  # 6 blocks: only a's (read by b) could make room
+    other = pool.acquire("u", [9] * 20)  # 5 blocks: the rest of the budget
+    assert other is not None and pool.stats().used_bytes == pool.stats().budget_bytes
+    pool.release(other, reusable=False)
+    assert pool.reserve(b, 12)
+    logits = tiny_llm.forward([5, 6], b.cache)
+    want = tiny_llm.forward(prompt[:8] + [3, 4, 5, 6], tiny_llm.new_cache())
+    np.testing.assert_allclose(logits, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    assert np.array_equal(a.cache.positions(0, 8)[0], shared_k)
+    pool.release(b, reusable=False)
+    stats = pool.stats()
+    assert stats.used_bytes == 0 and stats.blocks == 0 and entries(pool) == 0
+
+
+def test_an_idle_shared_prefix_is_never_evicted_under_a_live_reader(tiny_llm):
+    """The owner finished (idle, evictable) but a running sequence reads its blocks: memory pressure
+    evicts other idle caches, and a prompt that only its eviction could admit waits. Once the reader
+    ends, the two go (the reader first, then the cache it read)."""
+    pool = make_pool(tiny_llm, blocks=7)
+    fill(tiny_llm, pool, "t", list(range(60, 69)))  # 3 blocks, idle
+    fill(tiny_llm, pool, "x", [2] * 7)  # 2 blocks, idle, the least recently used after b below
+    b = pool.acquire("t", list(range(60, 68)) + [1])
+    run(tiny_llm, pool, b, release=False)  # reads 2 blocks, owns 1
+    assert b.cache.shared is not None and pool.stats().used_bytes == 6 * pool.bytes_per_token * B
+    c = pool.acquire("u", [4] * 8)  # 2 blocks, 1 free: evicts x's conversation, never b's prefix
+    assert c is not None and pool.stats().evictions == 1
+    pool.release(c, reusable=False)
+    assert pool.acquire("u", [4] * 20) is None  # 5 blocks: only evicting b's prefix would do
+    assert np.isfinite(b.cache.positions(0, 8)[0]).all() and pool.stats().shared_tokens == 8
+    pool.release(b)
+    d = pool.acquire("u", [4] * 20)
+    assert d is not None and d.reused == 0 and pool.stats().evictions == 3  # b's cache, then the prefix's
+    pool.release(d, reusable=False)
+    assert pool.stats().used_bytes == 0
 
 
 def test_memory_is_bounded_in_blocks_with_lru_eviction_and_a_wait_when_full(tiny_llm):

@@ -80,3 +80,47 @@ def test_a_thinking_budget_closes_the_block_of_an_image_prompt(vision_llm):
     # the tokens before the budget ran out are the unconstrained ones
     free = [s.token_id for s in llm.generate(prompt, params)]
     assert [s.token_id for s in steps[:3]] == free[:3]
+
+
+SYSTEM = ("You are a careful coding agent. Answer in one short sentence. Tools: read_file(path) reads a file; "
+          "write_file(path, text) writes one; run(cmd) runs a shell command and returns its output. ") * 4
+
+
+def test_two_sequences_sharing_a_prompt_prefix_in_place_answer_as_if_alone(default_model_path):
+    """The real 0.5B model: the second sequence, admitted while the first runs, reads the first one's
+    system-prompt blocks in place (its own cache holds only its own positions; the prefix is accounted
+    once) and both produce, greedy, token for token, what each produces alone with nothing shared."""
+    from kawai import engine
+    from kawai.engine.prefix_cache import BLOCK_TOKENS
+    from kawai.engine.scheduler import Request, Scheduler
+
+    llm = engine.load(default_model_path, n_ctx=1024, threads=1)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [llm.encode_chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}])
+               for question in ("How do I list the files here?", "Which tool shows a file's text?")]
+    alone = [[s.token_id for s in llm.generate(p, greedy)] for p in prompts]
+
+    pool = llm.prefix_cache(256 << 20)
+    scheduler = Scheduler(llm, pool, max_sequences=2, chunk=64)
+    first = scheduler.admit(Request(prompts[0], greedy, tenant="t"))
+    got = {id(first): []}
+    while first.prefilling:
+        for seq, step in scheduler.step():
+            assert step is not None, seq.error
+            got[id(seq)].append(step.token_id)
+    second = scheduler.admit(Request(prompts[1], greedy, tenant="t"))
+    got[id(second)] = []
+    common = next(i for i, (a, b) in enumerate(zip(prompts[0].ids, prompts[1].ids)) if a != b)
+    shared = common // BLOCK_TOKENS * BLOCK_TOKENS
+    assert shared >= 2 * BLOCK_TOKENS and second.cache.shared is first.cache and second.cache.base == shared
+    while scheduler.running:
+        stats = pool.stats()
+        if len(scheduler.running) == 2:
+            assert stats.shared_tokens == shared
+            own = [max(len(s.request.prompt.ids), s.cache.length) - s.cache.base for s in (first, second)]
+            blocks = sum(-(-n // BLOCK_TOKENS) for n in own)  # the prefix is counted once, in the first's
+            assert stats.used_bytes == blocks * BLOCK_TOKENS * pool.bytes_per_token
+        for seq, step in scheduler.step():
+            assert step is not None, seq.error
+            got[id(seq)].append(step.token_id)
+    assert [got[id(first)], got[id(second)]] == alone
