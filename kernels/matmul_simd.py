@@ -22,23 +22,33 @@ as the signed one (vpsignb at 256 bits; a compare and a masked negation at 512 b
 
 The call
 
-    dot_<fmt>_t1(w, w_off, s, m, g_off, x, xd, xqsum, t0, B, bias_factor)      one token: a float
-    dot_<fmt>_tile(...)                                                           TOKEN_TILE tokens: a tuple
+    DOTS[code][n](w, w_off, s, m, ss, sm, g_off, x, xd, xqsum, t0, B, bias_factor)
+        n = 1: one token (a float); n = TOKEN_TILE, SMALL_TILE, PAIR_TILE: a tile of tokens (a tuple)
 
 computes, for one weight row (its B blocks from byte w_off of the flat uint8 w, its groups from g_off of
-the flat float32 s and m) and the tokens t = t0 + i,
+the flat s and m) and the tokens t = t0 + i,
 
-    out[i] = sum_b sum_g s[b*G + g] * xd[t*B + b] * isum(t, b, g)  +  bias_factor * sum_bg m * xqsum
+    out[i] = sum_b sum_g S(b*G + g) * xd[t*B + b] * isum(t, b, g)  +  bias_factor * sum_bg M(b*G + g) * xqsum
     isum   = sum over the weights k of group g of block b: q[b, k] * x[t*B*32 + b*32 + k]
 
-where xqsum[t*B*G + b*G + g] is the sum of the quantized x over the group times xd, and m holds the
-mins (bias_factor 1) or, for formats with an offset, the scales (bias_factor = -offset). The quants q are
-decoded from each block by format:
+where xqsum[t*B*G + b*G + g] is the sum of the quantized x over the group times xd. S and M are the
+group scales and bias coefficients as stored (kernels/matmul_pack.py), chosen by the dtype of s:
+
+    float16 bits (uint16)   S(g) = s[g], widened                        the 32-weight formats
+    int8                    S(g) = ss[g // (8 G)] * s[g], in float32     the K-quants: one ss per 256 weights
+    float32                 S(g) = s[g]
+
+and M likewise from m and sm: the mins (bias_factor 1) or, for formats with an offset, the scales
+(bias_factor = -offset). The quants q are decoded from each block by format:
 
     "s8"  32 bytes per block: int8 quants                                             G = 1
     "u8"  32 bytes: unsigned quants 0..63, a scale per 16 weights                      G = 2
+    "u6"  24 bytes: the "u4" nibbles, then 8 bytes: byte i holds bits 4-5 of elements i + 8k at bits 2k   G = 2
     "u4"  16 bytes: element j in the low nibble of byte j, element j + 16 in its high nibble   G = 1
     "u5"  20 bytes: the "u4" nibbles, then a little-endian u32 with the 5th bit of element j at bit j
+
+With int8 scales a row's super-block (8 blocks) is one loop step: its scales are formed once. Every block
+step asks for the weight bytes PREFETCH_BYTES ahead (`llvm.prefetch`): a decode step streams the weights.
 
 "s8" has no bias term (its m and bias_factor are ignored). The other formats' bias term is a dot product
 of the row's m with xqsum, computed after the blocks, 8 groups per 256-bit FMA on every path.
