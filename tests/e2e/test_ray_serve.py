@@ -195,8 +195,11 @@ def test_client_disconnect_cancels_the_generation(endpoint, tokens):
 def test_killed_replica_ends_its_streams_with_an_error_and_is_replaced(endpoint, tokens):
     """Four streams over two replicas; one replica's process is SIGKILLed mid-stream. Its streams end with
     an `api_error` event, the other replica's finish normally, and Ray starts a new replica."""
-    body = {"model": DEFAULT_MODEL, "max_tokens": 200, "temperature": 0, "stream": True,
-            "messages": [{"role": "user", "content": "Count slowly from one to fifty in words."}]}
+    # Every stream must still run when the replicas are asked: a prompt the 0.5B answers at length (asked
+    # to count, it may repeat the request and stop after ~10 tokens), and enough tokens to outlast the
+    # question at today's decode speed.
+    body = {"model": DEFAULT_MODEL, "max_tokens": 400, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": "Write a very long story about a lighthouse."}]}
     outcomes: list[str] = []
     started = threading.Barrier(5, timeout=300)
 

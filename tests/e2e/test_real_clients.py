@@ -101,7 +101,12 @@ def test_typescript_sdk_streams_a_message_and_a_tool_call(npm_dir, served, tmp_p
     calls = [b for b in tool["content"] if b["type"] == "tool_use"]
     assert tool["stop_reason"] == "tool_use" and calls and calls[0]["name"] == "get_weather"
     assert isinstance(calls[0]["input"].get("city"), str) and calls[0]["input"]["city"]
-    assert json.loads("".join(out["partialJson"])) == calls[0]["input"]  # streamed as input_json_delta
+    # streamed as input_json_delta: the deltas of every tool_use block, one JSON document per call
+    streamed, text_json, at = [], "".join(out["partialJson"]), 0
+    while at < len(text_json):
+        value, at = json.JSONDecoder().raw_decode(text_json, at)
+        streamed.append(value)
+    assert streamed == [c["input"] for c in calls]
 
 
 def test_claude_code_print_mode_completes_a_file_task(npm_dir, served, tmp_path):

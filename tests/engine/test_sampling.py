@@ -212,6 +212,18 @@ def test_probabilities_are_softmax_of_logits_over_temperature(temperature):
     np.testing.assert_allclose(probs, oracle_probs(logits, temperature), rtol=2e-5, atol=1e-12)
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 4.868e-221, 5e-324])
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_a_vanishing_temperature_samples_the_argmax(temperature, top_p):
+    """1 / temperature overflows float32 (schemathesis sent 4.9e-221): the weights must not become
+    inf - inf = NaN; the distribution is the argmax."""
+    logits = np.random.default_rng(8).standard_normal(1000).astype(np.float32) * 30
+    params = SamplingParams(temperature=temperature, top_p=top_p, seed=0)
+    assert set(_draws(params, logits, 5)) == {int(np.argmax(logits))}
+    ids, probs = Sampler(params).candidates(logits)
+    assert np.isfinite(probs).all() and ids[np.argmax(probs)] == int(np.argmax(logits))
+
+
 def test_lower_temperature_is_sharper():
     logits = np.random.default_rng(6).standard_normal(1000).astype(np.float32) * 2
 
