@@ -161,9 +161,11 @@ class Sampler:
         Never sorts the vocabulary: argpartition picks the top-k set; for top-p, tokens too unlikely to
         matter are dropped first (see below) and only values in a small window are sorted."""
         p = self.params
-        # 1 / temperature, bounded so that no scaled logit overflows float32 (a temperature of 1e-200 is
-        # the argmax, not inf - inf = NaN weights)
-        inv = min(1.0 / p.temperature, 0.5 * float(np.finfo(np.float32).max) / max(1.0, float(np.abs(logits).max())))
+        inv = 1.0 / p.temperature
+        if inv > 1e4:  # bounded so that no finite logit overflows float32 (a temperature of 1e-200 is the
+            # argmax, not inf - inf = NaN weights); masked logits (-inf) stay -inf
+            finite = np.abs(logits[np.isfinite(logits)])
+            inv = min(inv, 0.5 * float(np.finfo(np.float32).max) / max(1.0, float(finite.max())))
         scaled = np.multiply(logits, np.float32(inv), dtype=np.float32)  # (V,)
         ids = None
         if 0 < p.top_k < scaled.size:
