@@ -36,7 +36,6 @@ from kawai.kernels import matmul_simd as simd
 ROW_CHUNK = 16  # output rows per parallel work item
 DENSE_TOKEN_TILE = 8  # tokens per sweep over a chunk of dense weight rows
 
-FMT_S8, FMT_U8, FMT_U4, FMT_U5, FMT_U6 = simd.FMT_S8, simd.FMT_U8, simd.FMT_U4, simd.FMT_U5, simd.FMT_U6
 TOKEN_TILE = simd.TOKEN_TILE  # tokens per prefill tile: 8 on the 512-bit paths, else 4
 SMALL_TILE, PAIR_TILE = simd.SMALL_TILE, simd.PAIR_TILE  # tiles of a few sequences' decode step
 
