@@ -552,8 +552,8 @@ def _warm_up(llm: LLM) -> float:
     t0 = time.perf_counter()
     matmul.warmup()
     cache = KVCache(llm.config, 3, llm.kv_dtype)
-    llm.forward([0, 0], cache)
-    llm.forward([0], cache)
+    llm.forward([0, 0], cache)  # prompt rows (on AMX CPUs: the tile kernels)
+    llm.forward_batch([Chunk(np.zeros(1, np.int64), prompt=False)], [cache])  # a decode step: the vector kernels
     return time.perf_counter() - t0
 
 

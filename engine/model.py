@@ -32,7 +32,7 @@ from kawai.engine.weights import LayerWeights, Weights
 from kawai.kernels import ops
 from kawai.kernels.attention import attention as causal_attention
 from kawai.kernels.matmul import matmul, matmul_stacked
-from kawai.kernels.matmul_precise import matmul_top_exact, precise
+from kawai.kernels.matmul_precise import matmul_top_exact
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,6 +47,7 @@ class Chunk:
     embeddings: np.ndarray | None = None  # (m, d) input rows given by the caller (image embeddings) ...
     embedding_rows: np.ndarray | None = None  # (m,) ... and the rows of the chunk they stand for
     all_logits: bool = False  # logits of every row (teacher forcing), else of the last one
+    prompt: bool = True  # prompt (or teacher-forced) rows; False: a decode step's generated token(s)
 
 
 def forward(cfg: ModelConfig, weights: Weights, chunks: Sequence[Chunk], caches: Sequence[KVCache]) -> list[np.ndarray]:
@@ -58,12 +59,19 @@ def forward(cfg: ModelConfig, weights: Weights, chunks: Sequence[Chunk], caches:
     independent (matmuls, norms and RoPE work row by row), so a sequence gets bit for bit the logits it
     would get alone (tests/engine/test_model_batch.py). Nothing is written to a cache unless every check passes;
     a cache's ids advance only once every layer has stored its keys and values.
+
+    On CPUs with AMX, prompt rows run their layers' matmuls on the tile kernels and decode steps' rows on
+    the vector kernels (kernels/matmul.py `tile_rows`): a property of the row, not of the batch, so the
+    bit-for-bit promise holds. The prompt chunks go first in the stacked rows (`tiles` of them).
     """
-    chunks = [check_chunk(cfg, c, cache) for c, cache in _pairs(chunks, caches)]
+    checked = [check_chunk(cfg, c, cache) for c, cache in _pairs(chunks, caches)]
+    order = sorted(range(len(checked)), key=lambda b: not checked[b].prompt)  # prompt chunks first
+    chunks, caches = [checked[b] for b in order], [caches[b] for b in order]
     counts = [c.ids.shape[0] for c in chunks]
     offsets = np.concatenate([[0], np.cumsum(counts)])  # (B+1,) sequence b owns rows offsets[b]:offsets[b+1]
     starts = [cache.length for cache in caches]
     ids = np.concatenate([c.ids for c in chunks]) if len(chunks) > 1 else chunks[0].ids  # (N,)
+    tiles = sum(n for c, n in zip(chunks, counts) if c.prompt)  # rows 0..tiles-1: prompt rows
 
     x = weights.token_embd.lookup(ids)  # (N, d) the residual stream
     for b, c in enumerate(chunks):
@@ -75,9 +83,9 @@ def forward(cfg: ModelConfig, weights: Weights, chunks: Sequence[Chunk], caches:
     h = np.empty_like(x)  # (N, d) normalized input of each sub-layer
     for i, layer in enumerate(weights.layers):
         ops.rms_norm(x, layer.attn_norm, cfg.rms_eps, h)
-        x += attention(cfg, layer, h, ropes, inv_freq, caches, starts, offsets, i)
+        x += attention(cfg, layer, h, ropes, inv_freq, caches, starts, offsets, i, tiles)
         ops.rms_norm(x, layer.ffn_norm, cfg.rms_eps, h)
-        x += mlp(layer, h)
+        x += mlp(layer, h, tiles)
     for c, cache in zip(chunks, caches):
         cache.advance(c.ids)
 
@@ -87,13 +95,18 @@ def forward(cfg: ModelConfig, weights: Weights, chunks: Sequence[Chunk], caches:
     ops.rms_norm(last, weights.output_norm, cfg.rms_eps, out)
     logits = output_logits(weights, out)  # (R, V)
     bounds = np.cumsum([len(r) for r in rows])[:-1]
-    return np.split(logits, bounds) if len(rows) > 1 else [logits]
+    ordered = np.split(logits, bounds) if len(rows) > 1 else [logits]
+    result = [None] * len(ordered)
+    for b, logits_b in zip(order, ordered):  # back to the callers' order
+        result[b] = logits_b
+    return result
 
 
 def output_logits(weights: Weights, h: np.ndarray) -> np.ndarray:
     """Final normalized states h (n, d) -> float32 logits (n, V). The logits near each token's largest are
-    recomputed exactly (kernels/matmul_precise.py): int8 activations would flip near-ties at the top."""
-    return matmul_top_exact(weights.output, h)
+    recomputed exactly (kernels/matmul_precise.py): int8 activations would flip near-ties at the top.
+    Always the vector kernels (tiles=0): a row's logits must not depend on how many rows want theirs."""
+    return matmul_top_exact(weights.output, h, tiles=0)
 
 
 def _rope_runs(chunks: list[Chunk], starts: list[int], offsets: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
@@ -121,12 +134,13 @@ def attention(
     starts: list[int],
     offsets: np.ndarray,
     i: int,
+    tiles: int | None = None,
 ) -> np.ndarray:
     """Self-attention of each sequence's new rows over its cache. h (N, d) -> (N, d).
     Stacked QKV and output projections; sequence b's keys go to its cache slots starts[b].. . A cache
     reading a shared prefix (engine/kv_cache.py) attends over it and its own positions together."""
     n = h.shape[0]
-    q, k, v = qkv(cfg, layer, h, ropes, inv_freq)  # (N, H, hd), (N, Hkv, hd) x2
+    q, k, v = qkv(cfg, layer, h, ropes, inv_freq, tiles)  # (N, H, hd), (N, Hkv, hd) x2
 
     out = np.empty_like(q)  # (N, H, hd)
     scale = np.float32(cfg.head_dim**-0.5)
@@ -135,17 +149,18 @@ def attention(
         cache.store(i, starts[b], k[lo:hi], v[lo:hi])
         shared = None if cache.shared is None else (cache.shared.k[i], cache.shared.v[i], cache.base)
         causal_attention(q[lo:hi], cache.k[i], cache.v[i], starts[b] - cache.base, scale, out[lo:hi], prefix=shared)
-    return matmul(layer.attn_output, out.reshape(n, cfg.q_dim))  # (N, d)
+    return matmul(layer.attn_output, out.reshape(n, cfg.q_dim), tiles)  # (N, d)
 
 
 def qkv(
-    cfg: ModelConfig, layer: LayerWeights, h: np.ndarray, ropes: list[tuple[int, int, np.ndarray]], inv_freq: np.ndarray
+    cfg: ModelConfig, layer: LayerWeights, h: np.ndarray, ropes: list[tuple[int, int, np.ndarray]], inv_freq: np.ndarray,
+    tiles: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Queries, keys and values of the new rows, rotated to their positions.
     h (N, d) -> q (N, H, hd), k (N, Hkv, hd), v (N, Hkv, hd); ropes: runs of rows and their positions.
     The projections get ~15-bit activations (kernels/matmul_precise.py): softmax amplifies q.k errors."""
     n = h.shape[0]
-    q, k, v = precise(lambda x: matmul_stacked(layer.attn_qkv, x), h)  # (N, H*hd), (N, Hkv*hd) x2
+    q, k, v = matmul_stacked(layer.attn_qkv, h, precise=True, tiles=tiles)  # (N, H*hd), (N, Hkv*hd) x2
     if cfg.qkv_bias:
         q += layer.attn_q_bias
         k += layer.attn_k_bias
@@ -167,11 +182,12 @@ def qkv(
     return q, k, v
 
 
-def mlp(layer: LayerWeights, h: np.ndarray) -> np.ndarray:
-    """SwiGLU: down(silu(gate(h)) * up(h)). h (n, d) -> (n, d)."""
-    gate, up = matmul_stacked(layer.ffn_gate_up, h)  # (n, f) x2
+def mlp(layer: LayerWeights, h: np.ndarray, tiles: int | None = None) -> np.ndarray:
+    """SwiGLU: down(silu(gate(h)) * up(h)). h (n, d) -> (n, d). tiles: the leading rows that may run on
+    AMX tiles (kernels/matmul.py `tile_rows`)."""
+    gate, up = matmul_stacked(layer.ffn_gate_up, h, tiles=tiles)  # (n, f) x2
     ops.silu_mul(gate, up, gate)
-    return matmul(layer.ffn_down, gate)
+    return matmul(layer.ffn_down, gate, tiles)
 
 
 def rope_inv_freq(cfg: ModelConfig, weights: Weights) -> np.ndarray:
@@ -214,7 +230,7 @@ def check_chunk(cfg: ModelConfig, chunk: Chunk, cache: KVCache) -> Chunk:
             raise KawaiError(f"embedding_rows must be row indices in 0..{n - 1}")
         embeddings = _check_embeddings(cfg, embeddings, rows.shape[0])
         rows = rows.astype(np.int64)
-    return Chunk(ids, positions, embeddings, rows, chunk.all_logits)
+    return Chunk(ids, positions, embeddings, rows, chunk.all_logits, chunk.prompt)
 
 
 def check_ids(cfg: ModelConfig, ids) -> np.ndarray:

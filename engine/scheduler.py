@@ -41,13 +41,17 @@ from kawai.engine.kv_cache import KVCache
 from kawai.engine.model import Chunk
 from kawai.engine.prefix_cache import Lease
 from kawai.engine.sampling import SamplingParams
+from kawai.kernels import matmul_amx
 
 if TYPE_CHECKING:
     from kawai.engine.llm import LLM
     from kawai.engine.vision.image_prompt import ImagePrompt
 
-CHUNK = 128  # prompt rows per step, across all prefilling sequences: bounds activation memory and the
-# time a decode token waits behind a long prompt (the server's latency), lets a cancel act between chunks
+# Prompt rows per step, across all prefilling sequences: bounds activation memory and the time a decode
+# token waits behind a long prompt (the server's latency), lets a cancel act between chunks. With AMX
+# (kernels/matmul_amx.py) a step also decodes every weight to bfloat16 once, so it takes 4x the rows, in
+# about the time 128 take on the vector kernels.
+CHUNK = 512 if matmul_amx.AVAILABLE else 128
 MAX_SEQUENCES = 4  # sequences run together at most (the server's default)
 
 # forward(chunks, caches) -> per sequence logits (1, V) of its last row; appends to each cache.
@@ -197,7 +201,7 @@ class Scheduler:
             ids = seq.state.pending
             if seq.image is not None:
                 return seq.image.decode_chunk(ids, seq.cache.length)
-            return Chunk(np.asarray(ids, dtype=np.int64))
+            return Chunk(np.asarray(ids, dtype=np.int64), prompt=False)
         if budget <= 0:
             return None
         prompt = seq.request.prompt

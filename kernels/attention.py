@@ -345,7 +345,7 @@ def _sum(x, n):
 # one per tile of values, 11 of 362 top-1 tokens differed from transformers'; with runs of 16 and 32, 4
 # (as with the earlier kernel's 16-lane sums).
 
-WIDE = isa.ISA in ("avx512vnni", "avx512bw")
+WIDE = isa.VECTOR_ISA in ("avx512vnni", "avx512bw")
 SIMD = isa.ISA != "portable" and HARDWARE_F16  # the LLVM micro-kernel (else its plain-loop definition)
 NC = 32 if WIDE else 16  # columns per block
 MR = 8 if WIDE else 6  # rows per block (and the padding of G R)

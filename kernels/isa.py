@@ -1,11 +1,16 @@
 """The SIMD instruction set the matmul kernels use, chosen once when the process starts.
 
     ISA            integer block dot (kernels/matmul_simd.py)             vector   CPUs (examples)
+    amx            avx512vnni, and prefill on AMX tiles (kernels/matmul_amx.py)  512-bit  Sapphire Rapids, Granite Rapids
     avx512vnni     vpdpbusd: u8 x s8, 4 products summed into each i32      512-bit  Ice Lake, Sapphire Rapids, Zen 4
     avx512bw       vpmaddubsw -> i16 pairs, vpmaddwd -> i32                512-bit  Skylake-X
     avxvnni        vpdpbusd, VEX-encoded                                  256-bit  Alder Lake, Arrow Lake
     avx2           vpmaddubsw, vpmaddwd                                   256-bit  Haswell and later, Zen 1-3
     portable       plain loops (`dot_portable`), no intrinsics            -        anything; NUMBA_DISABLE_JIT=1
+
+"amx" needs, beyond the CPU's AMX-TILE and AMX-INT8, the OS's permission to use the tile registers (Linux
+grants it on request, arch_prctl(ARCH_REQ_XCOMP_PERM); a sandbox or an old kernel may not): asked for once
+here, and without it the CPU is treated as lacking AMX.
 
 `ISA` is the best path the CPU supports (`BEST`, in the order of `ISAS`, highest first), or the one the
 environment variable KAWAI_ISA names. KAWAI_ISA may name a path the CPU supports, never one it lacks
@@ -32,11 +37,12 @@ import os
 import llvmlite.binding as llvm_binding
 import numba
 
-ISAS = ("avx512vnni", "avx512bw", "avxvnni", "avx2", "portable")  # best first
+ISAS = ("amx", "avx512vnni", "avx512bw", "avxvnni", "avx2", "portable")  # best first
 ENV_VAR = "KAWAI_ISA"
 
 # The LLVM features each path needs.
 REQUIRED = {  # f16c: the kernels widen float16 scales with vcvtph2ps (every AVX2 CPU has it)
+    "amx": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "amx-tile", "amx-int8"),
     "avx512vnni": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni"),
     "avx512bw": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"),
     "avxvnni": ("avx2", "fma", "f16c", "avxvnni"),
@@ -46,6 +52,7 @@ REQUIRED = {  # f16c: the kernels widen float16 scales with vcvtph2ps (every AVX
 # The LLVM features a forced path switches off (with every feature that depends on them): what a CPU of
 # that generation lacks. Names are prefixes ("avx512" covers avx512f, avx512bw, ...).
 SWITCHED_OFF = {
+    "amx": (),
     "avx512vnni": ("amx",),
     "avx512bw": ("amx", "avx10", "avxvnni", "avx512vnni", "avx512bf16", "avx512fp16", "avx512vbmi", "avx512ifma",
                  "avx512bitalg", "avx512vpopcntdq", "avx512vp2intersect"),
@@ -90,6 +97,29 @@ def _numba_features() -> str:
     return cpu_target.target_context.codegen()._tm_features
 
 
+def os_grants_amx() -> bool:
+    """Ask Linux for the tile data state (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)): True if
+    this process may now use the AMX tiles. Without the grant a tile instruction raises SIGILL."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    except (OSError, AttributeError):
+        return False
+
+
+def _host_features() -> dict[str, bool]:
+    """The host's LLVM features, with AMX switched off unless the OS grants the tiles."""
+    host = dict(llvm_binding.get_host_cpu_features())
+    if all(host.get(f, False) for f in REQUIRED["amx"]) and not os_grants_amx():
+        host["amx-tile"] = host["amx-int8"] = False
+    return host
+
+
 def _select(host: dict[str, bool]) -> str:
     jit = not numba.config.DISABLE_JIT
     isa = choose(os.environ.get(ENV_VAR), host, jit)
@@ -102,9 +132,10 @@ def _select(host: dict[str, bool]) -> str:
     return isa
 
 
-_HOST_FEATURES = dict(llvm_binding.get_host_cpu_features())
-BEST = supported(_HOST_FEATURES)[0]  # what this CPU allows
-ISA = _select(_HOST_FEATURES)  # what this process uses
+HOST_FEATURES = _host_features()  # the host's LLVM features, AMX only where the OS grants it
+BEST = supported(HOST_FEATURES)[0]  # what this CPU allows
+ISA = _select(HOST_FEATURES)  # what this process uses
+VECTOR_ISA = "avx512vnni" if ISA == "amx" else ISA  # the vector kernels' path (AMX adds tiles to AVX-512 VNNI)
 
 
 def cpu_model() -> str:

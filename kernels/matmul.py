@@ -4,6 +4,7 @@
     pack_dense(w) -> PackedMatrix                   float32 (R, C) weights, exact float32 products
     matmul(w, x) -> y                               x (n, C) float32 -> y (n, R) float32
     matmul_fused([w1, w2, ...], x) -> [y1, y2, ...] one activation quantization for several weights
+                                                    (precise=True: activations at ~15 bits, for q, k, v)
     stack([w1, w2, ...]) -> StackedMatrix            matrices sharing cols, rows stacked at load where formats agree
     matmul_stacked(s, x) -> [y1, y2, ...]           one kernel launch per stack instead of one per matrix
     select_rows(w, rows) -> PackedMatrix            some rows: a view for a slice, a copy for indices
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kawai.kernels import matmul_amx as amx
 from kawai.kernels import matmul_kernels as mk
 from kawai.kernels.formats import DENSE_TYPES, FORMATS, PACKED_TYPES
 from kawai.kernels.matmul_pack import decode_blocks, repack_rows
@@ -39,6 +41,7 @@ from kawai.kernels.qtypes import GGMLType
 
 MATMUL_TYPES = DENSE_TYPES | PACKED_TYPES  # dense weights are multiplied in float32, the others repacked
 PARALLEL_QUANTIZE_TOKENS = 16  # fewer tokens are quantized on one thread (a parallel launch costs more)
+PARALLEL_SPLIT_TOKENS = 16  # fewer tokens are split on one thread (a parallel launch costs more)
 
 
 class MatmulError(ValueError):
@@ -201,6 +204,30 @@ def _check_x(x: np.ndarray, cols: int) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def split_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x (n, C) float32 -> hi (n, C), lo (n, C) float32 with hi + lo == x, hi on the int8 grid the
+    matmul quantizes x to (kernels/matmul_precise.py explains why that is exact)."""
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] % 32:
+        raise MatmulError(f"activations must have shape (n, C) with C a multiple of 32, got {x.shape}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    hi = np.empty_like(x)
+    lo = np.empty_like(x)
+    split = mk.split_parallel if x.shape[0] >= PARALLEL_SPLIT_TOKENS else mk.split_serial
+    split(x, hi, lo)
+    return hi, lo
+
+
+def _apply_amx(w: PackedMatrix, x: np.ndarray, xb: np.ndarray, precise: bool) -> np.ndarray:
+    y = np.empty((x.shape[0], w.rows), np.float32)  # (n, R)
+    if w.fmt == "dense":
+        mk.gemm_f32(w.weights, x, y)
+        return y
+    amx.GEMMS[FORMAT_CODES[w.fmt]](w.weights, kernel_view(w.scales), kernel_view(w.mins), w.super_scales,
+                                   w.super_mins, w.offset, amx.SEGMENTS[precise], xb, x.shape[0], y)
+    return y
+
+
 def _apply(w: PackedMatrix, x: np.ndarray, xa: QuantizedActivations | None) -> np.ndarray:
     y = np.empty((x.shape[0], w.rows), np.float32)  # (n, R)
     if w.fmt == "dense":
@@ -221,25 +248,67 @@ def kernel_view(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint16) if a.dtype == np.float16 else a
 
 
-def matmul(w: PackedMatrix, x: np.ndarray) -> np.ndarray:
+def tile_rows(n: int, requested: int | None = None) -> int:
+    """How many of a call's n rows (the first ones) run on the AMX tiles (kernels/matmul_amx.py): none
+    without AMX; else `requested` (the engine passes its prompt rows), or by default all of them when
+    there are amx.MIN_TOKENS or more (a prompt's chunk) and none otherwise (a decode step)."""
+    if not amx.AVAILABLE:
+        return 0
+    if requested is None:
+        return n if n >= amx.MIN_TOKENS else 0
+    return max(0, min(n, int(requested)))
+
+
+def _vector(ws: list[PackedMatrix], x: np.ndarray, precise: bool) -> list[np.ndarray]:
+    """The vector kernels: x quantized to int8 once (or split into its int8 part and residual)."""
+    n = x.shape[0]
+    if all(w.fmt == "dense" for w in ws):
+        return [_apply(w, x, None) for w in ws]
+    if precise:  # the int8 grid's part and the residual as 2n tokens, summed back
+        hi, lo = split_activations(x)
+        both = np.concatenate([hi, lo])
+        xa = quantize_activations(both)
+        return [y[:n] + y[n:] for y in (_apply(w, both, xa) for w in ws)]
+    xa = quantize_activations(x)
+    return [_apply(w, x, xa) for w in ws]
+
+
+def _tiles(ws: list[PackedMatrix], x: np.ndarray, precise: bool) -> list[np.ndarray]:
+    """The AMX kernels: x rounded to bfloat16 tiles once (three segments if precise)."""
+    xb = amx.activation_tiles(x, precise) if any(w.fmt != "dense" for w in ws) else None
+    return [_apply_amx(w, x, xb, precise) for w in ws]
+
+
+def matmul(w: PackedMatrix, x: np.ndarray, tiles: int | None = None) -> np.ndarray:
     """y (n, R) = x (n, C) @ W.T, float32."""
-    return matmul_fused([w], x)[0]
+    return matmul_fused([w], x, tiles=tiles)[0]
 
 
-def matmul_fused(ws: list[PackedMatrix], x: np.ndarray) -> list[np.ndarray]:
-    """[x @ W.T for W in ws]: the weights share C, and x is quantized once for all of them."""
+def matmul_fused(ws: list[PackedMatrix], x: np.ndarray, precise: bool = False,
+                 tiles: int | None = None) -> list[np.ndarray]:
+    """[x @ W.T for W in ws]: the weights share C, and x is quantized once for all of them. precise=True:
+    the activations at ~15 bits instead of int8 (or bfloat16 on AMX), for about twice the work (three
+    times on AMX). tiles: how many leading rows may run on the AMX tiles (`tile_rows`)."""
     if not ws:
         return []
     cols = ws[0].cols
     if any(w.cols != cols for w in ws):
         raise MatmulError(f"fused weights must share their cols, got {[w.cols for w in ws]}")
     x = _check_x(x, cols)
-    if x.shape[0] == 0:
+    n = x.shape[0]
+    if n == 0:
         return [np.zeros((0, w.rows), np.float32) for w in ws]
-    xa = None
-    if any(w.fmt != "dense" for w in ws):
-        xa = quantize_activations(x)
-    return [_apply(w, x, xa) for w in ws]
+    k = tile_rows(n, tiles)
+    if k == 0:
+        return _vector(ws, x, precise)
+    if k == n:
+        return _tiles(ws, x, precise)
+    ys = [np.empty((n, w.rows), np.float32) for w in ws]  # (n, R_i): rows :k on the tiles, k: on vectors
+    for y, part in zip(ys, _tiles(ws, x[:k], precise)):
+        y[:k] = part
+    for y, part in zip(ys, _vector(ws, x[k:], precise)):
+        y[k:] = part
+    return ys
 
 
 ARRAYS = ("weights", "scales", "mins", "super_scales", "super_mins")  # a PackedMatrix's arrays, one row per row
@@ -307,9 +376,10 @@ def stack(ws: Sequence[PackedMatrix]) -> StackedMatrix:
     return StackedMatrix(tuple(stacks), tuple(parts), tuple(part_stack), tuple(part_lo))
 
 
-def matmul_stacked(s: StackedMatrix, x: np.ndarray) -> list[np.ndarray]:
+def matmul_stacked(s: StackedMatrix, x: np.ndarray, precise: bool = False,
+                   tiles: int | None = None) -> list[np.ndarray]:
     """[x @ P.T for P in s.parts] (n, R_i) float32, C-contiguous: one kernel launch per stack, x quantized once."""
-    ys = matmul_fused(list(s.stacks), x)
+    ys = matmul_fused(list(s.stacks), x, precise, tiles)
     if len(s.parts) == len(s.stacks):
         return ys
     out = []

@@ -85,6 +85,30 @@ def quantize_activations_parallel(x, xq, xd, xqsum16, xqsum32):
 
 
 @njit(cache=True)
+def split_token(x, t, hi, lo):
+    """Row t of x (n, C) -> hi[t], lo[t]: per block of 32, d = amax / 127, hi = rint(x / d) * d, lo = x - hi.
+    The grid is the matmul's own (`block_scale`), so hi is re-quantized without loss."""
+    for b in range(x.shape[1] // 32):
+        d, inv = block_scale(x, t, b)
+        for j in range(b * 32, b * 32 + 32):
+            h = np.float32(np.rint(x[t, j] * inv)) * d
+            hi[t, j] = h
+            lo[t, j] = x[t, j] - h
+
+
+@njit(cache=True)
+def split_serial(x, hi, lo):
+    for t in range(x.shape[0]):
+        split_token(x, t, hi, lo)
+
+
+@njit(parallel=True, cache=True)
+def split_parallel(x, hi, lo):
+    for t in prange(x.shape[0]):
+        split_token(x, t, hi, lo)
+
+
+@njit(cache=True)
 def _store_tile(y, t0, r, o):
     """y[t0 + i, r] = o[i] for the outputs of one row with a tile of tokens."""
     for i in range(len(o)):

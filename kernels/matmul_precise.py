@@ -36,38 +36,19 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from numba import njit, prange
 
-from kawai.kernels.matmul import MatmulError, PackedMatrix, matmul_fused, select_rows, unpack
-from kawai.kernels.matmul_kernels import block_scale
+from kawai.kernels.matmul import (  # noqa: F401  (the split: this module's subject, defined there)
+    PARALLEL_SPLIT_TOKENS,
+    MatmulError,
+    PackedMatrix,
+    matmul_fused,
+    select_rows,
+    split_activations,
+    unpack,
+)
 
-PARALLEL_SPLIT_TOKENS = 16  # fewer tokens are split on one thread (a parallel launch costs more)
 TOP_MARGIN = 2.0  # outputs this close to a token's largest one are recomputed by matmul_top_exact
 TOP_MAX_ROWS = 256  # at most this many per token (the largest ones)
-
-
-@njit(cache=True)
-def _split_token(x, t, hi, lo):
-    """Row t of x (n, C) -> hi[t], lo[t]: per block of 32, d = amax / 127, hi = rint(x / d) * d, lo = x - hi.
-    The grid is the matmul's own (`block_scale`), so hi is re-quantized without loss."""
-    for b in range(x.shape[1] // 32):
-        d, inv = block_scale(x, t, b)
-        for j in range(b * 32, b * 32 + 32):
-            h = np.float32(np.rint(x[t, j] * inv)) * d
-            hi[t, j] = h
-            lo[t, j] = x[t, j] - h
-
-
-@njit(cache=True)
-def _split_serial(x, hi, lo):
-    for t in range(x.shape[0]):
-        _split_token(x, t, hi, lo)
-
-
-@njit(parallel=True, cache=True)
-def _split_parallel(x, hi, lo):
-    for t in prange(x.shape[0]):
-        _split_token(x, t, hi, lo)
 
 
 def _check_x(x: np.ndarray) -> np.ndarray:
@@ -75,16 +56,6 @@ def _check_x(x: np.ndarray) -> np.ndarray:
     if x.ndim != 2 or x.shape[1] % 32:
         raise MatmulError(f"activations must have shape (n, C) with C a multiple of 32, got {x.shape}")
     return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def split_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x (n, C) float32 -> hi (n, C), lo (n, C) float32 with hi + lo == x (see the module docstring)."""
-    x = _check_x(x)
-    hi = np.empty_like(x)
-    lo = np.empty_like(x)
-    split = _split_parallel if x.shape[0] >= PARALLEL_SPLIT_TOKENS else _split_serial
-    split(x, hi, lo)
-    return hi, lo
 
 
 def split_activations_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -107,11 +78,10 @@ def precise(multiply: Callable[[np.ndarray], Sequence[np.ndarray]], x: np.ndarra
 
 
 def matmul_precise(w: PackedMatrix, x: np.ndarray) -> np.ndarray:
-    """y (n, R) = x (n, C) @ W.T for quantized weights, the activations at about 15 bits. Dense weights
-    (already multiplied in float32) go straight to the matmul."""
-    if w.fmt == "dense":
-        return matmul_fused([w], x)[0]
-    return precise(lambda both: matmul_fused([w], both), x)[0]
+    """y (n, R) = x (n, C) @ W.T for quantized weights, the activations at about 15 bits (`precise` on the
+    vector paths, or the AMX kernel's split into bfloat16 parts). Dense weights (already multiplied in
+    float32) go straight to the matmul."""
+    return matmul_fused([w], x, precise=True)[0]
 
 
 def top_rows(y: np.ndarray, margin: float, max_rows: int) -> np.ndarray:
@@ -123,7 +93,8 @@ def top_rows(y: np.ndarray, margin: float, max_rows: int) -> np.ndarray:
 
 
 def matmul_top_exact(
-    w: PackedMatrix, x: np.ndarray, margin: float = TOP_MARGIN, max_rows: int = TOP_MAX_ROWS
+    w: PackedMatrix, x: np.ndarray, margin: float = TOP_MARGIN, max_rows: int = TOP_MAX_ROWS,
+    tiles: int | None = None,
 ) -> np.ndarray:
     """y (n, R) = x (n, C) @ W.T by the fast matmul, then, per token, the outputs within `margin` of its
     largest (at most `max_rows`) recomputed exactly: float64 dot products of x with those rows of W
@@ -133,7 +104,7 @@ def matmul_top_exact(
     The int8 error of one logit stays well below the margin (measured: at most about 0.5 on the real
     models, 0.2 at the top), so the token the exact product ranks first is among the recomputed ones.
     A token's rows depend only on its own outputs, so prefill still equals decode bit for bit."""
-    y = matmul_fused([w], x)[0]  # (n, R)
+    y = matmul_fused([w], x, tiles=tiles)[0]  # (n, R); tiles: kernels/matmul.py `tile_rows`
     if w.fmt == "dense":
         return y
     x = _check_x(x)

@@ -73,7 +73,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from kawai.kernels.formats import f16_to_f32
-from kawai.kernels.isa import ISA
+from kawai.kernels.isa import VECTOR_ISA as ISA
 
 BLOCK_BYTES = {"s8": 32, "u8": 32, "u6": 24, "u4": 16, "u5": 20}
 GROUPS = {"s8": 1, "u8": 2, "u6": 2, "u4": 1, "u5": 1}  # scales per block of 32

@@ -50,7 +50,7 @@ class ImagePrompt:
     def decode_chunk(self, ids: Sequence[int], start: int) -> Chunk:
         """Tokens after the prompt, at cache slots start.. ."""
         positions = np.arange(start, start + len(ids), dtype=np.int64) + self.rope_delta  # (n,)
-        return Chunk(np.asarray(ids, dtype=np.int64), positions)
+        return Chunk(np.asarray(ids, dtype=np.int64), positions, prompt=False)
 
 
 def check_image_prompt(projector: Projector, ids: Sequence[int], images: Sequence[Image.Image], image_pad: int) -> int:

@@ -16,7 +16,7 @@ SAPPHIRE_RAPIDS = {f: True for f in ("avx", "avx2", "fma", "f16c", "avx512f", "a
                                      "avxvnni", "amx-tile")}
 HASWELL = {f: True for f in ("avx", "avx2", "fma", "f16c")}
 CASCADE_LAKE = {f: True for f in ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni")}
-HOST = dict(llvm_binding.get_host_cpu_features())
+HOST = isa.HOST_FEATURES  # AMX only where the OS grants it
 HOST_FLAT = llvm_binding.get_host_cpu_features().flatten()
 
 
@@ -26,6 +26,22 @@ def test_best_path_is_chosen_in_order():
     assert isa.choose(None, {"sse2": True}) == "portable"
     assert isa.supported(CASCADE_LAKE) == ["avx512vnni", "avx512bw", "avx2", "portable"]  # no AVX-VNNI
     assert isa.choose(None, SAPPHIRE_RAPIDS, jit=False) == "portable"  # NUMBA_DISABLE_JIT
+
+
+def test_amx_needs_the_tile_and_int8_features():
+    granite = dict(SAPPHIRE_RAPIDS, **{"amx-int8": True})
+    assert isa.supported(granite)[:2] == ["amx", "avx512vnni"]
+    assert isa.choose(None, SAPPHIRE_RAPIDS) == "avx512vnni"  # amx-tile alone is not enough
+    # a forced vector path on an AMX machine compiles without the AMX features
+    forced = isa.target_features("avx512vnni", {"avx512vnni": True, "amx-tile": True, "amx-int8": True})
+    assert forced == "+avx512vnni,-amx-tile,-amx-int8"
+
+
+def test_the_os_is_asked_for_the_tiles():
+    """Where the CPU has AMX, the path is offered only if Linux grants this process the tile state."""
+    raw = dict(llvm_binding.get_host_cpu_features())
+    has_amx = all(raw.get(f, False) for f in isa.REQUIRED["amx"])
+    assert ("amx" in isa.supported(HOST)) == (has_amx and isa.os_grants_amx())
 
 
 def test_a_lower_path_can_be_forced_a_missing_one_cannot():
@@ -74,6 +90,7 @@ def test_cpu_model_is_named():
 
 # The instructions each path's block dots use (present, absent).
 EXPECTED_ASM = {
+    "amx": (("vpdpbusd", "zmm"), ("vpmaddubsw",)),  # the vector dots are avx512vnni's (prefill: test_matmul_amx)
     "avx512vnni": (("vpdpbusd", "zmm"), ("vpmaddubsw",)),
     "avx512bw": (("vpmaddubsw", "zmm"), ("vpdpbusd",)),
     "avxvnni": (("vpdpbusd", "{vex}", "vpsignb", "ymm"), ("zmm", "vpmaddubsw")),
