@@ -89,15 +89,30 @@ def _flat(arr, dtype) -> bool:
     return isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and arr.dtype == dtype
 
 
+class _BFloat(ir.Type):
+    """LLVM's bfloat type (llvmlite has none): only what the IR text needs."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
 def _bf16(builder, v):
-    """<n x float> -> (<n x i16> bfloat16 bits rounded to nearest even, <n x float> their value)."""
-    n = v.type.count
-    c = lambda x: _splat(builder, ir.Constant(_I32, x), n)  # noqa: E731
-    bits = builder.bitcast(v, ir.VectorType(_I32, n))
-    rounded = builder.lshr(builder.add(builder.add(bits, c(0x7FFF)), builder.and_(builder.lshr(bits, c(16)), c(1))),
-                           c(16))
-    value = builder.bitcast(builder.shl(rounded, c(16)), v.type)
-    return builder.trunc(rounded, ir.VectorType(_I16, n)), value
+    """<32 x float> -> (<32 x i16> bfloat16 bits rounded to nearest even, <32 x float> their value):
+    one vcvtne2ps2bf16 (AVX512-BF16, which every AMX CPU has; it reads subnormal inputs as zero)."""
+    halves = [builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 16), [ir.Constant(_I32, j + 16 * h)
+                                                                                  for j in range(16)]))
+              for h in (1, 0)]  # the instruction's first operand fills the upper half
+    bf = _call(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", halves, ir.VectorType(_BFloat(), 32))
+    bits = builder.bitcast(bf, ir.VectorType(_I16, 32))
+    value = builder.bitcast(builder.shl(builder.zext(bits, ir.VectorType(_I32, 32)),
+                                        _splat(builder, ir.Constant(_I32, 16), 32)), v.type)
+    return bits, value
 
 
 def bf16_round(x: np.ndarray) -> np.ndarray:
@@ -297,7 +312,9 @@ def _make_gemm(fmt: str):
         for c in prange((rows + ROWS - 1) // ROWS):
             r_lo = c * ROWS
             n_r = min(rows, r_lo + ROWS) - r_lo
-            wa = np.zeros(steps * ROWS * STEP, np.uint16)  # (steps, 2, 16, 32): rows past the matrix stay 0
+            wa = np.empty(steps * ROWS * STEP, np.uint16)  # (steps, 2, 16, 32)
+            if n_r < ROWS:  # the last chunk: rows past the matrix multiply as zeros
+                wa[:] = 0
             for i in range(n_r):
                 r = r_lo + i
                 if segments == 1 and with_min:
