@@ -115,51 +115,38 @@ def _store_tile(y, t0, r, o):
         y[t0 + i, r] = o[i]
 
 
-def rows_t1(fmt, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t, n_blocks, bias_factor, r_lo, r_hi, y):
-    """y[t, r_lo:r_hi] for one token, row after row: one sequential stream through the weights. (Plain
-    Python here, for NUMBA_DISABLE_JIT=1; compiled code uses the overload below.)"""
-    dot = simd.DOTS[fmt][1]
-    for r in range(r_lo, r_hi):
-        y[t, r] = dot(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t, n_blocks, bias_factor)
-
-
-def rows_tile(fmt, size, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t0, n_blocks, bias_factor, r_lo,
-              r_hi, y):
-    """y[t0:t0+size, r_lo:r_hi]: a tile of tokens, each weight row read and decoded once for all of them."""
+def dot_rows(fmt, size, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t0, n_blocks, bias_factor, r_lo, r_hi, y):
+    """y[t0:t0+size, r_lo:r_hi]: each weight row read and decoded once for the `size` tokens; a single
+    token (size 1) reads the rows in order, one sequential stream through the weights. (Plain Python here,
+    for NUMBA_DISABLE_JIT=1; compiled code uses the overload below.)"""
     dot = simd.DOTS[fmt][size]
     for r in range(r_lo, r_hi):
-        _store_tile(y, t0, r, dot(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t0, n_blocks,
-                                  bias_factor))
+        out = dot(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t0, n_blocks, bias_factor)
+        if size == 1:
+            y[t0, r] = out
+        else:
+            _store_tile(y, t0, r, out)
 
 
-@overload(rows_t1, prefer_literal=True)
-def _rows_t1_jit(fmt, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t, n_blocks, bias_factor, r_lo, r_hi,
-                 y):
-    """In a format's gemm `fmt` is a constant (a literal type): the loop holds that format's block dot alone."""
-    if not isinstance(fmt, types.IntegerLiteral):
-        return None
-    dot = simd.DOTS[fmt.literal_value][1]
-
-    def impl(fmt, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t, n_blocks, bias_factor, r_lo, r_hi, y):
-        for r in range(r_lo, r_hi):
-            y[t, r] = dot(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t, n_blocks,
-                          bias_factor)
-
-    return impl
-
-
-@overload(rows_tile, prefer_literal=True)
-def _rows_tile_jit(fmt, size, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t0, n_blocks, bias_factor, r_lo,
-                   r_hi, y):
+@overload(dot_rows, prefer_literal=True)
+def _dot_rows_jit(fmt, size, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t0, n_blocks, bias_factor, r_lo,
+                  r_hi, y):
+    """In a format's gemm `fmt` and `size` are constants (literal types): the loop holds that format's
+    block dot for that tile alone, and a single token's store is a scalar one."""
     if not (isinstance(fmt, types.IntegerLiteral) and isinstance(size, types.IntegerLiteral)):
         return None
     dot = simd.DOTS[fmt.literal_value][size.literal_value]
-
-    def impl(fmt, size, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t0, n_blocks, bias_factor, r_lo, r_hi, y):
-        for r in range(r_lo, r_hi):
-            _store_tile(y, t0, r, dot(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t0,
-                                      n_blocks, bias_factor))
-
+    if size.literal_value == 1:
+        def impl(fmt, size, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t0, n_blocks, bias_factor, r_lo,
+                 r_hi, y):
+            for r in range(r_lo, r_hi):
+                y[t0, r] = dot(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t0, n_blocks, bias_factor)
+    else:
+        def impl(fmt, size, w, row_bytes, s, m, ss, sm, n_groups, x, xd, xqsum, t0, n_blocks, bias_factor, r_lo,
+                 r_hi, y):
+            for r in range(r_lo, r_hi):
+                _store_tile(y, t0, r, dot(w, r * row_bytes, s, m, ss, sm, r * n_groups, x, xd, xqsum, t0, n_blocks,
+                                          bias_factor))
     return impl
 
 
@@ -181,20 +168,20 @@ def _make_gemm(fmt: int):
             r_hi = min(rows, r_lo + ROW_CHUNK)
             t0 = 0
             while t0 + TOKEN_TILE <= n:  # prefill: tiles of tokens, each weight row decoded once per tile
-                rows_tile(fmt, TOKEN_TILE, wf, row_bytes, sf, mf, ssf, smf, n_groups, xq, xd, xqsum, t0, n_blocks,
-                          bias_factor, r_lo, r_hi, y)
+                dot_rows(fmt, TOKEN_TILE, wf, row_bytes, sf, mf, ssf, smf, n_groups, xq, xd, xqsum, t0, n_blocks,
+                         bias_factor, r_lo, r_hi, y)
                 t0 += TOKEN_TILE
             while t0 + SMALL_TILE <= n:  # a few sequences' decode step (on the paths whose tiles are larger)
-                rows_tile(fmt, SMALL_TILE, wf, row_bytes, sf, mf, ssf, smf, n_groups, xq, xd, xqsum, t0, n_blocks,
-                          bias_factor, r_lo, r_hi, y)
+                dot_rows(fmt, SMALL_TILE, wf, row_bytes, sf, mf, ssf, smf, n_groups, xq, xd, xqsum, t0, n_blocks,
+                         bias_factor, r_lo, r_hi, y)
                 t0 += SMALL_TILE
             while t0 + PAIR_TILE <= n:
-                rows_tile(fmt, PAIR_TILE, wf, row_bytes, sf, mf, ssf, smf, n_groups, xq, xd, xqsum, t0, n_blocks,
-                          bias_factor, r_lo, r_hi, y)
+                dot_rows(fmt, PAIR_TILE, wf, row_bytes, sf, mf, ssf, smf, n_groups, xq, xd, xqsum, t0, n_blocks,
+                         bias_factor, r_lo, r_hi, y)
                 t0 += PAIR_TILE
             for t in range(t0, n):  # single tokens: row after row, one sequential stream through the weights
-                rows_t1(fmt, wf, row_bytes, sf, mf, ssf, smf, n_groups, xq, xd, xqsum, t, n_blocks, bias_factor,
-                        r_lo, r_hi, y)
+                dot_rows(fmt, 1, wf, row_bytes, sf, mf, ssf, smf, n_groups, xq, xd, xqsum, t, n_blocks, bias_factor,
+                         r_lo, r_hi, y)
 
     return gemm
 

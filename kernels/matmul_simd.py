@@ -119,10 +119,14 @@ def _load(builder: ir.IRBuilder, base_ptr, offset, ty: ir.Type):
     return builder.load(builder.bitcast(builder.gep(base_ptr, [offset]), ty.as_pointer()), align=1)
 
 
+def _spread(builder: ir.IRBuilder, v, first: int, count: int, lanes: int):
+    """Elements first..first+count-1 of the vector v, each repeated over lanes // count consecutive lanes."""
+    return _shuffle(builder, v, v, [first + j * count // lanes for j in range(lanes)])
+
+
 def _load_spread(builder: ir.IRBuilder, base_ptr, offset, n: int, lanes: int):
     """n floats from base_ptr + offset, each repeated over lanes // n consecutive lanes: <lanes x float>."""
-    v = _load(builder, base_ptr, offset, _vec(_F32, n))
-    return _shuffle(builder, v, v, [j * n // lanes for j in range(lanes)])
+    return _spread(builder, _load(builder, base_ptr, offset, _vec(_F32, n)), 0, n, lanes)
 
 
 def _call(builder: ir.IRBuilder, name: str, ret: ir.Type, args):
@@ -228,14 +232,10 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
                     _vec(_F32, 1))
         return builder.fmul(_shuffle(builder, sup, sup, [0] * n), values)
 
-    def spread(v, first: int, count: int, lanes: int):
-        """Groups first..first+count-1 of the float vector v, each repeated over lanes // count lanes."""
-        return _shuffle(builder, v, v, [first + j * count // lanes for j in range(lanes)])
-
     def block_scales(b, n_blocks_here: int, lanes: int):
         """The scales of blocks b..b+n_blocks_here-1, each group's repeated over its lanes: <lanes x float>."""
         count = n_blocks_here * n_groups
-        return spread(group_values(sp, ssp, builder.mul(b, i64(n_groups)), count), 0, count, lanes)
+        return _spread(builder, group_values(sp, ssp, builder.mul(b, i64(n_groups)), count), 0, count, lanes)
 
     def accumulate(acc, isums, scale, dx):
         """acc + float(isums) * (scale * dx), one rounding per lane (FMA)."""
@@ -313,8 +313,8 @@ def _emit_dot(context, builder, sig, args, fmt: str, nt: int, isa: str):
                 prefetch(b0, SUPER_BLOCKS * BLOCK_BYTES[fmt])
             sb_scales = group_values(sp, ssp, builder.mul(b0, i64(n_groups)), SUPER_BLOCKS * n_groups)
             for k in range(0, SUPER_BLOCKS, 2):
-                blocks_pair(builder.add(b0, i64(k)), lambda j, lanes, k=k: spread(
-                    sb_scales, (k + (j or 0)) * n_groups, (2 if j is None else 1) * n_groups, lanes))
+                blocks_pair(builder.add(b0, i64(k)), lambda j, lanes, k=k: _spread(
+                    builder, sb_scales, (k + (j or 0)) * n_groups, (2 if j is None else 1) * n_groups, lanes))
     else:
         with cgutils.for_range(builder, builder.sdiv(n_blocks, i64(2))) as loop:  # pairs of blocks
             b = builder.mul(loop.index, i64(2))

@@ -38,6 +38,31 @@ def test_forward_batch_equals_forward_alone_bit_for_bit(tmp_path, arch, qtype):
         assert caches[b].length == len(prompts[b]) + len(follow[b])
 
 
+def test_decode_rows_and_prompt_rows_keep_their_kernels_in_any_order(tmp_path):
+    """Decode steps (prompt=False) listed before, between and after prompt chunks: forward stacks the
+    prompt rows first (on AMX CPUs they take the tile kernels, decode rows the vector ones) and returns the
+    logits in the callers' order, each bit for bit what the sequence gets alone."""
+    llm = engine.load(write_tiny_model(tmp_path, "qwen2", qtype="mixed", n_ctx=128, **K_QUANT_DIMS), threads=1)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, llm.config.n_vocab, n).tolist() for n in (40, 3, 33, 9)]
+    nexts = [int(t) for t in rng.integers(0, llm.config.n_vocab, 4)]
+    alone = []
+    for p, t in zip(prompts, nexts):  # each alone: its prompt, then a decode step
+        cache = llm.new_cache()
+        llm.forward(p, cache)
+        alone.append(llm.forward_batch([Chunk(np.array([t]), prompt=False)], [cache])[0][-1])
+    caches = [llm.new_cache() for _ in prompts]
+    for b in (1, 3):  # sequences 1 and 3 are decoding, 0 and 2 still prefilling
+        llm.forward(prompts[b], caches[b])
+    chunks = [Chunk(np.array(prompts[0])), Chunk(np.array([nexts[1]]), prompt=False), Chunk(np.array(prompts[2])),
+              Chunk(np.array([nexts[3]]), prompt=False)]
+    got = forward(llm.config, llm.weights, chunks, caches)
+    for b in (1, 3):
+        assert np.array_equal(got[b][-1], alone[b])
+    for b in (0, 2):
+        assert np.array_equal(got[b][-1], llm.forward(prompts[b], llm.new_cache()))
+
+
 def test_forward_batch_on_the_real_model_is_row_independent(smollm_model_path):
     llm = engine.load(smollm_model_path, threads=1, n_ctx=64)
     prompts = [[1, 2, 3, 4, 5], [9, 8, 7], [100], [42, 43]]

@@ -63,7 +63,7 @@ class Tiny:
         positions (engine/vision/image_prompt.py). `before`: ids the cache already holds."""
         embedded = [encode_image(self.projector, im) for im in images]
         ids = expand_image_placeholders(ids, self.tokens.image_pad, [e.n_tokens for e in embedded])
-        cache = cache or KVCache(self.cfg, 512, "f32")
+        cache = cache or KVCache(self.cfg, CHUNK + 256, "f32")  # room for a prompt longer than a chunk
         whole = list(before) + ids
         image = image_prompt(self.cfg, whole, embedded, self.tokens.image_pad, 2)
         skip = len(before)
