@@ -16,10 +16,11 @@ from gguf import quants as gguf_quants
 
 from kawai.engine.gguf import open_gguf
 from kawai.kernels import matmul_amx as amx
-from kawai.kernels.formats import FORMATS, PACKED_TYPES
+from kawai.kernels.formats import PACKED_TYPES
 from kawai.kernels.matmul import matmul, matmul_fused, pack, pack_dense, tile_rows, unpack
 from kawai.kernels.qtypes import GGMLType
 from kawai.kernels.threads import configure_threads
+from test_matmul import random_raw
 
 needs_amx = pytest.mark.skipif(not amx.AVAILABLE, reason="no AMX tiles on this CPU (or the OS refused them)")
 PLAIN_BOUND = 6e-3  # bfloat16 both sides, against float64 (measured ~2.5e-3 on random blocks)
@@ -32,15 +33,8 @@ def _threads():
 
 
 def random_packed(qtype: GGMLType, rows: int, cols: int, rng: np.random.Generator):
-    """Weights of qtype: random bits with sane float16 scales for the K-quants, quantized Gaussians else."""
-    if qtype.block_size == 256:
-        raw = rng.integers(0, 256, (rows * cols // 256, qtype.type_size), dtype=np.uint8)
-        for at in FORMATS[qtype].f16_fields:
-            raw[:, at : at + 2] = np.full(len(raw), 0.01, "<f2").view(np.uint8).reshape(-1, 2)
-        raw = raw.reshape(rows, -1)
-    else:
-        w = rng.standard_normal((rows, cols)).astype(np.float32)
-        raw = gguf_quants.quantize(w, GGMLQuantizationType(int(qtype))).view(np.uint8).reshape(rows, -1)
+    """Raw blocks of qtype (tests/kernels/test_matmul.py `random_raw`) and their packed matrix."""
+    raw = random_raw(qtype, rows, cols, rng)
     return raw, pack(raw, qtype, cols)
 
 
