@@ -283,8 +283,12 @@ class PrefixAffinityRouter(RequestRouter):
         self.clock = 0
         # Requests this router just chose a replica for. Ray counts a request in its queue-length cache
         # only once it is sent, after this method returns; a burst of arrivals would all see the same
-        # loads and pick the same replica. Each choice counts here for RECENT_S seconds.
-        self.recent: dict[ReplicaID, int] = {}
+        # loads and pick the same replica. Each choice counts here until Ray sends it (`on_send_request`:
+        # from then on Ray's cache counts it, until it completes), or RECENT_S seconds at most. Counting it
+        # for the whole RECENT_S made a finished request still look in flight: a conversation's next turn,
+        # sent within a second, found its replica "full" and went elsewhere, its prefix cache missed.
+        self.recent: dict[ReplicaID, set[int]] = {}  # replica -> ids of its choices not yet sent
+        self.choices = 0
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -334,17 +338,24 @@ class PrefixAffinityRouter(RequestRouter):
         if unknown:
             for r, n in await self._probe_queue_lens(unknown, 0):
                 loads[r.replica_id] = math.inf if n is None else n
-        return {rid: n + self.recent.get(rid, 0) for rid, n in loads.items()}
+        return {rid: n + len(self.recent.get(rid, ())) for rid, n in loads.items()}
 
     def _count_recent(self, replica_id: ReplicaID) -> None:
-        self.recent[replica_id] = self.recent.get(replica_id, 0) + 1
+        self.choices += 1
+        self.recent.setdefault(replica_id, set()).add(self.choices)
+        asyncio.get_running_loop().call_later(RECENT_S, self._uncount_recent, replica_id, self.choices)
 
-        def expire() -> None:
-            self.recent[replica_id] -= 1
-            if self.recent[replica_id] <= 0:
+    def _uncount_recent(self, replica_id: ReplicaID, choice: int | None = None) -> None:
+        """Stop counting a choice of replica_id: `choice` (its RECENT_S passed) or the oldest (one was sent)."""
+        pending = self.recent.get(replica_id)
+        if pending:
+            pending.discard(min(pending) if choice is None else choice)
+            if not pending:
                 del self.recent[replica_id]
 
-        asyncio.get_running_loop().call_later(RECENT_S, expire)
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        super().on_send_request(replica_id)  # Ray's queue-length cache counts the request from here
+        self._uncount_recent(replica_id)
 
 
 def _chain_of(pending_request: PendingRequest | None) -> tuple[str, ...]:
