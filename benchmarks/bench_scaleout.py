@@ -87,6 +87,13 @@ def counting_body(model: str, i: int, tokens: int) -> dict:
             "messages": [{"role": "user", "content": f"Count from {i * 1000} upwards, one number per line."}]}
 
 
+def story_body(model: str, i: int, tokens: int) -> dict:
+    """A prompt the small models answer at length (asked to count, the 0.5B now often stops after a few
+    lines): the recovery's streams must still be running when a replica is killed."""
+    return {"model": model, "max_tokens": tokens, "temperature": 0,
+            "messages": [{"role": "user", "content": f"Write a very long story about lighthouse number {i}."}]}
+
+
 def decode_rate(url: str, model: str, streams: int, tokens: int) -> dict:
     outs = [{} for _ in range(streams)]
     threads = [threading.Thread(target=stream, args=(url, counting_body(model, i, tokens), o))
@@ -142,13 +149,15 @@ def replicas_seen(url: str, want: int, deadline_s: float) -> dict[str, dict]:
 
 def recovery(url: str, model: str, streams: int) -> dict:
     outs = [{"first": threading.Event()} for _ in range(streams)]  # created before the threads read them
-    threads = [threading.Thread(target=stream, args=(url, counting_body(model, i, 200), o))
+    threads = [threading.Thread(target=stream, args=(url, story_body(model, i, 400), o))
                for i, o in enumerate(outs)]
     for t in threads:
         t.start()
     for o in outs:
         o["first"].wait(timeout=600)
     busy = [(rid, r) for rid, r in replicas_seen(url, 2, 60).items() if r["active"] > 0]
+    if not busy:
+        raise SystemExit("recovery: every stream had ended before a replica could be killed")
     victim, info = busy[0]
     os.kill(info["pid"], signal.SIGKILL)
     killed = time.monotonic()
