@@ -27,7 +27,7 @@ bit for bit.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -204,18 +204,31 @@ def _check_x(x: np.ndarray, cols: int) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def split_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x (n, C) float32 -> hi (n, C), lo (n, C) float32 with hi + lo == x, hi on the int8 grid the
-    matmul quantizes x to (kernels/matmul_precise.py explains why that is exact)."""
+def check_blocks(x: np.ndarray) -> np.ndarray:
+    """x (n, C) with C a multiple of 32, as C-contiguous float32; MatmulError otherwise."""
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[1] % 32:
         raise MatmulError(f"activations must have shape (n, C) with C a multiple of 32, got {x.shape}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def split_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x (n, C) float32 -> hi (n, C), lo (n, C) float32 with hi + lo == x, hi on the int8 grid the
+    matmul quantizes x to (kernels/matmul_precise.py explains why that is exact)."""
+    x = check_blocks(x)
     hi = np.empty_like(x)
     lo = np.empty_like(x)
     split = mk.split_parallel if x.shape[0] >= PARALLEL_SPLIT_TOKENS else mk.split_serial
     split(x, hi, lo)
     return hi, lo
+
+
+def precise(multiply: Callable[[np.ndarray], Sequence[np.ndarray]], x: np.ndarray) -> list[np.ndarray]:
+    """[y1, y2, ...] = multiply(x) with precise activations. `multiply` maps (m, C) -> arrays (m, R_i), one
+    token per row independently (the vector kernels, matmul_stacked...); it is called once, on 2n tokens."""
+    hi, lo = split_activations(x)
+    n = hi.shape[0]
+    return [y[:n] + y[n:] for y in multiply(np.concatenate([hi, lo]))]  # (n, R_i) each
 
 
 def _apply_amx(w: PackedMatrix, x: np.ndarray, xb: np.ndarray, precise: bool) -> np.ndarray:
@@ -259,16 +272,12 @@ def tile_rows(n: int, requested: int | None = None) -> int:
     return max(0, min(n, int(requested)))
 
 
-def _vector(ws: list[PackedMatrix], x: np.ndarray, precise: bool) -> list[np.ndarray]:
+def _vector(ws: list[PackedMatrix], x: np.ndarray, fine: bool) -> list[np.ndarray]:
     """The vector kernels: x quantized to int8 once (or split into its int8 part and residual)."""
-    n = x.shape[0]
     if all(w.fmt == "dense" for w in ws):
         return [_apply(w, x, None) for w in ws]
-    if precise:  # the int8 grid's part and the residual as 2n tokens, summed back
-        hi, lo = split_activations(x)
-        both = np.concatenate([hi, lo])
-        xa = quantize_activations(both)
-        return [y[:n] + y[n:] for y in (_apply(w, both, xa) for w in ws)]
+    if fine:  # precise activations: the int8 grid's part and the residual as 2n tokens, summed back
+        return precise(lambda both: _vector(ws, both, False), x)
     xa = quantize_activations(x)
     return [_apply(w, x, xa) for w in ws]
 

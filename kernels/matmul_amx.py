@@ -70,15 +70,10 @@ def _config() -> np.ndarray:
 CONFIG = _config()
 
 
-def _call(builder, name, args, ret=_VOID):
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
-    return builder.call(fn, args)
-
-
 def _splat(builder, value, n: int):
     """<n x T> of the scalar value."""
     v = builder.insert_element(ir.Constant(ir.VectorType(value.type, n), None), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), [ir.Constant(_I32, 0)] * n))
+    return simd._shuffle(builder, v, v, [0] * n)
 
 
 def _data(context, builder, ty, value):
@@ -105,10 +100,9 @@ class _BFloat(ir.Type):
 def _bf16(builder, v):
     """<32 x float> -> (<32 x i16> bfloat16 bits rounded to nearest even, <32 x float> their value):
     one vcvtne2ps2bf16 (AVX512-BF16, which every AMX CPU has; it reads subnormal inputs as zero)."""
-    halves = [builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 16), [ir.Constant(_I32, j + 16 * h)
-                                                                                  for j in range(16)]))
+    halves = [simd._shuffle(builder, v, v, range(16 * h, 16 * h + 16))
               for h in (1, 0)]  # the instruction's first operand fills the upper half
-    bf = _call(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", halves, ir.VectorType(_BFloat(), 32))
+    bf = simd._call(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", ir.VectorType(_BFloat(), 32), halves)
     bits = builder.bitcast(bf, ir.VectorType(_I16, 32))
     value = builder.bitcast(builder.shl(builder.zext(bits, ir.VectorType(_I32, 32)),
                                         _splat(builder, ir.Constant(_I32, 16), 32)), v.type)
@@ -129,7 +123,8 @@ def tile_config(typingctx, cfg):
         return None
 
     def codegen(context, builder, sig, args):
-        _call(builder, "llvm.x86.ldtilecfg", [builder.bitcast(_data(context, builder, sig.args[0], args[0]), _PTR)])
+        cfg_ptr = builder.bitcast(_data(context, builder, sig.args[0], args[0]), _PTR)
+        simd._call(builder, "llvm.x86.ldtilecfg", _VOID, [cfg_ptr])
         return context.get_dummy_value()
 
     return types.void(cfg), codegen
@@ -140,7 +135,7 @@ def tile_release(typingctx):
     """Return this thread's tiles to their initial state (the OS then saves no tile data on a switch)."""
 
     def codegen(context, builder, sig, args):
-        _call(builder, "llvm.x86.tilerelease", [])
+        simd._call(builder, "llvm.x86.tilerelease", _VOID, [])
         return context.get_dummy_value()
 
     return types.void(), codegen
@@ -179,8 +174,7 @@ def _make_decode(fmt: str, with_min: bool, segments: int):
                 vals = [_splat(builder, value(ptr, big, builder.add(g0, i64(g))), 32 // groups) for g in range(groups)]
                 if groups == 1:
                     return vals[0]
-                return builder.shuffle_vector(vals[0], vals[1], ir.Constant(ir.VectorType(_I32, 32),
-                                                                            [ir.Constant(_I32, j) for j in range(32)]))
+                return simd._shuffle(builder, vals[0], vals[1], range(32))
 
             def store(bits, step):
                 ptr = builder.gep(dp, [builder.add(to, builder.mul(step, i64(ROWS * STEP)))])
@@ -228,24 +222,26 @@ def tile_steps(typingctx, wa, xb, acc, k0, nk, n_steps, pair, first):
         with builder.if_else(fresh) as (then, otherwise):
             with then:
                 for c in range(4):
-                    _call(builder, "llvm.x86.tilezero", [i8(c)])
+                    simd._call(builder, "llvm.x86.tilezero", _VOID, [i8(c)])
             with otherwise:
                 for c in range(4):
-                    _call(builder, "llvm.x86.tileloadd64", [i8(c), at(ap, i64(TILE * TILE * c)), tile_bytes])
+                    simd._call(builder, "llvm.x86.tileloadd64", _VOID,
+                               [i8(c), at(ap, i64(TILE * TILE * c)), tile_bytes])
         with cgutils.for_range(builder, nk_) as loop:
             k = builder.add(k0_, loop.index)
             for h in range(2):  # A: row tile h of step k
                 index = builder.mul(builder.add(builder.mul(k, i64(2)), i64(h)), i64(TILE * STEP))
-                _call(builder, "llvm.x86.tileloadd64", [i8(4 + h), at(wp, index), tile_bytes])
+                simd._call(builder, "llvm.x86.tileloadd64", _VOID, [i8(4 + h), at(wp, index), tile_bytes])
             for a in range(2):  # B: token tile 2 pair + a, step k
                 tile = builder.add(builder.mul(pair_, i64(2)), i64(a))
                 index = builder.mul(builder.add(builder.mul(tile, steps), k), i64(TILE * STEP))
-                _call(builder, "llvm.x86.tileloadd64", [i8(6 + a), at(xp, index), tile_bytes])
+                simd._call(builder, "llvm.x86.tileloadd64", _VOID, [i8(6 + a), at(xp, index), tile_bytes])
             for h in range(2):
                 for a in range(2):
-                    _call(builder, "llvm.x86.tdpbf16ps", [i8(2 * h + a), i8(4 + h), i8(6 + a)])
+                    simd._call(builder, "llvm.x86.tdpbf16ps", _VOID, [i8(2 * h + a), i8(4 + h), i8(6 + a)])
         for c in range(4):
-            _call(builder, "llvm.x86.tilestored64", [i8(c), at(ap, i64(TILE * TILE * c)), tile_bytes])
+            simd._call(builder, "llvm.x86.tilestored64", _VOID,
+                       [i8(c), at(ap, i64(TILE * TILE * c)), tile_bytes])
         return context.get_dummy_value()
 
     return types.void(wa, xb, acc, k0, nk, n_steps, pair, first), codegen

@@ -33,15 +33,15 @@ token instead of the whole vocabulary).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import numpy as np
 
-from kawai.kernels.matmul import (  # noqa: F401  (the split: this module's subject, defined there)
+from kawai.kernels.matmul import (  # noqa: F401  (the split and `precise`: this module's subject, defined there)
     PARALLEL_SPLIT_TOKENS,
     MatmulError,
     PackedMatrix,
+    check_blocks,
     matmul_fused,
+    precise,
     select_rows,
     split_activations,
     unpack,
@@ -51,30 +51,15 @@ TOP_MARGIN = 2.0  # outputs this close to a token's largest one are recomputed b
 TOP_MAX_ROWS = 256  # at most this many per token (the largest ones)
 
 
-def _check_x(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim != 2 or x.shape[1] % 32:
-        raise MatmulError(f"activations must have shape (n, C) with C a multiple of 32, got {x.shape}")
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
 def split_activations_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """split_activations in NumPy, one block of 32 per row of a (n*B, 32) view."""
-    x = _check_x(x)
+    x = check_blocks(x)
     blocks = x.reshape(-1, 32)  # (n*B, 32)
     d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127.0)  # (n*B, 1)
     with np.errstate(divide="ignore"):
         inv = np.where(d > 0, np.float32(1.0) / d, np.float32(0.0)).astype(np.float32)
     hi = np.rint(blocks * inv) * d  # float32 throughout
     return hi.reshape(x.shape), (blocks - hi).reshape(x.shape)
-
-
-def precise(multiply: Callable[[np.ndarray], Sequence[np.ndarray]], x: np.ndarray) -> list[np.ndarray]:
-    """[y1, y2, ...] = multiply(x) with precise activations. `multiply` maps (m, C) -> arrays (m, R_i), one
-    token per row independently (matmul_fused, matmul_stacked...); it is called once, on 2n tokens."""
-    hi, lo = split_activations(x)
-    n = hi.shape[0]
-    return [y[:n] + y[n:] for y in multiply(np.concatenate([hi, lo]))]  # (n, R_i) each
 
 
 def matmul_precise(w: PackedMatrix, x: np.ndarray) -> np.ndarray:
@@ -107,7 +92,7 @@ def matmul_top_exact(
     y = matmul_fused([w], x, tiles=tiles)[0]  # (n, R); tiles: kernels/matmul.py `tile_rows`
     if w.fmt == "dense":
         return y
-    x = _check_x(x)
+    x = check_blocks(x)
     for t in range(y.shape[0]):
         rows = top_rows(y[t], margin, max_rows)  # (k,)
         exact = unpack(select_rows(w, rows)).astype(np.float64) @ x[t].astype(np.float64)  # (k,)
