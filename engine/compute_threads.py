@@ -31,3 +31,10 @@ def configure_threads(n: int | None = None) -> int:
         return kernel_threads.configure_threads(default_threads() if n is None else n)
     except kernel_threads.ThreadingError as e:
         raise KawaiError(str(e)) from None
+
+
+def release_threads() -> None:
+    """The calling thread is done running the model (it loaded or warmed one for another thread): end
+    its kernel worker threads, whose idle pool would slow every launch of the thread that runs the model
+    (kernels/threads.py)."""
+    kernel_threads.release_threads()

@@ -28,7 +28,7 @@ from kawai.engine.kv_cache import DEFAULT_KV_DTYPE, KVCache, check_kv_dtype
 from kawai.engine.model import Chunk, check_ids, forward
 from kawai.engine.prefix_cache import OneCache, PrefixCache, open_prefix_cache
 from kawai.engine.sampling import SamplingParams
-from kawai.engine.compute_threads import configure_threads
+from kawai.engine.compute_threads import configure_threads, release_threads
 from kawai.engine.scheduler import CHUNK, MAX_SEQUENCES, CacheLender, Generation, Request, Scheduler
 from kawai.engine.tokenizer import Tokenizer
 from kawai.engine.weights import load_weights
@@ -518,6 +518,7 @@ def load(
     llm.threads = n_threads
     llm.load_seconds = time.perf_counter() - t0
     llm.compile_seconds = _warm_up(llm)
+    release_threads()  # the server runs the model on another thread (kernels/threads.py)
     return llm
 
 

@@ -11,10 +11,18 @@ it or OMP_WAIT_POLICY). Both extremes lose: with GOMP's default spin (300000) de
 and with no spin at all (OMP_WAIT_POLICY=passive) every one of a decode step's ~170 kernel launches
 waits for a sleeping thread to wake: 48 vs 34 us for a small matmul, decode 19.5 vs 22-27 tok/s on an
 idle machine. A short spin covers the gap between back-to-back launches and yields the core soon after.
+
+GNU OpenMP keeps a pool of worker threads per *launching* thread, and while its pools hold more workers
+than the machine has CPUs it cuts every spin to 100 iterations: workers sleep between launches and each
+launch waits ~40 us for them to wake. A server loads and warms its model on one thread and runs it on
+another (the engine thread), so the loader's idle pool made every launch of the engine thread pay that:
+single-stream decode on 2 threads ran 37 ms a token instead of 29. `release_threads` ends the calling
+thread's pool (libgomp's `omp_pause_resource_all`); engine.load calls it after its warm-up.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import numba
@@ -25,6 +33,7 @@ from kawai.kernels import isa  # noqa: F401  (before any @njit: it fixes Numba's
 
 THREADING_LAYER = "omp"
 SPIN_COUNT = "30000"  # libgomp busy-wait iterations before an idle thread sleeps
+OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: free the calling thread's pool, keep the runtime
 
 
 class ThreadingError(RuntimeError):
@@ -43,6 +52,30 @@ def _layer_in_use() -> str | None:
         return numba.threading_layer()
     except ValueError:  # no parallel kernel has run yet
         return None
+
+
+def _libgomp() -> ctypes.CDLL | None:
+    """The GNU OpenMP runtime this process has loaded (Numba's omp layer links it), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line}
+    except OSError:  # not Linux
+        return None
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)  # already loaded: the same handle
+        except OSError:
+            continue
+        if hasattr(lib, "omp_pause_resource_all"):
+            return lib
+    return None
+
+
+def release_threads() -> bool:
+    """End the OpenMP worker threads this thread started (a later launch here starts them again).
+    Call it on a thread that is done running kernels while another thread goes on; True if freed."""
+    lib = _libgomp() if _layer_in_use() == "omp" else None
+    return lib is not None and lib.omp_pause_resource_all(OMP_PAUSE_SOFT) == 0
 
 
 def max_threads() -> int:

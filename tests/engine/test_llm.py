@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -45,6 +49,32 @@ def test_load_summary_reports_both_times_as_measured(llm):
     summary = llm.load_summary()
     assert f"in {llm.load_seconds:.1f} s" in summary and f"warmed in {llm.compile_seconds:.1f} s" in summary
     assert "-" not in summary.replace(llm.id, "")
+
+
+LOADER_PROBE = """
+import os, sys, threading
+from kawai import engine
+import kawai.engine.llm  # the kernels: importing them starts a thread of their own
+def tasks():
+    return len(os.listdir("/proc/self/task"))
+out = []
+def loader():  # the server loads on a worker thread and runs the model on its engine thread
+    before = tasks()
+    llm = engine.load(sys.argv[1], n_ctx=64, threads=2)
+    out.extend([before, tasks()])
+t = threading.Thread(target=loader); t.start(); t.join()
+print(*out)
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2 or not os.path.isdir("/proc/self/task"), reason="needs 2 CPUs, Linux")
+def test_load_leaves_no_kernel_workers_on_the_loading_thread(smollm_model_path):
+    """The warm-up's OpenMP workers end with the load: left idle they made every launch of the server's
+    engine thread wait for its own sleeping workers (decode 37 ms a token instead of 29, kernels/threads.py)."""
+    out = subprocess.run([sys.executable, "-P", "-c", LOADER_PROBE, str(smollm_model_path)], capture_output=True,
+                         text=True, check=True, env={**os.environ, "NUMBA_NUM_THREADS": "2"})
+    before, after = map(int, out.stdout.split())
+    assert after == before
 
 
 def test_default_context_is_the_trained_one(smollm_model_path):

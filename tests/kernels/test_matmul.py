@@ -411,6 +411,40 @@ def test_packed_matrix_rejects_inconsistent_arrays():
         PackedMatrix(k.qtype, 4, 256, "u4", k.weights, k.scales, k.mins, group=32)
 
 
+RELEASE_PROBE = """
+import os, threading
+import numpy as np
+from kawai.kernels.threads import _touch, configure_threads, release_threads
+def tasks():
+    return len(os.listdir("/proc/self/task"))
+configure_threads(2)  # starts the threading layer, and a worker for the main thread
+out = [tasks(), release_threads(), tasks()]
+def loader():  # a thread that runs kernels, then hands over (engine.load on a server's worker thread)
+    configure_threads(2)
+    before = tasks()
+    _touch(np.empty(64, np.int64))
+    out.extend([before, tasks(), release_threads(), tasks()])
+    x = np.zeros(64, np.int64)
+    _touch(x)  # still launches after the release: the pool comes back
+    out.extend([int(x.sum()), tasks()])
+t = threading.Thread(target=loader); t.start(); t.join()
+print(*out)
+"""
+
+
+@pytest.mark.skipif(max_threads() < 2 or not os.path.isdir("/proc/self/task"), reason="needs 2 threads, Linux")
+def test_release_threads_ends_the_calling_threads_openmp_workers():
+    """libgomp keeps a worker pool per launching thread; an idle one makes every other thread's workers
+    sleep between launches (kernels/threads.py). release_threads ends the caller's pool, and only that."""
+    out = subprocess.run([sys.executable, "-P", "-c", RELEASE_PROBE], capture_output=True, text=True, check=True,
+                         env={**os.environ, "NUMBA_NUM_THREADS": "2"})
+    main_pool, main_released, main_after, before, launched, released, after, total, relaunched = out.stdout.split()
+    assert main_released == "True" and int(main_after) == int(main_pool) - 1
+    assert int(launched) == int(before) + 1  # one worker joined this thread's launches
+    assert released == "True" and int(after) == int(before)
+    assert int(total) == sum(range(64)) and int(relaunched) == int(launched)
+
+
 def test_openmp_threads_spin_briefly_unless_the_user_says_otherwise():
     """GOMP's long default spin made 2-thread decode ~7x slower on a busy machine; no spin at all made
     every launch wait for a sleeping thread (kernels/threads.py). A user's setting always wins."""
