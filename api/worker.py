@@ -262,7 +262,9 @@ class Worker:
                 self._wait_for_admission()
 
     def _wait_for_work(self) -> bool:
-        """Block (with heartbeats) until a job waits or runs; False once stopping with nothing left."""
+        """Block (with heartbeats) until a job waits or runs; False once stopping with nothing left. An idle
+        engine holds no kernel worker threads: another model's engine thread runs faster without them."""
+        idle = False
         with self._cond:
             while True:
                 self._heartbeat = time.monotonic()
@@ -270,6 +272,9 @@ class Worker:
                     return True
                 if self._stopping:
                     return False
+                if not idle:
+                    idle = True
+                    self.llm.release_threads()
                 self._cond.wait(min(IDLE_TICK, self.wedge_seconds / 4))
 
     def _wait_for_admission(self) -> None:

@@ -238,6 +238,11 @@ class LLM:
         if self.threads:
             configure_threads(self.threads)
 
+    def release_threads(self) -> None:
+        """The calling thread stops running this model for now: its kernel worker threads end (an idle pool
+        slows every other thread's kernel launches, kernels/threads.py); its next step starts them again."""
+        release_threads()
+
     def forward_batch(self, chunks: list[Chunk], caches: list[KVCache]) -> list[np.ndarray]:
         """One step of several sequences (engine.model.forward): per sequence logits (1, V), or (n, V)."""
         return forward(self.config, self.weights, chunks, caches)

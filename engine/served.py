@@ -98,6 +98,11 @@ class ServedModel(Protocol):
         per thread): the engine thread calls it once before its first step."""
         ...
 
+    def release_threads(self) -> None:
+        """End the calling thread's kernel worker threads while it has nothing to run (the engine thread
+        when it goes idle): an idle thread's workers slow every other thread's kernel launches."""
+        ...
+
     def prefix_cache(
         self,
         memory_bytes: int,

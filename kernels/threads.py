@@ -17,7 +17,8 @@ than the machine has CPUs it cuts every spin to 100 iterations: workers sleep be
 launch waits ~40 us for them to wake. A server loads and warms its model on one thread and runs it on
 another (the engine thread), so the loader's idle pool made every launch of the engine thread pay that:
 single-stream decode on 2 threads ran 37 ms a token instead of 29. `release_threads` ends the calling
-thread's pool (libgomp's `omp_pause_resource_all`); engine.load calls it after its warm-up.
+thread's pool (libgomp's `omp_pause_resource_all`); engine.load calls it after its warm-up, and the
+server's engine thread whenever it goes idle (another model's engine thread may be busy).
 """
 
 from __future__ import annotations

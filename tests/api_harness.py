@@ -90,9 +90,15 @@ class LiveServer:
         config = uvicorn.Config(self.sse, host="127.0.0.1", port=self.port, log_config=None, access_log=False,
                                 lifespan="on", timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=f"uvicorn-{self.port}", daemon=True)
         self.start_timeout = start_timeout
         self.app = app
+
+    def _run(self) -> None:
+        try:
+            self.server.run()
+        except SystemExit:  # uvicorn's answer to a failed start-up; __enter__ reports it
+            pass
 
     def __enter__(self) -> LiveServer:
         self.thread.start()

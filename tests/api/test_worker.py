@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,3 +130,36 @@ def test_a_step_longer_than_the_wedge_bound_reads_as_not_alive(smollm_model_path
         assert worker.alive
     finally:
         worker.stop(timeout=10)
+
+
+IDLE_PROBE = """
+import os, sys, time
+sys.path.insert(0, sys.argv[2])  # tests/: the job helpers
+from kawai import engine
+from kawai.api.worker import Worker
+from kawai.engine.sampling import SamplingParams
+from worker_jobs import run_jobs
+def tasks():
+    return len(os.listdir("/proc/self/task"))
+worker = Worker(engine.load(sys.argv[1], n_ctx=256, threads=2), queue_size=1, max_sequences=1)
+worker.start()
+time.sleep(0.5)
+idle = tasks()
+run_jobs(worker, [([1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=8))])
+deadline = time.monotonic() + 5
+while tasks() > idle and time.monotonic() < deadline:
+    time.sleep(0.05)
+print(idle, tasks())
+worker.stop(timeout=10)
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2 or not os.path.isdir("/proc/self/task"), reason="needs 2 CPUs, Linux")
+def test_an_idle_engine_thread_holds_no_kernel_workers(smollm_model_path):
+    """Served side by side, one model's idle engine thread would keep its OpenMP workers, and then every
+    kernel launch of the busy one waits for its own sleeping workers (kernels/threads.py)."""
+    tests = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-P", "-c", IDLE_PROBE, str(smollm_model_path), str(tests)],
+                         capture_output=True, text=True, check=True, env={**os.environ, "NUMBA_NUM_THREADS": "2"})
+    idle, after = map(int, out.stdout.split())
+    assert after == idle
