@@ -24,6 +24,7 @@ server's engine thread whenever it goes idle (another model's engine thread may 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 import numba
@@ -55,6 +56,7 @@ def _layer_in_use() -> str | None:
         return None
 
 
+@functools.cache  # asked once the omp layer runs (release_threads): libgomp is loaded then, and stays
 def _libgomp() -> ctypes.CDLL | None:
     """The GNU OpenMP runtime this process has loaded (Numba's omp layer links it), or None."""
     try:
