@@ -15,7 +15,8 @@ Needs the `ray` extra (`make install-ray`). Starts Ray with 2 CPUs and a 200 MB 
    The rate is output tokens (the `usage` of each `message_delta`) over the seconds from sending the
    first request to the last `message_stop`, prompts of ~30 tokens included (vLLM's "output token
    throughput"). SSE deltas are not tokens (the tool-call parser holds back whitespace). `--rounds`
-   repeats the three layouts; the speedups are of medians.
+   repeats the three layouts; the speedups are of medians. Each run also records the CPU seconds every
+   process on the machine took meanwhile (`cpu_s`, from /proc): where the 2 cores went.
 2. Affinity: `--conversations` two-turn conversations sharing one system prompt over two replicas;
    a hit is a second turn whose `cache_read_input_tokens` is at least 90% of its first turn's prompt.
    Once with the prefix-affinity router, once with Ray Serve's default (power of two choices).
@@ -99,8 +100,39 @@ def story_body(model: str, i: int, tokens: int) -> dict:
             "messages": [{"role": "user", "content": f"Write a very long story about lighthouse number {i}."}]}
 
 
+def cpu_seconds() -> dict[str, tuple[str, float]]:
+    """pid -> (name, CPU seconds, user + system) of every process on the machine. The name is the command
+    line's first 40 characters; Ray's workers are titled by their actor (`ray::ServeReplica:kawai:Engine`,
+    `ray::ProxyActor`), with `.method` while one runs, which is dropped."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, tuple[str, float]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # the process ended
+            continue
+        name = command[:40].strip() or "?"  # kernel threads have no command line
+        if name.startswith("ray::"):
+            name = name.split(".")[0]
+        fields = stat.rsplit(")", 1)[1].split()  # after the name: utime and stime are fields 14 and 15
+        out[pid] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_used(before: dict[str, tuple[str, float]], after: dict[str, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds between two `cpu_seconds()`, summed by process name (both engine replicas together),
+    largest first; below 0.05 s left out."""
+    used: dict[str, float] = {}
+    for pid, (name, seconds) in after.items():
+        used[name] = used.get(name, 0.0) + seconds - before.get(pid, (name, 0.0))[1]
+    return {name: round(t, 2) for name, t in sorted(used.items(), key=lambda item: -item[1]) if t >= 0.05}
+
+
 def throughput(url: str, model: str, streams: int, tokens: int) -> dict:
-    """Output tokens per second of `streams` concurrent long stories, first send to last message_stop."""
+    """Output tokens per second of `streams` concurrent long stories, first send to last message_stop, and
+    the CPU seconds each process took meanwhile (where the cores went: docs/scale-out.md)."""
+    before = cpu_seconds()
     outs = [{} for _ in range(streams)]
     threads = [threading.Thread(target=stream, args=(url, story_body(model, i, tokens), o))
                for i, o in enumerate(outs)]
@@ -111,11 +143,13 @@ def throughput(url: str, model: str, streams: int, tokens: int) -> dict:
         t.join(timeout=900)
     done = max((o["end"] for o in outs if o["end"]), default=sent)
     n = sum(o["output_tokens"] for o in outs)
+    used = cpu_used(before, cpu_seconds())
     return {"streams": streams, "output_tokens": n, "seconds": round(done - sent, 2),
             "stopped_at_max_tokens": sum(o["stop_reason"] == "max_tokens" for o in outs),
             "failed": sum(o["last"] != "message_stop" for o in outs),
             "first_token_s": sorted(round(o["times"][0] - sent, 1) for o in outs if o["times"]),
-            "output_tok_s": round(n / (done - sent), 2) if done > sent else None}
+            "output_tok_s": round(n / (done - sent), 2) if done > sent else None,
+            "cpu_s": used}
 
 
 def affinity(url: str, model: str, conversations: int) -> dict:
